@@ -1,0 +1,54 @@
+"""What a worker asks to do, and the canonical form used for hashing and command ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UsageError
+
+Risk = Literal["low", "medium", "high", "critical"]
+RISKS: tuple[Risk, ...] = ("low", "medium", "high", "critical")
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no spaces, no NaN. Raises UsageError if not serializable."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"params do not serialize to JSON: {exc}", reason="params") from exc
+
+
+def params_hash(operation: str, params: Any) -> str:
+    return hashlib.sha256(f"{operation}\n{canonical_json(params)}".encode()).hexdigest()
+
+
+def derive_id(*parts: str) -> str:
+    """A deterministic id from its parts: the same inputs give the same id on every host."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One side effect a worker wants to perform."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    risk: Risk = "low"
+    cost: float = 0.0
+    critical: bool = False
+    safe_to_retry: bool = False
+    # Token and model governance: the estimate is checked before, actual usage recorded after.
+    model: str | None = None
+    tokens: int = 0
+    identity: dict[str, str] = field(default_factory=dict)  # {"user": .., "team": .., "org": ..}
+    agent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.risk not in RISKS:
+            raise UsageError(f"action {self.name!r}: unknown risk {self.risk!r}", reason="params")
+        if self.cost < 0 or self.tokens < 0:
+            raise UsageError(f"action {self.name!r}: cost and tokens must be >= 0", reason="params")
+        canonical_json(self.params)

@@ -1,0 +1,44 @@
+"""The durable store. `open_store(url, clock)` picks the backend from the URL scheme and imports
+only that backend's driver."""
+
+from __future__ import annotations
+
+from ..clock import Clock
+from ..errors import StoreConfigError
+from .base import Backend, Event, NewEvent, Session, Store, Tx, system_stream
+from .queries import load_migrations
+
+__all__ = ["Backend", "Event", "NewEvent", "Session", "Store", "Tx", "open_store", "system_stream"]
+
+
+def make_backend(url: str) -> Backend:
+    scheme, sep, _rest = url.partition("://")
+    if not sep:
+        raise StoreConfigError(
+            f"malformed database URL {url!r}: expected sqlite:///path or postgresql://..."
+        )
+    if scheme == "sqlite":
+        from .sqlite import SQLiteBackend
+
+        return SQLiteBackend(url)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(url)
+    raise StoreConfigError(f"unknown database scheme {scheme!r} in {url!r} (sqlite, postgresql)")
+
+
+async def open_store(url: str, clock: Clock, *, migrate: bool = False) -> Store:
+    """Connect; with migrate=True bring the schema up to date, else require it to be current."""
+    backend = make_backend(url)
+    latest = max(v for v, _n, _s in load_migrations(backend.dialect))
+    await backend.connect()
+    store = Store(backend, clock, latest_version=latest)
+    try:
+        if migrate:
+            await store.migrate()
+        await store.check_schema()
+    except BaseException:
+        await backend.close()
+        raise
+    return store

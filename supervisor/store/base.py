@@ -1,0 +1,590 @@
+"""The store: domain operations over a small backend interface.
+
+Everything here is dialect-free. A backend (SQLite, Postgres) only runs named queries inside a
+transaction and translates driver errors; the rules (exactly-once commands, gapless per-session
+sequences, budget reservations, fail-closed state-bearing writes) live once, in this module.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from ..actions import canonical_json, params_hash
+from ..clock import Clock
+from ..errors import (
+    IdempotencyConflict,
+    SchemaMissing,
+    SchemaTooNew,
+    StateWriteError,
+    StoreError,
+)
+
+log = structlog.get_logger("supervisor.store")
+
+Row = dict[str, Any]
+
+# How many telemetry events wait in memory before they are written in one transaction.
+TELEMETRY_BATCH = 256
+TELEMETRY_MAX_BUFFER = 10_000
+
+
+class UniqueViolation(StoreError):
+    """A unique constraint fired; the store uses it to detect a racing twin of a command."""
+
+
+class Tx(Protocol):
+    async def execute(self, name: str, *args: Any) -> int:
+        """Run a named statement; returns the number of rows it changed where the driver says."""
+        ...
+
+    async def fetchrow(self, name: str, *args: Any) -> Row | None: ...
+
+    async def fetchall(self, name: str, *args: Any) -> list[Row]: ...
+
+
+class Backend(ABC):
+    dialect: str
+    url: str
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction. A failure to commit raises StateWriteError."""
+
+    @abstractmethod
+    def reader(self) -> AbstractAsyncContextManager[Tx]:
+        """A read-only snapshot."""
+
+    @abstractmethod
+    async def schema_versions(self) -> list[int] | None:
+        """Applied migration versions, or None when the database has no schema at all."""
+
+    @abstractmethod
+    async def apply_migration(self, version: int, statements: list[str], now: datetime) -> bool:
+        """Apply one migration and record it, unless another process just did. True if applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    kind: str
+    session_id: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    state_bearing: bool = True
+    reason: str | None = None
+    command_id: str | None = None
+    correlation_id: str | None = None
+    worker: str | None = None
+    agent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    session_id: str
+    seq: int
+    kind: str
+    reason: str | None
+    payload: dict[str, Any]
+    state_bearing: bool
+    command_id: str | None
+    correlation_id: str | None
+    worker: str | None
+    agent_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> Event:
+        return cls(
+            id=int(row["id"]),
+            session_id=row["session_id"],
+            seq=int(row["seq"]),
+            kind=row["kind"],
+            reason=row["reason"],
+            payload=json.loads(row["payload"]),
+            state_bearing=bool(row["state_bearing"]),
+            command_id=row["command_id"],
+            correlation_id=row["correlation_id"],
+            worker=row["worker"],
+            agent_id=row["agent_id"],
+            created_at=row["created_at"],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__slots__}
+        out["created_at"] = self.created_at.isoformat()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    fleet: str
+    window_key: str
+    starts_at: datetime
+    ends_at: datetime
+    status: str
+    max_cost: float | None
+    max_actions: int | None
+    used_cost: float
+    used_actions: int
+    opened_by: str | None
+    opened_at: datetime | None
+    closed_by: str | None
+    closed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Session:
+        return cls(**{k: row[k] for k in cls.__slots__})
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in self.__slots__:
+            v = getattr(self, k)
+            out[k] = v.isoformat() if isinstance(v, datetime) else v
+        return out
+
+
+def system_stream(fleet: str) -> str:
+    """The stream for fleet-level events that belong to no window (kill switch, recovery)."""
+    return f"system:{fleet}"
+
+
+CommandBody = Callable[[Tx], Awaitable[dict[str, Any]]]
+
+
+class Store:
+    """Domain operations. Each public method is one transaction unless it says otherwise."""
+
+    def __init__(self, backend: Backend, clock: Clock, *, latest_version: int) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.latest_version = latest_version
+        self._telemetry: list[tuple[NewEvent, datetime]] = []
+        self.telemetry_dropped = 0
+
+    @property
+    def dialect(self) -> str:
+        return self.backend.dialect
+
+    async def close(self) -> None:
+        try:
+            await self.flush_telemetry()
+        finally:
+            await self.backend.close()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        from .queries import load_migrations
+
+        await self._refuse_newer()
+        applied: list[int] = []
+        for version, _name, statements in load_migrations(self.dialect):
+            current = await self.backend.schema_versions() or []
+            if version in current:
+                continue
+            if await self.backend.apply_migration(version, statements, self.clock.now()):
+                applied.append(version)
+        return applied
+
+    async def check_schema(self) -> None:
+        """Refuse to run on a database without our schema, or with a newer one."""
+        versions = await self._refuse_newer()
+        if not versions or max(versions) < self.latest_version:
+            raise SchemaMissing(
+                f"database {self.backend.url} is not migrated to version {self.latest_version}: "
+                "run `acp-supervisor db migrate`"
+            )
+
+    async def _refuse_newer(self) -> list[int]:
+        versions = await self.backend.schema_versions() or []
+        if versions and max(versions) > self.latest_version:
+            raise SchemaTooNew(
+                f"database schema version {max(versions)} is newer than this code "
+                f"(knows up to {self.latest_version}); upgrade acp-supervisor"
+            )
+        return versions
+
+    # -- commands and events ------------------------------------------------------------------
+
+    async def run_command(
+        self, command_id: str, operation: str, params: Any, body: CommandBody
+    ) -> tuple[dict[str, Any], bool]:
+        """Run `body` once per command_id, in one transaction with its ledger row.
+
+        Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
+        """
+        digest = params_hash(operation, params)
+        for _attempt in range(2):
+            try:
+                async with self.backend.transaction() as tx:
+                    stored = await tx.fetchrow("get_command", command_id)
+                    if stored is not None:
+                        return self._stored(command_id, stored, operation, digest), False
+                    result = await body(tx)
+                    await tx.execute(
+                        "insert_command",
+                        command_id,
+                        operation,
+                        digest,
+                        canonical_json(result),
+                        self.clock.now(),
+                    )
+                return result, True
+            except UniqueViolation:
+                continue  # a racing twin committed first: read its result on the next pass
+        async with self.backend.reader() as tx:
+            stored = await tx.fetchrow("get_command", command_id)
+        if stored is None:
+            raise StateWriteError(f"command {command_id}: write conflict without a stored result")
+        return self._stored(command_id, stored, operation, digest), False
+
+    @staticmethod
+    def _stored(command_id: str, stored: Row, operation: str, digest: str) -> dict[str, Any]:
+        if stored["operation"] != operation or stored["params_hash"] != digest:
+            raise IdempotencyConflict(
+                command_id,
+                stored_operation=stored["operation"],
+                stored_hash=stored["params_hash"],
+                operation=operation,
+                params_hash=digest,
+            )
+        result: dict[str, Any] = json.loads(stored["result"])
+        return result
+
+    async def lookup_command(self, command_id: str, operation: str, params: Any) -> dict[str, Any] | None:
+        """The stored result for a command_id, None if unknown; conflict if reused differently."""
+        async with self.backend.reader() as tx:
+            stored = await tx.fetchrow("get_command", command_id)
+        if stored is None:
+            return None
+        return self._stored(command_id, stored, operation, params_hash(operation, params))
+
+    async def append_in(self, tx: Tx, event: NewEvent, at: datetime | None = None) -> int:
+        """Append inside an open transaction; returns the seq."""
+        row = await tx.fetchrow("next_seq", event.session_id)
+        if row is None:
+            await tx.execute("ensure_stream", event.session_id)
+            row = await tx.fetchrow("next_seq", event.session_id)
+            assert row is not None
+        seq = int(row["last_seq"])
+        await tx.execute(
+            "insert_event",
+            event.session_id,
+            seq,
+            event.kind,
+            event.reason,
+            canonical_json(dict(event.payload)),
+            event.state_bearing,
+            event.command_id,
+            event.correlation_id,
+            event.worker,
+            event.agent_id,
+            at or self.clock.now(),
+        )
+        return seq
+
+    async def append(self, event: NewEvent) -> int | None:
+        """State-bearing: committed before returning (seq), or StateWriteError. Telemetry: buffered."""
+        if not event.state_bearing:
+            self._buffer(event)
+            if len(self._telemetry) >= TELEMETRY_BATCH:
+                await self.flush_telemetry()
+            return None
+        async with self.backend.transaction() as tx:
+            return await self.append_in(tx, event)
+
+    def _buffer(self, event: NewEvent) -> None:
+        if len(self._telemetry) >= TELEMETRY_MAX_BUFFER:
+            self._telemetry.pop(0)
+            self.telemetry_dropped += 1
+            log.warning("telemetry.dropped", reason="buffer_full", dropped=self.telemetry_dropped)
+        self._telemetry.append((event, self.clock.now()))
+
+    async def flush_telemetry(self) -> int:
+        """Write buffered telemetry in one transaction. On failure the batch is counted as dropped."""
+        batch, self._telemetry = self._telemetry, []
+        if not batch:
+            return 0
+        try:
+            async with self.backend.transaction() as tx:
+                for event, at in batch:
+                    await self.append_in(tx, event, at)
+        except StoreError as exc:
+            self.telemetry_dropped += len(batch)
+            log.warning(
+                "telemetry.dropped", reason=str(exc), lost=len(batch), dropped=self.telemetry_dropped
+            )
+            return 0
+        return len(batch)
+
+    async def replay(self, session_id: str, after: int = 0, limit: int = 10_000) -> list[Event]:
+        async with self.backend.reader() as tx:
+            rows = await tx.fetchall("replay", session_id, after, limit)
+        return [Event.from_row(r) for r in rows]
+
+    async def events_for_command(self, command_id: str) -> list[Event]:
+        async with self.backend.reader() as tx:
+            rows = await tx.fetchall("events_by_command", command_id)
+        return [Event.from_row(r) for r in rows]
+
+    # -- plain reads --------------------------------------------------------------------------
+
+    async def fetchrow(self, name: str, *args: Any) -> Row | None:
+        async with self.backend.reader() as tx:
+            return await tx.fetchrow(name, *args)
+
+    async def fetchall(self, name: str, *args: Any) -> list[Row]:
+        async with self.backend.reader() as tx:
+            return await tx.fetchall(name, *args)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        row = await self.fetchrow("get_session", session_id)
+        return Session.from_row(row) if row else None
+
+    async def list_sessions(self, fleet: str, limit: int = 1000) -> list[Session]:
+        return [Session.from_row(r) for r in await self.fetchall("list_sessions", fleet, limit)]
+
+    async def open_sessions(self, fleet: str) -> list[Session]:
+        return [Session.from_row(r) for r in await self.fetchall("open_sessions", fleet)]
+
+    # -- windows ------------------------------------------------------------------------------
+
+    async def open_window(
+        self,
+        *,
+        fleet: str,
+        key: str,
+        starts_at: datetime,
+        ends_at: datetime,
+        max_cost: float | None,
+        max_actions: int | None,
+        by: str,
+    ) -> tuple[Session, bool]:
+        """Open a window exactly once per fleet, whoever gets there first. (session, opened_now)"""
+        from ..actions import derive_id
+        from ..events import WINDOW_OPENED
+
+        session_id = derive_id("session", fleet, key)
+        params = {"fleet": fleet, "key": key, "start": starts_at.isoformat(), "end": ends_at.isoformat()}
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            now = self.clock.now()
+            await tx.execute(
+                "insert_session", session_id, fleet, key, starts_at, ends_at, "open",
+                max_cost, max_actions, by, now,
+            )  # fmt: skip
+            await tx.execute("ensure_stream", session_id)
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=WINDOW_OPENED,
+                    session_id=session_id,
+                    payload={**params, "by": by, "max_cost": max_cost, "max_actions": max_actions},
+                    command_id=derive_id("window.open", fleet, key),
+                ),
+            )
+            return {"session_id": session_id}
+
+        _result, fresh = await self.run_command(
+            derive_id("window.open", fleet, key), "window.open", params, body
+        )
+        session = await self.get_session(session_id)
+        assert session is not None
+        return session, fresh
+
+    async def close_window(self, session_id: str, *, by: str, status: str = "closed") -> bool:
+        """Close once; True if this call closed it. `status` is closed or recovered."""
+        from ..actions import derive_id
+        from ..events import WINDOW_CLOSED
+
+        command_id = derive_id("window.close", session_id)
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            row = await tx.fetchrow("close_session", status, by, self.clock.now(), session_id)
+            if row is None:
+                return {"closed": False}
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=WINDOW_CLOSED,
+                    session_id=session_id,
+                    payload={"by": by, "status": status},
+                    command_id=command_id,
+                ),
+            )
+            return {"closed": True}
+
+        result, fresh = await self.run_command(
+            command_id, "window.close", {"session": session_id}, body
+        )
+        return fresh and bool(result["closed"])
+
+    async def record_missed_window(
+        self, *, fleet: str, key: str, starts_at: datetime, ends_at: datetime
+    ) -> bool:
+        """A window the fleet slept through: recorded as missed, never opened after the fact."""
+        from ..actions import derive_id
+        from ..events import WINDOW_MISSED
+
+        session_id = derive_id("session", fleet, key)
+        command_id = derive_id("window.missed", fleet, key)
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            changed = await tx.execute(
+                "insert_session", session_id, fleet, key, starts_at, ends_at, "missed",
+                None, None, None, None,
+            )  # fmt: skip
+            if changed == 0:
+                return {"missed": False}
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=WINDOW_MISSED,
+                    session_id=session_id,
+                    payload={"key": key, "start": starts_at.isoformat(), "end": ends_at.isoformat()},
+                    command_id=command_id,
+                ),
+            )
+            return {"missed": True}
+
+        result, fresh = await self.run_command(command_id, "window.missed", {"key": key}, body)
+        return fresh and bool(result["missed"])
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def begin_action(
+        self,
+        *,
+        command_id: str,
+        operation: str,
+        params: Mapping[str, Any],
+        fleet: str,
+        session_id: str,
+        worker: str,
+        name: str,
+        risk: str,
+        cost: float,
+        critical: bool,
+        safe_to_retry: bool,
+        rule: str,
+        correlation_id: str | None,
+        agent_id: str | None,
+        kill_switch_check: Callable[[list[Row]], str | None],
+    ) -> tuple[str, dict[str, Any]]:
+        """The durable "started" record, the budget reservation and the fleet/session/worker
+        kill-switch check, in one transaction. Returns (status, stored or new result) where status
+        is "started", "budget" (no room), "killswitch" (a store switch forbids), or "replay"."""
+        from ..events import ACTION_STARTED
+
+        refused: dict[str, str] = {}
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            switches = await tx.fetchall("kill_switches", fleet)
+            problem = kill_switch_check(switches)
+            if problem is not None:
+                refused["reason"] = "killswitch"
+                refused["detail"] = problem
+                raise _Refused()
+            if await tx.fetchrow("reserve_budget", cost, session_id, cost) is None:
+                session = await tx.fetchrow("get_session", session_id)
+                window_open = session is not None and session["status"] == "open"
+                refused["reason"] = "budget" if window_open else "no_window"
+                raise _Refused()
+            now = self.clock.now()
+            await tx.execute(
+                "insert_action", command_id, fleet, session_id, worker, name,
+                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now,
+            )  # fmt: skip
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=ACTION_STARTED,
+                    session_id=session_id,
+                    payload={"action": name, "risk": risk, "cost": cost, "rule": rule},
+                    command_id=command_id,
+                    correlation_id=correlation_id,
+                    worker=worker,
+                    agent_id=agent_id,
+                ),
+            )
+            return {"status": "started"}
+
+        try:
+            result, fresh = await self.run_command(command_id, operation, params, body)
+        except _Refused:
+            return refused["reason"], dict(refused)
+        return ("started" if fresh else "replay"), result
+
+    async def finish_action(
+        self,
+        *,
+        command_id: str,
+        session_id: str,
+        ok: bool,
+        cost: float,
+        result: Any = None,
+        error: str | None = None,
+        worker: str | None = None,
+        correlation_id: str | None = None,
+        status: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """The outcome record: action row, budget charge (success) or release, event, ledger."""
+        from ..events import ACTION_FAILED, ACTION_SUCCEEDED
+
+        final = status or ("succeeded" if ok else "failed")
+        async with self.backend.transaction() as tx:
+            now = self.clock.now()
+            encoded = canonical_json(result) if result is not None else None
+            row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
+            if row is None:
+                raise StateWriteError(f"action {command_id} has no open started record")
+            if ok:
+                await tx.execute("settle_budget", cost, cost, session_id)
+            else:
+                await tx.execute("release_budget", cost, session_id)
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=ACTION_SUCCEEDED if ok else ACTION_FAILED,
+                    session_id=session_id,
+                    reason=reason,
+                    payload={"status": final, "error": error},
+                    command_id=command_id,
+                    correlation_id=correlation_id,
+                    worker=worker,
+                ),
+            )
+            stored = {"status": final, "result": result, "error": error}
+            await tx.execute("update_command_result", canonical_json(stored), command_id)
+
+    async def get_action(self, command_id: str) -> Row | None:
+        return await self.fetchrow("get_action", command_id)
+
+    async def once(self, command_id: str, event: NewEvent) -> bool:
+        """Append `event` exactly once for this command_id (alerts, exhaustion notices)."""
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            await self.append_in(tx, event)
+            return {}
+
+        _r, fresh = await self.run_command(command_id, f"once:{event.kind}", {}, body)
+        return fresh
+
+
+class _Refused(Exception):
+    """Internal: roll back a begin_action transaction that must not start."""

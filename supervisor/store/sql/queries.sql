@@ -1,0 +1,247 @@
+-- Named queries shared by both dialects. Placeholders are written `?`; the Postgres backend
+-- rewrites them to $1, $2, ... when it loads this file. A dialect whose SQL must differ puts a
+-- query of the same name in sql/<dialect>/queries.sql, which wins.
+
+-- name: get_command
+SELECT operation, params_hash, result FROM commands WHERE command_id = ?;
+
+-- name: insert_command
+INSERT INTO commands (command_id, operation, params_hash, result, created_at) VALUES (?, ?, ?, ?, ?);
+
+-- name: update_command_result
+UPDATE commands SET result = ? WHERE command_id = ?;
+
+-- name: ensure_stream
+INSERT INTO streams (id, last_seq) VALUES (?, 0) ON CONFLICT (id) DO NOTHING;
+
+-- name: next_seq
+UPDATE streams SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq;
+
+-- name: insert_event
+INSERT INTO events (session_id, seq, kind, reason, payload, state_bearing, command_id,
+                    correlation_id, worker, agent_id, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: replay
+SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?;
+
+-- name: events_by_command
+SELECT * FROM events WHERE command_id = ? ORDER BY session_id, seq;
+
+-- name: insert_session
+INSERT INTO sessions (id, fleet, window_key, starts_at, ends_at, status, max_cost, max_actions,
+                      opened_by, opened_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: get_session
+SELECT * FROM sessions WHERE id = ?;
+
+-- name: close_session
+UPDATE sessions SET status = ?, closed_by = ?, closed_at = ?
+WHERE id = ? AND status = 'open' RETURNING id;
+
+-- name: open_sessions
+SELECT * FROM sessions WHERE fleet = ? AND status = 'open' ORDER BY starts_at;
+
+-- name: overdue_sessions
+SELECT * FROM sessions WHERE fleet = ? AND status = 'open' AND ends_at <= ? ORDER BY starts_at;
+
+-- name: list_sessions
+SELECT * FROM sessions WHERE fleet = ? ORDER BY starts_at DESC LIMIT ?;
+
+-- name: latest_session
+SELECT * FROM sessions WHERE fleet = ? ORDER BY starts_at DESC LIMIT 1;
+
+-- name: reserve_budget
+UPDATE sessions
+SET reserved_cost = reserved_cost + ?, reserved_actions = reserved_actions + 1
+WHERE id = ? AND status = 'open'
+  AND (max_cost IS NULL OR used_cost + reserved_cost + ? <= max_cost)
+  AND (max_actions IS NULL OR used_actions + reserved_actions + 1 <= max_actions)
+RETURNING id;
+
+-- name: settle_budget
+UPDATE sessions
+SET reserved_cost = reserved_cost - ?, reserved_actions = reserved_actions - 1,
+    used_cost = used_cost + ?, used_actions = used_actions + 1
+WHERE id = ?;
+
+-- name: release_budget
+UPDATE sessions SET reserved_cost = reserved_cost - ?, reserved_actions = reserved_actions - 1
+WHERE id = ?;
+
+-- name: insert_action
+INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
+                     safe_to_retry, status, rule, started_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?);
+
+-- name: get_action
+SELECT * FROM actions WHERE command_id = ?;
+
+-- name: finish_action
+UPDATE actions SET status = ?, finished_at = ?, result = ?, error = ?
+WHERE command_id = ? AND status = 'started' RETURNING command_id;
+
+-- name: actions_with_status
+SELECT * FROM actions WHERE fleet = ? AND status = ? ORDER BY started_at LIMIT ?;
+
+-- name: mark_in_doubt
+UPDATE actions SET status = 'in_doubt' WHERE command_id = ? AND status = 'started'
+RETURNING command_id;
+
+-- name: restart_action
+UPDATE actions SET status = 'started', started_at = ? WHERE command_id = ? AND status = 'in_doubt'
+RETURNING command_id;
+
+-- name: resolve_action
+UPDATE actions SET status = ?, resolved_by = ?, finished_at = ?
+WHERE command_id = ? AND status = 'in_doubt' RETURNING command_id;
+
+-- name: insert_approval
+INSERT INTO approvals (id, idempotency_key, fleet, session_id, worker, agent_id, action, params,
+                       params_hash, risk, cost, status, tier, created_at, deadline, next_check_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?);
+
+-- name: get_approval
+SELECT * FROM approvals WHERE id = ?;
+
+-- name: get_approval_by_key
+SELECT * FROM approvals WHERE idempotency_key = ?;
+
+-- name: decide_approval
+UPDATE approvals
+SET status = ?, decided_by = ?, decided_at = ?, reason = ?, next_check_at = NULL,
+    scope = ?, max_uses = ?, max_cost = ?
+WHERE id = ? AND status = 'pending' RETURNING id;
+
+-- name: escalate_approval
+UPDATE approvals SET tier = ?, next_check_at = ? WHERE id = ? AND status = 'pending'
+RETURNING id;
+
+-- name: due_approvals
+SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' AND next_check_at <= ?
+ORDER BY next_check_at LIMIT ?;
+
+-- name: pending_approvals
+SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' ORDER BY created_at LIMIT ?;
+
+-- name: list_approvals
+SELECT * FROM approvals WHERE fleet = ? ORDER BY created_at DESC LIMIT ?;
+
+-- name: use_approval
+UPDATE approvals SET used_count = used_count + 1, used_cost = used_cost + ?
+WHERE id = ? AND status = 'approved'
+  AND (max_uses IS NULL OR used_count + 1 <= max_uses)
+  AND (max_cost IS NULL OR used_cost + ? <= max_cost)
+RETURNING id;
+
+-- name: insert_checkpoint
+INSERT INTO checkpoints (fleet, worker, cycle, session_id, state, counters, last_seq, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id;
+
+-- name: latest_checkpoint
+SELECT * FROM checkpoints WHERE fleet = ? AND worker = ? ORDER BY id DESC LIMIT 1;
+
+-- name: get_checkpoint
+SELECT * FROM checkpoints WHERE id = ?;
+
+-- name: list_checkpoints
+SELECT * FROM checkpoints WHERE fleet = ? ORDER BY id DESC LIMIT ?;
+
+-- name: get_resume_point
+SELECT checkpoint_id FROM resume_points WHERE fleet = ? AND worker = ?;
+
+-- name: set_resume_point
+INSERT INTO resume_points (fleet, worker, checkpoint_id) VALUES (?, ?, ?)
+ON CONFLICT (fleet, worker) DO UPDATE SET checkpoint_id = excluded.checkpoint_id;
+
+-- name: clear_resume_point
+DELETE FROM resume_points WHERE fleet = ? AND worker = ?;
+
+-- name: upsert_kill_switch
+INSERT INTO kill_switches (fleet, scope, target, mode, reason, changed_by, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, scope, target) DO UPDATE
+SET mode = excluded.mode, reason = excluded.reason, changed_by = excluded.changed_by,
+    updated_at = excluded.updated_at;
+
+-- name: kill_switches
+SELECT * FROM kill_switches WHERE fleet = ? ORDER BY scope, target;
+
+-- name: add_token_usage
+INSERT INTO token_usage (scope, identity, period_key, tokens, cost) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (scope, identity, period_key) DO UPDATE
+SET tokens = token_usage.tokens + excluded.tokens, cost = token_usage.cost + excluded.cost;
+
+-- name: get_token_usage
+SELECT tokens, cost FROM token_usage WHERE scope = ? AND identity = ? AND period_key = ?;
+
+-- name: list_token_usage
+SELECT * FROM token_usage ORDER BY scope, identity, period_key;
+
+-- name: upsert_worker
+INSERT INTO workers (fleet, name, host, state, restarts, last_error, cycle, session_id, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, name) DO UPDATE
+SET host = excluded.host, state = excluded.state, restarts = excluded.restarts,
+    last_error = excluded.last_error, cycle = excluded.cycle, session_id = excluded.session_id,
+    updated_at = excluded.updated_at;
+
+-- name: list_workers
+SELECT * FROM workers WHERE fleet = ? ORDER BY name;
+
+-- name: event_counts
+SELECT e.session_id, e.kind, e.reason, count(*) AS n
+FROM events e JOIN sessions s ON s.id = e.session_id
+WHERE s.fleet = ?
+GROUP BY e.session_id, e.kind, e.reason;
+
+-- name: stream_counts
+SELECT session_id, kind, reason, count(*) AS n FROM events WHERE session_id = ?
+GROUP BY session_id, kind, reason;
+
+-- name: schema_versions
+SELECT version FROM schema_version ORDER BY version;
+
+-- name: record_version
+INSERT INTO schema_version (version, applied_at) VALUES (?, ?);
+
+-- name: insert_run
+INSERT INTO runs (id, fleet, horizon, simulated, seed, starts_at, ends_at, status, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: get_run
+SELECT * FROM runs WHERE id = ?;
+
+-- name: unfinished_run
+SELECT * FROM runs WHERE fleet = ? AND horizon = ? AND simulated = ? AND status = 'running'
+ORDER BY created_at DESC LIMIT 1;
+
+-- name: last_run
+SELECT * FROM runs WHERE fleet = ? AND simulated = ? ORDER BY ends_at DESC LIMIT 1;
+
+-- name: finish_run
+UPDATE runs SET status = 'finished', finished_at = ? WHERE id = ? AND status = 'running'
+RETURNING id;
+
+-- name: stream_seq
+SELECT last_seq FROM streams WHERE id = ?;
+
+-- name: scoped_approval
+SELECT * FROM approvals
+WHERE session_id = ? AND worker = ? AND action = ? AND status = 'approved' AND scope = 'window'
+ORDER BY decided_at LIMIT 1;
+
+-- name: count_actions_by_status
+SELECT status, count(*) AS n FROM actions WHERE fleet = ? GROUP BY status;
+
+-- name: count_pending_approvals
+SELECT count(*) AS n, min(created_at) AS oldest_at FROM approvals WHERE fleet = ? AND status = 'pending';
+
+-- name: charge_budget
+UPDATE sessions SET used_cost = used_cost + ?, used_actions = used_actions + 1 WHERE id = ?;
+
+-- name: next_approval_check
+SELECT min(next_check_at) AS next_at FROM approvals WHERE fleet = ? AND status = 'pending';
