@@ -1,0 +1,242 @@
+"""The approval escalation chain: which tier a pending approval belongs to at a given instant.
+
+Pure and synchronous: instants are passed in, nothing here reads the clock. `evaluate` depends
+only on (created_at, now), so after downtime spanning several steps it lands straight on the
+right tier, and past the deadline it reports `expired` (the caller denies: deny by default).
+
+Also home to the small config helpers the other domain parsers share (`parse_duration`,
+`table`, `check_keys`, ...): every one raises `ConfigError` with one line naming the item.
+
+Config (section `[approvals]`, every key optional)::
+
+    timeout = "60m"                 # deadline after creation (default 3600 s)
+    initial_tier = "operators"      # tier a new approval starts at (default "operators")
+    escalation = [ { after = "15m", tier = "oncall-2" }, { after = "30m", tier = "manager" } ]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_TIMEOUT = 3600.0
+DEFAULT_INITIAL_TIER = "operators"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)\s*")
+_DURATION_HINT = 'a number of seconds or a string like "90s", "15m", "1h", "2d", "500ms"'
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# --- shared config helpers -------------------------------------------------------------------
+
+
+def type_name(value: object) -> str:
+    """The TOML word for a value's type, for error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, list | tuple):
+        return "array"
+    return type(value).__name__
+
+
+def key_path(base: str, key: str) -> str:
+    """`base.key`, quoting the key the way TOML would ("team:support" is not a bare key)."""
+    return f"{base}.{key}" if _BARE_KEY.fullmatch(key) else f"{base}.{json.dumps(key)}"
+
+
+def table(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type_name(value)}")
+    return value
+
+
+def array(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected an array, got {type_name(value)}")
+    return list(value)
+
+
+def check_keys(section: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    """Unknown keys are errors: a typo must not silently disable a rule or a limit."""
+    known = tuple(allowed)
+    unknown = [k for k in section if k not in known]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        noun = "key" if len(unknown) == 1 else "keys"
+        raise ConfigError(f"{where}: unknown {noun} {names} ({', '.join(known)})")
+
+
+def nonempty_str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {type_name(value)}")
+    if not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def parse_duration(value: object, where: str) -> float:
+    """Seconds from a config duration: a number of seconds, or "90s", "15m", "1h", "2d", "500ms".
+
+    Zero, negative, NaN and infinite durations are errors: none of them is a usable delay.
+    """
+    if isinstance(value, bool):  # bool is an int subclass; `true` is not a duration
+        raise ConfigError(f"{where}: expected a duration ({_DURATION_HINT}), got boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            raise ConfigError(f"{where}: invalid duration {value!r} ({_DURATION_HINT})")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ConfigError(
+            f"{where}: expected a duration ({_DURATION_HINT}), got {type_name(value)}"
+        )
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{where}: duration must be finite, got {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{where}: duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling, for messages: 900 -> "15m", 0.5 -> "500ms"."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def require_aware(instant: datetime, name: str) -> datetime:
+    """Naive datetimes are a programming error: their meaning depends on the host's zone."""
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise ValueError(f"{name} must be an aware datetime, got naive {instant.isoformat()}")
+    return instant
+
+
+# --- the chain -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationStep:
+    """Once `after` seconds have passed since creation, the approval belongs to `tier`."""
+
+    after: float
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Where a pending approval stands at an instant.
+
+    `level` is 0 for the initial tier and i+1 once steps[i] applies, so a caller can tell a
+    change of level even when two steps name the same tier.
+    """
+
+    tier: str
+    level: int
+    expired: bool
+    next_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationChain:
+    timeout: float = DEFAULT_TIMEOUT
+    initial_tier: str = DEFAULT_INITIAL_TIER
+    steps: tuple[EscalationStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The same invariants as the parser, so a chain built in code cannot be inconsistent.
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        previous = 0.0
+        for step in self.steps:
+            if not previous < step.after < self.timeout:
+                raise ValueError(
+                    f"escalation steps must be strictly increasing, positive and below the "
+                    f"timeout: got after={step.after} (previous {previous}, "
+                    f"timeout {self.timeout})"
+                )
+            previous = step.after
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> EscalationChain:
+        if section is None:
+            return cls()
+        section = table(section, "approvals")
+        check_keys(section, ("timeout", "initial_tier", "escalation"), "approvals")
+        timeout = DEFAULT_TIMEOUT
+        if "timeout" in section:
+            timeout = parse_duration(section["timeout"], "approvals.timeout")
+        initial = DEFAULT_INITIAL_TIER
+        if "initial_tier" in section:
+            initial = nonempty_str(section["initial_tier"], "approvals.initial_tier")
+        steps: list[EscalationStep] = []
+        for i, raw in enumerate(array(section.get("escalation", []), "approvals.escalation")):
+            where = f"approvals.escalation[{i}]"
+            entry = table(raw, where)
+            check_keys(entry, ("after", "tier"), where)
+            for key in ("after", "tier"):
+                if key not in entry:
+                    raise ConfigError(f"{where}: missing {key!r}")
+            tier = nonempty_str(entry["tier"], f"{where}.tier")
+            where = f"{where} ({json.dumps(tier)})"
+            after = parse_duration(entry["after"], f"{where}.after")
+            if steps and after <= steps[-1].after:
+                raise ConfigError(
+                    f"{where}: after {format_duration(after)} must be later than the previous "
+                    f"step's {format_duration(steps[-1].after)}"
+                )
+            if after >= timeout:
+                raise ConfigError(
+                    f"{where}: after {format_duration(after)} must be before the timeout "
+                    f"{format_duration(timeout)}"
+                )
+            steps.append(EscalationStep(after=after, tier=tier))
+        return cls(timeout=timeout, initial_tier=initial, steps=tuple(steps))
+
+    def _at(self, created_at: datetime, seconds: float) -> datetime:
+        # Absolute arithmetic: adding to a zoned datetime is wall-clock arithmetic in Python,
+        # which would be off by an hour across a DST change.
+        return created_at.astimezone(UTC) + timedelta(seconds=seconds)
+
+    def deadline(self, created_at: datetime) -> datetime:
+        """When a still-pending approval is denied. In UTC."""
+        require_aware(created_at, "created_at")
+        return self._at(created_at, self.timeout)
+
+    def evaluate(self, created_at: datetime, now: datetime) -> Step:
+        """The tier the approval should be at by `now`, whether it expired, and when that changes.
+
+        Instants are compared (not floating elapsed seconds), so evaluating at the returned
+        `next_at` always observes the change it announced.
+        """
+        require_aware(created_at, "created_at")
+        require_aware(now, "now")
+        deadline = self._at(created_at, self.timeout)
+        level = 0
+        tier = self.initial_tier
+        next_at: datetime | None = deadline
+        for i, step in enumerate(self.steps):
+            at = self._at(created_at, step.after)
+            if now < at:
+                next_at = at
+                break
+            level, tier = i + 1, step.tier
+        expired = now >= deadline
+        return Step(tier=tier, level=level, expired=expired, next_at=None if expired else next_at)

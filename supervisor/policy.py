@@ -1,0 +1,297 @@
+"""Policy: what the gate does with an action, decided from config alone.
+
+Order of evaluation: explicit rules in config order (first match wins), then the risk table,
+then `unmatched`. `from_config` merges the risk defaults, so every risk has an entry and
+`unmatched` is only reached by a `Policy` built in code with a partial risk table; it still
+defaults to `require_approval` so that such a gap fails closed.
+
+Config (section `[policy]`, every key optional)::
+
+    unmatched = "require_approval"
+    [policy.risk]    # defaults: low, medium allow; high require_approval; critical deny
+    high = "escalate"
+    [[policy.rules]]
+    name = "no-prod-deletes"       # required, unique
+    action = "db.delete*"          # fnmatch glob on the action name (case-sensitive)
+    risk = ["high", "critical"]    # one risk or a list
+    worker = "support-*"           # fnmatch glob on the worker name
+    when = [ { param = "target.env", op = "==", value = "prod" } ]
+    outcome = "deny"               # required
+
+A rule matches when every matcher it has matches; a rule with none matches every action.
+Conditions read `action.params`; a dotted `param` walks nested tables. A missing param makes
+the condition false (except `exists`), and so does a comparison between different kinds of
+value ("abc" > 5, "5" == 5, true == 1): a type mismatch never raises and never matches.
+Error messages index rules and conditions from 0, as in `policy.rules[0]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Literal, cast, get_args
+
+from .actions import RISKS, Action, Risk
+from .errors import ConfigError
+from .escalation import array, check_keys, nonempty_str, table, type_name
+
+Outcome = Literal["allow", "deny", "require_approval", "escalate"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+
+Op = Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in", "exists"]
+OPS: tuple[Op, ...] = get_args(Op)
+
+DEFAULT_RISK: Mapping[Risk, Outcome] = {
+    "low": "allow",
+    "medium": "allow",
+    "high": "require_approval",
+    "critical": "deny",
+}
+DEFAULT_UNMATCHED: Outcome = "require_approval"
+
+_ORDERING: frozenset[str] = frozenset({">", ">=", "<", "<="})
+_MISSING = object()
+
+
+def _kind(value: object) -> str:
+    """Which values may be compared with each other: bool is not a number, str is not either."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return type_name(value)
+
+
+def _same(a: object, b: object) -> bool:
+    return _kind(a) == _kind(b) and a == b
+
+
+def _lookup(params: Mapping[str, Any], path: tuple[str, ...]) -> object:
+    node: object = params
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    param: str
+    op: Op
+    value: Any = None
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.param.split("."))
+
+    def test(self, params: Mapping[str, Any]) -> bool:
+        found = _lookup(params, self.path)
+        if self.op == "exists":
+            return found is not _MISSING
+        if found is _MISSING:
+            return False
+        if self.op in ("in", "not_in"):
+            # Only members of the param's kind count; with none, the comparison is a mismatch.
+            comparable = [v for v in self.value if _kind(v) == _kind(found)]
+            if not comparable:
+                return False
+            hit = any(v == found for v in comparable)
+            return hit if self.op == "in" else not hit
+        if _kind(found) != _kind(self.value):
+            return False
+        if self.op == "==":
+            return bool(found == self.value)
+        if self.op == "!=":
+            return bool(found != self.value)
+        if _kind(found) not in ("number", "string"):
+            return False
+        a, b = cast(Any, found), cast(Any, self.value)
+        if self.op == ">":
+            return bool(a > b)
+        if self.op == ">=":
+            return bool(a >= b)
+        if self.op == "<":
+            return bool(a < b)
+        return bool(a <= b)
+
+    def describe(self) -> str:
+        if self.op == "exists":
+            return f"{self.param} exists"
+        return f"{self.param} {self.op} {self.value!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    outcome: Outcome
+    action: str | None = None
+    risks: frozenset[Risk] | None = None
+    worker: str | None = None
+    when: tuple[Condition, ...] = ()
+
+    def matches(self, action: Action, worker: str) -> bool:
+        if self.action is not None and not fnmatchcase(action.name, self.action):
+            return False
+        if self.risks is not None and action.risk not in self.risks:
+            return False
+        if self.worker is not None and not fnmatchcase(worker, self.worker):
+            return False
+        return all(c.test(action.params) for c in self.when)
+
+    def describe(self) -> str:
+        parts: list[str] = []
+        if self.action is not None:
+            parts.append(f"action {self.action!r}")
+        if self.risks is not None:
+            parts.append("risk " + "|".join(r for r in RISKS if r in self.risks))
+        if self.worker is not None:
+            parts.append(f"worker {self.worker!r}")
+        parts.extend(c.describe() for c in self.when)
+        return ", ".join(parts) or "every action"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    rule: str  # the rule's name, "risk:<risk>", or "unmatched"
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rules: tuple[Rule, ...] = ()
+    risk: Mapping[Risk, Outcome] = field(default_factory=lambda: dict(DEFAULT_RISK))
+    unmatched: Outcome = DEFAULT_UNMATCHED
+
+    def decide(self, action: Action, worker: str) -> Decision:
+        for rule in self.rules:
+            if rule.matches(action, worker):
+                detail = f"rule {rule.name!r} ({rule.describe()}): {rule.outcome}"
+                return Decision(rule.outcome, rule.name, detail)
+        outcome = self.risk.get(action.risk)
+        if outcome is not None:
+            return Decision(
+                outcome, f"risk:{action.risk}", f"no rule matched; risk {action.risk}: {outcome}"
+            )
+        return Decision(
+            self.unmatched,
+            "unmatched",
+            f"no rule matched and risk {action.risk} has no entry: {self.unmatched}",
+        )
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> Policy:
+        if section is None:
+            return cls()
+        section = table(section, "policy")
+        check_keys(section, ("unmatched", "risk", "rules"), "policy")
+        unmatched = DEFAULT_UNMATCHED
+        if "unmatched" in section:
+            unmatched = _outcome(section["unmatched"], "policy.unmatched")
+        risk = dict(DEFAULT_RISK)
+        raw_risk = table(section.get("risk", {}), "policy.risk")
+        check_keys(raw_risk, RISKS, "policy.risk")
+        for name, value in raw_risk.items():
+            risk[cast(Risk, name)] = _outcome(value, f"policy.risk.{name}")
+        rules: list[Rule] = []
+        seen: dict[str, int] = {}
+        for i, raw in enumerate(array(section.get("rules", []), "policy.rules")):
+            rule = _parse_rule(raw, i)
+            if rule.name in seen:
+                raise ConfigError(
+                    f"policy.rules[{i}] ({json.dumps(rule.name)}): duplicate rule name "
+                    f"(also policy.rules[{seen[rule.name]}])"
+                )
+            seen[rule.name] = i
+            rules.append(rule)
+        return cls(rules=tuple(rules), risk=risk, unmatched=unmatched)
+
+
+def _outcome(value: object, where: str) -> Outcome:
+    if value not in OUTCOMES:
+        raise ConfigError(f"{where}: unknown outcome {value!r} ({', '.join(OUTCOMES)})")
+    return value
+
+
+def _parse_rule(raw: object, index: int) -> Rule:
+    where = f"policy.rules[{index}]"
+    entry = table(raw, where)
+    if "name" not in entry:
+        raise ConfigError(f"{where}: missing 'name'")
+    name = nonempty_str(entry["name"], f"{where}.name")
+    where = f"{where} ({json.dumps(name)})"
+    check_keys(entry, ("name", "action", "risk", "worker", "when", "outcome"), where)
+    if "outcome" not in entry:
+        raise ConfigError(f"{where}: missing 'outcome' ({', '.join(OUTCOMES)})")
+    outcome = _outcome(entry["outcome"], where)
+    action = nonempty_str(entry["action"], f"{where}.action") if "action" in entry else None
+    worker = nonempty_str(entry["worker"], f"{where}.worker") if "worker" in entry else None
+    risks: frozenset[Risk] | None = None
+    if "risk" in entry:
+        raw_risks = entry["risk"]
+        names = [raw_risks] if isinstance(raw_risks, str) else array(raw_risks, f"{where}.risk")
+        if not names:
+            raise ConfigError(f"{where}: risk must name at least one risk ({', '.join(RISKS)})")
+        for r in names:
+            if r not in RISKS:
+                raise ConfigError(f"{where}: unknown risk {r!r} ({', '.join(RISKS)})")
+        risks = frozenset(cast(list[Risk], names))
+    conditions = tuple(
+        _parse_condition(c, f"{where}.when[{j}]")
+        for j, c in enumerate(array(entry.get("when", []), f"{where}.when"))
+    )
+    return Rule(name, outcome, action=action, risks=risks, worker=worker, when=conditions)
+
+
+def _scalar(value: object) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False  # params are JSON without NaN/inf: such a value could never match
+    return _kind(value) in ("string", "number", "boolean")
+
+
+def _parse_condition(raw: object, where: str) -> Condition:
+    entry = table(raw, where)
+    check_keys(entry, ("param", "op", "value"), where)
+    if "param" not in entry:
+        raise ConfigError(f"{where}: missing 'param'")
+    param = nonempty_str(entry["param"], f"{where}.param")
+    if any(not part for part in param.split(".")):
+        raise ConfigError(f"{where}: param {param!r} has an empty segment")
+    if "op" not in entry:
+        raise ConfigError(f"{where}: missing 'op' ({', '.join(OPS)})")
+    op = entry["op"]
+    if op not in OPS:
+        raise ConfigError(f"{where}: unknown op {op!r} ({', '.join(OPS)})")
+    if op == "exists":
+        if "value" in entry:
+            raise ConfigError(f"{where}: op 'exists' takes no value")
+        return Condition(param, "exists")
+    if "value" not in entry:
+        raise ConfigError(f"{where}: op {op!r} needs a value")
+    value = entry["value"]
+    if op in ("in", "not_in"):
+        items = array(value, f"{where}.value")
+        if not items:
+            raise ConfigError(f"{where}: op {op!r} needs a non-empty array")
+        bad = [v for v in items if not _scalar(v)]
+        if bad:
+            raise ConfigError(
+                f"{where}: op {op!r} needs strings, numbers or booleans, got {bad[0]!r}"
+            )
+        return Condition(param, cast(Op, op), tuple(items))
+    if op in _ORDERING:
+        if _kind(value) not in ("number", "string") or not _scalar(value):
+            raise ConfigError(
+                f"{where}: op {op!r} needs a number or a string value, got {type_name(value)}"
+            )
+    elif not _scalar(value):
+        hint = " (use 'in' for a list)" if isinstance(value, list | tuple) else ""
+        raise ConfigError(
+            f"{where}: op {op!r} needs a string, number or boolean value, "
+            f"got {type_name(value)}{hint}"
+        )
+    return Condition(param, cast(Op, op), value)
