@@ -1,0 +1,219 @@
+"""Approvals: one per idempotency key, a deadline, an escalation chain, deny by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from . import events as ev
+from .actions import Action, canonical_json, derive_id, params_hash
+from .errors import ApprovalError, IdempotencyConflict
+from .escalation import EscalationChain
+from .store import NewEvent, Store
+from .store.base import Row, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """What an approved (or policy-allowed) action carries into its block."""
+
+    approval_id: str | None
+    approver: str | None
+    approved_at: datetime | None
+    command_id: str
+    rule: str
+
+
+def approval_id_for(key: str) -> str:
+    return derive_id("approval", key)
+
+
+class Approvals:
+    def __init__(self, store: Store, chain: EscalationChain, fleet: str) -> None:
+        self.store = store
+        self.chain = chain
+        self.fleet = fleet
+        # The earliest instant an approval of this fleet needs the escalation duty; the duty
+        # sleeps until then and `changed` wakes it when an earlier one appears.
+        self.next_due: datetime | None = None
+        self.changed = anyio.Event()
+
+    def _hint(self, when: datetime | None) -> None:
+        if when is not None and (self.next_due is None or when < self.next_due):
+            self.next_due = when
+            self.store.clock.ring(self.changed)
+
+    async def refresh_hint(self) -> None:
+        row = await self.store.fetchrow("next_approval_check", self.fleet)
+        self.next_due = row["next_at"] if row else None
+
+    async def request(
+        self,
+        *,
+        key: str,
+        action: Action,
+        worker: str,
+        session_id: str,
+        escalate_now: bool,
+        correlation_id: str | None,
+    ) -> Row:
+        """The approval for `key`, created pending if new. Same key, other params: conflict."""
+        digest = params_hash(action.name, action.params)
+        existing = await self.store.fetchrow("get_approval_by_key", key)
+        if existing is None:
+            approval_id = approval_id_for(key)
+            now = self.store.clock.now()
+            step = self.chain.evaluate(now, now)
+            tier = self.chain.steps[0].tier if escalate_now and self.chain.steps else step.tier
+
+            async def body(tx: Tx) -> dict[str, Any]:
+                await tx.execute(
+                    "insert_approval", approval_id, key, self.fleet, session_id, worker,
+                    action.agent_id, action.name, canonical_json(action.params), digest,
+                    action.risk, action.cost, tier, now, self.chain.deadline(now), step.next_at,
+                )  # fmt: skip
+                await self.store.append_in(
+                    tx,
+                    NewEvent(
+                        kind=ev.APPROVAL_REQUESTED,
+                        session_id=session_id,
+                        payload={"approval": approval_id, "action": action.name, "tier": tier,
+                                 "deadline": self.chain.deadline(now).isoformat()},
+                        worker=worker,
+                        agent_id=action.agent_id,
+                        correlation_id=correlation_id,
+                    ),
+                )  # fmt: skip
+                return {"approval": approval_id}
+
+            await self.store.run_command(
+                derive_id("approval.request", key), "approval.request",
+                {"key": key, "params": digest}, body,
+            )  # fmt: skip
+            existing = await self.store.fetchrow("get_approval_by_key", key)
+            assert existing is not None
+            self._hint(existing["next_check_at"])
+        if existing["params_hash"] != digest or existing["action"] != action.name:
+            raise IdempotencyConflict(
+                f"approval:{key}",
+                stored_operation=existing["action"],
+                stored_hash=existing["params_hash"],
+                operation=action.name,
+                params_hash=digest,
+            )
+        if existing["status"] == "pending" and self.store.clock.now() >= existing["deadline"]:
+            await self.expire(existing)  # the scan has not run yet: deny by default right here
+            existing = await self.store.fetchrow("get_approval", existing["id"])
+            assert existing is not None
+        return existing
+
+    async def decide(
+        self,
+        approval_id: str,
+        *,
+        approve: bool,
+        by: str,
+        reason: str | None,
+        scope: str = "once",
+        max_uses: int | None = None,
+        max_cost: float | None = None,
+    ) -> Row:
+        row = await self.store.fetchrow("get_approval", approval_id)
+        if row is None:
+            raise ApprovalError(f"unknown approval {approval_id!r}")
+        if row["status"] != "pending":
+            raise ApprovalError(f"approval {approval_id} is already {row['status']}")
+        now = self.store.clock.now()
+        if now >= row["deadline"]:
+            await self.expire(row)
+            raise ApprovalError(
+                f"approval {approval_id} expired at {row['deadline'].isoformat()} (denied by default)"
+            )
+        status = "approved" if approve else "denied"
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            changed = await tx.fetchrow(
+                "decide_approval", status, by, now, reason, scope, max_uses, max_cost, approval_id
+            )
+            if changed is None:
+                raise ApprovalError(f"approval {approval_id} was decided meanwhile")
+            await self.store.append_in(
+                tx,
+                NewEvent(
+                    kind=ev.APPROVAL_GRANTED if approve else ev.APPROVAL_DENIED,
+                    session_id=row["session_id"],
+                    reason=None if approve else "approval_denied",
+                    payload={"approval": approval_id, "by": by, "reason": reason, "scope": scope},
+                    worker=row["worker"],
+                ),
+            )
+            return {"status": status}
+
+        await self.store.run_command(
+            derive_id("approval.decide", approval_id), "approval.decide",
+            {"approval": approval_id, "status": status}, body,
+        )  # fmt: skip
+        decided = await self.store.fetchrow("get_approval", approval_id)
+        assert decided is not None
+        return decided
+
+    async def expire(self, row: Row) -> bool:
+        """Deny by default at the deadline. True if this call expired it."""
+        approval_id = row["id"]
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            changed = await tx.fetchrow(
+                "decide_approval", "expired", "deadline", self.store.clock.now(),
+                "deadline passed: denied by default", row["scope"], None, None, approval_id,
+            )  # fmt: skip
+            if changed is None:
+                return {"expired": False}
+            await self.store.append_in(
+                tx,
+                NewEvent(
+                    kind=ev.APPROVAL_EXPIRED,
+                    session_id=row["session_id"],
+                    reason="approval_expired",
+                    payload={"approval": approval_id, "deadline": row["deadline"].isoformat(),
+                             "tier": row["tier"]},
+                    worker=row["worker"],
+                ),
+            )  # fmt: skip
+            return {"expired": True}
+
+        result, fresh = await self.store.run_command(
+            derive_id("approval.expire", approval_id), "approval.expire", {"approval": approval_id},
+            body,
+        )  # fmt: skip
+        return fresh and bool(result["expired"])
+
+    async def escalate_due(self, limit: int = 1000) -> dict[str, int]:
+        """Move due approvals along the chain; deny those past their deadline. Returns counts."""
+        now = self.store.clock.now()
+        counts = {"escalated": 0, "expired": 0}
+        for row in await self.store.fetchall("due_approvals", self.fleet, now, limit):
+            step = self.chain.evaluate(row["created_at"], now)
+            if step.expired:
+                counts["expired"] += int(await self.expire(row))
+                continue
+            if step.tier == row["tier"]:
+                async with self.store.backend.transaction() as tx:
+                    await tx.execute("escalate_approval", row["tier"], step.next_at, row["id"])
+                continue
+            async with self.store.backend.transaction() as tx:
+                if await tx.fetchrow("escalate_approval", step.tier, step.next_at, row["id"]):
+                    counts["escalated"] += 1
+                    await self.store.append_in(
+                        tx,
+                        NewEvent(
+                            kind=ev.APPROVAL_ESCALATED,
+                            session_id=row["session_id"],
+                            payload={"approval": row["id"], "from": row["tier"], "to": step.tier},
+                            worker=row["worker"],
+                        ),
+                    )
+        await self.refresh_hint()
+        return counts

@@ -1,0 +1,195 @@
+"""`acp-supervisor`: the command line. Global options work before or after the subcommand and
+fall back to the environment: --config (ACP_CONFIG), --db (ACP_DB), --state-dir (ACP_STATE_DIR).
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. An expected error is
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import anyio
+
+from .config import Config, load_config
+from .errors import SupervisorError, UsageError
+
+PROG = "acp-supervisor"
+Handler = Callable[[argparse.Namespace, Config], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("global options")
+    group.add_argument("--config", metavar="FILE", default=default,
+                       help="config file (TOML); env ACP_CONFIG; default: the built-in config")
+    group.add_argument("--db", metavar="URL", default=default,
+                       help="sqlite:///path or postgresql://...; env ACP_DB")
+    group.add_argument("--state-dir", metavar="DIR", default=default,
+                       help="state directory; env ACP_STATE_DIR; default ./state")
+    group.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "info",
+                       choices=["debug", "info", "warning", "error"])
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
+def _iso(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Keeps AI agent workers running and governs every action.")
+    _globals(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, help_: str, handler: Handler, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        _globals(p, suppress=True)
+        p.set_defaults(handler=handler)
+        return p
+
+    from . import commands as c
+
+    run = command("run", "run the daemon (until stopped, or for one horizon)", c.run)
+    run.add_argument("--horizon", choices=["hour", "day", "week", "month"])
+    run.add_argument("--simulate", action="store_true", help="run the horizon on a virtual clock")
+    run.add_argument("--start", type=_iso, help="simulated start instant (ISO 8601)")
+    run.add_argument("--seed", type=int)
+    _json_flag(run)
+
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
+    db.required = True
+    command("migrate", "create or upgrade the schema", c.db_migrate, db)
+
+    _json_flag(command("status", "workers, windows, kill switch and approvals", c.status))
+    _json_flag(command("scorecard", "the run's scorecard from the store", c.scorecard))
+
+    sessions = sub.add_parser("sessions", help="governance windows").add_subparsers(dest="sessions_command", metavar="ACTION", parser_class=_Parser)
+    sessions.required = True
+    _json_flag(command("list", "list windows", c.sessions_list, sessions))
+
+    events = sub.add_parser("events", help="the event log").add_subparsers(dest="events_command", metavar="ACTION", parser_class=_Parser)
+    events.required = True
+    replay = command("replay", "events of one session in order", c.events_replay, events)
+    replay.add_argument("--session", required=True)
+    replay.add_argument("--after", type=int, default=0, metavar="SEQ")
+    _json_flag(replay)
+
+    cps = sub.add_parser("checkpoints", help="worker checkpoints").add_subparsers(dest="cp_command", metavar="ACTION", parser_class=_Parser)
+    cps.required = True
+    _json_flag(command("list", "list checkpoints", c.checkpoints_list, cps))
+    restore = command("restore", "make a checkpoint the worker's resume point", c.checkpoints_restore, cps)
+    restore.add_argument("id", type=int)
+    restore.add_argument("--by", required=True)
+
+    ap = sub.add_parser("approvals", help="pending and decided approvals").add_subparsers(dest="ap_command", metavar="ACTION", parser_class=_Parser)
+    ap.required = True
+    lst = command("list", "list approvals", c.approvals_list, ap)
+    lst.add_argument("--pending", action="store_true")
+    _json_flag(lst)
+    approve = command("approve", "approve a pending approval", c.approvals_approve, ap)
+    approve.add_argument("id")
+    approve.add_argument("--by", required=True)
+    approve.add_argument("--reason")
+    approve.add_argument("--scope", choices=["once", "window"], default="once")
+    approve.add_argument("--max-uses", type=int)
+    approve.add_argument("--max-cost", type=float)
+    deny = command("deny", "deny a pending approval", c.approvals_deny, ap)
+    deny.add_argument("id")
+    deny.add_argument("--by", required=True)
+    deny.add_argument("--reason", required=True)
+
+    ks = sub.add_parser("killswitch", help="halt and resume actions").add_subparsers(dest="ks_command", metavar="ACTION", parser_class=_Parser)
+    ks.required = True
+    engage = command("engage", "halt actions at a scope", c.killswitch_engage, ks)
+    engage.add_argument("--mode", required=True,
+                        choices=["halt_noncritical", "halt_all", "emergency"])
+    engage.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE",
+                        help="host | fleet | session ID | worker NAME")
+    engage.add_argument("--reason", required=True)
+    engage.add_argument("--by", required=True)
+    dis = command("disengage", "resume actions at a scope", c.killswitch_disengage, ks)
+    dis.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE")
+    dis.add_argument("--reason", required=True)
+    dis.add_argument("--by", required=True)
+    _json_flag(command("status", "the kill switch at every scope", c.killswitch_status, ks))
+
+    rec = command("recover", "run the recovery scan now", c.recover)
+    rec.add_argument("--dry-run", action="store_true")
+    _json_flag(rec)
+
+    actions = sub.add_parser("actions", help="actions").add_subparsers(dest="actions_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    _json_flag(command("in-doubt", "actions started without an outcome", c.actions_in_doubt, actions))
+    resolve = command("resolve", "record an operator's verdict on an in-doubt action", c.actions_resolve, actions)
+    resolve.add_argument("id")
+    resolve.add_argument("--as", dest="as_", required=True, choices=["done", "failed"])
+    resolve.add_argument("--by", required=True)
+
+    tokens = sub.add_parser("tokens", help="token governance").add_subparsers(dest="tokens_command", metavar="ACTION", parser_class=_Parser)
+    tokens.required = True
+    usage = command("usage", "token usage per identity and period", c.tokens_usage, tokens)
+    usage.add_argument("--scope", choices=["user", "team", "org"])
+    usage.add_argument("--period", choices=["day", "week", "month"])
+    _json_flag(usage)
+    return parser
+
+
+def _nonempty(args: argparse.Namespace) -> None:
+    for name in ("by", "reason"):
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip():
+            raise UsageError(f"--{name} must not be empty")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .logging import configure
+
+    configure(level=args.log_level, stream=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    try:
+        _nonempty(args)
+        config = load_config(
+            args.config or os.environ.get("ACP_CONFIG") or None,
+            db=args.db,
+            state_dir=args.state_dir,
+        )
+        code: int = anyio.run(args.handler, args, config)
+        return code
+    except SupervisorError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=_default, sort_keys=True))
+    else:
+        print(text)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,353 @@
+"""Configuration: a TOML file, then the environment, then the command line (each wins over the last).
+
+Every problem is one ConfigError line naming the file, the key and, where it can be found, the
+line. Nothing is written anywhere before the whole config has been checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from .errors import ConfigError
+from .escalation import EscalationChain, parse_duration
+from .governance import ModelGovernor, TokenBudgets
+from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
+from .policy import Policy
+from .windows import parse_timezone
+
+RestartPolicy = Literal["permanent", "transient", "temporary"]
+
+_TOP = {"daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers"}
+_DAEMON = {
+    "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
+    "recovery_every", "escalation_every", "flush_every", "seed",
+}  # fmt: skip
+_KILLSWITCH = {"secret_file", "watch_interval"}
+_WORKER = {
+    "name", "class", "command", "replicas", "restart", "schedule", "params", "backoff",
+    "stable_after", "max_restarts", "restart_window", "quarantine_for", "heartbeat_timeout",
+    "cycle_deadline", "cycle_every",
+}  # fmt: skip
+_BACKOFF = {"initial", "max", "multiplier"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial: float = 1.0
+    max: float = 60.0
+    multiplier: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    name: str
+    target: str | None = None  # "module:Class" for an in-process worker
+    command: tuple[str, ...] | None = None  # argv for an external worker
+    replicas: int = 1
+    restart: RestartPolicy = "permanent"
+    schedule: str | None = None  # crontab; None means the horizon cadence
+    cycle_every: float | None = None  # seconds; overrides the horizon cadence
+    params: Mapping[str, Any] = field(default_factory=dict)
+    backoff: Backoff = Backoff()
+    stable_after: float = 60.0
+    max_restarts: int = 5
+    restart_window: float = 300.0
+    quarantine_for: float = 600.0
+    heartbeat_timeout: float = 120.0
+    cycle_deadline: float = 300.0
+
+    def instance_names(self) -> list[str]:
+        if self.replicas == 1:
+            return [self.name]
+        return [f"{self.name}-{i}" for i in range(1, self.replicas + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path | None
+    fleet: str
+    host_id: str
+    timezone: ZoneInfo
+    state_dir: Path
+    db_url: str
+    db_explicit: bool  # given by flag, env or file (else the default SQLite file)
+    profile: str
+    horizons: Mapping[str, HorizonProfile]
+    shutdown_timeout: float
+    recovery_every: float
+    escalation_every: float
+    flush_every: float
+    seed: int
+    killswitch_secret_file: str | None
+    killswitch_watch_interval: float
+    policy: Policy
+    approvals: EscalationChain
+    token_budgets: TokenBudgets
+    models: ModelGovernor
+    workers: tuple[WorkerSpec, ...]
+
+    def horizon(self, name: str) -> HorizonProfile:
+        return self.horizons[name]
+
+
+def default_config_text() -> str:
+    return (resources.files("supervisor") / "default.toml").read_text(encoding="utf-8")
+
+
+def _line_of(text: str, key: str) -> str:
+    pattern = re.compile(rf"^\s*(\[+\s*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE)
+    match = pattern.search(text)
+    return f", line {text.count(chr(10), 0, match.start()) + 1}" if match else ""
+
+
+class _Checker:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.text = text
+
+    def fail(self, where: str, message: str, key: str | None = None) -> ConfigError:
+        line = _line_of(self.text, key) if key else ""
+        return ConfigError(f"{self.source}{line}: {where}: {message}")
+
+    def known(self, section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        for key in section:
+            if key not in allowed:
+                raise self.fail(where, f"unknown key {key!r}", key)
+
+    def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(where, f"{key!r} must be a table", key)
+        return value
+
+    def duration(self, section: Mapping[str, Any], key: str, default: float, where: str) -> float:
+        if key not in section:
+            return default
+        try:
+            return parse_duration(section[key], f"{where}.{key}")
+        except ConfigError as exc:
+            raise self.fail(where, str(exc), key) from None
+
+    def positive_int(self, section: Mapping[str, Any], key: str, default: int, where: str) -> int:
+        value = section.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise self.fail(where, f"{key} must be a whole number >= 1, got {value!r}", key)
+        return value
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    db: str | None = None,
+    state_dir: str | Path | None = None,
+) -> Config:
+    """Read the config file (or the built-in default), then apply env and CLI overrides."""
+    env = os.environ if env is None else env
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+        source = str(file)
+    else:
+        file, text, source = None, default_config_text(), "built-in default config"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return _build(data, text, source, file, env, db, state_dir)
+
+
+def _build(
+    data: dict[str, Any],
+    text: str,
+    source: str,
+    file: Path | None,
+    env: Mapping[str, str],
+    db: str | None,
+    state_dir: str | Path | None,
+) -> Config:
+    c = _Checker(source, text)
+    c.known(data, _TOP, "top level")
+    daemon = c.table(data, "daemon", "daemon")
+    c.known(daemon, _DAEMON, "daemon")
+
+    fleet = str(daemon.get("fleet", "default"))
+    if not _NAME.match(fleet):
+        raise c.fail("daemon.fleet", f"invalid fleet name {fleet!r}", "fleet")
+    host_id = str(daemon.get("host_id") or socket.gethostname())
+    try:
+        tz = parse_timezone(str(daemon.get("timezone", "UTC")))
+    except ConfigError as exc:
+        raise c.fail("daemon.timezone", str(exc), "timezone") from None
+
+    chosen_state = state_dir or env.get("ACP_STATE_DIR") or daemon.get("state_dir") or "state"
+    state_path = Path(chosen_state)
+    if not state_path.is_absolute() and file is not None and state_dir is None and not env.get(
+        "ACP_STATE_DIR"
+    ) and daemon.get("state_dir"):
+        state_path = file.parent / state_path  # a path in the file is relative to the file
+    state_path = state_path.absolute()
+    db_url = db or env.get("ACP_DB") or daemon.get("db") or f"sqlite:///{state_path / 'supervisor.db'}"
+
+    profile = str(daemon.get("profile", "day"))
+    if profile not in HORIZONS:
+        raise c.fail("daemon.profile", f"unknown horizon {profile!r} ({', '.join(HORIZONS)})", "profile")
+    horizons_section = c.table(data, "horizons", "horizons")
+    horizons = dict(DEFAULTS)
+    for name, section in horizons_section.items():
+        if name not in HORIZONS:
+            raise c.fail("horizons", f"unknown horizon {name!r} ({', '.join(HORIZONS)})", name)
+        if not isinstance(section, dict):
+            raise c.fail(f"horizons.{name}", "must be a table", name)
+        try:
+            horizons[name] = profile_from_config(name, section, f"horizons.{name}")
+        except ConfigError as exc:
+            raise c.fail(f"horizons.{name}", str(exc), name) from None
+
+    seed = daemon.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise c.fail("daemon.seed", "must be an integer", "seed")
+
+    ks = c.table(data, "killswitch", "killswitch")
+    c.known(ks, _KILLSWITCH, "killswitch")
+    secret_file = ks.get("secret_file")
+    if secret_file is not None and not isinstance(secret_file, str):
+        raise c.fail("killswitch.secret_file", "must be a path", "secret_file")
+
+    def section_of(name: str) -> Any:
+        try:
+            return name, data.get(name)
+        except ConfigError as exc:  # pragma: no cover - get() does not raise
+            raise c.fail(name, str(exc)) from None
+
+    try:
+        policy = Policy.from_config(section_of("policy")[1])
+        approvals = EscalationChain.from_config(section_of("approvals")[1])
+        tokens = data.get("tokens") or {}
+        if not isinstance(tokens, dict):
+            raise ConfigError("tokens: must be a table")
+        unknown_tokens = set(tokens) - {"budgets"}
+        if unknown_tokens:
+            raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
+        token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
+        models = ModelGovernor.from_config(data.get("models"))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+    workers = _workers(c, data.get("workers", []))
+    return Config(
+        path=file,
+        fleet=fleet,
+        host_id=host_id,
+        timezone=tz,
+        state_dir=state_path,
+        db_url=str(db_url),
+        db_explicit=bool(db or env.get("ACP_DB") or daemon.get("db")),
+        profile=profile,
+        horizons=horizons,
+        shutdown_timeout=c.duration(daemon, "shutdown_timeout", 30.0, "daemon"),
+        recovery_every=c.duration(daemon, "recovery_every", 3600.0, "daemon"),
+        escalation_every=c.duration(daemon, "escalation_every", 60.0, "daemon"),
+        flush_every=c.duration(daemon, "flush_every", 1.0, "daemon"),
+        seed=seed,
+        killswitch_secret_file=secret_file,
+        killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
+        policy=policy,
+        approvals=approvals,
+        token_budgets=token_budgets,
+        models=models,
+        workers=workers,
+    )
+
+
+def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
+    if not isinstance(raw, list):
+        raise c.fail("workers", "must be an array of tables ([[workers]])", "workers")
+    specs: list[WorkerSpec] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise c.fail(f"workers[{index}]", "must be a table")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise c.fail(f"workers[{index}]", f"invalid or missing name {name!r}", "workers")
+        where = f"worker {name!r}"
+        c.known(entry, _WORKER, where)
+        if name in seen:
+            raise c.fail(where, "duplicate worker name", "name")
+        seen.add(name)
+        target, command = entry.get("class"), entry.get("command")
+        if (target is None) == (command is None):
+            raise c.fail(where, "give exactly one of 'class' (module:Class) or 'command' (argv)")
+        if target is not None and (not isinstance(target, str) or ":" not in target):
+            raise c.fail(where, f"class must be 'module:Class', got {target!r}", "class")
+        if command is not None and (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(a, str) and a for a in command)
+        ):
+            raise c.fail(where, "command must be a non-empty list of strings", "command")
+        replicas = entry.get("replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise c.fail(where, f"replicas must be >= 1, got {replicas!r}", "replicas")
+        restart = entry.get("restart", "permanent")
+        if restart not in ("permanent", "transient", "temporary"):
+            raise c.fail(where, f"unknown restart policy {restart!r}", "restart")
+        schedule = entry.get("schedule")
+        if schedule is not None:
+            from .windows import CronSchedule
+
+            try:
+                CronSchedule(str(schedule), ZoneInfo("UTC"))
+            except ConfigError as exc:
+                raise c.fail(where, str(exc), "schedule") from None
+        params = entry.get("params", {})
+        if not isinstance(params, dict):
+            raise c.fail(where, "params must be a table", "params")
+        backoff_raw = entry.get("backoff", {})
+        if not isinstance(backoff_raw, dict):
+            raise c.fail(where, "backoff must be a table", "backoff")
+        c.known(backoff_raw, _BACKOFF, f"{where} backoff")
+        initial = c.duration(backoff_raw, "initial", 1.0, f"{where} backoff")
+        maximum = c.duration(backoff_raw, "max", 60.0, f"{where} backoff")
+        multiplier = backoff_raw.get("multiplier", 2.0)
+        if maximum < initial:
+            raise c.fail(where, f"backoff max ({maximum}s) is below its initial ({initial}s)", "max")
+        if not isinstance(multiplier, int | float) or multiplier < 1:
+            raise c.fail(where, "backoff multiplier must be >= 1", "multiplier")
+        cycle_every = entry.get("cycle_every")
+        specs.append(
+            WorkerSpec(
+                name=name,
+                target=target,
+                command=tuple(command) if command else None,
+                replicas=replicas,
+                restart=restart,
+                schedule=str(schedule) if schedule is not None else None,
+                cycle_every=(
+                    c.duration(entry, "cycle_every", 0.0, where) if cycle_every is not None else None
+                ),
+                params=params,
+                backoff=Backoff(initial, maximum, float(multiplier)),
+                stable_after=c.duration(entry, "stable_after", 60.0, where),
+                max_restarts=c.positive_int(entry, "max_restarts", 5, where),
+                restart_window=c.duration(entry, "restart_window", 300.0, where),
+                quarantine_for=c.duration(entry, "quarantine_for", 600.0, where),
+                heartbeat_timeout=c.duration(entry, "heartbeat_timeout", 120.0, where),
+                cycle_deadline=c.duration(entry, "cycle_deadline", 300.0, where),
+            )
+        )
+    return tuple(specs)

@@ -1,0 +1,341 @@
+"""Worker supervision: every worker instance is one task that runs its cycles, survives its own
+crashes with exponential backoff and jitter, goes to a visible quarantine when it restarts too
+often, is cancelled when a cycle hangs past its deadline, and checkpoints every N cycles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import structlog
+
+from . import events as ev
+from .actions import derive_id
+from .checkpoints import Checkpoints
+from .clock import Clock
+from .config import WorkerSpec
+from .errors import ApprovalPending, ConfigError, StateWriteError, SupervisorError
+from .gate import Gate
+from .horizons import HorizonProfile
+from .sessions import WindowManager
+from .store import NewEvent, Session, Store
+from .windows import CronSchedule
+from .worker import CycleContext, EffectLog, Worker
+
+log = structlog.get_logger("supervisor.fleet")
+
+WorkerFactory = Callable[[str, dict[str, Any]], Worker]
+
+
+def load_worker_class(spec: WorkerSpec) -> WorkerFactory:
+    """Import `module:Class` and check it implements the worker API (ConfigError naming it)."""
+    assert spec.target is not None
+    module_name, _, class_name = spec.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"worker {spec.name!r}: cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"worker {spec.name!r}: {module_name!r} has no class {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise ConfigError(
+            f"worker {spec.name!r}: {spec.target} does not implement the worker API "
+            "(subclass supervisor.Worker with async def cycle(self, ctx))"
+        )
+    if cls.cycle is Worker.cycle:
+        raise ConfigError(f"worker {spec.name!r}: {spec.target} does not define cycle(ctx)")
+    factory: WorkerFactory = cls
+    return factory
+
+
+@dataclass
+class WorkerStatus:
+    name: str
+    spec: WorkerSpec
+    state: str = "starting"  # starting running backoff quarantined stopping stopped
+    restarts: int = 0
+    crashes: int = 0
+    hangs: int = 0
+    cycles: int = 0
+    cycle: int = 0
+    last_error: str | None = None
+    session_id: str | None = None
+    pending: list[tuple[NewEvent, datetime]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "restarts": self.restarts,
+                "crashes": self.crashes, "hangs": self.hangs, "cycle": self.cycle,
+                "last_error": self.last_error, "session_id": self.session_id}  # fmt: skip
+
+
+class Fleet:
+    def __init__(
+        self,
+        *,
+        fleet: str,
+        host: str,
+        store: Store,
+        gate: Gate,
+        windows: WindowManager,
+        checkpoints: Checkpoints,
+        clock: Clock,
+        profile: HorizonProfile,
+        timezone: ZoneInfo,
+        anchor: datetime,
+        run_end: datetime | None,
+        effects: EffectLog,
+        seed: int,
+        stopping: anyio.Event,
+    ) -> None:
+        self.fleet = fleet
+        self.host = host
+        self.store = store
+        self.gate = gate
+        self.windows = windows
+        self.checkpoints = checkpoints
+        self.clock = clock
+        self.profile = profile
+        self.timezone = timezone
+        self.anchor = anchor
+        self.run_end = run_end
+        self.effects = effects
+        self.seed = seed
+        self.stopping = stopping
+        self.status: dict[str, WorkerStatus] = {}
+        self.in_flight = 0
+        self.idle = anyio.Event()
+        self.idle.set()
+
+    def add(self, spec: WorkerSpec) -> list[str]:
+        names = spec.instance_names()
+        for name in names:
+            self.status[name] = WorkerStatus(name=name, spec=spec)
+        return names
+
+    def by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for st in self.status.values():
+            counts[st.state] = counts.get(st.state, 0) + 1
+        return counts
+
+    async def _set_state(self, st: WorkerStatus, state: str) -> None:
+        st.state = state
+        log.info("worker.state", worker=st.name, state=state)
+        try:
+            async with self.store.backend.transaction() as tx:
+                await tx.execute(
+                    "upsert_worker", self.fleet, st.name, self.host, state, st.restarts,
+                    st.last_error, st.cycle, st.session_id, self.clock.now(),
+                )  # fmt: skip
+        except StateWriteError as exc:
+            log.warning("worker.status_write_failed", worker=st.name, error=str(exc))
+
+    # -- scheduling -------------------------------------------------------------------------------
+
+    def _cadence(self, spec: WorkerSpec) -> timedelta:
+        return timedelta(seconds=spec.cycle_every) if spec.cycle_every else self.profile.cycle_every
+
+    def _slot_time(self, spec: WorkerSpec, cycle: int) -> datetime:
+        return self.anchor + self._cadence(spec) * cycle
+
+    def _first_slot_at_or_after(self, spec: WorkerSpec, instant: datetime) -> int:
+        cadence = self._cadence(spec).total_seconds()
+        elapsed = (instant - self.anchor).total_seconds()
+        slot = max(0, int(elapsed // cadence))
+        while self._slot_time(spec, slot) < instant:
+            slot += 1
+        return slot
+
+    # -- one worker instance ----------------------------------------------------------------------
+
+    async def run_instance(self, name: str, factory: WorkerFactory) -> None:
+        st = self.status[name]
+        spec = st.spec
+        worker = factory(name, dict(spec.params))
+        checkpoint = await self.checkpoints.resume_point(name)
+        next_cycle = 0
+        last_run: datetime | None = None
+        if checkpoint is not None:
+            worker.restore(checkpoint.state)
+            next_cycle = checkpoint.cycle + 1
+            if checkpoint.counters.get("last_run"):
+                last_run = datetime.fromisoformat(checkpoint.counters["last_run"])
+            await self.checkpoints.consumed(name)
+            log.info("worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle)
+        if not self.clock.virtual and spec.schedule is None:
+            # After downtime the slots that passed are skipped, not replayed in a burst.
+            next_cycle = max(next_cycle, self._first_slot_at_or_after(spec, self.clock.now()))
+        cron = CronSchedule(spec.schedule, self.timezone) if spec.schedule else None
+        if cron is not None and last_run is None:
+            last_run = self.anchor - timedelta(microseconds=1)
+        st.cycle = next_cycle - 1
+        restarts: deque[float] = deque()
+        backoff = spec.backoff.initial
+        jitter = random.Random(f"{self.seed}:{name}:jitter")
+        started_at = self.clock.monotonic()
+        await self._set_state(st, "running")
+        since_checkpoint = 0
+        try:
+            while not self.stopping.is_set():
+                if cron is not None:
+                    assert last_run is not None
+                    due = cron.next_after(last_run)
+                else:
+                    due = self._slot_time(spec, next_cycle)
+                if self.run_end is not None and due >= self.run_end:
+                    break
+                if not await self.clock.sleep_until(due, self.stopping):
+                    break
+                if cron is not None:
+                    missed, latest = cron.due(last_run, self.clock.now())
+                    if missed > 1:
+                        log.info("worker.cron_coalesced", worker=name, missed=missed)
+                    last_run = latest or self.clock.now()
+                session = await self.windows.ensure(self.clock.now())
+                if session is None:
+                    break
+                cycle = next_cycle
+                next_cycle += 1
+                ok = await self._run_cycle(st, worker, cycle, session)
+                if ok:
+                    if self.clock.monotonic() - started_at >= spec.stable_after:
+                        backoff = spec.backoff.initial  # a stable period resets the backoff
+                    since_checkpoint += 1
+                    counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None}
+                    if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
+                        await self._checkpoint(st, worker, cycle, session, counters)
+                        since_checkpoint = 0
+                    continue
+                # a crash or a hang: count it, back off, maybe quarantine, restart from checkpoint
+                if spec.restart == "temporary":
+                    await self._set_state(st, "stopped")
+                    return
+                now_m = self.clock.monotonic()
+                restarts.append(now_m)
+                while restarts and now_m - restarts[0] > spec.restart_window:
+                    restarts.popleft()
+                if len(restarts) > spec.max_restarts:
+                    await self._quarantine(st, session)
+                    restarts.clear()
+                    backoff = spec.backoff.initial
+                else:
+                    delay = min(backoff, spec.backoff.max) * (0.5 + jitter.random() / 2)
+                    backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
+                    await self._set_state(st, "backoff")
+                    if not await self.clock.sleep_until(
+                        self.clock.now() + timedelta(seconds=delay), self.stopping
+                    ):
+                        break
+                worker = factory(name, dict(spec.params))
+                restored = await self.checkpoints.resume_point(name)
+                if restored is not None:
+                    worker.restore(restored.state)
+                st.restarts += 1
+                started_at = self.clock.monotonic()
+                await self.store.append(NewEvent(
+                    kind=ev.WORKER_RESTARTED, session_id=session.id, worker=name,
+                    payload={"restarts": st.restarts, "after": st.last_error},
+                ))  # fmt: skip
+                await self._set_state(st, "running")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._final_checkpoint(st, worker, since_checkpoint, last_run)
+
+    async def _run_cycle(self, st: WorkerStatus, worker: Worker, cycle: int, session: Session) -> bool:
+        ctx = CycleContext(
+            fleet=self.fleet, worker=st.name, cycle=cycle, session=session, gate=self.gate,
+            clock=self.clock, rng=random.Random(f"{self.seed}:{st.name}:{cycle}"),
+            effects=self.effects, correlation_id=derive_id(self.fleet, st.name, "cycle", str(cycle)),
+        )  # fmt: skip
+        st.cycle = cycle
+        st.session_id = session.id
+        self.in_flight += 1
+        self.idle = anyio.Event() if self.in_flight == 1 else self.idle
+        error: str | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(
+                worker=st.name, window=session.window_key, cycle=cycle,
+                correlation_id=ctx.correlation_id,
+            ):  # fmt: skip
+                with anyio.fail_after(st.spec.cycle_deadline):
+                    await worker.cycle(ctx)
+        except TimeoutError:
+            st.hangs += 1
+            error = f"hung: cycle {cycle} passed its {st.spec.cycle_deadline}s deadline"
+        except (ApprovalPending, SupervisorError) as exc:
+            if isinstance(exc, StateWriteError):
+                error = f"state write failed: {exc}"
+            else:
+                log.debug("cycle.governed", worker=st.name, reason=exc.reason)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+        if error is not None:
+            st.crashes += 1
+            st.last_error = error
+            log.warning("worker.crashed", worker=st.name, cycle=cycle, error=error)
+            await self.store.append(NewEvent(
+                kind=ev.WORKER_CRASHED, session_id=session.id, worker=st.name,
+                reason="hang" if error.startswith("hung") else "crash",
+                payload={"cycle": cycle, "error": error},
+            ))  # fmt: skip
+            return False
+        st.cycles += 1
+        st.pending.append((NewEvent(
+            kind=ev.CYCLE_COMPLETED, session_id=session.id, worker=st.name, state_bearing=False,
+            command_id=derive_id(self.fleet, st.name, "cycle", str(cycle)),
+            payload={"cycle": cycle},
+        ), self.clock.now()))  # fmt: skip
+        return True
+
+    async def _checkpoint(
+        self, st: WorkerStatus, worker: Worker, cycle: int, session: Session | None,
+        counters: dict[str, Any],
+    ) -> None:  # fmt: skip
+        pending, st.pending = st.pending, []
+        try:
+            await self.checkpoints.save(
+                st.name, cycle=cycle, session_id=session.id if session else None,
+                state=worker.snapshot(), counters=counters, pending=pending,
+            )  # fmt: skip
+        except StateWriteError:
+            st.pending = pending + st.pending
+            raise
+
+    async def _final_checkpoint(
+        self, st: WorkerStatus, worker: Worker, since: int, last_run: datetime | None
+    ) -> None:
+        try:
+            if since > 0 or st.pending:
+                session = self.windows.current
+                await self._checkpoint(st, worker, st.cycle, session,
+                                       {"cycles": st.cycles,
+                                        "last_run": last_run.isoformat() if last_run else None})  # fmt: skip
+            await self._set_state(st, "stopped")
+        except Exception as exc:  # the store may be gone at shutdown; say so, do not mask
+            log.warning("worker.final_checkpoint_failed", worker=st.name, error=str(exc))
+
+    async def _quarantine(self, st: WorkerStatus, session: Session) -> None:
+        spec = st.spec
+        await self._set_state(st, "quarantined")
+        await self.store.append(NewEvent(
+            kind=ev.WORKER_QUARANTINED, session_id=session.id, worker=st.name, reason="restarts",
+            payload={"restarts": st.restarts, "cool_down": spec.quarantine_for,
+                     "last_error": st.last_error},
+        ))  # fmt: skip
+        log.warning("worker.quarantined", worker=st.name, cool_down=spec.quarantine_for)
+        await self.clock.sleep_until(
+            self.clock.now() + timedelta(seconds=spec.quarantine_for), self.stopping
+        )

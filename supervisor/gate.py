@@ -1,0 +1,359 @@
+"""The gate every action passes, in this order:
+
+kill switch, idempotency, policy (with model access), approval, budget (with token budgets),
+a durable started record, the kill switch once more, the side effect, the outcome record.
+
+Every refusal is a state-bearing ACTION_DENIED event with a reason code; when that write fails the
+action does not run either (fail-closed) and the StateWriteError goes to the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from . import events as ev
+from .actions import Action, derive_id
+from .approvals import Approvals, Permit
+from .errors import ActionDenied, ActionExpired, ApprovalPending, StateWriteError
+from .governance import ModelGovernor, TokenBudgets
+from .killswitch import HostSwitchFile, Mode, permits, strictest
+from .policy import Policy
+from .store import NewEvent, Session, Store
+from .store.base import Row
+
+log = structlog.get_logger("supervisor.gate")
+
+Effect = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    command_id: str
+    status: str  # succeeded | failed
+    result: Any
+    error: str | None
+    replayed: bool  # True when a stored outcome came back and nothing ran
+
+
+@dataclass(slots=True)
+class GateStats:
+    """Counters for metrics and benchmarks; latency is monotonic seconds per admitted action."""
+
+    admitted: int = 0
+    refused: int = 0
+    latencies: list[float] | None = None
+
+
+def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool) -> str | None:
+    """The fleet, session and worker switches from the store: None when they permit the action."""
+    modes: list[Mode] = []
+    for row in rows:
+        scope, target = row["scope"], row["target"]
+        if (
+            scope == "fleet"
+            or (scope == "session" and target == session_id)
+            or (scope == "worker" and target == worker)
+        ):
+            try:
+                modes.append(Mode(row["mode"]))
+            except ValueError:
+                modes.append(Mode.HALT_ALL)  # an unknown mode in the store fails closed
+    mode = strictest(*modes)
+    if permits(mode, critical=critical):
+        return None
+    return f"{mode.value} ({', '.join(sorted({r['scope'] for r in rows if r['mode'] != 'disengaged'}))})"
+
+
+class Gate:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        fleet: str,
+        policy: Policy,
+        approvals: Approvals,
+        host_switch: HostSwitchFile,
+        token_budgets: TokenBudgets,
+        models: ModelGovernor,
+        timezone: ZoneInfo,
+        on_alert: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.policy = policy
+        self.approvals = approvals
+        self.host_switch = host_switch
+        self.token_budgets = token_budgets
+        self.models = models
+        self.timezone = timezone
+        self.on_alert = on_alert
+        self.stats = GateStats()
+        # Fleet/session/worker switches engaged by this process, so an idle gate need not query.
+        self.store_switches_engaged = True
+
+    # -- the checks -----------------------------------------------------------------------------
+
+    def _host_verdict(self, critical: bool) -> str | None:
+        state = self.host_switch.read()
+        if permits(state.mode, critical=critical):
+            return None
+        return f"host {state.mode.value}" + (f": {state.problem}" if state.problem else "")
+
+    async def refuse(
+        self,
+        action: Action,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        reason: str,
+        detail: str,
+        rule: str | None = None,
+        correlation_id: str | None = None,
+    ) -> ActionDenied:
+        self.stats.refused += 1
+        await self.store.once(
+            derive_id("refusal", command_id, reason),
+            NewEvent(
+                kind=ev.ACTION_DENIED,
+                session_id=session.id,
+                reason=reason,
+                payload={"action": action.name, "detail": detail, "rule": rule, "risk": action.risk},
+                command_id=command_id,
+                correlation_id=correlation_id,
+                worker=worker,
+                agent_id=action.agent_id,
+            )
+        )
+        log.info("action.denied", action=action.name, reason=reason, detail=detail, command_id=command_id)
+        if reason == "killswitch":
+            return ActionDenied(f"{action.name}: kill switch: {detail}", reason=reason, command_id=command_id)
+        return ActionDenied(f"{action.name}: {detail}", reason=reason, command_id=command_id)
+
+    async def admit(
+        self,
+        action: Action,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        approval_key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> tuple[Permit | None, Outcome | None]:
+        """Run every check up to and including the started record.
+
+        Returns (permit, None) when the effect may run now, or (None, outcome) when a stored
+        outcome answers the command (a retry). Raises ActionDenied, ApprovalPending, ActionExpired.
+        """
+        refuse = self.refuse
+        args = {"worker": worker, "session": session, "command_id": command_id,
+                "correlation_id": correlation_id}  # fmt: skip
+
+        # 1. kill switch (host file: one stat when unchanged)
+        problem = self._host_verdict(action.critical)
+        if problem is not None:
+            raise await refuse(action, reason="killswitch", detail=problem, **args)
+
+        # 2. idempotency: a stored outcome answers; the same id with other params is a conflict
+        operation = f"action:{action.name}"
+        stored = await self.store.lookup_command(command_id, operation, action.params)
+        rerun = False
+        if stored is not None:
+            if stored.get("status") in ("succeeded", "failed"):
+                return None, Outcome(command_id, stored["status"], stored.get("result"),
+                                     stored.get("error"), replayed=True)  # fmt: skip
+            row = await self.store.get_action(command_id)
+            if row is not None and row["status"] == "in_doubt" and row["safe_to_retry"]:
+                rerun = True
+            else:
+                status = row["status"] if row else "unknown"
+                raise await refuse(
+                    action, reason="in_doubt",
+                    detail=f"started before without an outcome (status {status}); not re-run",
+                    **args,
+                )  # fmt: skip
+
+        # promise 4: nothing runs outside an open window (the started record re-checks it)
+        now = self.store.clock.now()
+        if session.status != "open" or not session.starts_at <= now < session.ends_at:
+            raise await refuse(action, reason="no_window",
+                               detail=f"window {session.window_key} is not open", **args)  # fmt: skip
+
+        # 3. policy, then model access
+        decision = self.policy.decide(action, worker)
+        if decision.outcome == "deny":
+            raise await refuse(action, reason="policy", detail=decision.detail, rule=decision.rule, **args)
+        allowed, detail = self.models.check(action.model, action.identity)
+        if not allowed:
+            await self.store.once(
+                derive_id("model_denied", session.id, worker, action.model or ""),
+                NewEvent(kind=ev.MODEL_ACCESS_DENIED, session_id=session.id, reason="model_access",
+                         payload={"model": action.model, "detail": detail}, worker=worker),
+            )  # fmt: skip
+            raise await refuse(action, reason="model_access", detail=detail, **args)
+
+        # 4. approval
+        permit = Permit(None, None, None, command_id, decision.rule)
+        if decision.outcome in ("require_approval", "escalate"):
+            key = approval_key or command_id
+            row = await self.approvals.request(
+                key=key, action=action, worker=worker, session_id=session.id,
+                escalate_now=decision.outcome == "escalate", correlation_id=correlation_id,
+            )  # fmt: skip
+            status = row["status"]
+            if status == "pending":
+                raise ApprovalPending(row["id"], command_id=command_id)
+            if status == "denied":
+                raise await refuse(action, reason="approval_denied",
+                                   detail=f"denied by {row['decided_by']}: {row['reason']}",
+                                   rule=decision.rule, **args)  # fmt: skip
+            if status == "expired":
+                await self.refuse(action, reason="approval_expired",
+                                  detail="approval deadline passed", rule=decision.rule, **args)  # fmt: skip
+                raise ActionExpired(f"{action.name}: approval {row['id']} expired", command_id=command_id)
+            permit = Permit(row["id"], row["decided_by"], row["decided_at"], command_id, decision.rule)
+
+        # 5. token budgets: the estimate must fit every applicable budget
+        if action.tokens or action.cost:
+            for budget in self.token_budgets.applicable(action.identity):
+                key_ = budget.period_key(now, self.timezone)
+                used = await self.store.fetchrow("get_token_usage", budget.scope, budget.identity, key_)
+                tokens = int(used["tokens"]) if used else 0
+                cost = float(used["cost"]) if used else 0.0
+                over_tokens = tokens + action.tokens > budget.max_tokens
+                over_cost = budget.max_cost is not None and cost + action.cost > budget.max_cost
+                if over_tokens or over_cost:
+                    if await self.store.once(
+                        derive_id("token_exhausted", budget.label, key_),
+                        NewEvent(kind=ev.TOKEN_BUDGET_EXHAUSTED, session_id=session.id,
+                                 reason="token_budget",
+                                 payload={"budget": budget.label, "period": key_, "used": tokens}),
+                    ) and self.on_alert:  # fmt: skip
+                        await self.on_alert("token_budget_exhausted", {"budget": budget.label})
+                    raise await refuse(action, reason="token_budget",
+                                       detail=f"token budget {budget.label} ({key_}) spent", **args)  # fmt: skip
+
+        # 6. budget reservation, store kill switches and the started record: one transaction
+        if rerun:
+            async with self.store.backend.transaction() as tx:
+                await tx.execute("restart_action", now, command_id)
+            return permit, None
+        status, info = await self.store.begin_action(
+            command_id=command_id, operation=operation, params=action.params, fleet=self.fleet,
+            session_id=session.id, worker=worker, name=action.name, risk=action.risk,
+            cost=action.cost, critical=action.critical, safe_to_retry=action.safe_to_retry,
+            rule=decision.rule, correlation_id=correlation_id, agent_id=action.agent_id,
+            kill_switch_check=lambda rows: store_switch_verdict(
+                rows, worker=worker, session_id=session.id, critical=action.critical),
+        )  # fmt: skip
+        if status == "killswitch":
+            raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
+        if status == "no_window":
+            raise await refuse(action, reason="no_window", detail="window closed meanwhile", **args)
+        if status == "budget":
+            fresh = await self.store.once(
+                derive_id("budget_exhausted", session.id),
+                NewEvent(kind=ev.BUDGET_EXHAUSTED, session_id=session.id, reason="budget",
+                         payload={"max_cost": session.max_cost, "max_actions": session.max_actions}),
+            )  # fmt: skip
+            if fresh and self.on_alert:
+                await self.on_alert("budget_exhausted", {"session": session.id})
+            raise await refuse(action, reason="budget", detail="window budget spent", **args)
+        if status == "replay":
+            # A racing twin wrote the started record first: it owns the effect.
+            raise await refuse(action, reason="in_doubt", detail="started by a concurrent retry", **args)
+        if stored is None and action.safe_to_retry is False and info.get("status") != "started":
+            raise StateWriteError(f"unexpected begin result {info}")
+        return permit, None
+
+    async def run(
+        self,
+        action: Action,
+        effect: Effect,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        approval_key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Outcome:
+        t0 = time.perf_counter()
+        permit, replay = await self.admit(
+            action, worker=worker, session=session, command_id=command_id,
+            approval_key=approval_key, correlation_id=correlation_id,
+        )  # fmt: skip
+        if replay is not None:
+            return replay
+        assert permit is not None
+        await self.last_look(action, worker=worker, session=session, command_id=command_id)
+        if self.stats.latencies is not None:
+            self.stats.latencies.append(time.perf_counter() - t0)
+        self.stats.admitted += 1
+        try:
+            result = await effect()
+        except Exception as exc:
+            await self.finish(action, worker=worker, session=session, command_id=command_id,
+                              ok=False, error=f"{type(exc).__name__}: {exc}",
+                              correlation_id=correlation_id)  # fmt: skip
+            return Outcome(command_id, "failed", None, f"{type(exc).__name__}: {exc}", replayed=False)
+        await self.finish(action, worker=worker, session=session, command_id=command_id,
+                          ok=True, result=result, correlation_id=correlation_id)  # fmt: skip
+        return Outcome(command_id, "succeeded", result, None, replayed=False)
+
+    async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
+        """The host switch read again right before the effect: an engage that landed after the
+        started record stops it here, and the record is closed as halted with nothing run."""
+        problem = self._host_verdict(action.critical)
+        if problem is None:
+            return
+        await self.store.finish_action(
+            command_id=command_id, session_id=session.id, ok=False, cost=action.cost,
+            error=f"kill switch: {problem}", worker=worker, status="halted", reason="killswitch",
+        )  # fmt: skip
+        raise ActionDenied(f"{action.name}: kill switch: {problem}", reason="killswitch",
+                           command_id=command_id)  # fmt: skip
+
+    async def finish(
+        self,
+        action: Action,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        ok: bool,
+        result: Any = None,
+        error: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        await self.store.finish_action(
+            command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
+            result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
+        )  # fmt: skip
+        if ok and action.identity and (action.tokens or action.cost):
+            tokens = action.tokens
+            if isinstance(result, Mapping) and isinstance(result.get("tokens"), int):
+                tokens = int(result["tokens"])  # actual usage reported by the effect
+            now: datetime = self.store.clock.now()
+            async with self.store.backend.transaction() as tx:
+                for budget in self.token_budgets.applicable(action.identity):
+                    await tx.execute("add_token_usage", budget.scope, budget.identity,
+                                     budget.period_key(now, self.timezone), tokens, action.cost)  # fmt: skip
+
+
+def _jsonable(value: Any) -> Any:
+    """Results are stored as JSON; anything else is stored as its repr, never dropped."""
+    from .actions import canonical_json
+    from .errors import UsageError
+
+    try:
+        canonical_json(value)
+        return value
+    except UsageError:
+        return repr(value)

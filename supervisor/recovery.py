@@ -1,0 +1,135 @@
+"""The recovery scan: at startup before any worker runs, and again on a schedule.
+
+It repairs what a crash or an outage leaves behind: windows past their end still open (closed as
+recovered), actions with a started record and no outcome (marked in-doubt; re-run later only if
+declared safe to retry, with the same command_id), approvals past their deadline (escalated or
+denied), and a kill-switch file that does not verify (reported). Each scan is one RECOVERY event.
+Every repair is an indexed query over unfinished rows, so cost does not grow with history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from . import events as ev
+from .approvals import Approvals
+from .killswitch import HostSwitchFile
+from .store import NewEvent, Store, system_stream
+
+log = structlog.get_logger("supervisor.recovery")
+
+
+@dataclass
+class RecoveryReport:
+    windows_closed: int = 0
+    in_doubt: int = 0
+    approvals_escalated: int = 0
+    approvals_expired: int = 0
+    killswitch_invalid: bool = False
+    found: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"windows_closed": self.windows_closed, "in_doubt": self.in_doubt,
+                "approvals_escalated": self.approvals_escalated,
+                "approvals_expired": self.approvals_expired,
+                "killswitch_invalid": self.killswitch_invalid, "found": self.found}  # fmt: skip
+
+    @property
+    def repairs(self) -> int:
+        return (self.windows_closed + self.in_doubt + self.approvals_escalated
+                + self.approvals_expired)  # fmt: skip
+
+
+async def scan(
+    store: Store,
+    *,
+    fleet: str,
+    approvals: Approvals,
+    host_switch: HostSwitchFile | None,
+    by: str,
+    started_before: datetime | None = None,
+    dry_run: bool = False,
+) -> RecoveryReport:
+    """`started_before`: only actions started before this instant count as orphaned (at startup,
+    the daemon's own start; on the schedule, now minus the longest an action may take)."""
+    now = store.clock.now()
+    report = RecoveryReport()
+
+    overdue = await store.fetchall("overdue_sessions", fleet, now)
+    report.found["windows"] = [r["window_key"] for r in overdue]
+    orphans = [
+        r for r in await store.fetchall("actions_with_status", fleet, "started", 100_000)
+        if started_before is None or r["started_at"] < started_before
+    ]  # fmt: skip
+    report.found["actions"] = [r["command_id"] for r in orphans]
+    due = await store.fetchall("due_approvals", fleet, now, 100_000)
+    report.found["approvals"] = [r["id"] for r in due]
+    if host_switch is not None:
+        state = host_switch.read()
+        report.killswitch_invalid = not state.valid
+    if dry_run:
+        report.windows_closed = len(overdue)
+        report.in_doubt = len(orphans)
+        return report
+
+    for row in overdue:
+        report.windows_closed += int(await store.close_window(row["id"], by=by, status="recovered"))
+    for row in orphans:
+        async with store.backend.transaction() as tx:
+            if await tx.fetchrow("mark_in_doubt", row["command_id"]) is None:
+                continue
+            await store.append_in(
+                tx,
+                NewEvent(kind=ev.ACTION_IN_DOUBT, session_id=row["session_id"], reason="in_doubt",
+                         payload={"action": row["name"], "safe_to_retry": row["safe_to_retry"]},
+                         command_id=row["command_id"], worker=row["worker"]),
+            )  # fmt: skip
+            # The reservation made at start is released: an in-doubt action is not charged
+            # until an operator resolves it as done.
+            await tx.execute("release_budget", float(row["cost"]), row["session_id"])
+        report.in_doubt += 1
+    counts = await approvals.escalate_due()
+    report.approvals_escalated = counts["escalated"]
+    report.approvals_expired = counts["expired"]
+    # A scan that repaired something is state; a clean one is telemetry (buffered).
+    repaired = bool(report.repairs or report.killswitch_invalid)
+    await store.append(
+        NewEvent(kind=ev.RECOVERY, session_id=system_stream(fleet), payload=report.as_dict(),
+                 reason="repaired" if repaired else "clean", state_bearing=repaired)
+    )  # fmt: skip
+    if report.repairs or report.killswitch_invalid:
+        log.warning("recovery.repaired", **report.as_dict())
+    else:
+        log.info("recovery.clean")
+    return report
+
+
+async def resolve_in_doubt(store: Store, command_id: str, *, done: bool, by: str) -> None:
+    """An operator's verdict on an in-doubt action; done charges the budget, failed does not."""
+    from .errors import NotFound
+
+    row = await store.get_action(command_id)
+    if row is None or row["status"] != "in_doubt":
+        raise NotFound(f"no in-doubt action {command_id!r}")
+    async with store.backend.transaction() as tx:
+        status = "resolved_done" if done else "resolved_failed"
+        if await tx.fetchrow("resolve_action", status, by, store.clock.now(), command_id) is None:
+            raise NotFound(f"no in-doubt action {command_id!r}")
+        if done:
+            cost = float(row["cost"])
+            await tx.execute("charge_budget", cost, row["session_id"])
+        await store.append_in(
+            tx,
+            NewEvent(kind=ev.ACTION_RESOLVED, session_id=row["session_id"],
+                     payload={"as": "done" if done else "failed", "by": by},
+                     command_id=command_id, worker=row["worker"]),
+        )  # fmt: skip
+        stored = {"status": "succeeded" if done else "failed", "result": None,
+                  "error": None if done else f"resolved as failed by {by}"}  # fmt: skip
+        from .actions import canonical_json
+
+        await tx.execute("update_command_result", canonical_json(stored), command_id)

@@ -1,0 +1,118 @@
+"""The scorecard: per window and in total, from grouped counts over the events index.
+
+Nothing here replays events: one GROUP BY over (session_id, kind, reason) plus the system stream.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import events as ev
+from .store import Store, system_stream
+
+# scorecard field -> event kind it counts
+FIELDS: dict[str, str] = {
+    "cycles": ev.CYCLE_COMPLETED,
+    "actions_started": ev.ACTION_STARTED,
+    "actions_succeeded": ev.ACTION_SUCCEEDED,
+    "actions_failed": ev.ACTION_FAILED,
+    "denials": ev.ACTION_DENIED,
+    "approvals_requested": ev.APPROVAL_REQUESTED,
+    "approvals": ev.APPROVAL_GRANTED,
+    "approvals_denied": ev.APPROVAL_DENIED,
+    "expired": ev.APPROVAL_EXPIRED,
+    "escalations": ev.APPROVAL_ESCALATED,
+    "budget_exhaustions": ev.BUDGET_EXHAUSTED,
+    "token_budget_exhaustions": ev.TOKEN_BUDGET_EXHAUSTED,
+    "model_denials": ev.MODEL_ACCESS_DENIED,
+    "killswitch_engagements": ev.KILLSWITCH_ENGAGED,
+    "recoveries": ev.RECOVERY,
+    "in_doubt": ev.ACTION_IN_DOUBT,
+    "worker_crashes": ev.WORKER_CRASHED,
+    "worker_restarts": ev.WORKER_RESTARTED,
+    "quarantines": ev.WORKER_QUARANTINED,
+    "windows_opened": ev.WINDOW_OPENED,
+    "windows_closed": ev.WINDOW_CLOSED,
+    "windows_missed": ev.WINDOW_MISSED,
+    "checkpoints": ev.CHECKPOINT,
+    "alerts": ev.ALERT,
+}
+
+
+@dataclass
+class Scorecard:
+    fleet: str
+    total: dict[str, int]
+    denials_by_reason: dict[str, int]
+    pending: int
+    windows: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "total": self.total, "pending": self.pending,
+                "denials_by_reason": self.denials_by_reason, "windows": self.windows}  # fmt: skip
+
+    def render(self) -> str:
+        t = self.total
+        lines = [
+            f"scorecard for fleet {self.fleet}",
+            f"  windows   opened {t['windows_opened']}  closed {t['windows_closed']}"
+            f"  missed {t['windows_missed']}",
+            f"  cycles    {t['cycles']}   checkpoints {t['checkpoints']}",
+            f"  actions   started {t['actions_started']}  succeeded {t['actions_succeeded']}"
+            f"  failed {t['actions_failed']}  in-doubt {t['in_doubt']}",
+            f"  approvals requested {t['approvals_requested']}  approved {t['approvals']}"
+            f"  denied {t['approvals_denied']}  pending {self.pending}  expired {t['expired']}"
+            f"  escalations {t['escalations']}",
+            f"  denials   {t['denials']}  by reason: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(self.denials_by_reason.items())) or "none"),
+            f"  budgets   exhausted {t['budget_exhaustions']}  token budgets exhausted "
+            f"{t['token_budget_exhaustions']}  model denials {t['model_denials']}",
+            f"  safety    kill-switch engagements {t['killswitch_engagements']}  recoveries "
+            f"{t['recoveries']}  crashes {t['worker_crashes']}  restarts {t['worker_restarts']}"
+            f"  quarantines {t['quarantines']}  alerts {t['alerts']}",
+        ]
+        return "\n".join(lines)
+
+
+def _tally(rows: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
+    kinds: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for row in rows:
+        if row["kind"] == ev.RECOVERY and row["reason"] == "clean":
+            continue  # "recoveries" counts scans that repaired something
+        kinds[row["kind"]] += int(row["n"])
+        if row["kind"] == ev.ACTION_DENIED:
+            reasons[row["reason"] or "unknown"] += int(row["n"])
+    return kinds, reasons
+
+
+def _fields(kinds: Counter[str]) -> dict[str, int]:
+    return {name: kinds.get(kind, 0) for name, kind in FIELDS.items()}
+
+
+async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Scorecard:
+    await store.flush_telemetry()
+    rows = await store.fetchall("event_counts", fleet)
+    rows += await store.fetchall("stream_counts", system_stream(fleet))
+    by_session: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_session[row["session_id"]].append(row)
+    kinds, reasons = _tally(rows)
+    pending_row = await store.fetchrow("count_pending_approvals", fleet)
+    card = Scorecard(
+        fleet=fleet,
+        total=_fields(kinds),
+        denials_by_reason=dict(reasons),
+        pending=int(pending_row["n"]) if pending_row else 0,
+    )
+    if per_window:
+        for session in sorted(await store.list_sessions(fleet, 100_000), key=lambda s: s.starts_at):
+            s_kinds, s_reasons = _tally(by_session.get(session.id, []))
+            card.windows.append({
+                "session_id": session.id, "window": session.window_key, "status": session.status,
+                "used_cost": session.used_cost, "used_actions": session.used_actions,
+                **_fields(s_kinds), "denials_by_reason": dict(s_reasons),
+            })  # fmt: skip
+    return card
