@@ -200,10 +200,10 @@ class Approvals:
                 counts["expired"] += int(await self.expire(row))
                 continue
             if step.tier == row["tier"]:
-                async with self.store.backend.transaction() as tx:
+                async with self.store.transaction() as tx:
                     await tx.execute("escalate_approval", row["tier"], step.next_at, row["id"])
                 continue
-            async with self.store.backend.transaction() as tx:
+            async with self.store.transaction() as tx:
                 if await tx.fetchrow("escalate_approval", step.tier, step.next_at, row["id"]):
                     counts["escalated"] += 1
                     await self.store.append_in(

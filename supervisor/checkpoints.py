@@ -58,7 +58,7 @@ class Checkpoints:
     ) -> int:
         """Insert a checkpoint; `pending` telemetry of the cycles it covers commits with it, so
         after a crash the cycles re-run from this checkpoint are exactly those not recorded."""
-        async with self.store.backend.transaction() as tx:
+        async with self.store.transaction() as tx:
             for event, at in pending or ():
                 await self.store.append_in(tx, event, at)
             seq_row = await tx.fetchrow("stream_seq", session_id) if session_id else None
@@ -88,7 +88,7 @@ class Checkpoints:
         return Checkpoint.from_row(row) if row else None
 
     async def consumed(self, worker: str) -> None:
-        async with self.store.backend.transaction() as tx:
+        async with self.store.transaction() as tx:
             await tx.execute("clear_resume_point", self.fleet, worker)
 
     async def list(self, limit: int = 1000) -> list[Checkpoint]:
@@ -101,7 +101,7 @@ class Checkpoints:
         if row is None or row["fleet"] != self.fleet:
             raise NotFound(f"unknown checkpoint {checkpoint_id}")
         checkpoint = Checkpoint.from_row(row)
-        async with self.store.backend.transaction() as tx:
+        async with self.store.transaction() as tx:
             await tx.execute("set_resume_point", self.fleet, checkpoint.worker, checkpoint_id)
             await self.store.append_in(
                 tx,

@@ -12,6 +12,7 @@ and the same inputs give the same sequence of events.
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import itertools
 import time
@@ -104,6 +105,11 @@ class VirtualClock:
         self._order = itertools.count()
         self._running = 1
         self._waiting: dict[int, list[_Sleeper]] = {}
+        # Set in a task that was cancelled while asleep: it holds no turn (its cleanup runs
+        # beside the turn holder), so it must not give one back when it sleeps again or ends.
+        self._turnless: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"virtual-clock-turnless-{id(self)}", default=False
+        )
 
     def now(self) -> datetime:
         return self._now
@@ -123,7 +129,11 @@ class VirtualClock:
 
     def _release(self) -> None:
         """The running task stops running; if none runs now, wake the earliest sleeper."""
-        self._running -= 1
+        if not self._turnless.get():
+            self._running -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
         while self._running == 0 and self._heap:
             when, _n, sleeper = heapq.heappop(self._heap)
             if sleeper.cancelled or sleeper.fired:
@@ -139,14 +149,12 @@ class VirtualClock:
         except BaseException:
             if sleeper.event.is_set():
                 self._running -= 1  # woken and cancelled at once: give the turn back
-                self._release_after_cancel()
+                self._dispatch()
             else:
                 sleeper.cancelled = True
+            self._turnless.set(True)
             raise
-
-    def _release_after_cancel(self) -> None:
-        self._running += 1
-        self._release()
+        self._turnless.set(False)  # woken: this task holds the turn
 
     async def sleep_until(self, when: datetime, wake: anyio.Event | None = None) -> bool:
         if wake is not None and wake.is_set():
@@ -181,6 +189,7 @@ class VirtualClock:
         sleeper = self._enqueue(self._now)
 
         async def runner() -> None:
+            self._turnless.set(False)  # not inherited from the spawner's context
             await self._wait(sleeper)
             try:
                 await fn(*args)

@@ -14,7 +14,7 @@ from .cli import emit
 from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon, host_switch_path, killswitch_command_id
-from .errors import KillSwitchError, NotFound, UsageError
+from .errors import KillSwitchError, NotFound, StoreConfigError, StoreError, UsageError
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .scorecard import compute
 from .store import NewEvent, Store, open_store, system_stream
@@ -38,8 +38,16 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         config = dataclasses.replace(
             config, db_url=f"sqlite:///{config.state_dir / 'simulate.db'}"
         )
+    def reload() -> Config:
+        import os
+
+        from .config import load_config
+
+        return load_config(args.config or os.environ.get("ACP_CONFIG") or None, db=args.db,
+                           state_dir=args.state_dir)  # fmt: skip
+
     daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=args.start,
-                    seed=args.seed)  # fmt: skip
+                    seed=args.seed, reload_config=None if args.simulate else reload)  # fmt: skip
     card = await daemon.run()
     if card is not None:
         emit(args, card.as_dict(), card.render())
@@ -65,9 +73,17 @@ async def status(args: argparse.Namespace, config: Config) -> int:
         pending = await store.fetchrow("count_pending_approvals", config.fleet)
         actions = {r["status"]: int(r["n"]) for r in await store.fetchall("count_actions_by_status", config.fleet)}
         switches = await _switches(store, config)
+        hosts = [_plain(r) for r in await store.fetchall("list_hosts", config.fleet)]
+        leases = [_plain(r) for r in await store.fetchall("list_leases", f"%:{config.fleet}%")]
+        db_now = await store.db_now()
     finally:
         await store.close()
-    data = {"fleet": config.fleet, "workers": workers, "open_windows": windows,
+    for host in hosts:
+        held = [lease for lease in leases if lease["holder"].split("/")[0] == host["host_id"]
+                and lease["expires_at"] > db_now.isoformat()]  # fmt: skip
+        host["leader"] = any(lease["name"].startswith("leader:") for lease in held)
+        host["slots"] = sorted(lease["name"].split(":", 2)[2] for lease in held if lease["name"].startswith("slot:"))
+    data = {"fleet": config.fleet, "hosts": hosts, "workers": workers, "open_windows": windows,
             "pending_approvals": int(pending["n"]) if pending else 0,
             "oldest_pending_at": pending["oldest_at"].isoformat() if pending and pending["oldest_at"] else None,
             "actions": actions, "killswitch": switches}  # fmt: skip
@@ -75,6 +91,9 @@ async def status(args: argparse.Namespace, config: Config) -> int:
     lines.append("kill switch: " + "; ".join(f"{s['scope']}{' ' + s['target'] if s['target'] else ''} {s['mode']}" for s in switches))
     lines.append("open windows: " + (", ".join(w["window_key"] for w in windows) or "none"))
     lines.append(f"pending approvals: {data['pending_approvals']}   in-doubt actions: {actions.get('in_doubt', 0)}")
+    for h in hosts:
+        lines.append(f"host {h['host_id']:<16} {h['status']:<8} heartbeat {h['heartbeat_at']}"
+                     f"{'  leader' if h['leader'] else ''}  slots: {', '.join(h['slots']) or '-'}")  # fmt: skip
     for w in workers:
         lines.append(f"  {w['name']:<24} {w['state']:<12} cycle {w['cycle']:<6} restarts {w['restarts']:<4} "
                      f"{'last error: ' + w['last_error'] if w['last_error'] else ''}")  # fmt: skip
@@ -203,22 +222,32 @@ def _scope(words: list[str]) -> tuple[str, str]:
 
 async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> int:
     scope, target = _scope(args.scope)
-    store = await _store(config)
+    state = None
+    if scope == "host":
+        # The file first: the host switch must work while the store is down or unmigrated.
+        secret = load_secret(dict(__import__("os").environ), config.killswitch_secret_file)
+        if secret is None:
+            raise KillSwitchError(
+                "no kill-switch secret configured: set ACP_KILLSWITCH_SECRET or killswitch.secret_file"
+            )
+        switch = HostSwitchFile(host_switch_path(config.state_dir), secret)
+        state = switch.write(mode, reason=args.reason, by=args.by,
+                             at=SystemClock().now().isoformat())  # fmt: skip
     try:
-        if scope == "host":
-            secret = load_secret(dict(__import__("os").environ), config.killswitch_secret_file)
-            if secret is None:
-                raise KillSwitchError(
-                    "no kill-switch secret configured: set ACP_KILLSWITCH_SECRET or killswitch.secret_file"
-                )
-            switch = HostSwitchFile(host_switch_path(config.state_dir), secret)
-            state = switch.write(mode, reason=args.reason, by=args.by,
-                                 at=store.clock.now().isoformat())  # fmt: skip
+        store = await _store(config)
+    except (StoreError, StoreConfigError) as exc:
+        if state is None:
+            raise
+        raise StoreError(f"kill switch host is {mode.value} (seq {state.seq}), but the event was "
+                         f"not recorded (a running daemon records it): {exc}") from exc  # fmt: skip
+    try:
+        if state is not None:
             command_id = killswitch_command_id(config.fleet, "host", state.seq)
         else:
-            async with store.backend.transaction() as tx:
+            async with store.transaction() as tx:
                 await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
                                  args.reason, args.by, store.clock.now())  # fmt: skip
+                await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
             command_id = killswitch_command_id(config.fleet, f"{scope}:{target}", store.clock.now().isoformat())
         from . import events as ev
 

@@ -29,7 +29,8 @@ RestartPolicy = Literal["permanent", "transient", "temporary"]
 _TOP = {"daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers"}
 _DAEMON = {
     "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
-    "recovery_every", "escalation_every", "flush_every", "seed",
+    "recovery_every", "escalation_every", "flush_every", "seed", "lease_ttl", "heartbeat",
+    "fleet_switch_grace",
 }  # fmt: skip
 _KILLSWITCH = {"secret_file", "watch_interval"}
 _WORKER = {
@@ -88,6 +89,9 @@ class Config:
     escalation_every: float
     flush_every: float
     seed: int
+    lease_ttl: float
+    heartbeat: float
+    fleet_switch_grace: float
     killswitch_secret_file: str | None
     killswitch_watch_interval: float
     policy: Policy
@@ -248,6 +252,14 @@ def _build(
         raise ConfigError(f"{source}: {exc}") from None
 
     workers = _workers(c, data.get("workers", []))
+    lease_ttl = c.duration(daemon, "lease_ttl", 15.0, "daemon")
+    heartbeat = c.duration(daemon, "heartbeat", 3.0, "daemon")
+    if lease_ttl <= heartbeat:
+        raise c.fail(
+            "daemon.lease_ttl",
+            f"the lease time ({lease_ttl}s) must be longer than the heartbeat ({heartbeat}s)",
+            "lease_ttl",
+        )
     return Config(
         path=file,
         fleet=fleet,
@@ -263,6 +275,9 @@ def _build(
         escalation_every=c.duration(daemon, "escalation_every", 60.0, "daemon"),
         flush_every=c.duration(daemon, "flush_every", 1.0, "daemon"),
         seed=seed,
+        lease_ttl=lease_ttl,
+        heartbeat=heartbeat,
+        fleet_switch_grace=c.duration(daemon, "fleet_switch_grace", 10.0, "daemon"),
         killswitch_secret_file=secret_file,
         killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
         policy=policy,

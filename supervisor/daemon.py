@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,18 +27,21 @@ from .actions import derive_id
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .clock import Clock, SystemClock, VirtualClock
-from .config import Config
+from .config import Config, WorkerSpec
 from .errors import ConfigError, UsageError
 from .fleet import Fleet, WorkerFactory, load_worker_class
 from .gate import Gate
 from .horizons import HorizonProfile
 from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
+from .leases import Coordinator
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
+from .errors import StoreError
 from .store import NewEvent, Store, open_store, system_stream
+from .store.base import current_fence
 from .systemd import Notifier
-from .windows import window_at
-from .worker import EffectLog
+from .windows import next_boundary, window_at
+from .worker import EffectLog, Worker
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -62,14 +65,32 @@ class RunPlan:
 
 
 def build_factories(config: Config) -> dict[str, WorkerFactory]:
+    """Every worker's factory, checked before anything is written (ConfigError names the worker)."""
     factories: dict[str, WorkerFactory] = {}
     for spec in config.workers:
-        if spec.target is None:
-            raise ConfigError(
-                f"worker {spec.name!r}: external command workers are not supported yet"
-            )
-        factories[spec.name] = load_worker_class(spec)
+        if spec.target is not None:
+            factories[spec.name] = load_worker_class(spec)
+        else:
+            factories[spec.name] = external_factory(spec)
     return factories
+
+
+def external_factory(spec: WorkerSpec) -> WorkerFactory:
+    import shutil
+
+    from .external import ExternalWorker
+
+    assert spec.command is not None
+    program = spec.command[0]
+    found = shutil.which(program)
+    if found is None or not os.access(found, os.X_OK):
+        raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
+    argv = spec.command
+
+    def make(name: str, params: dict[str, Any]) -> Worker:
+        return ExternalWorker(name, params, argv=argv, heartbeat_timeout=spec.heartbeat_timeout)
+
+    return make
 
 
 class Daemon:
@@ -84,6 +105,7 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         notifier: Notifier | None = None,
         install_signals: bool = True,
+        reload_config: Callable[[], Config] | None = None,
     ) -> None:
         if simulate and horizon is None:
             raise UsageError("--simulate needs --horizon (a simulated run must end)")
@@ -95,6 +117,12 @@ class Daemon:
         self.env = os.environ if env is None else env
         self.notifier = notifier or Notifier(self.env)
         self.install_signals = install_signals
+        self.reload_config = reload_config
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._factories: dict[str, WorkerFactory] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.coordinator: Coordinator | None = None
+        self._specs: dict[str, WorkerSpec] = {}
         self.stopping = anyio.Event()
         self.scorecard: Scorecard | None = None
         self.fleet: Fleet | None = None
@@ -121,9 +149,11 @@ class Daemon:
         anchor = window_at(start, profile.window, cfg.timezone).start
         end = anchor + profile.run_length
         run_id = derive_id("run", cfg.fleet, self.horizon, str(self.simulate), anchor.isoformat())
-        async with store.backend.transaction() as tx:
+        async with store.transaction() as tx:
             await tx.execute("insert_run", run_id, cfg.fleet, self.horizon, self.simulate,
                              self.seed, anchor, end, now)  # fmt: skip
+        if self.simulate:
+            store.clock = VirtualClock(anchor)  # its events are in simulated time, from the first
         await store.once(
             derive_id("run.started", run_id),
             NewEvent(kind=ev.RUN_STARTED, session_id=system_stream(cfg.fleet),
@@ -141,8 +171,14 @@ class Daemon:
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         system = SystemClock()
-        store = await open_store(cfg.db_url, system, migrate=True)
+        # The embedded SQLite store migrates itself; a shared Postgres is migrated by an operator
+        # (`acp-supervisor db migrate`), never by whichever host happens to start first.
+        store = await open_store(cfg.db_url, system, migrate=not cfg.db_url.startswith("postgres"))
         try:
+            if not self.simulate:
+                self.coordinator = Coordinator(store, fleet=cfg.fleet, host_id=cfg.host_id,
+                                               lease_ttl=cfg.lease_ttl, heartbeat=cfg.heartbeat)  # fmt: skip
+                await self.coordinator.register()
             plan = await self._plan(store, system.now())
             if self.simulate:
                 self.clock = VirtualClock(plan.anchor)
@@ -150,6 +186,11 @@ class Daemon:
             return await self._run(store, plan, factories, secret)
         finally:
             with anyio.CancelScope(shield=True):
+                if self.coordinator is not None:
+                    try:
+                        await self.coordinator.stop()
+                    except StoreError as exc:
+                        log.warning("lease.release_failed", error=str(exc))
                 await store.close()
 
     async def _run(
@@ -163,6 +204,7 @@ class Daemon:
                     host_switch=host_switch, token_budgets=cfg.token_budgets, models=cfg.models,
                     timezone=cfg.timezone)  # fmt: skip
         self.gate = gate
+        gate.host = cfg.host_id
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -181,7 +223,8 @@ class Daemon:
         self.notifier.extend_timeout(120)
         report = await recovery.scan(store, fleet=cfg.fleet, approvals=approvals,
                                      host_switch=host_switch, by=cfg.host_id,
-                                     started_before=started_real)  # fmt: skip
+                                     started_before=started_real, host=cfg.host_id,
+                                     live_after=await self._live_after(store))  # fmt: skip
         await self._observe_switch(store, host_switch.read())
         if not clock.virtual:
             await windows.record_missed(clock.now())
@@ -194,21 +237,31 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             if self.install_signals and not clock.virtual:
                 tg.start_soon(self._signals, tg.cancel_scope, name="signals")
+            self._tg = tg
+            self._factories = dict(factories)
             for spec in cfg.workers:
-                for name in fleet.add(spec):
-                    clock.spawn(tg, fleet.run_instance, name, factories[spec.name], name=name)
+                self._add_spec(spec)
+            if self.coordinator is None:
+                for name in list(self._specs):
+                    self._start_instance(name)
+            else:
+                await self._coordinate_once()
+                tg.start_soon(self._coordination, name="coordination")
             clock.spawn(tg, self._rotation, windows, name="rotation")
             clock.spawn(tg, self._escalation, approvals, name="escalation")
             clock.spawn(tg, self._every, cfg.recovery_every, self._recover, store, approvals,
                         host_switch, name="recovery")  # fmt: skip
             if not clock.virtual:
                 tg.start_soon(self._realtime_duties, store, host_switch, name="realtime")
+                tg.start_soon(self._watch_store_switches, store, name="fleet-switch")
             if plan.end is not None:
                 await clock.sleep_until(plan.end, self.stopping)
             else:
                 await self.stopping.wait()
             clock.ring(self.stopping)
+            fleet.stop_all()
             self.notifier.stopping()
+            self.notifier.extend_timeout(cfg.shutdown_timeout + 5)
             with anyio.move_on_after(cfg.shutdown_timeout):
                 await fleet.idle.wait()
             tg.cancel_scope.cancel()
@@ -217,7 +270,7 @@ class Daemon:
         if over:
             await windows.close_current()
             if plan.run_id is not None:
-                async with store.backend.transaction() as tx:
+                async with store.transaction() as tx:
                     finished = await tx.fetchrow("finish_run", clock.now(), plan.run_id)
                 if finished is not None:
                     await store.append(NewEvent(kind=ev.RUN_FINISHED, session_id=system_stream(cfg.fleet),
@@ -230,22 +283,42 @@ class Daemon:
     # -- duties -----------------------------------------------------------------------------------
 
     async def _rotation(self, windows: WindowManager) -> None:
+        """At each boundary the leader closes the old window and opens the next; other hosts only
+        follow (an action on any host rotates by itself if it gets there first)."""
         while not self.stopping.is_set():
-            current = windows.current or await windows.ensure(self.clock.now())
-            if current is None:
+            now = self.clock.now()
+            if windows.run_end is not None and now >= windows.run_end and not self._leading():
                 return
-            if not await self.clock.sleep_until(current.ends_at, self.stopping):
+            boundary = next_boundary(now, windows.length, windows.tz)
+            if self._leading():
+                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
+                try:
+                    current = await windows.ensure(now)
+                    if current is None:
+                        await windows.close_current()
+                        return
+                    boundary = current.ends_at
+                    self.notifier.status(self._status_line())
+                except StoreError as exc:
+                    log.warning("duty.failed", duty="rotation", error=str(exc))
+                    boundary = now + timedelta(seconds=self.config.heartbeat)
+                finally:
+                    current_fence.reset(token)
+            if not await self.clock.sleep_until(boundary, self.stopping):
                 return
-            if await windows.ensure(self.clock.now()) is None:
-                await windows.close_current()
-                return
-            self.notifier.status(self._status_line())
 
     async def _every(self, seconds: float, duty: Any, *args: Any) -> None:
         while not self.stopping.is_set():
             if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=seconds), self.stopping):
                 return
-            await duty(*args)
+            if self._leading():
+                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
+                try:
+                    await duty(*args)
+                except StoreError as exc:
+                    log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
+                finally:
+                    current_fence.reset(token)
 
     async def _escalation(self, approvals: Approvals) -> None:
         """Sleep until the next approval is due (at most escalation_every), then move it on."""
@@ -261,8 +334,17 @@ class Daemon:
                 return
             if approvals.changed.is_set():
                 approvals.changed = anyio.Event()
+            if not self._leading():
+                continue
             if approvals.next_due is not None and approvals.next_due <= self.clock.now():
-                counts = await approvals.escalate_due()
+                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
+                try:
+                    counts = await approvals.escalate_due()
+                except StoreError as exc:
+                    log.warning("duty.failed", duty="escalation", error=str(exc))
+                    continue
+                finally:
+                    current_fence.reset(token)
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
             elif not self.clock.virtual:
@@ -272,7 +354,9 @@ class Daemon:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
-                            started_before=self.clock.now() - timedelta(seconds=longest * 2))  # fmt: skip
+                            started_before=self.clock.now() - timedelta(seconds=longest * 2),
+                            host=self.config.host_id,
+                            live_after=await self._live_after(store))  # fmt: skip
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
@@ -294,6 +378,49 @@ class Daemon:
                 last_ping = now
                 self.notifier.watchdog()
                 self.notifier.status(self._status_line())
+
+    async def _watch_store_switches(self, store: Store) -> None:
+        """Fleet, session and worker switches live in the store. The gate reads them inside every
+        started-record transaction (that is the enforcement); this watch makes a daemon notice a
+        change at once (LISTEN/NOTIFY on Postgres, else a poll) to log it and, in emergency
+        mode, write the snapshot."""
+        changed = anyio.Event()
+
+        def on_notify(_payload: str) -> None:
+            changed.set()
+
+        close = None
+        try:
+            close = await store.backend.listen("acp_killswitch", on_notify)
+        except StoreError as exc:
+            log.warning("killswitch.listen_failed", error=str(exc))
+        poll = 1.0 if close is not None else self.config.killswitch_watch_interval
+        known: dict[tuple[str, str], str] = {}
+        first = True
+        try:
+            while True:
+                with anyio.move_on_after(poll):
+                    await changed.wait()
+                changed = anyio.Event()
+                try:
+                    rows = await store.fetchall("kill_switches", self.config.fleet)
+                except StoreError:
+                    continue  # the coordination loop reports an unreachable store
+                current = {(r["scope"], r["target"]): r["mode"] for r in rows}
+                for key, mode in current.items():
+                    if known.get(key, "disengaged") != mode and not (first and mode == "disengaged"):
+                        row = next(r for r in rows if (r["scope"], r["target"]) == key)
+                        log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
+                                    by=row["changed_by"], reason=row["reason"])  # fmt: skip
+                        if mode == Mode.EMERGENCY.value:
+                            await self._emergency_snapshot(store, SwitchState(
+                                mode=Mode.EMERGENCY, seq=0, reason=row["reason"], by=row["changed_by"],
+                                at=row["updated_at"].isoformat(), scope=key[0]))  # fmt: skip
+                known, first = current, False
+        finally:
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
 
     async def _observe_switch(self, store: Store, state: SwitchState) -> None:
         """Every change of the host switch is an event once, whoever changed it (CLI or hand)."""
@@ -320,7 +447,8 @@ class Daemon:
             await self._emergency_snapshot(store, state)
 
     async def _emergency_snapshot(self, store: Store, state: SwitchState) -> None:
-        path = self.config.state_dir / f"emergency-{state.seq}.json"
+        stamp = state.seq if state.scope == "host" else state.at.replace(":", "")
+        path = self.config.state_dir / f"emergency-{state.scope}-{stamp}.json"
         if path.exists():
             return
         snapshot = {
@@ -335,10 +463,133 @@ class Daemon:
                                     payload={"snapshot": str(path), "by": state.by}))  # fmt: skip
         log.error("killswitch.emergency", snapshot=str(path))
 
+    def _add_spec(self, spec: WorkerSpec) -> None:
+        for name in spec.instance_names():
+            self._specs[name] = spec
+
+    def _start_instance(self, name: str) -> None:
+        assert self._tg is not None and self.fleet is not None
+        if name in self._scopes:
+            return
+        spec = self._specs[name]
+        self.fleet.add_instance(name, spec)
+        scope = anyio.CancelScope()
+        self._scopes[name] = scope
+        self.clock.spawn(self._tg, self._supervise, name, scope, self._factories[spec.name], name=name)
+
+    async def _supervise(self, name: str, scope: anyio.CancelScope, factory: WorkerFactory) -> None:
+        assert self.fleet is not None
+        try:
+            with scope:
+                await self.fleet.run_instance(name, factory)
+        finally:
+            self._scopes.pop(name, None)
+            if self.coordinator is not None and name in self.coordinator.slots:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.coordinator.release(name)  # handed over at once, no wait
+                    except StoreError as exc:
+                        log.warning("lease.release_failed", worker=name, error=str(exc))
+        if name not in self._specs:
+            self.fleet.status.pop(name, None)
+            log.info("worker.removed", worker=name)
+
+    def _stop_instance(self, name: str) -> None:
+        """After its current cycle: checkpoint, stop, give the slot back."""
+        if self.fleet is not None and name in self._scopes:
+            self.fleet.stop_instance(name)
+
+    async def _coordinate_once(self) -> None:
+        assert self.coordinator is not None
+        gained, give_up = await self.coordinator.beat(sorted(self._specs))
+        for name in give_up:
+            log.info("worker.slot_handed_over", worker=name)
+            self._stop_instance(name)
+        for name in gained:
+            if name in self._specs and not self.stopping.is_set():
+                log.info("worker.slot_taken", worker=name)
+                self._start_instance(name)
+
+    async def _coordination(self) -> None:
+        """Heartbeat: renew leases, adopt slots of dead hosts, hand over excess ones. A host that
+        cannot reach the store for fleet_switch_grace treats the fleet switch as halt_all."""
+        assert self.coordinator is not None
+        unreachable_since: float | None = None
+        while not self.stopping.is_set():
+            await anyio.sleep(self.config.heartbeat)
+            try:
+                await self._coordinate_once()
+                if unreachable_since is not None:
+                    log.info("store.reachable_again")
+                unreachable_since = None
+                self.gate.fleet_unknown = None
+            except StoreError as exc:
+                now = anyio.current_time()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since >= self.config.fleet_switch_grace:
+                    if self.gate.fleet_unknown is None:
+                        log.error("killswitch.fleet_unknown", treated_as="halt_all", error=str(exc))
+                    self.gate.fleet_unknown = f"store unreachable for {now - unreachable_since:.0f}s"
+                    self.coordinator.leader = None  # no singleton work without a renewed lease
+                else:
+                    log.warning("lease.heartbeat_failed", error=str(exc))
+
+    async def _live_after(self, store: Store) -> datetime:
+        return await store.db_now() - timedelta(seconds=self.config.lease_ttl)
+
+    def _leading(self) -> bool:
+        return self.coordinator is None or self.coordinator.is_leader
+
+    async def reload(self) -> bool:
+        """SIGHUP: a new policy, budgets, approvals chain and worker set, without dropping running
+        workers. An invalid config is logged and the old one stays. True when applied."""
+        if self.reload_config is None or self.fleet is None:
+            return False
+        self.notifier.reloading()
+        try:
+            new = self.reload_config()
+            factories = build_factories(new)
+            if new.fleet != self.config.fleet or new.db_url != self.config.db_url:
+                raise ConfigError("fleet and database cannot change on reload; restart instead")
+        except ConfigError as exc:
+            log.error("config.reload_rejected", error=str(exc))
+            self.notifier.ready(self._status_line())
+            return False
+        old_specs = {s.name: s for s in self.config.workers}
+        new_specs = {s.name: s for s in new.workers}
+        self.gate.policy = new.policy
+        self.gate.approvals.chain = new.approvals
+        self.gate.token_budgets = new.token_budgets
+        self.gate.models = new.models
+        profile = new.horizon(self.horizon or new.profile)
+        self.windows.max_cost, self.windows.max_actions = profile.max_cost, profile.max_actions
+        self._factories.update(factories)
+        for name, spec in old_specs.items():
+            if name not in new_specs:
+                for instance in spec.instance_names():
+                    self._specs.pop(instance, None)
+                    scope = self._scopes.get(instance)
+                    if scope is not None:
+                        scope.cancel()
+        for name, spec in new_specs.items():
+            if name not in old_specs:
+                self._add_spec(spec)
+                if self.coordinator is None:
+                    for instance in spec.instance_names():
+                        self._start_instance(instance)
+        self.config = new
+        log.info("config.reloaded", added=sorted(set(new_specs) - set(old_specs)),
+                 removed=sorted(set(old_specs) - set(new_specs)))  # fmt: skip
+        self.notifier.ready(self._status_line())
+        return True
+
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("daemon.signal", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
                 if self.stopping.is_set():
                     scope.cancel()  # a second signal: stop now
                     return

@@ -107,10 +107,15 @@ class Fleet:
         self.timezone = timezone
         self.anchor = anchor
         self.run_end = run_end
+        # Identifies the horizon run in checkpoints (a resumed run keeps each worker's base cycle).
+        self.run_key = f"{profile.name}@{anchor.isoformat()}" if run_end is not None else None
+        self.bases: dict[str, int] = {}
         self.effects = effects
         self.seed = seed
         self.stopping = stopping
         self.status: dict[str, WorkerStatus] = {}
+        # Per instance: set to stop it after its current cycle (shutdown, reload, slot handed over).
+        self.stop_events: dict[str, anyio.Event] = {}
         self.in_flight = 0
         self.idle = anyio.Event()
         self.idle.set()
@@ -120,6 +125,19 @@ class Fleet:
         for name in names:
             self.status[name] = WorkerStatus(name=name, spec=spec)
         return names
+
+    def add_instance(self, name: str, spec: WorkerSpec) -> None:
+        if name not in self.status:
+            self.status[name] = WorkerStatus(name=name, spec=spec)
+
+    def stop_instance(self, name: str) -> None:
+        event = self.stop_events.get(name)
+        if event is not None:
+            self.clock.ring(event)
+
+    def stop_all(self) -> None:
+        for name in list(self.stop_events):
+            self.stop_instance(name)
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -131,7 +149,7 @@ class Fleet:
         st.state = state
         log.info("worker.state", worker=st.name, state=state)
         try:
-            async with self.store.backend.transaction() as tx:
+            async with self.store.transaction() as tx:
                 await tx.execute(
                     "upsert_worker", self.fleet, st.name, self.host, state, st.restarts,
                     st.last_error, st.cycle, st.session_id, self.clock.now(),
@@ -160,23 +178,34 @@ class Fleet:
     async def run_instance(self, name: str, factory: WorkerFactory) -> None:
         st = self.status[name]
         spec = st.spec
+        stop = self.stop_events[name] = anyio.Event()
+        if self.stopping.is_set():
+            stop.set()
         worker = factory(name, dict(spec.params))
         checkpoint = await self.checkpoints.resume_point(name)
         next_cycle = 0
+        # Cycle numbers go on across runs (command ids derive from them); a horizon run's first
+        # cycle `base` takes its first slot. A run resumed after a crash keeps its base.
+        base = 0
         last_run: datetime | None = None
         if checkpoint is not None:
             worker.restore(checkpoint.state)
             next_cycle = checkpoint.cycle + 1
+            if self.run_key is not None:
+                same_run = checkpoint.counters.get("run") == self.run_key
+                base = int(checkpoint.counters.get("run_base", 0)) if same_run else next_cycle
             if checkpoint.counters.get("last_run"):
                 last_run = datetime.fromisoformat(checkpoint.counters["last_run"])
             await self.checkpoints.consumed(name)
             log.info("worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle)
         if not self.clock.virtual and spec.schedule is None:
             # After downtime the slots that passed are skipped, not replayed in a burst.
-            next_cycle = max(next_cycle, self._first_slot_at_or_after(spec, self.clock.now()))
+            skip_to = base + self._first_slot_at_or_after(spec, self.clock.now())
+            next_cycle = max(next_cycle, skip_to)
         cron = CronSchedule(spec.schedule, self.timezone) if spec.schedule else None
         if cron is not None and last_run is None:
             last_run = self.anchor - timedelta(microseconds=1)
+        self.bases[name] = base
         st.cycle = next_cycle - 1
         restarts: deque[float] = deque()
         backoff = spec.backoff.initial
@@ -185,15 +214,15 @@ class Fleet:
         await self._set_state(st, "running")
         since_checkpoint = 0
         try:
-            while not self.stopping.is_set():
+            while not stop.is_set():
                 if cron is not None:
                     assert last_run is not None
                     due = cron.next_after(last_run)
                 else:
-                    due = self._slot_time(spec, next_cycle)
+                    due = self._slot_time(spec, next_cycle - base)
                 if self.run_end is not None and due >= self.run_end:
                     break
-                if not await self.clock.sleep_until(due, self.stopping):
+                if not await self.clock.sleep_until(due, stop):
                     break
                 if cron is not None:
                     missed, latest = cron.due(last_run, self.clock.now())
@@ -210,7 +239,8 @@ class Fleet:
                     if self.clock.monotonic() - started_at >= spec.stable_after:
                         backoff = spec.backoff.initial  # a stable period resets the backoff
                     since_checkpoint += 1
-                    counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None}
+                    counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
+                                "run": self.run_key, "run_base": base}  # fmt: skip
                     if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
                         await self._checkpoint(st, worker, cycle, session, counters)
                         since_checkpoint = 0
@@ -224,7 +254,8 @@ class Fleet:
                 while restarts and now_m - restarts[0] > spec.restart_window:
                     restarts.popleft()
                 if len(restarts) > spec.max_restarts:
-                    await self._quarantine(st, session)
+                    if not await self._quarantine(st, session, stop):
+                        break  # stopping during the cool-down: no restart to record
                     restarts.clear()
                     backoff = spec.backoff.initial
                 else:
@@ -232,7 +263,7 @@ class Fleet:
                     backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
                     await self._set_state(st, "backoff")
                     if not await self.clock.sleep_until(
-                        self.clock.now() + timedelta(seconds=delay), self.stopping
+                        self.clock.now() + timedelta(seconds=delay), stop
                     ):
                         break
                 worker = factory(name, dict(spec.params))
@@ -241,6 +272,11 @@ class Fleet:
                     worker.restore(restored.state)
                 st.restarts += 1
                 started_at = self.clock.monotonic()
+                if cron is None:
+                    # Slots that passed during the backoff or quarantine are skipped, not
+                    # replayed back to back (cron schedules coalesce missed runs by themselves).
+                    skip_to = base + self._first_slot_at_or_after(spec, self.clock.now())
+                    next_cycle = max(next_cycle, skip_to)
                 await self.store.append(NewEvent(
                     kind=ev.WORKER_RESTARTED, session_id=session.id, worker=name,
                     payload={"restarts": st.restarts, "after": st.last_error},
@@ -249,6 +285,7 @@ class Fleet:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._final_checkpoint(st, worker, since_checkpoint, last_run)
+                self.stop_events.pop(name, None)
 
     async def _run_cycle(self, st: WorkerStatus, worker: Worker, cycle: int, session: Session) -> bool:
         ctx = CycleContext(
@@ -266,11 +303,14 @@ class Fleet:
                 worker=st.name, window=session.window_key, cycle=cycle,
                 correlation_id=ctx.correlation_id,
             ):  # fmt: skip
-                with anyio.fail_after(st.spec.cycle_deadline):
+                with anyio.fail_after(st.spec.cycle_deadline) as deadline:
                     await worker.cycle(ctx)
-        except TimeoutError:
-            st.hangs += 1
-            error = f"hung: cycle {cycle} passed its {st.spec.cycle_deadline}s deadline"
+        except TimeoutError as exc:
+            if deadline.cancelled_caught:
+                st.hangs += 1
+                error = f"hung: cycle {cycle} passed its {st.spec.cycle_deadline}s deadline"
+            else:  # the worker's own timeout (a network call, say) is a crash, not a hang
+                error = f"{type(exc).__name__}: {exc}"
         except (ApprovalPending, SupervisorError) as exc:
             if isinstance(exc, StateWriteError):
                 error = f"state write failed: {exc}"
@@ -322,12 +362,15 @@ class Fleet:
                 session = self.windows.current
                 await self._checkpoint(st, worker, st.cycle, session,
                                        {"cycles": st.cycles,
-                                        "last_run": last_run.isoformat() if last_run else None})  # fmt: skip
+                                        "last_run": last_run.isoformat() if last_run else None,
+                                        "run": self.run_key,
+                                        "run_base": self.bases.get(st.name, 0)})  # fmt: skip
             await self._set_state(st, "stopped")
         except Exception as exc:  # the store may be gone at shutdown; say so, do not mask
             log.warning("worker.final_checkpoint_failed", worker=st.name, error=str(exc))
 
-    async def _quarantine(self, st: WorkerStatus, session: Session) -> None:
+    async def _quarantine(self, st: WorkerStatus, session: Session, stop: anyio.Event) -> bool:
+        """Park the worker for its cool-down. False when the daemon stops during it."""
         spec = st.spec
         await self._set_state(st, "quarantined")
         await self.store.append(NewEvent(
@@ -336,6 +379,6 @@ class Fleet:
                      "last_error": st.last_error},
         ))  # fmt: skip
         log.warning("worker.quarantined", worker=st.name, cool_down=spec.quarantine_for)
-        await self.clock.sleep_until(
-            self.clock.now() + timedelta(seconds=spec.quarantine_for), self.stopping
+        return await self.clock.sleep_until(
+            self.clock.now() + timedelta(seconds=spec.quarantine_for), stop
         )

@@ -54,6 +54,7 @@ class GateStats:
 def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool) -> str | None:
     """The fleet, session and worker switches from the store: None when they permit the action."""
     modes: list[Mode] = []
+    scopes: set[str] = set()
     for row in rows:
         scope, target = row["scope"], row["target"]
         if (
@@ -65,10 +66,12 @@ def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, criti
                 modes.append(Mode(row["mode"]))
             except ValueError:
                 modes.append(Mode.HALT_ALL)  # an unknown mode in the store fails closed
+            if row["mode"] != Mode.DISENGAGED.value:
+                scopes.add(scope)  # only the switches that apply to this action explain it
     mode = strictest(*modes)
     if permits(mode, critical=critical):
         return None
-    return f"{mode.value} ({', '.join(sorted({r['scope'] for r in rows if r['mode'] != 'disengaged'}))})"
+    return f"{mode.value} ({', '.join(sorted(scopes))})"
 
 
 class Gate:
@@ -95,12 +98,16 @@ class Gate:
         self.timezone = timezone
         self.on_alert = on_alert
         self.stats = GateStats()
-        # Fleet/session/worker switches engaged by this process, so an idle gate need not query.
-        self.store_switches_engaged = True
+        # Set while this host cannot read the fleet switch (store unreachable past the grace):
+        # the fleet switch then counts as halt_all.
+        self.fleet_unknown: str | None = None
+        self.host: str | None = None
 
     # -- the checks -----------------------------------------------------------------------------
 
     def _host_verdict(self, critical: bool) -> str | None:
+        if self.fleet_unknown is not None:
+            return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
         state = self.host_switch.read()
         if permits(state.mode, critical=critical):
             return None
@@ -242,16 +249,22 @@ class Gate:
 
         # 6. budget reservation, store kill switches and the started record: one transaction
         if rerun:
-            async with self.store.backend.transaction() as tx:
-                await tx.execute("restart_action", now, command_id)
+            refusal = await self._restart(action, worker=worker, session=session,
+                                          command_id=command_id, rule=decision.rule,
+                                          correlation_id=correlation_id)  # fmt: skip
+            if refusal is not None:
+                raise await refuse(action, reason=refusal[0], detail=refusal[1], **args)
             return permit, None
         status, info = await self.store.begin_action(
             command_id=command_id, operation=operation, params=action.params, fleet=self.fleet,
             session_id=session.id, worker=worker, name=action.name, risk=action.risk,
             cost=action.cost, critical=action.critical, safe_to_retry=action.safe_to_retry,
             rule=decision.rule, correlation_id=correlation_id, agent_id=action.agent_id,
-            kill_switch_check=lambda rows: store_switch_verdict(
-                rows, worker=worker, session_id=session.id, critical=action.critical),
+            # The host file again, inside the transaction: an engage that landed while this
+            # action waited for the store must not leave a started record after it returned.
+            host=self.host, kill_switch_check=lambda rows: self._host_verdict(action.critical)
+            or store_switch_verdict(rows, worker=worker, session_id=session.id,
+                                    critical=action.critical),
         )  # fmt: skip
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
@@ -272,6 +285,50 @@ class Gate:
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
         return permit, None
+
+    async def _restart(
+        self,
+        action: Action,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        rule: str,
+        correlation_id: str | None,
+    ) -> tuple[str, str] | None:
+        """Re-run an in-doubt action declared safe to retry, under its command_id. Marking it
+        in-doubt released its reservation, so the re-run passes the switches, reserves again in
+        the current window and writes a new started record, in one transaction.
+        Returns None when it may run, else (reason, detail) of the refusal."""
+        refusal: list[tuple[str, str]] = []
+        try:
+            async with self.store.transaction() as tx:
+                problem = self._host_verdict(action.critical) or store_switch_verdict(
+                    await tx.fetchall("kill_switches", self.fleet), worker=worker,
+                    session_id=session.id, critical=action.critical,
+                )  # fmt: skip
+                if problem is not None:
+                    refusal.append(("killswitch", problem))
+                elif await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost) is None:
+                    row = await tx.fetchrow("get_session", session.id)
+                    if row is not None and row["status"] == "open":
+                        refusal.append(("budget", "window budget spent"))
+                    else:
+                        refusal.append(("no_window", "window closed meanwhile"))
+                elif await tx.fetchrow("restart_action", self.store.clock.now(), session.id,
+                                       self.host, command_id) is None:  # fmt: skip
+                    refusal.append(("in_doubt", "re-run started by a concurrent retry"))
+                if refusal:
+                    raise _Rollback()
+                await self.store.append_in(tx, NewEvent(
+                    kind=ev.ACTION_STARTED, session_id=session.id, command_id=command_id,
+                    payload={"action": action.name, "risk": action.risk, "cost": action.cost,
+                             "rule": rule, "rerun": True},
+                    correlation_id=correlation_id, worker=worker, agent_id=action.agent_id,
+                ))  # fmt: skip
+        except _Rollback:
+            return refusal[0]
+        return None
 
     async def run(
         self,
@@ -341,10 +398,14 @@ class Gate:
             if isinstance(result, Mapping) and isinstance(result.get("tokens"), int):
                 tokens = int(result["tokens"])  # actual usage reported by the effect
             now: datetime = self.store.clock.now()
-            async with self.store.backend.transaction() as tx:
+            async with self.store.transaction() as tx:
                 for budget in self.token_budgets.applicable(action.identity):
                     await tx.execute("add_token_usage", budget.scope, budget.identity,
                                      budget.period_key(now, self.timezone), tokens, action.cost)  # fmt: skip
+
+
+class _Rollback(Exception):
+    """Internal: undo a re-run's transaction that must not start."""
 
 
 def _jsonable(value: Any) -> Any:

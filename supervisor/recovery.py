@@ -52,6 +52,8 @@ async def scan(
     host_switch: HostSwitchFile | None,
     by: str,
     started_before: datetime | None = None,
+    host: str | None = None,
+    live_after: datetime | None = None,
     dry_run: bool = False,
 ) -> RecoveryReport:
     """`started_before`: only actions started before this instant count as orphaned (at startup,
@@ -61,10 +63,19 @@ async def scan(
 
     overdue = await store.fetchall("overdue_sessions", fleet, now)
     report.found["windows"] = [r["window_key"] for r in overdue]
-    orphans = [
-        r for r in await store.fetchall("actions_with_status", fleet, "started", 100_000)
-        if started_before is None or r["started_at"] < started_before
-    ]  # fmt: skip
+    if host is not None and live_after is not None:
+        # Several hosts: only this host's own actions (a previous incarnation's, or stuck ones)
+        # and those of hosts whose heartbeat stopped; a live host's in-flight actions are its own.
+        candidates = await store.fetchall("stale_started_actions", fleet, host, live_after, 100_000)
+        orphans = [
+            r for r in candidates
+            if r["host"] != host or started_before is None or r["started_at"] < started_before
+        ]  # fmt: skip
+    else:
+        orphans = [
+            r for r in await store.fetchall("actions_with_status", fleet, "started", 100_000)
+            if started_before is None or r["started_at"] < started_before
+        ]  # fmt: skip
     report.found["actions"] = [r["command_id"] for r in orphans]
     due = await store.fetchall("due_approvals", fleet, now, 100_000)
     report.found["approvals"] = [r["id"] for r in due]
@@ -74,12 +85,18 @@ async def scan(
     if dry_run:
         report.windows_closed = len(overdue)
         report.in_doubt = len(orphans)
+        for row in due:  # what escalate_due would do with each, without doing it
+            step = approvals.chain.evaluate(row["created_at"], now)
+            if step.expired:
+                report.approvals_expired += 1
+            elif step.tier != row["tier"]:
+                report.approvals_escalated += 1
         return report
 
     for row in overdue:
         report.windows_closed += int(await store.close_window(row["id"], by=by, status="recovered"))
     for row in orphans:
-        async with store.backend.transaction() as tx:
+        async with store.transaction() as tx:
             if await tx.fetchrow("mark_in_doubt", row["command_id"]) is None:
                 continue
             await store.append_in(
@@ -115,7 +132,7 @@ async def resolve_in_doubt(store: Store, command_id: str, *, done: bool, by: str
     row = await store.get_action(command_id)
     if row is None or row["status"] != "in_doubt":
         raise NotFound(f"no in-doubt action {command_id!r}")
-    async with store.backend.transaction() as tx:
+    async with store.transaction() as tx:
         status = "resolved_done" if done else "resolved_failed"
         if await tx.fetchrow("resolve_action", status, by, store.clock.now(), command_id) is None:
             raise NotFound(f"no in-doubt action {command_id!r}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +40,25 @@ TELEMETRY_MAX_BUFFER = 10_000
 
 class UniqueViolation(StoreError):
     """A unique constraint fired; the store uses it to detect a racing twin of a command."""
+
+
+class FenceLost(StateWriteError):
+    """A singleton duty's write was refused: its lease (and fencing token) is no longer held."""
+
+    reason = "fence_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease a singleton duty holds; every write it makes checks it in the same transaction."""
+
+    lease: str
+    holder: str
+    token: int
+
+
+# Set while a singleton duty runs; Store.transaction() checks it inside each write.
+current_fence: ContextVar[Fence | None] = ContextVar("current_fence", default=None)
 
 
 class Tx(Protocol):
@@ -75,6 +96,14 @@ class Backend(ABC):
     @abstractmethod
     async def apply_migration(self, version: int, statements: list[str], now: datetime) -> bool:
         """Apply one migration and record it, unless another process just did. True if applied."""
+
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]] | None:
+        """Call `callback(payload)` on each notification on `channel`; returns a closer, or None
+        when the backend has no notifications (SQLite: one host, the daemon polls instead)."""
+        return None
+
+    async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:
+        """Send a notification when `tx` commits (no-op where there are no notifications)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +208,36 @@ class Store:
     def dialect(self) -> str:
         return self.backend.dialect
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A write transaction; under a fence, refused unless the lease is still held."""
+        fence = current_fence.get()
+        async with self.backend.transaction() as tx:
+            if fence is not None:
+                now = await self._db_now_in(tx)
+                if await tx.fetchrow("check_fence", fence.lease, fence.holder, fence.token, now) is None:
+                    raise FenceLost(f"lease {fence.lease} (token {fence.token}) is no longer held")
+            yield tx
+
+    async def _db_now_in(self, tx: Tx) -> datetime:
+        if self.dialect != "postgres":
+            return self.clock.now()
+        row = await tx.fetchrow("db_now")
+        assert row is not None
+        now: datetime = row["now_at"]
+        return now
+
+    async def db_now(self) -> datetime:
+        """The shared clock for leases: the database's on Postgres. SQLite has one host, so the
+        injected clock stands in."""
+        if self.dialect != "postgres":
+            return self.clock.now()
+        async with self.backend.reader() as tx:
+            row = await tx.fetchrow("db_now")
+        assert row is not None
+        now: datetime = row["now_at"]
+        return now
+
     async def close(self) -> None:
         try:
             await self.flush_telemetry()
@@ -230,7 +289,7 @@ class Store:
         digest = params_hash(operation, params)
         for _attempt in range(2):
             try:
-                async with self.backend.transaction() as tx:
+                async with self.transaction() as tx:
                     stored = await tx.fetchrow("get_command", command_id)
                     if stored is not None:
                         return self._stored(command_id, stored, operation, digest), False
@@ -304,7 +363,7 @@ class Store:
             if len(self._telemetry) >= TELEMETRY_BATCH:
                 await self.flush_telemetry()
             return None
-        async with self.backend.transaction() as tx:
+        async with self.transaction() as tx:
             return await self.append_in(tx, event)
 
     def _buffer(self, event: NewEvent) -> None:
@@ -320,7 +379,7 @@ class Store:
         if not batch:
             return 0
         try:
-            async with self.backend.transaction() as tx:
+            async with self.transaction() as tx:
                 for event, at in batch:
                     await self.append_in(tx, event, at)
         except StoreError as exc:
@@ -383,10 +442,13 @@ class Store:
 
         async def body(tx: Tx) -> dict[str, Any]:
             now = self.clock.now()
-            await tx.execute(
+            created = await tx.execute(
                 "insert_session", session_id, fleet, key, starts_at, ends_at, "open",
                 max_cost, max_actions, by, now,
             )  # fmt: skip
+            if created == 0:
+                # Recorded as missed (or a racing twin just opened it): never opened after the fact.
+                return {"session_id": session_id, "opened": False}
             await tx.execute("ensure_stream", session_id)
             await self.append_in(
                 tx,
@@ -399,12 +461,12 @@ class Store:
             )
             return {"session_id": session_id}
 
-        _result, fresh = await self.run_command(
+        result, fresh = await self.run_command(
             derive_id("window.open", fleet, key), "window.open", params, body
         )
         session = await self.get_session(session_id)
         assert session is not None
-        return session, fresh
+        return session, fresh and bool(result.get("opened", True))
 
     async def close_window(self, session_id: str, *, by: str, status: str = "closed") -> bool:
         """Close once; True if this call closed it. `status` is closed or recovered."""
@@ -484,6 +546,7 @@ class Store:
         correlation_id: str | None,
         agent_id: str | None,
         kill_switch_check: Callable[[list[Row]], str | None],
+        host: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The durable "started" record, the budget reservation and the fleet/session/worker
         kill-switch check, in one transaction. Returns (status, stored or new result) where status
@@ -507,7 +570,7 @@ class Store:
             now = self.clock.now()
             await tx.execute(
                 "insert_action", command_id, fleet, session_id, worker, name,
-                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now,
+                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now, host,
             )  # fmt: skip
             await self.append_in(
                 tx,
@@ -547,7 +610,7 @@ class Store:
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
-        async with self.backend.transaction() as tx:
+        async with self.transaction() as tx:
             now = self.clock.now()
             encoded = canonical_json(result) if result is not None else None
             row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)

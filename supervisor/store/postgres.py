@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,9 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # Raised when the server kills an idle connection and the next query races its FATAL message
+    # ("cannot switch to state ..."): the connection is unusable, like a lost one.
+    asyncpg.InternalClientError,
 )
 _MIGRATION_LOCK = zlib.crc32(b"acp-supervisor:migrate")
 
@@ -87,7 +90,7 @@ class PostgresBackend(Backend):
             raise StoreConfigError(f"postgres refused the login ({_safe(self.url)}): {exc}")
         except (ValueError, asyncpg.ClientConfigurationError) as exc:
             raise StoreConfigError(f"malformed postgres URL {_safe(self.url)}: {exc}") from exc
-        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+        except _CONNECTION_ERRORS as exc:  # OSError covers TimeoutError
             raise StoreUnavailable(
                 f"postgres is unreachable at {_safe(self.url)}: {exc or type(exc).__name__}"
             ) from exc
@@ -166,6 +169,27 @@ class PostgresBackend(Backend):
                 raise StateWriteError(f"migration {version}: {exc}") from exc
             await tx.execute("record_version", version, now)
         return True
+
+
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]] | None:
+        try:
+            conn = await asyncpg.connect(self.url, timeout=10)
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: callback(payload))
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError) as exc:
+            raise StoreUnavailable(f"postgres LISTEN {channel}: {exc}") from exc
+
+        async def close() -> None:
+            try:
+                await conn.close(timeout=2)
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError):
+                conn.terminate()
+
+        return close
+
+    async def notify_in(self, tx: Any, channel: str, payload: str) -> None:
+        await tx.fetchrow("notify_killswitch" if channel == "acp_killswitch" else channel, payload)
 
 
 def _safe(url: str) -> str:

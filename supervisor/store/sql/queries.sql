@@ -73,8 +73,8 @@ WHERE id = ?;
 
 -- name: insert_action
 INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
-                     safe_to_retry, status, rule, started_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?);
+                     safe_to_retry, status, rule, started_at, host)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?);
 
 -- name: get_action
 SELECT * FROM actions WHERE command_id = ?;
@@ -91,7 +91,8 @@ UPDATE actions SET status = 'in_doubt' WHERE command_id = ? AND status = 'starte
 RETURNING command_id;
 
 -- name: restart_action
-UPDATE actions SET status = 'started', started_at = ? WHERE command_id = ? AND status = 'in_doubt'
+UPDATE actions SET status = 'started', started_at = ?, session_id = ?, host = ?
+WHERE command_id = ? AND status = 'in_doubt'
 RETURNING command_id;
 
 -- name: resolve_action
@@ -245,3 +246,73 @@ UPDATE sessions SET used_cost = used_cost + ?, used_actions = used_actions + 1 W
 
 -- name: next_approval_check
 SELECT min(next_check_at) AS next_at FROM approvals WHERE fleet = ? AND status = 'pending';
+
+-- name: get_host
+SELECT * FROM hosts WHERE fleet = ? AND host_id = ?;
+
+-- name: upsert_host
+INSERT INTO hosts (fleet, host_id, instance, pid, started_at, heartbeat_at, status)
+VALUES (?, ?, ?, ?, ?, ?, 'running')
+ON CONFLICT (fleet, host_id) DO UPDATE
+SET instance = excluded.instance, pid = excluded.pid, started_at = excluded.started_at,
+    heartbeat_at = excluded.heartbeat_at, status = 'running';
+
+-- name: host_heartbeat
+UPDATE hosts SET heartbeat_at = ? WHERE fleet = ? AND host_id = ? AND instance = ?
+RETURNING host_id;
+
+-- name: host_stopped
+UPDATE hosts SET status = 'stopped', heartbeat_at = ? WHERE fleet = ? AND host_id = ? AND instance = ?;
+
+-- name: list_hosts
+SELECT * FROM hosts WHERE fleet = ? ORDER BY host_id;
+
+-- name: live_hosts
+SELECT count(*) AS n FROM hosts WHERE fleet = ? AND status = 'running' AND heartbeat_at > ?;
+
+-- name: acquire_lease
+INSERT INTO leases (name, holder, token, expires_at) VALUES (?, ?, 1, ?)
+ON CONFLICT (name) DO UPDATE
+SET holder = excluded.holder,
+    token = CASE WHEN leases.holder = excluded.holder THEN leases.token ELSE leases.token + 1 END,
+    expires_at = excluded.expires_at
+WHERE leases.holder = excluded.holder OR leases.expires_at <= ?
+RETURNING token;
+
+-- name: release_lease
+UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ?;
+
+-- name: check_fence
+SELECT token FROM leases WHERE name = ? AND holder = ? AND token = ? AND expires_at > ?;
+
+-- name: list_leases
+SELECT * FROM leases WHERE name LIKE ? ORDER BY name;
+
+-- name: stale_started_actions
+SELECT a.* FROM actions a
+WHERE a.fleet = ? AND a.status = 'started'
+  AND (a.host IS NULL OR a.host = ? OR a.host NOT IN (
+        SELECT h.host_id FROM hosts h
+        WHERE h.fleet = a.fleet AND h.status = 'running' AND h.heartbeat_at > ?))
+ORDER BY a.started_at LIMIT ?;
+
+-- Alerts (supervisor/alerts.py). All three run on the events (session_id, kind, reason) index
+-- and the sessions (fleet, starts_at) index.
+
+-- name: alert_state
+SELECT kind, count(*) AS n FROM events
+WHERE session_id = ? AND reason = ? AND kind IN (?, ?)
+GROUP BY kind;
+
+-- name: alert_window_counts
+SELECT kind, count(*) AS n FROM events
+WHERE session_id = ? AND kind IN (?, ?, ?, ?)
+GROUP BY kind;
+
+-- name: alert_trailing_counts
+SELECT session_id, kind, count(*) AS n FROM events
+WHERE session_id IN (SELECT id FROM sessions
+                     WHERE fleet = ? AND starts_at < ? AND status IN ('closed', 'recovered')
+                     ORDER BY starts_at DESC LIMIT ?)
+  AND kind IN (?, ?, ?, ?)
+GROUP BY session_id, kind;
