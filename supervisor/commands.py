@@ -245,6 +245,10 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
             command_id = killswitch_command_id(config.fleet, "host", state.seq)
         else:
             async with store.transaction() as tx:
+                # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
+                # returns only after them, and no start can begin after it.
+                await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
+                await tx.execute("lock_fleet_switch", config.fleet)
                 await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
                                  args.reason, args.by, store.clock.now())  # fmt: skip
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)

@@ -226,6 +226,8 @@ class Daemon:
                                      started_before=started_real, host=cfg.host_id,
                                      live_after=await self._live_after(store))  # fmt: skip
         await self._observe_switch(store, host_switch.read())
+        async with store.transaction() as tx:
+            await tx.execute("ensure_fleet_switch", cfg.fleet, clock.now())
         if not clock.virtual:
             await windows.record_missed(clock.now())
         session = await windows.ensure(clock.now())

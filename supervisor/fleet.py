@@ -266,6 +266,7 @@ class Fleet:
                         self.clock.now() + timedelta(seconds=delay), stop
                     ):
                         break
+                await _close(worker)
                 worker = factory(name, dict(spec.params))
                 restored = await self.checkpoints.resume_point(name)
                 if restored is not None:
@@ -285,6 +286,7 @@ class Fleet:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._final_checkpoint(st, worker, since_checkpoint, last_run)
+                await _close(worker)
                 self.stop_events.pop(name, None)
 
     async def _run_cycle(self, st: WorkerStatus, worker: Worker, cycle: int, session: Session) -> bool:
@@ -317,7 +319,13 @@ class Fleet:
             else:
                 log.debug("cycle.governed", worker=st.name, reason=exc.reason)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            from .external import WorkerHung
+
+            if isinstance(exc, WorkerHung):
+                st.hangs += 1
+                error = f"hung: {exc}"
+            else:
+                error = f"{type(exc).__name__}: {exc}"
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -382,3 +390,11 @@ class Fleet:
         return await self.clock.sleep_until(
             self.clock.now() + timedelta(seconds=spec.quarantine_for), stop
         )
+
+
+async def _close(worker: Worker) -> None:
+    """Let a worker release what it holds (an external worker's child process)."""
+    try:
+        await worker.close()
+    except Exception as exc:  # closing must not hide why the worker stopped
+        log.warning("worker.close_failed", worker=worker.name, error=str(exc))

@@ -365,9 +365,13 @@ class Gate:
         return Outcome(command_id, "succeeded", result, None, replayed=False)
 
     async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
-        """The host switch read again right before the effect: an engage that landed after the
+        """Every switch read again right before the effect: an engage that landed after the
         started record stops it here, and the record is closed as halted with nothing run."""
         problem = self._host_verdict(action.critical)
+        if problem is None:
+            rows = await self.store.fetchall("kill_switches", self.fleet)
+            problem = store_switch_verdict(rows, worker=worker, session_id=session.id,
+                                           critical=action.critical)  # fmt: skip
         if problem is None:
             return
         await self.store.finish_action(

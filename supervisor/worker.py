@@ -56,6 +56,9 @@ class Worker:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Called with the last checkpoint's snapshot before the first cycle after a restart."""
 
+    async def close(self) -> None:
+        """Called when the instance stops or is replaced after a crash."""
+
 
 class EffectLog:
     """An append-only JSON-lines file of effects, independent of the store.

@@ -556,7 +556,7 @@ class Store:
         refused: dict[str, str] = {}
 
         async def body(tx: Tx) -> dict[str, Any]:
-            switches = await tx.fetchall("kill_switches", fleet)
+            switches = await tx.fetchall("kill_switches_for_start", fleet)
             problem = kill_switch_check(switches)
             if problem is not None:
                 refused["reason"] = "killswitch"

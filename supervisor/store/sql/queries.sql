@@ -316,3 +316,15 @@ WHERE session_id IN (SELECT id FROM sessions
                      ORDER BY starts_at DESC LIMIT ?)
   AND kind IN (?, ?, ?, ?)
 GROUP BY session_id, kind;
+
+-- name: kill_switches_for_start
+SELECT * FROM kill_switches WHERE fleet = ?;
+
+-- name: ensure_fleet_switch
+INSERT INTO kill_switches (fleet, scope, target, mode, reason, changed_by, updated_at)
+VALUES (?, 'fleet', '', 'disengaged', 'initial state', 'acp-supervisor', ?)
+ON CONFLICT (fleet, scope, target) DO NOTHING;
+
+-- name: lock_fleet_switch
+UPDATE kill_switches SET updated_at = updated_at
+WHERE fleet = ? AND scope = 'fleet' AND target = '' RETURNING mode;
