@@ -1,0 +1,618 @@
+"""ExternalWorker end to end: real child processes, a real Gate over a real SQLite store.
+
+Each test writes a small child script into tmp_path (run with sys.executable) and drives the
+worker's cycles with a CycleContext, as the fleet does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from supervisor import recovery
+from supervisor.approvals import Approvals
+from supervisor.clock import VirtualClock
+from supervisor.config import load_config
+from supervisor.errors import SupervisorError
+from supervisor.escalation import EscalationChain
+from supervisor.external import ExternalWorker, WorkerHung, WorkerProtocolError
+from supervisor.gate import Gate
+from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.killswitch import HostSwitchFile
+from supervisor.policy import Policy
+from supervisor.store import Session, Store, open_store
+from supervisor.worker import CycleContext, EffectLog
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+FLEET = "ext"
+
+POLICY = {
+    "rules": [
+        {"name": "forbidden", "action": "test.forbidden", "outcome": "deny"},
+        {"name": "needs-ok", "action": "test.needs_ok", "outcome": "require_approval"},
+    ]
+}
+
+# What every child script starts with: line helpers and the hello.
+PRELUDE = """
+import json, os, sys, time
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\\n"); sys.stdout.flush()
+def raw(b):
+    sys.stdout.buffer.write(b); sys.stdout.flush()
+def recv():
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(0)
+    return json.loads(line)
+def note(path, value):
+    with open(path, "a") as f:
+        f.write(json.dumps(value) + "\\n")
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "pid"), "w") as f:
+    f.write(str(os.getpid()))
+hello = recv()
+assert hello["type"] == "hello" and hello["protocol"] == 1, hello
+state = hello["state"]
+"""
+
+
+@dataclass
+class Harness:
+    store: Store
+    gate: Gate
+    session: Session
+    clock: VirtualClock
+    tmp: Path
+    approvals: Approvals
+
+    def ctx(self, worker: str, cycle: int) -> CycleContext:
+        return CycleContext(
+            fleet=FLEET, worker=worker, cycle=cycle, session=self.session, gate=self.gate,
+            clock=self.clock, rng=random.Random(cycle),
+            effects=EffectLog(self.tmp / "effects.jsonl"), correlation_id=f"corr-{cycle}",
+        )  # fmt: skip
+
+    def script(self, body: str, name: str = "child.py") -> list[str]:
+        path = self.tmp / name
+        path.write_text(PRELUDE + textwrap.dedent(body))
+        return [sys.executable, str(path)]
+
+    def worker(self, body: str, **kwargs: Any) -> ExternalWorker:
+        kwargs.setdefault("heartbeat_timeout", 10.0)
+        kwargs.setdefault("shutdown_timeout", 1.0)
+        return ExternalWorker("ext-1", {"p": 1}, argv=self.script(body), **kwargs)
+
+    def child_pid(self) -> int:
+        return int((self.tmp / "pid").read_text())
+
+    def notes(self, name: str = "notes.jsonl") -> list[Any]:
+        path = self.tmp / name
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+async def wait_gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        await anyio.sleep(0.02)
+    return gone(pid)
+
+
+@pytest.fixture
+async def h(sqlite_url: str, tmp_path: Path, clock: VirtualClock) -> AsyncIterator[Harness]:
+    store = await open_store(sqlite_url, clock, migrate=True)
+    approvals = Approvals(store, EscalationChain.from_config(None), FLEET)
+    gate = Gate(
+        store=store, fleet=FLEET, policy=Policy.from_config(POLICY), approvals=approvals,
+        host_switch=HostSwitchFile(tmp_path / "killswitch.json", None),
+        token_budgets=TokenBudgets(), models=ModelGovernor(), timezone=ZoneInfo("UTC"),
+    )  # fmt: skip
+    now = clock.now()
+    session, _ = await store.open_window(
+        fleet=FLEET, key="2026-11-02T09", starts_at=now, ends_at=now + timedelta(hours=1),
+        max_cost=None, max_actions=None, by="test",
+    )  # fmt: skip
+    try:
+        yield Harness(store, gate, session, clock, tmp_path, approvals)
+    finally:
+        await store.close()
+
+
+ROUND_TRIP = """
+while True:
+    c = recv()
+    assert c["type"] == "cycle", c
+    send({"type": "heartbeat"})
+    send({"type": "log", "level": "info", "message": "cycle %d" % c["cycle"]})
+    send({"type": "propose", "id": "w%d" % c["cycle"], "action": {
+        "name": "test.write", "params": {"cycle": c["cycle"]}, "risk": "low", "cost": 0.5}})
+    d = recv()
+    assert d["type"] == "decision" and d["decision"] == "approved", d
+    note(os.path.join(HERE, "notes.jsonl"), {"cycle": c["cycle"], "command_id": d["command_id"]})
+    send({"type": "result", "id": d["id"], "ok": True, "result": {"wrote": c["cycle"]}})
+    state["count"] = state.get("count", 0) + 1
+    state["last"] = d["command_id"]
+    state["window"] = c["window"]
+    send({"type": "cycle_done", "state": state})
+"""
+
+
+async def test_round_trip_approved_effect_and_state(h: Harness) -> None:
+    worker = h.worker(ROUND_TRIP)
+    worker.restore({"count": 5})
+    try:
+        with capture_logs() as logs:
+            await worker.cycle(h.ctx("ext-1", 0))
+            first = worker.snapshot()
+            await worker.cycle(h.ctx("ext-1", 1))  # same child: no second hello
+        state = worker.snapshot()
+        assert state["count"] == 7 and first["count"] == 6
+        assert state["window"] == h.session.window_key
+        notes = h.notes()
+        assert [n["cycle"] for n in notes] == [0, 1]
+        for note in notes:
+            row = await h.store.get_action(note["command_id"])
+            assert row is not None and row["status"] == "succeeded"
+            assert row["worker"] == "ext-1" and row["name"] == "test.write"
+        assert state["last"] == notes[-1]["command_id"]
+        assert worker.running
+        child_logs = [e for e in logs if e["event"] == "worker.log"]
+        assert [(e["worker"], e["message"], e["log_level"]) for e in child_logs] == [
+            ("ext-1", "cycle 0", "info"), ("ext-1", "cycle 1", "info"),
+        ]  # fmt: skip
+        assert sum(e["event"] == "worker.child_started" for e in logs) == 1
+    finally:
+        await worker.close()
+    assert not worker.running
+    assert await wait_gone(h.child_pid())
+
+
+async def test_ok_false_is_a_failed_outcome_and_the_cycle_goes_on(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        send({"type": "result", "id": "a", "ok": False, "error": "disk full"})
+        send({"type": "cycle_done", "state": {"command_id": d["command_id"]}})
+        recv()
+    """)
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+        row = await h.store.get_action(worker.snapshot()["command_id"])
+        assert row is not None and row["status"] == "failed"
+        assert "disk full" in row["error"]
+    finally:
+        await worker.close()
+
+
+async def test_gate_refusals_reach_the_child(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        seen = {}
+        for ident, name in [("f", "test.forbidden"), ("n", "test.needs_ok")]:
+            send({"type": "propose", "id": ident, "action": {"name": name, "risk": "low"}})
+            seen[ident] = recv()
+        send({"type": "cycle_done", "state": seen})
+        recv()
+    """)
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+        seen = worker.snapshot()
+    finally:
+        await worker.close()
+    denied, pending = seen["f"], seen["n"]
+    assert denied["type"] == "decision" and denied["decision"] == "denied"
+    assert denied["reason"] == "policy" and "forbidden" in denied["detail"]
+    assert await h.store.get_action(denied["command_id"]) is None  # nothing started
+    assert pending["decision"] == "pending" and pending["reason"] == "approval_pending"
+    assert pending["approval_id"]
+
+
+async def test_a_result_after_a_denial_is_a_violation(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "f", "action": {"name": "test.forbidden", "risk": "low"}})
+        d = recv()
+        assert d["decision"] == "denied"
+        send({"type": "result", "id": "f", "ok": True, "result": {"did": "it anyway"}})
+        time.sleep(30)
+    """)
+    with pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == "unexpected"
+    assert "'f'" in str(info.value)
+    assert not worker.running
+    assert await wait_gone(h.child_pid())
+
+
+async def test_a_key_replayed_is_done_and_runs_once(h: Harness) -> None:
+    worker = h.worker("""
+        while True:
+            c = recv()
+            send({"type": "propose", "id": "k", "action": {
+                "name": "test.write", "risk": "low", "params": {"x": 1}, "key": "once"}})
+            d = recv()
+            if d["decision"] == "approved":
+                note(os.path.join(HERE, "notes.jsonl"), d)
+                send({"type": "result", "id": "k", "ok": True, "result": {"n": 1}})
+            state[str(c["cycle"])] = d
+            send({"type": "cycle_done", "state": state})
+    """)
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+        await worker.cycle(h.ctx("ext-1", 1))
+        state = worker.snapshot()
+    finally:
+        await worker.close()
+    assert len(h.notes()) == 1
+    first, second = state["0"], state["1"]
+    assert first["decision"] == "approved"
+    assert second["decision"] == "done" and second["reason"] == "already_done"
+    assert second["status"] == "succeeded" and second["result"] == {"n": 1}
+    assert second["command_id"] == first["command_id"]
+
+
+VIOLATIONS = {
+    "malformed": ('raw(b"this is not json\\n")', "malformed", {}),
+    "not_an_object": ('raw(b"[1,2,3]\\n")', "malformed", {}),
+    "oversized": ('raw(b"{" + b"x" * 300000)', "oversized", {"max_line": 1024}),
+    "oversized_line": ('raw(b"x" * 5000 + b"\\n")', "oversized", {"max_line": 1024}),
+    "unknown_type": ('send({"type": "reboot"})', "unknown_type", {}),
+    "result_never_approved": ('send({"type": "result", "id": "zz", "ok": True})', "unexpected", {}),
+    "flood": (
+        'for _ in range(1000): send({"type": "heartbeat"})',
+        "flood",
+        {"max_messages": 50},
+    ),
+    "duplicate_id": (
+        "p = {'type': 'propose', 'id': 'a', 'action': {'name': 'test.forbidden', 'risk': 'low'}}\n"
+        "send(p)\nrecv()\nsend(p)",
+        "unexpected",
+        {},
+    ),
+    "bad_field": (
+        'send({"type": "propose", "id": "a", "action": {"name": "x", "risk": "low", "cost": -5}})',
+        "invalid",
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIOLATIONS))
+async def test_violations_raise_and_kill_the_child(h: Harness, case: str) -> None:
+    body, reason, kwargs = VIOLATIONS[case]
+    worker = h.worker("c = recv()\n" + body + "\ntime.sleep(60)\n", **kwargs)
+    started = time.monotonic()
+    with pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == reason, info.value
+    assert not isinstance(info.value, SupervisorError)  # the fleet counts it as a crash
+    assert not worker.running
+    assert await wait_gone(h.child_pid())
+    assert time.monotonic() - started < 8  # no wait for the heartbeat timeout
+
+
+async def test_a_violation_mid_action_leaves_the_action_open(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        note(os.path.join(HERE, "notes.jsonl"), d)
+        send({"type": "propose", "id": "b", "action": {"name": "test.write", "risk": "low"}})
+        time.sleep(60)
+    """)
+    with pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == "unexpected"
+    [decision] = h.notes()
+    row = await h.store.get_action(decision["command_id"])
+    assert row is not None and row["status"] == "started"
+
+
+async def test_child_exiting_mid_action_leaves_it_in_doubt(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        note(os.path.join(HERE, "notes.jsonl"), d)
+        sys.stderr.write("about to die\\n")
+        os._exit(3)
+    """)
+    with capture_logs() as logs, pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == "exited"
+    assert "exit code 3" in str(info.value)
+    [decision] = h.notes()
+    command_id = decision["command_id"]
+    row = await h.store.get_action(command_id)
+    assert row is not None and row["status"] == "started"  # no outcome recorded
+    assert any(e["event"] == "worker.stderr" and e["line"] == "about to die" for e in logs)
+    # the recovery scan marks it in-doubt; it is not safe to retry, so it is never re-run
+    report = await recovery.scan(h.store, fleet=FLEET, approvals=h.approvals, host_switch=None,
+                                 by="test")  # fmt: skip
+    assert report.in_doubt == 1
+    row = await h.store.get_action(command_id)
+    assert row is not None and row["status"] == "in_doubt"
+
+
+async def test_hung_child_is_detected_within_the_heartbeat_timeout(h: Harness) -> None:
+    worker = h.worker("c = recv()\ntime.sleep(60)\n", heartbeat_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(WorkerHung) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == "hung"
+    assert 0.4 < time.monotonic() - started < 4
+    assert await wait_gone(h.child_pid())
+
+
+async def test_hung_mid_action_leaves_the_action_open(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        note(os.path.join(HERE, "notes.jsonl"), d)
+        time.sleep(60)
+    """, heartbeat_timeout=1.0)  # fmt: skip
+    with pytest.raises(WorkerHung):
+        await worker.cycle(h.ctx("ext-1", 0))
+    [decision] = h.notes()
+    row = await h.store.get_action(decision["command_id"])
+    assert row is not None and row["status"] == "started"
+
+
+async def test_heartbeats_keep_a_slow_child_alive(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "heartbeat"})
+        for _ in range(8):
+            time.sleep(0.25)
+            send({"type": "heartbeat"})
+        send({"type": "cycle_done", "state": {"slow": True}})
+        recv()
+    """, heartbeat_timeout=0.6)  # fmt: skip
+    # 2 s of work, no message ever more than 0.25 s apart: alive throughout.
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+        assert worker.snapshot() == {"slow": True}
+    finally:
+        await worker.close()
+
+
+async def test_cancellation_by_the_cycle_deadline_kills_the_child(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        note(os.path.join(HERE, "notes.jsonl"), d)
+        while True:
+            send({"type": "heartbeat"})
+            time.sleep(0.05)
+    """)
+    with pytest.raises(TimeoutError), anyio.fail_after(1.0):
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert not worker.running
+    assert await wait_gone(h.child_pid())
+    [decision] = h.notes()
+    row = await h.store.get_action(decision["command_id"])
+    assert row is not None and row["status"] == "started"
+
+
+async def test_close_kills_a_child_that_ignores_sigterm(h: Harness) -> None:
+    worker = h.worker("""
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        c = recv()
+        send({"type": "cycle_done", "state": {}})
+        while True:
+            time.sleep(1)  # ignores end of input too
+    """, shutdown_timeout=0.3)  # fmt: skip
+    await worker.cycle(h.ctx("ext-1", 0))
+    pid = h.child_pid()
+    assert not gone(pid)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        await worker.close()
+    assert time.monotonic() - started < 3
+    assert await wait_gone(pid)
+    assert any(e["event"] == "worker.child_killed" for e in logs)
+    await worker.close()  # idempotent
+
+
+async def test_grandchildren_go_with_the_child(h: Harness) -> None:
+    worker = h.worker("""
+        import subprocess
+        c = recv()
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        with open(os.path.join(HERE, "grandchild"), "w") as f:
+            f.write(str(p.pid))
+        send({"type": "reboot"})
+        time.sleep(60)
+    """)
+    with pytest.raises(WorkerProtocolError):
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert await wait_gone(int((h.tmp / "grandchild").read_text()))
+
+
+async def test_stderr_is_logged_line_by_line_with_the_worker_name(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        sys.stderr.write("first line\\nsecond \\x1b[31mred\\x1b[0m line\\n")
+        sys.stderr.flush()
+        send({"type": "cycle_done", "state": {}})
+        recv()
+    """)
+    with capture_logs() as logs:
+        await worker.cycle(h.ctx("ext-1", 0))
+        await worker.close()
+    lines = [e for e in logs if e["event"] == "worker.stderr"]
+    assert [e["worker"] for e in lines] == ["ext-1", "ext-1"]
+    assert lines[0]["line"] == "first line"
+    assert lines[1]["line"] == "second \ufffd[31mred\ufffd[0m line"  # no terminal escapes
+    assert all(e["log_level"] == "info" for e in lines)
+
+
+async def test_a_child_that_exits_between_cycles_is_a_crash(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        send({"type": "cycle_done", "state": {"n": 1}})
+        sys.exit(0)
+    """)
+    await worker.cycle(h.ctx("ext-1", 0))
+    with pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 1))
+    assert info.value.reason == "exited"
+    assert worker.snapshot() == {"n": 1}  # the last reported state is kept for the restart
+
+
+async def test_a_command_that_does_not_exist(h: Harness) -> None:
+    worker = ExternalWorker("ext-1", {}, argv=[str(h.tmp / "no-such-program")])
+    with pytest.raises(WorkerProtocolError) as info:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert info.value.reason == "start_failed"
+
+
+async def test_the_example_worker_runs_a_cycle_end_to_end(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(REPO / "workers" / "external_example.toml", env={})
+    [spec] = config.workers
+    assert spec.command is not None and spec.command[-1] == "workers/example_external.py"
+    h.gate.policy = config.policy  # the example's own policy: notes may write notes, nothing else
+    notes = tmp_path / "notes.jsonl"
+    argv = [sys.executable, *spec.command[1:]]
+    worker = ExternalWorker(spec.name, {**spec.params, "effects_file": str(notes)}, argv=argv,
+                            cwd=REPO, heartbeat_timeout=spec.heartbeat_timeout)  # fmt: skip
+    with capture_logs() as logs:
+        try:
+            await worker.cycle(h.ctx(spec.name, 0))
+            await worker.cycle(h.ctx(spec.name, 1))
+            assert worker.snapshot() == {"notes": 2, "cycles": 2}
+        finally:
+            await worker.close()
+    written = [json.loads(x) for x in notes.read_text().splitlines()]
+    assert [(w["worker"], w["cycle"]) for w in written] == [("notes", 0), ("notes", 1)]
+    for entry in written:
+        row = await h.store.get_action(entry["command_id"])
+        assert row is not None and row["status"] == "succeeded"
+        assert row["rule"] == "notes-may-write-notes"
+    assert not any(e["event"] == "worker.decision" for e in logs)  # approved: no refusal sent
+    stderr = [e["line"] for e in logs if e["event"] == "worker.stderr"]
+    assert "example_external: notes starting with 0 notes written" in stderr
+    # A restart picks the state up from the checkpointed snapshot, and the idempotency key
+    # stops a replayed cycle from writing its note twice.
+    again = ExternalWorker(spec.name, {"effects_file": str(notes)}, argv=argv, cwd=REPO)
+    again.restore({"notes": 2, "cycles": 2})
+    with capture_logs() as logs:
+        try:
+            await again.cycle(h.ctx(spec.name, 1))
+            assert again.snapshot() == {"notes": 2, "cycles": 3}
+        finally:
+            await again.close()
+    assert len(notes.read_text().splitlines()) == 2
+    [done] = [e for e in logs if e["event"] == "worker.decision"]
+    assert (done["decision"], done["reason"]) == ("done", "already_done")
+
+
+async def test_the_example_policy_denies_anything_else(h: Harness) -> None:
+    h.gate.policy = load_config(REPO / "workers" / "external_example.toml", env={}).policy
+    worker = ExternalWorker("notes", {}, argv=h.script("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "shell.run", "risk": "low"}})
+        send({"type": "cycle_done", "state": recv()})
+        recv()
+    """))  # fmt: skip
+    try:
+        await worker.cycle(h.ctx("notes", 0))
+    finally:
+        await worker.close()
+    decision = worker.snapshot()
+    assert (decision["decision"], decision["reason"]) == ("denied", "policy")
+    assert "notes-nothing-else" in decision["detail"]
+
+
+async def test_long_stderr_lines_are_truncated_not_fatal(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        sys.stderr.write("e" * 5000 + "\\nafter\\n")
+        sys.stderr.flush()
+        send({"type": "cycle_done", "state": {}})
+        recv()
+    """, max_line=1024)  # fmt: skip
+    with capture_logs() as logs:
+        await worker.cycle(h.ctx("ext-1", 0))
+        await worker.close()
+    lines = [e for e in logs if e["event"] == "worker.stderr"]
+    assert [(len(e["line"]), e.get("truncated", False)) for e in lines] == [
+        (1024, True), (5, False),
+    ]  # fmt: skip
+
+
+async def test_a_stderr_flood_is_bounded_per_cycle(h: Harness) -> None:
+    worker = h.worker("""
+        c = recv()
+        for i in range(3000):
+            sys.stderr.write("line %d\\n" % i)
+        sys.stderr.flush()
+        time.sleep(0.3)
+        send({"type": "cycle_done", "state": {}})
+        recv()
+    """)
+    with capture_logs() as logs:
+        try:
+            await worker.cycle(h.ctx("ext-1", 0))
+        finally:
+            await worker.close()
+    logged = [e for e in logs if e["event"] == "worker.stderr"]
+    dropped = sum(e["lines"] for e in logs if e["event"] == "worker.stderr_dropped")
+    assert len(logged) <= 2 * 1000  # this cycle's budget, then the one for the final drain
+    assert len(logged) + dropped == 3000
+    assert dropped > 0
+
+
+async def test_the_kill_switch_reaches_the_child_as_a_denial(h: Harness) -> None:
+    # An unsigned (here: unreadable) switch file counts as halt_all.
+    (h.tmp / "killswitch.json").write_text("not a switch")
+    worker = h.worker("""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        note(os.path.join(HERE, "notes.jsonl"), d)
+        send({"type": "cycle_done", "state": d})
+        recv()
+    """)
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+    finally:
+        await worker.close()
+    decision = worker.snapshot()
+    assert (decision["decision"], decision["reason"]) == ("denied", "killswitch")
+    assert await h.store.get_action(decision["command_id"]) is None
