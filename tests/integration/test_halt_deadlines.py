@@ -1,0 +1,92 @@
+"""What a halt does to approval deadlines (docs/design.md): the chain keeps moving and the
+deadline still denies by default; an approval decided during the halt runs only after it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from supervisor import events as ev
+from supervisor.actions import Action
+from supervisor.approvals import Approvals
+from supervisor.clock import VirtualClock
+from supervisor.errors import ActionDenied, ApprovalPending
+from supervisor.escalation import EscalationChain
+from supervisor.gate import Gate
+from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.killswitch import HostSwitchFile, Mode
+from supervisor.policy import Policy
+from supervisor.store import Session, Store
+
+pytestmark = pytest.mark.anyio
+SECRET = b"halt-deadline-secret"
+CHAIN = {"timeout": "60m", "escalation": [{"after": "15m", "tier": "oncall"}]}
+
+
+async def setup(store: Store, clock: VirtualClock, tmp_path: Path) -> tuple[Gate, HostSwitchFile, Session]:
+    switch = HostSwitchFile(tmp_path / "killswitch.json", SECRET)
+    approvals = Approvals(store, EscalationChain.from_config(CHAIN), "f")
+    gate = Gate(store=store, fleet="f", policy=Policy.from_config(None), approvals=approvals,
+                host_switch=switch, token_budgets=TokenBudgets.from_config(None),
+                models=ModelGovernor.from_config(None), timezone=ZoneInfo("UTC"))  # fmt: skip
+    start = clock.now().replace(minute=0, second=0, microsecond=0)
+    session, _ = await store.open_window(fleet="f", key="w", starts_at=start,
+                                         ends_at=start + timedelta(days=1), max_cost=None,
+                                         max_actions=None, by="test")  # fmt: skip
+    return gate, switch, session
+
+
+async def kinds(store: Store, session: Session) -> list[str]:
+    return [e.kind for e in await store.replay(session.id)]
+
+
+async def test_deadline_denies_by_default_during_a_halt(
+    store: Store, clock: VirtualClock, tmp_path: Path
+) -> None:
+    gate, switch, session = await setup(store, clock, tmp_path)
+    risky = Action("db.migrate", params={"to": 7}, risk="high")
+    with pytest.raises(ApprovalPending) as pending:
+        await gate.run(risky, _effect, worker="w", session=session, command_id="c1")
+    switch.write(Mode.HALT_ALL, reason="incident", by="op", at=clock.now().isoformat())
+
+    clock.advance(timedelta(minutes=16))
+    assert (await gate.approvals.escalate_due())["escalated"] == 1
+    clock.advance(timedelta(minutes=45))
+    assert (await gate.approvals.escalate_due())["expired"] == 1
+    row = await store.fetchrow("get_approval", pending.value.approval_id)
+    assert row is not None and row["status"] == "expired"
+    assert kinds_in(await kinds(store, session), ev.APPROVAL_ESCALATED, ev.APPROVAL_EXPIRED)
+
+
+async def test_approved_during_a_halt_runs_only_after_disengage(
+    store: Store, clock: VirtualClock, tmp_path: Path
+) -> None:
+    gate, switch, session = await setup(store, clock, tmp_path)
+    risky = Action("db.migrate", params={"to": 8}, risk="high")
+    with pytest.raises(ApprovalPending) as pending:
+        await gate.run(risky, _effect, worker="w", session=session, command_id="c2")
+    switch.write(Mode.HALT_ALL, reason="incident", by="op", at=clock.now().isoformat())
+    await gate.approvals.decide(pending.value.approval_id, approve=True, by="op", reason="ok")
+    ran: list[str] = []
+
+    async def effect() -> str:
+        ran.append("x")
+        return "done"
+
+    with pytest.raises(ActionDenied) as denied:
+        await gate.run(risky, effect, worker="w", session=session, command_id="c2")
+    assert denied.value.reason == "killswitch" and ran == []
+    switch.write(Mode.DISENGAGED, reason="over", by="op", at=clock.now().isoformat())
+    outcome = await gate.run(risky, effect, worker="w", session=session, command_id="c2")
+    assert outcome.status == "succeeded" and ran == ["x"]
+
+
+def kinds_in(kinds: list[str], *wanted: str) -> bool:
+    return all(k in kinds for k in wanted)
+
+
+async def _effect() -> None:
+    raise AssertionError("the effect must not run while the approval is pending")
