@@ -18,7 +18,9 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from .errors import ConfigError
+from .alerts import AlertConfig
 from .escalation import EscalationChain, parse_duration
+from .metrics import MetricsConfig
 from .governance import ModelGovernor, TokenBudgets
 from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
 from .policy import Policy
@@ -26,7 +28,10 @@ from .windows import parse_timezone
 
 RestartPolicy = Literal["permanent", "transient", "temporary"]
 
-_TOP = {"daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers"}
+_TOP = {
+    "daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers",
+    "alerts", "metrics",
+}  # fmt: skip
 _DAEMON = {
     "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
     "recovery_every", "escalation_every", "flush_every", "seed", "lease_ttl", "heartbeat",
@@ -99,6 +104,8 @@ class Config:
     token_budgets: TokenBudgets
     models: ModelGovernor
     workers: tuple[WorkerSpec, ...]
+    alerts: AlertConfig
+    metrics: MetricsConfig
 
     def horizon(self, name: str) -> HorizonProfile:
         return self.horizons[name]
@@ -108,8 +115,17 @@ def default_config_text() -> str:
     return (resources.files("supervisor") / "default.toml").read_text(encoding="utf-8")
 
 
+def _unknown_key(exc: ConfigError) -> str | None:
+    """The key an "unknown key 'x'" error from a section's own parser names, for its line."""
+    match = re.search(r"unknown key '([^']+)'", str(exc))
+    return match.group(1) if match else None
+
+
 def _line_of(text: str, key: str) -> str:
-    pattern = re.compile(rf"^\s*(\[+\s*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE)
+    # `key = ...`, `[key]`, `[[key]]` or a dotted table header ending in it: `[horizons.key]`
+    pattern = re.compile(
+        rf"^\s*(\[+\s*([\w\"-]+\.)*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE
+    )
     match = pattern.search(text)
     return f", line {text.count(chr(10), 0, match.start()) + 1}" if match else ""
 
@@ -199,16 +215,24 @@ def _build(
 
     chosen_state = state_dir or env.get("ACP_STATE_DIR") or daemon.get("state_dir") or "state"
     state_path = Path(chosen_state)
-    if not state_path.is_absolute() and file is not None and state_dir is None and not env.get(
-        "ACP_STATE_DIR"
-    ) and daemon.get("state_dir"):
+    if (
+        not state_path.is_absolute()
+        and file is not None
+        and state_dir is None
+        and not env.get("ACP_STATE_DIR")
+        and daemon.get("state_dir")
+    ):
         state_path = file.parent / state_path  # a path in the file is relative to the file
     state_path = state_path.absolute()
-    db_url = db or env.get("ACP_DB") or daemon.get("db") or f"sqlite:///{state_path / 'supervisor.db'}"
+    db_url = (
+        db or env.get("ACP_DB") or daemon.get("db") or f"sqlite:///{state_path / 'supervisor.db'}"
+    )
 
     profile = str(daemon.get("profile", "day"))
     if profile not in HORIZONS:
-        raise c.fail("daemon.profile", f"unknown horizon {profile!r} ({', '.join(HORIZONS)})", "profile")
+        raise c.fail(
+            "daemon.profile", f"unknown horizon {profile!r} ({', '.join(HORIZONS)})", "profile"
+        )
     horizons_section = c.table(data, "horizons", "horizons")
     horizons = dict(DEFAULTS)
     for name, section in horizons_section.items():
@@ -219,7 +243,7 @@ def _build(
         try:
             horizons[name] = profile_from_config(name, section, f"horizons.{name}")
         except ConfigError as exc:
-            raise c.fail(f"horizons.{name}", str(exc), name) from None
+            raise c.fail(f"horizons.{name}", str(exc), _unknown_key(exc) or name) from None
 
     seed = daemon.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -248,8 +272,11 @@ def _build(
             raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
         token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
         models = ModelGovernor.from_config(data.get("models"))
+        alerts = AlertConfig.from_config(data.get("alerts"))
+        metrics = MetricsConfig.from_config(data.get("metrics"))
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        key = _unknown_key(exc)
+        raise ConfigError(f"{source}{_line_of(text, key) if key else ''}: {exc}") from None
 
     workers = _workers(c, data.get("workers", []))
     lease_ttl = c.duration(daemon, "lease_ttl", 15.0, "daemon")
@@ -285,6 +312,8 @@ def _build(
         token_budgets=token_budgets,
         models=models,
         workers=workers,
+        alerts=alerts,
+        metrics=metrics,
     )
 
 
@@ -340,7 +369,9 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
         maximum = c.duration(backoff_raw, "max", 60.0, f"{where} backoff")
         multiplier = backoff_raw.get("multiplier", 2.0)
         if maximum < initial:
-            raise c.fail(where, f"backoff max ({maximum}s) is below its initial ({initial}s)", "max")
+            raise c.fail(
+                where, f"backoff max ({maximum}s) is below its initial ({initial}s)", "max"
+            )
         if not isinstance(multiplier, int | float) or multiplier < 1:
             raise c.fail(where, "backoff multiplier must be >= 1", "multiplier")
         cycle_every = entry.get("cycle_every")
@@ -353,7 +384,9 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 restart=restart,
                 schedule=str(schedule) if schedule is not None else None,
                 cycle_every=(
-                    c.duration(entry, "cycle_every", 0.0, where) if cycle_every is not None else None
+                    c.duration(entry, "cycle_every", 0.0, where)
+                    if cycle_every is not None
+                    else None
                 ),
                 params=params,
                 backoff=Backoff(initial, maximum, float(multiplier)),

@@ -24,6 +24,7 @@ import structlog
 from . import events as ev
 from . import recovery
 from .actions import derive_id
+from .alerts import Alerts
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .clock import Clock, SystemClock, VirtualClock
@@ -34,6 +35,7 @@ from .gate import Gate
 from .horizons import HorizonProfile
 from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
 from .leases import Coordinator
+from .metrics import Metrics
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .errors import StoreError
@@ -217,6 +219,18 @@ class Daemon:
                       effects=EffectLog(effects_path(cfg.state_dir)), seed=self.seed,
                       stopping=self.stopping)  # fmt: skip
         self.fleet = fleet
+        alerts = self.alerts = Alerts(store, fleet=cfg.fleet, config=cfg.alerts, clock=clock)
+
+        async def on_gate_alert(condition: str, detail: Mapping[str, Any]) -> None:
+            await alerts.raise_alert(condition, session_id=detail.get("session"), detail=detail)
+
+        async def on_fleet_alert(condition: str, session_id: str | None, detail: dict[str, Any]) -> None:
+            await alerts.raise_alert(condition, session_id=session_id, detail=detail)
+
+        gate.on_alert = on_gate_alert
+        fleet.on_alert = on_fleet_alert
+        windows.on_closed = alerts.on_window_closed
+        self.metrics = self._start_metrics(gate)
         structlog.contextvars.bind_contextvars(fleet=cfg.fleet, host=cfg.host_id)
 
         # recovery before taking traffic
@@ -225,6 +239,10 @@ class Daemon:
                                      host_switch=host_switch, by=cfg.host_id,
                                      started_before=started_real, host=cfg.host_id,
                                      live_after=await self._live_after(store))  # fmt: skip
+        if report.in_doubt:
+            await alerts.raise_alert("recovery_in_doubt", session_id=None,
+                                     detail={"in_doubt": report.in_doubt,
+                                             "actions": report.found.get("actions", [])[:20]})  # fmt: skip
         await self._observe_switch(store, host_switch.read())
         async with store.transaction() as tx:
             await tx.execute("ensure_fleet_switch", cfg.fleet, clock.now())
@@ -240,6 +258,8 @@ class Daemon:
             if self.install_signals and not clock.virtual:
                 tg.start_soon(self._signals, tg.cancel_scope, name="signals")
             self._tg = tg
+            await tg.start(alerts.run_sinks)
+            clock.spawn(tg, self._every, cfg.alerts.evaluate_every, alerts.evaluate, name="alerts")
             self._factories = dict(factories)
             for spec in cfg.workers:
                 self._add_spec(spec)
@@ -277,6 +297,11 @@ class Daemon:
                 if finished is not None:
                     await store.append(NewEvent(kind=ev.RUN_FINISHED, session_id=system_stream(cfg.fleet),
                                                 payload={"run": plan.run_id}))  # fmt: skip
+        with anyio.move_on_after(5):
+            await alerts.flush()  # deliveries already queued get their chance
+        alerts.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await store.flush_telemetry()
         self.scorecard = await compute(store, cfg.fleet)
         log.info("daemon.stopped", horizon_over=over, telemetry_dropped=store.telemetry_dropped)
@@ -364,7 +389,7 @@ class Daemon:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
         interval = self.config.killswitch_watch_interval
         watchdog = self.notifier.watchdog_interval()
-        last_flush = last_ping = 0.0
+        last_flush = last_ping = last_metrics = 0.0
         known = host_switch.read()
         while True:
             await anyio.sleep(interval)
@@ -376,6 +401,9 @@ class Daemon:
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
                 await store.flush_telemetry()
+            if self.metrics is not None and now - last_metrics >= 1.0:
+                last_metrics = now
+                await self._update_metrics(store, state)
             if watchdog is not None and now - last_ping >= watchdog:
                 last_ping = now
                 self.notifier.watchdog()
@@ -438,6 +466,11 @@ class Daemon:
         if state.seq == 0:
             return
         kind = ev.KILLSWITCH_DISENGAGED if state.mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
+        detail = {"scope": "host", "mode": state.mode.value, "by": state.by, "reason": state.reason}
+        if state.mode == Mode.DISENGAGED:
+            await self.alerts.resolve("killswitch_engaged", session_id=None, detail=detail)
+        else:
+            await self.alerts.raise_alert("killswitch_engaged", session_id=None, detail=detail)
         await store.once(
             killswitch_command_id(fleet, "host", state.seq),
             NewEvent(kind=kind, session_id=system_stream(fleet), reason=state.mode.value,
@@ -596,6 +629,36 @@ class Daemon:
                     scope.cancel()  # a second signal: stop now
                     return
                 self.clock.ring(self.stopping)
+
+    def _start_metrics(self, gate: Gate) -> Metrics | None:
+        if not self.config.metrics.enabled or self.clock.virtual:
+            return None
+        try:
+            metrics = Metrics(self.config.metrics)
+        except ImportError:
+            raise ConfigError(
+                "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
+            ) from None
+        port = metrics.serve()
+        gate.observer = metrics
+        log.info("metrics.serving", host=self.config.metrics.host, port=port)
+        return metrics
+
+    async def _update_metrics(self, store: Store, switch: SwitchState) -> None:
+        assert self.metrics is not None
+        self.metrics.tick()
+        try:
+            current = self.windows.current and await store.get_session(self.windows.current.id)
+            self.metrics.set_store_ok(True)
+        except StoreError as exc:
+            self.metrics.set_store_ok(False, str(exc))
+            current = None
+        if current:
+            self.metrics.set_budget_used(cost=current.used_cost, actions=current.used_actions)
+        if self.fleet is not None:
+            self.metrics.set_workers(self.fleet.by_state())
+        self.metrics.set_killswitch_mode(switch.mode.value)
+        self.metrics.set_approvals(self.alerts.pending_approvals, self.alerts.oldest_pending_age)
 
     def _status_line(self) -> str:
         window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -116,6 +116,8 @@ class Fleet:
         self.status: dict[str, WorkerStatus] = {}
         # Per instance: set to stop it after its current cycle (shutdown, reload, slot handed over).
         self.stop_events: dict[str, anyio.Event] = {}
+        # Raises an alert (condition, session_id, detail); set by the daemon.
+        self.on_alert: Callable[[str, str | None, dict[str, Any]], Awaitable[None]] | None = None
         self.in_flight = 0
         self.idle = anyio.Event()
         self.idle.set()
@@ -316,6 +318,8 @@ class Fleet:
         except (ApprovalPending, SupervisorError) as exc:
             if isinstance(exc, StateWriteError):
                 error = f"state write failed: {exc}"
+                if self.on_alert is not None:
+                    await self.on_alert("state_write_failed", session.id, {"worker": st.name, "error": str(exc)})
             else:
                 log.debug("cycle.governed", worker=st.name, reason=exc.reason)
         except Exception as exc:
@@ -387,6 +391,9 @@ class Fleet:
                      "last_error": st.last_error},
         ))  # fmt: skip
         log.warning("worker.quarantined", worker=st.name, cool_down=spec.quarantine_for)
+        if self.on_alert is not None:
+            await self.on_alert("worker_quarantined", session.id,
+                                {"worker": st.name, "restarts": st.restarts, "last_error": st.last_error})  # fmt: skip
         return await self.clock.sleep_until(
             self.clock.now() + timedelta(seconds=spec.quarantine_for), stop
         )

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -40,6 +40,12 @@ class Outcome:
     result: Any
     error: str | None
     replayed: bool  # True when a stored outcome came back and nothing ran
+
+
+class GateObserver(Protocol):
+    def observe_action(self, outcome: str, reason: str = "") -> None: ...
+
+    def observe_latency(self, seconds: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -101,6 +107,7 @@ class Gate:
         # Set while this host cannot read the fleet switch (store unreachable past the grace):
         # the fleet switch then counts as halt_all.
         self.fleet_unknown: str | None = None
+        self.observer: GateObserver | None = None  # metrics, when enabled
         self.host: str | None = None
 
     # -- the checks -----------------------------------------------------------------------------
@@ -126,6 +133,8 @@ class Gate:
         correlation_id: str | None = None,
     ) -> ActionDenied:
         self.stats.refused += 1
+        if self.observer is not None:
+            self.observer.observe_action("denied", reason)
         await self.store.once(
             derive_id("refusal", command_id, reason),
             NewEvent(
@@ -160,7 +169,7 @@ class Gate:
         outcome answers the command (a retry). Raises ActionDenied, ApprovalPending, ActionExpired.
         """
         refuse = self.refuse
-        args = {"worker": worker, "session": session, "command_id": command_id,
+        args: dict[str, Any] = {"worker": worker, "session": session, "command_id": command_id,
                 "correlation_id": correlation_id}  # fmt: skip
 
         # 1. kill switch (host file: one stat when unchanged)
@@ -309,7 +318,7 @@ class Gate:
                 )  # fmt: skip
                 if problem is not None:
                     refusal.append(("killswitch", problem))
-                elif await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost) is None:
+                elif not await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost):
                     row = await tx.fetchrow("get_session", session.id)
                     if row is not None and row["status"] == "open":
                         refusal.append(("budget", "window budget spent"))
@@ -353,6 +362,8 @@ class Gate:
         if self.stats.latencies is not None:
             self.stats.latencies.append(time.perf_counter() - t0)
         self.stats.admitted += 1
+        if self.observer is not None:
+            self.observer.observe_latency(time.perf_counter() - t0)
         try:
             result = await effect()
         except Exception as exc:
@@ -367,11 +378,11 @@ class Gate:
     async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
         """Every switch read again right before the effect: an engage that landed after the
         started record stops it here, and the record is closed as halted with nothing run."""
-        problem = self._host_verdict(action.critical)
-        if problem is None:
-            rows = await self.store.fetchall("kill_switches", self.fleet)
-            problem = store_switch_verdict(rows, worker=worker, session_id=session.id,
-                                           critical=action.critical)  # fmt: skip
+        rows = await self.store.fetchall("kill_switches", self.fleet)
+        # The host file last: nothing may await between reading it and the effect, or an engage
+        # could land and return while this task waits for the store.
+        problem = self._host_verdict(action.critical) or store_switch_verdict(
+            rows, worker=worker, session_id=session.id, critical=action.critical)  # fmt: skip
         if problem is None:
             return
         await self.store.finish_action(
@@ -397,6 +408,8 @@ class Gate:
             command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
         )  # fmt: skip
+        if self.observer is not None:
+            self.observer.observe_action("succeeded" if ok else "failed")
         if ok and action.identity and (action.tokens or action.cost):
             tokens = action.tokens
             if isinstance(result, Mapping) and isinstance(result.get("tokens"), int):

@@ -7,6 +7,7 @@ close are deterministic commands, so racing callers (tasks or hosts) do each exa
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -44,6 +45,8 @@ class WindowManager:
         self.by = by
         self.run_end = run_end
         self.current: Session | None = None
+        # Called after this manager closes a window (alerts compare its rates with the trailing ones).
+        self.on_closed: Callable[[str], Awaitable[None]] | None = None
         self.opened = 0
         self.closed = 0
         self._lock = anyio.Lock()
@@ -81,6 +84,8 @@ class WindowManager:
         if await self.store.close_window(session.id, by=self.by):
             self.closed += 1
             log.info("window.closed", window=session.window_key, session=session.id)
+            if self.on_closed is not None:
+                await self.on_closed(session.id)
         if self.current is not None and self.current.id == session.id:
             self.current = None
 

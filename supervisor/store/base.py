@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -97,12 +96,14 @@ class Backend(ABC):
     async def apply_migration(self, version: int, statements: list[str], now: datetime) -> bool:
         """Apply one migration and record it, unless another process just did. True if applied."""
 
-    async def listen(self, channel: str, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]] | None:
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]] | None:
         """Call `callback(payload)` on each notification on `channel`; returns a closer, or None
         when the backend has no notifications (SQLite: one host, the daemon polls instead)."""
         return None
 
-    async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:
+    async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:  # noqa: B027
         """Send a notification when `tx` commits (no-op where there are no notifications)."""
 
 
@@ -215,7 +216,10 @@ class Store:
         async with self.backend.transaction() as tx:
             if fence is not None:
                 now = await self._db_now_in(tx)
-                if await tx.fetchrow("check_fence", fence.lease, fence.holder, fence.token, now) is None:
+                if (
+                    await tx.fetchrow("check_fence", fence.lease, fence.holder, fence.token, now)
+                    is None
+                ):
                     raise FenceLost(f"lease {fence.lease} (token {fence.token}) is no longer held")
             yield tx
 
@@ -324,7 +328,9 @@ class Store:
         result: dict[str, Any] = json.loads(stored["result"])
         return result
 
-    async def lookup_command(self, command_id: str, operation: str, params: Any) -> dict[str, Any] | None:
+    async def lookup_command(
+        self, command_id: str, operation: str, params: Any
+    ) -> dict[str, Any] | None:
         """The stored result for a command_id, None if unknown; conflict if reused differently."""
         async with self.backend.reader() as tx:
             stored = await tx.fetchrow("get_command", command_id)
@@ -385,7 +391,10 @@ class Store:
         except StoreError as exc:
             self.telemetry_dropped += len(batch)
             log.warning(
-                "telemetry.dropped", reason=str(exc), lost=len(batch), dropped=self.telemetry_dropped
+                "telemetry.dropped",
+                reason=str(exc),
+                lost=len(batch),
+                dropped=self.telemetry_dropped,
             )
             return 0
         return len(batch)
@@ -438,7 +447,12 @@ class Store:
         from ..events import WINDOW_OPENED
 
         session_id = derive_id("session", fleet, key)
-        params = {"fleet": fleet, "key": key, "start": starts_at.isoformat(), "end": ends_at.isoformat()}
+        params = {
+            "fleet": fleet,
+            "key": key,
+            "start": starts_at.isoformat(),
+            "end": ends_at.isoformat(),
+        }
 
         async def body(tx: Tx) -> dict[str, Any]:
             now = self.clock.now()
@@ -517,7 +531,11 @@ class Store:
                 NewEvent(
                     kind=WINDOW_MISSED,
                     session_id=session_id,
-                    payload={"key": key, "start": starts_at.isoformat(), "end": ends_at.isoformat()},
+                    payload={
+                        "key": key,
+                        "start": starts_at.isoformat(),
+                        "end": ends_at.isoformat(),
+                    },
                     command_id=command_id,
                 ),
             )

@@ -85,9 +85,9 @@ class PostgresBackend(Backend):
                 self.url, min_size=self._sizes[0], max_size=self._sizes[1], timeout=10
             )
         except asyncpg.InvalidCatalogNameError as exc:
-            raise StoreConfigError(f"postgres database does not exist ({_safe(self.url)}): {exc}")
+            raise StoreConfigError(f"postgres database does not exist ({_safe(self.url)}): {exc}") from exc
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
-            raise StoreConfigError(f"postgres refused the login ({_safe(self.url)}): {exc}")
+            raise StoreConfigError(f"postgres refused the login ({_safe(self.url)}): {exc}") from exc
         except (ValueError, asyncpg.ClientConfigurationError) as exc:
             raise StoreConfigError(f"malformed postgres URL {_safe(self.url)}: {exc}") from exc
         except _CONNECTION_ERRORS as exc:  # OSError covers TimeoutError
@@ -169,7 +169,6 @@ class PostgresBackend(Backend):
                 raise StateWriteError(f"migration {version}: {exc}") from exc
             await tx.execute("record_version", version, now)
         return True
-
 
     async def listen(
         self, channel: str, callback: Callable[[str], None]

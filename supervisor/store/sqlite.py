@@ -175,9 +175,12 @@ class SQLiteBackend(Backend):
             has_table = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
             ).fetchone()
-            if has_table and conn.execute(
-                "SELECT 1 FROM schema_version WHERE version = ?", (version,)
-            ).fetchone():
+            if (
+                has_table
+                and conn.execute(
+                    "SELECT 1 FROM schema_version WHERE version = ?", (version,)
+                ).fetchone()
+            ):
                 return False
             for statement in statements:
                 try:

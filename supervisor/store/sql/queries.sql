@@ -86,6 +86,12 @@ WHERE command_id = ? AND status = 'started' RETURNING command_id;
 -- name: actions_with_status
 SELECT * FROM actions WHERE fleet = ? AND status = ? ORDER BY started_at LIMIT ?;
 
+-- name: unfinished_actions
+-- started or in_doubt only: the IN term repeats the partial index's predicate verbatim, which
+-- SQLite needs to use actions_unfinished (and Postgres needs for a generic plan).
+SELECT * FROM actions WHERE fleet = ? AND status = ? AND status IN ('started', 'in_doubt')
+ORDER BY started_at LIMIT ?;
+
 -- name: mark_in_doubt
 UPDATE actions SET status = 'in_doubt' WHERE command_id = ? AND status = 'started'
 RETURNING command_id;
@@ -290,7 +296,7 @@ SELECT * FROM leases WHERE name LIKE ? ORDER BY name;
 
 -- name: stale_started_actions
 SELECT a.* FROM actions a
-WHERE a.fleet = ? AND a.status = 'started'
+WHERE a.fleet = ? AND a.status = 'started' AND a.status IN ('started', 'in_doubt')
   AND (a.host IS NULL OR a.host = ? OR a.host NOT IN (
         SELECT h.host_id FROM hosts h
         WHERE h.fleet = a.fleet AND h.status = 'running' AND h.heartbeat_at > ?))

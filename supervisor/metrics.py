@@ -1,0 +1,345 @@
+"""Prometheus metrics and a health check, served from a thread of their own.
+
+The HTTP server (wsgiref, one thread per request) runs beside the event loop, so it keeps
+answering when the loop is stuck: that is what makes `/healthz` useful. The loop calls `tick()`
+whenever it makes progress; `/healthz` answers 503 once no tick came for `stall_after` seconds,
+or while `set_store_ok(False)` says the store is failing.
+
+Paths::
+
+    /metrics   Prometheus text format (this Metrics' own registry, nothing process-global)
+    /healthz   200 {"ok": true, ...} or 503 {"ok": false, "reasons": [...], ...}
+
+Metrics::
+
+    acp_workers{state}                        workers per state (set_workers)
+    acp_actions_total{outcome,reason}         gate outcomes (observe_action)
+    acp_approvals_pending                     pending approvals (set_approvals)
+    acp_oldest_pending_approval_seconds       age of the oldest pending approval (set_approvals)
+    acp_window_budget_used{kind}              the current window's used cost and action count
+    acp_gate_latency_seconds                  histogram, 0.5 ms .. 1 s (observe_latency)
+    acp_killswitch_mode{mode}                 1 for the current host mode, 0 for the others
+    acp_seconds_since_progress                real seconds since the last tick()
+    acp_store_ok                              1 while the store is healthy
+
+`prometheus_client` is imported when a `Metrics` is built (metrics enabled), not when this
+module is imported, so `MetricsConfig` parses `[metrics]` without it.
+
+Config (section ``[metrics]``, every key optional)::
+
+    enabled = false          # off by default
+    host = "127.0.0.1"
+    port = 9464              # 0 picks a free port (tests)
+    stall_after = "30s"      # /healthz fails when the main loop made no progress for this long
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from .errors import ConfigError
+from .escalation import check_keys, nonempty_str, parse_duration, table, type_name
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
+
+KILLSWITCH_MODES = ("disengaged", "halt_noncritical", "halt_all", "emergency")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+    stall_after: float = 30.0  # seconds
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> MetricsConfig:
+        """The `[metrics]` table; None gives the defaults (disabled). ConfigError names the key."""
+        if section is None:
+            return cls()
+        section = table(section, "metrics")
+        check_keys(section, ("enabled", "host", "port", "stall_after"), "metrics")
+        d = cls()
+        enabled = section.get("enabled", d.enabled)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"metrics.enabled: expected a boolean, got {type_name(enabled)}")
+        host = nonempty_str(section.get("host", d.host), "metrics.host").strip()
+        port = section.get("port", d.port)
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise ConfigError(f"metrics.port: expected an integer, got {type_name(port)}")
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics.port: must be between 0 and 65535, got {port}")
+        stall_after = parse_duration(
+            section.get("stall_after", d.stall_after), "metrics.stall_after"
+        )
+        return cls(enabled=enabled, host=host, port=port, stall_after=stall_after)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No per-request line on stderr (the daemon logs to stdout as JSON)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a scraper hanging up mid-answer is not worth a traceback
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class Metrics:
+    """One registry of the daemon's metrics, plus the health state `/healthz` reports."""
+
+    def __init__(
+        self, config: MetricsConfig, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError as exc:  # pragma: no cover - an optional dependency
+            raise ConfigError(
+                "metrics.enabled: prometheus-client is not installed "
+                "(pip install 'acp-supervisor[metrics]')"
+            ) from exc
+        self.config = config
+        self._monotonic = monotonic
+        self._prom = prom
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.workers = prom.Gauge("acp_workers", "Workers per state.", ["state"], registry=r)
+        self.actions = prom.Counter(
+            "acp_actions_total",
+            "Actions through the gate, by outcome and reason.",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.approvals_pending = prom.Gauge(
+            "acp_approvals_pending", "Pending approvals of the fleet.", registry=r
+        )
+        self.oldest_pending = prom.Gauge(
+            "acp_oldest_pending_approval_seconds",
+            "Age of the oldest pending approval (0 when none).",
+            registry=r,
+        )
+        self.budget_used = prom.Gauge(
+            "acp_window_budget_used",
+            "Budget used in the current window: kind=cost (cost units), kind=actions (count).",
+            ["kind"],
+            registry=r,
+        )
+        self.gate_latency = prom.Histogram(
+            "acp_gate_latency_seconds",
+            "Gate latency per admitted action.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.killswitch_mode = prom.Gauge(
+            "acp_killswitch_mode", "1 for the current host kill-switch mode.", ["mode"], registry=r
+        )
+        self.since_progress = prom.Gauge(
+            "acp_seconds_since_progress",
+            "Real seconds since the main loop last ticked.",
+            registry=r,
+        )
+        self.since_progress.set_function(self.seconds_since_tick)
+        self.store_ok_gauge = prom.Gauge(
+            "acp_store_ok", "1 while the store answers, 0 when it fails.", registry=r
+        )
+        for kind in ("cost", "actions"):
+            self.budget_used.labels(kind=kind).set(0)
+        self.set_killswitch_mode("disengaged")
+        self._worker_states: set[str] = set()
+        self._last_tick = monotonic()
+        self._store_ok = True
+        self._store_problem: str | None = None
+        self.store_ok_gauge.set(1)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def set_workers(self, counts: Mapping[str, int]) -> None:
+        """Workers per state; a state seen before and missing now goes to 0."""
+        for state in self._worker_states - set(counts):
+            self.workers.labels(state=state).set(0)
+        for state, n in counts.items():
+            self.workers.labels(state=state).set(n)
+        self._worker_states |= set(counts)
+
+    def observe_action(self, outcome: str, reason: str = "") -> None:
+        """One gate outcome, e.g. ("succeeded", ""), ("denied", "policy"), ("failed", "error")."""
+        self.actions.labels(outcome=outcome, reason=reason or "").inc()
+
+    def observe_latency(self, seconds: float) -> None:
+        self.gate_latency.observe(seconds)
+
+    def set_approvals(self, pending: int, oldest_age_seconds: float) -> None:
+        self.approvals_pending.set(pending)
+        self.oldest_pending.set(max(0.0, oldest_age_seconds) if pending else 0.0)
+
+    def set_budget_used(self, *, cost: float, actions: float) -> None:
+        self.budget_used.labels(kind="cost").set(cost)
+        self.budget_used.labels(kind="actions").set(actions)
+
+    def set_killswitch_mode(self, mode: str) -> None:
+        """`mode` is a kill-switch Mode (a str enum) or its value."""
+        current = str(getattr(mode, "value", mode))
+        for name in _modes(current):
+            self.killswitch_mode.labels(mode=name).set(1 if name == current else 0)
+
+    def tick(self) -> None:
+        """The main loop made progress (real monotonic time, also under a virtual clock)."""
+        self._last_tick = self._monotonic()
+
+    def seconds_since_tick(self) -> float:
+        return max(0.0, self._monotonic() - self._last_tick)
+
+    def set_store_ok(self, ok: bool, problem: str | None = None) -> None:
+        self._store_ok = ok
+        self._store_problem = None if ok else problem
+        self.store_ok_gauge.set(1 if ok else 0)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, the JSON /healthz answers)."""
+        since = self.seconds_since_tick()
+        reasons: list[str] = []
+        if since > self.config.stall_after:
+            reasons.append(
+                f"main loop stalled: no progress for {since:.1f}s "
+                f"(stall_after {self.config.stall_after:g}s)"
+            )
+        if not self._store_ok:
+            reasons.append(
+                "store failing" + (f": {self._store_problem}" if self._store_problem else "")
+            )
+        body: dict[str, Any] = {
+            "ok": not reasons,
+            "seconds_since_progress": round(since, 3),
+            "stall_after": self.config.stall_after,
+            "store_ok": self._store_ok,
+        }
+        if reasons:
+            body["reasons"] = reasons
+        return not reasons, body
+
+    def render(self) -> bytes:
+        data: bytes = self._prom.generate_latest(self.registry)
+        return data
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = self._route(environ, start_response)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
+
+    def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path not in ("/metrics", "/healthz"):
+            return _answer(start_response, "404 Not Found", "text/plain", b"not found\n")
+        if method not in ("GET", "HEAD"):
+            return _answer(
+                start_response,
+                "405 Method Not Allowed",
+                "text/plain",
+                b"method not allowed\n",
+                [("Allow", "GET, HEAD")],
+            )
+        if path == "/metrics":
+            try:
+                body = self.render()
+            except Exception as exc:
+                return _answer(
+                    start_response,
+                    "500 Internal Server Error",
+                    "text/plain",
+                    f"{type(exc).__name__}: {exc}\n".encode(),
+                )
+            return _answer(start_response, "200 OK", self._prom.CONTENT_TYPE_LATEST, body)
+        ok, report = self.health()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        return _answer(
+            start_response,
+            status,
+            "application/json",
+            json.dumps(report, sort_keys=True).encode() + b"\n",
+        )
+
+    def serve(self) -> int:
+        """Start the HTTP server in a daemon thread; returns the bound port."""
+        if self._server is not None:
+            return self.port
+        host = self.config.host
+        server_class = _Server6 if ":" in host else _Server
+        server = make_server(
+            host.strip("[]"),
+            self.config.port,
+            self._app,
+            server_class=server_class,
+            handler_class=_QuietHandler,
+        )
+        self._server = server
+        self.tick()  # the grace period starts now
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="acp-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+        return self.port
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return 0
+        port: int = self._server.server_address[1]
+        return port
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def _modes(current: str) -> tuple[str, ...]:
+    return KILLSWITCH_MODES if current in KILLSWITCH_MODES else (*KILLSWITCH_MODES, current)
+
+
+def _answer(
+    start_response: StartResponse,
+    status: str,
+    content_type: str,
+    body: bytes,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        *(extra or []),
+    ]
+    start_response(status, headers)
+    return [body]

@@ -1,0 +1,167 @@
+"""The metrics endpoint over real HTTP: /metrics text, and /healthz that fails when the main loop
+stops ticking or the store is failing, answered from its own thread."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from supervisor.metrics import Metrics, MetricsConfig
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    m = Metrics(MetricsConfig(enabled=True, host="127.0.0.1", port=0, stall_after=0.5))
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one series in the Prometheus text format."""
+    series = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in:\n{text}")
+
+
+def test_metrics_text(metrics: Metrics) -> None:
+    port = metrics.serve()
+    assert port > 0 and metrics.port == port
+    metrics.set_workers({"running": 3, "backoff": 1})
+    metrics.set_workers({"running": 2, "quarantined": 1})  # "backoff" went away: 0
+    metrics.observe_action("succeeded")
+    metrics.observe_action("succeeded")
+    metrics.observe_action("denied", "policy")
+    metrics.set_approvals(4, 95.5)
+    metrics.set_budget_used(cost=12.5, actions=7)
+    for seconds in (0.0003, 0.002, 0.004, 2.0):
+        metrics.observe_latency(seconds)
+    metrics.set_killswitch_mode("halt_all")
+
+    status, content_type, text = get(port, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    assert sample(text, "acp_workers", 'state="running"') == 2
+    assert sample(text, "acp_workers", 'state="quarantined"') == 1
+    assert sample(text, "acp_workers", 'state="backoff"') == 0
+    assert sample(text, "acp_actions_total", 'outcome="succeeded",reason=""') == 2
+    assert sample(text, "acp_actions_total", 'outcome="denied",reason="policy"') == 1
+    assert sample(text, "acp_approvals_pending") == 4
+    assert sample(text, "acp_oldest_pending_approval_seconds") == 95.5
+    assert sample(text, "acp_window_budget_used", 'kind="cost"') == 12.5
+    assert sample(text, "acp_window_budget_used", 'kind="actions"') == 7
+    assert sample(text, "acp_gate_latency_seconds_bucket", 'le="0.0005"') == 1
+    assert sample(text, "acp_gate_latency_seconds_bucket", 'le="0.005"') == 3
+    assert sample(text, "acp_gate_latency_seconds_bucket", 'le="1.0"') == 3
+    assert sample(text, "acp_gate_latency_seconds_bucket", 'le="+Inf"') == 4
+    assert sample(text, "acp_gate_latency_seconds_count") == 4
+    assert sample(text, "acp_killswitch_mode", 'mode="halt_all"') == 1
+    assert sample(text, "acp_killswitch_mode", 'mode="disengaged"') == 0
+    assert sample(text, "acp_killswitch_mode", 'mode="emergency"') == 0
+    assert sample(text, "acp_store_ok") == 1
+    assert 0 <= sample(text, "acp_seconds_since_progress") < 5
+    # its own registry: no process-global collectors (python_gc_*, process_*)
+    assert "python_gc" not in text and "process_cpu" not in text
+
+    metrics.set_approvals(0, 0.0)
+    metrics.set_killswitch_mode("disengaged")
+    _status, _ct, text = get(port, "/metrics")
+    assert sample(text, "acp_approvals_pending") == 0
+    assert sample(text, "acp_killswitch_mode", 'mode="halt_all"') == 0
+    assert sample(text, "acp_killswitch_mode", 'mode="disengaged"') == 1
+
+
+def test_healthz(metrics: Metrics) -> None:
+    port = metrics.serve()
+    status, content_type, body = get(port, "/healthz")
+    assert (status, content_type) == (200, "application/json")
+    report: dict[str, Any] = json.loads(body)
+    assert report["ok"] is True and report["store_ok"] is True
+
+    time.sleep(0.7)  # longer than stall_after without a tick: the loop looks stuck
+    status, _ct, body = get(port, "/healthz")
+    assert status == 503
+    report = json.loads(body)
+    assert report["ok"] is False
+    assert len(report["reasons"]) == 1 and report["reasons"][0].startswith("main loop stalled")
+
+    metrics.tick()
+    assert get(port, "/healthz")[0] == 200
+
+    metrics.set_store_ok(False, "sqlite commit failed: disk I/O error")
+    status, _ct, body = get(port, "/healthz")
+    assert status == 503
+    assert json.loads(body)["reasons"] == ["store failing: sqlite commit failed: disk I/O error"]
+    _s, _c, text = get(port, "/metrics")
+    assert sample(text, "acp_store_ok") == 0
+
+    metrics.set_store_ok(True)
+    metrics.tick()
+    assert get(port, "/healthz")[0] == 200
+
+
+def test_unknown_path_and_method(metrics: Metrics) -> None:
+    port = metrics.serve()
+    assert get(port, "/nope")[0] == 404
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    with info.value:
+        assert info.value.code == 405
+
+
+def test_close_stops_serving(metrics: Metrics) -> None:
+    port = metrics.serve()
+    assert metrics.serve() == port  # already serving: the same port
+    metrics.close()
+    metrics.close()  # idempotent
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_two_instances_do_not_share_a_registry() -> None:
+    config = MetricsConfig(enabled=True, port=0)
+    a, b = Metrics(config), Metrics(config)
+    a.observe_action("succeeded")
+    assert b"acp_actions_total" in a.render()
+    assert 'outcome="succeeded"' not in b.render().decode()
+
+
+@pytest.mark.anyio
+async def test_healthz_answers_while_the_event_loop_is_blocked(metrics: Metrics) -> None:
+    import threading
+
+    port = metrics.serve()
+    metrics.tick()
+    answers: list[int] = []
+
+    def probe() -> None:
+        time.sleep(0.7)  # by now the loop below has been stuck for longer than stall_after
+        answers.append(get(port, "/healthz")[0])
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    time.sleep(1.0)  # noqa: ASYNC251 - a stuck event loop: nothing runs on it, nothing ticks
+    assert answers == [503]  # answered from the server's own thread meanwhile
+    thread.join()
+    metrics.tick()
+    assert get(port, "/healthz")[0] == 200
