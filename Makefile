@@ -1,0 +1,20 @@
+.PHONY: test bench bench-quick demo lint
+
+demo:
+	./scripts/demo
+
+test:
+	./scripts/test
+
+lint:
+	.venv/bin/ruff check supervisor workers tests bench
+	.venv/bin/mypy
+
+# Every figure in one table; docs/performance.md keeps the latest.
+bench:
+	[ -x .venv/bin/python ] || python3 -m venv .venv
+	.venv/bin/pip install -q -e '.[test]'
+	.venv/bin/python bench/all.py --markdown docs/performance.md
+
+bench-quick:
+	.venv/bin/python bench/all.py --quick

@@ -1,0 +1,115 @@
+"""Every benchmark in bench/, one table: `python bench/all.py [--quick] [--markdown FILE]`.
+
+Each benchmark script prints JSON with --json; this runs them one after another (never in
+parallel: they measure the same two cores), flattens what they print into rows and prints one
+table. --markdown also writes the table, the machine and the command to a file
+(docs/performance.md keeps the latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, script, arguments for a full run, arguments for --quick)
+BENCHES: list[tuple[str, str, list[str], list[str]]] = [
+    ("store", "bench/store.py", [], ["--rows", "500"]),
+    ("gate and fleet", "bench/fleet.py", ["--seconds", "10"], ["--seconds", "3"]),
+    ("kill switch", "bench/killswitch.py", [], []),
+    ("month simulation", "bench/horizon.py", [], ["--quick"]),
+    ("recovery scan", "bench/recovery.py", [], ["--events", "100000"]),
+    ("fleet on Postgres", "bench/fleet_pg.py", ["--seconds", "10"], ["--seconds", "3"]),
+    ("soak", "bench/soak.py", [], ["--horizon", "week", "--workers", "10", "--kills", "2"]),
+]
+
+
+def flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for item in value:
+            label = next((str(item[k]) for k in ("backend", "workers", "name", "case", "label")
+                          if k in item), str(value.index(item)))  # fmt: skip
+            flatten(f"{prefix}[{label}]", {k: v for k, v in item.items() if str(v) != label}, out)
+    else:
+        out.append((prefix, json.dumps(value) if isinstance(value, list | bool) else str(value)))
+
+
+def run(name: str, script: str, args: list[str]) -> tuple[list[tuple[str, str]], float, str | None]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, script, *args, "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)  # fmt: skip
+    took = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return [], took, f"exit {proc.returncode}: {tail[0]}"
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip().startswith(("{", "["))]
+    if not lines:
+        return [], took, "printed no JSON"
+    rows: list[tuple[str, str]] = []
+    flatten("", json.loads(lines[-1]), rows)
+    return rows, took, None
+
+
+def machine() -> str:
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                      if ln.startswith("MemTotal")).split()[1])  # fmt: skip
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="run every benchmark, print one table")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (minutes, not tens)")
+    parser.add_argument("--only", action="append", help="run only benchmarks whose name has this")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    table: list[tuple[str, str, str]] = []
+    failures = 0
+    for name, script, full, quick in BENCHES:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        if not (ROOT / script).exists():
+            table.append((name, "missing", script))
+            failures += 1
+            continue
+        print(f"running {name} ({script}) ...", file=sys.stderr, flush=True)
+        rows, took, error = run(name, script, quick if args.quick else full)
+        if error:
+            failures += 1
+            table.append((name, "FAILED", error))
+            continue
+        table.extend((name, metric, value) for metric, value in rows)
+        table.append((name, "wall seconds (whole benchmark)", f"{took:.1f}"))
+    width = max((len(m) for _, m, _ in table), default=10)
+    text = [f"{'benchmark':<18} {'figure':<{width}}  value", "-" * (width + 40)]
+    text += [f"{b:<18} {m:<{width}}  {v}" for b, m, v in table]
+    print("\n".join(text))
+    if args.markdown:
+        command = "python bench/all.py" + (" --quick" if args.quick else "")
+        md = ["# Performance", "",
+              f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, with `{command}`",
+              "(or `make bench`). Every figure comes from the benchmark named; none is a test.", "",
+              "| benchmark | figure | value |", "|---|---|---|"]  # fmt: skip
+        md += [f"| {b} | {m} | {v} |" for b, m, v in table]
+        args.markdown.write_text("\n".join(md) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
