@@ -1,0 +1,119 @@
+"""Alerts and metrics from the real daemon: a webhook in this test receives the kill-switch alert,
+and the daemon serves /metrics and /healthz while it runs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.acceptance
+SECRET = "alerts-acceptance-secret"
+
+CONFIG = """
+[daemon]
+fleet = "alerting"
+profile = "hour"
+shutdown_timeout = "3s"
+[horizons.hour]
+cycle_every = "100ms"
+[metrics]
+enabled = true
+port = 0
+[alerts]
+evaluate_every = "1s"
+[[alerts.sinks]]
+type = "webhook"
+url = "http://127.0.0.1:{port}/hook"
+timeout = "2s"
+retries = 1
+[[workers]]
+name = "support"
+class = "workers.support:SupportAgent"
+"""
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[int]:
+    Hook.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_alert_and_metrics_from_the_real_daemon(tmp_path: Path, webhook: int) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(CONFIG.format(port=webhook))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
+    env.update(ACP_KILLSWITCH_SECRET=SECRET, PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
+    proc = subprocess.Popen([*base, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        port = None
+        deadline = time.monotonic() + 20
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if b'"metrics.serving"' in line:
+                port = json.loads(line)["port"]
+        assert port, "the daemon never said where it serves metrics"
+        threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["ok"] is True
+        time.sleep(1.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'acp_workers{state="running"} 1.0' in text
+        assert "acp_gate_latency_seconds_count" in text
+        assert 'acp_killswitch_mode{mode="disengaged"} 1.0' in text
+
+        engage = subprocess.run([*base, "killswitch", "engage", "--mode", "halt_all", "--reason", "drill",
+                                 "--by", "tester"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+        assert engage.returncode == 0, engage.stderr
+        deadline = time.monotonic() + 10
+        while not any(a["condition"] == "killswitch_engaged" for a in Hook.received):
+            assert time.monotonic() < deadline, f"no kill-switch alert; got {Hook.received}"
+            time.sleep(0.1)
+        alert = next(a for a in Hook.received if a["condition"] == "killswitch_engaged")
+        assert alert["state"] == "raised" and alert["fleet"] == "alerting"
+        assert alert["detail"]["by"] == "tester"
+        time.sleep(1.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert 'acp_killswitch_mode{mode="halt_all"} 1.0' in resp.read().decode()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
