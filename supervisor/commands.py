@@ -35,9 +35,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--simulate needs --horizon hour|day|week|month")
     if args.simulate and not config.db_explicit:
         # A simulation writes windows in simulated time; it never shares the real fleet's store.
-        config = dataclasses.replace(
-            config, db_url=f"sqlite:///{config.state_dir / 'simulate.db'}"
-        )
+        config = dataclasses.replace(config, db_url=f"sqlite:///{config.state_dir / 'simulate.db'}")
+
     def reload() -> Config:
         import os
 
@@ -71,7 +70,10 @@ async def status(args: argparse.Namespace, config: Config) -> int:
         workers = [_plain(r) for r in await store.fetchall("list_workers", config.fleet)]
         windows = [s.as_dict() for s in await store.open_sessions(config.fleet)]
         pending = await store.fetchrow("count_pending_approvals", config.fleet)
-        actions = {r["status"]: int(r["n"]) for r in await store.fetchall("count_actions_by_status", config.fleet)}
+        actions = {
+            r["status"]: int(r["n"])
+            for r in await store.fetchall("count_actions_by_status", config.fleet)
+        }
         switches = await _switches(store, config)
         hosts = [_plain(r) for r in await store.fetchall("list_hosts", config.fleet)]
         leases = [_plain(r) for r in await store.fetchall("list_leases", f"%:{config.fleet}%")]
@@ -82,15 +84,24 @@ async def status(args: argparse.Namespace, config: Config) -> int:
         held = [lease for lease in leases if lease["holder"].split("/")[0] == host["host_id"]
                 and lease["expires_at"] > db_now.isoformat()]  # fmt: skip
         host["leader"] = any(lease["name"].startswith("leader:") for lease in held)
-        host["slots"] = sorted(lease["name"].split(":", 2)[2] for lease in held if lease["name"].startswith("slot:"))
+        host["slots"] = sorted(
+            lease["name"].split(":", 2)[2] for lease in held if lease["name"].startswith("slot:")
+        )
     data = {"fleet": config.fleet, "hosts": hosts, "workers": workers, "open_windows": windows,
             "pending_approvals": int(pending["n"]) if pending else 0,
             "oldest_pending_at": pending["oldest_at"].isoformat() if pending and pending["oldest_at"] else None,
             "actions": actions, "killswitch": switches}  # fmt: skip
     lines = [f"fleet {config.fleet}"]
-    lines.append("kill switch: " + "; ".join(f"{s['scope']}{' ' + s['target'] if s['target'] else ''} {s['mode']}" for s in switches))
+    lines.append(
+        "kill switch: "
+        + "; ".join(
+            f"{s['scope']}{' ' + s['target'] if s['target'] else ''} {s['mode']}" for s in switches
+        )
+    )
     lines.append("open windows: " + (", ".join(w["window_key"] for w in windows) or "none"))
-    lines.append(f"pending approvals: {data['pending_approvals']}   in-doubt actions: {actions.get('in_doubt', 0)}")
+    lines.append(
+        f"pending approvals: {data['pending_approvals']}   in-doubt actions: {actions.get('in_doubt', 0)}"
+    )
     for h in hosts:
         lines.append(f"host {h['host_id']:<16} {h['status']:<8} heartbeat {h['heartbeat_at']}"
                      f"{'  leader' if h['leader'] else ''}  slots: {', '.join(h['slots']) or '-'}")  # fmt: skip
@@ -118,10 +129,13 @@ async def sessions_list(args: argparse.Namespace, config: Config) -> int:
     finally:
         await store.close()
     rows = [s.as_dict() for s in sessions]
-    text = "\n".join(
-        f"{s['id']}  {s['window_key']:<27} {s['status']:<9} actions {s['used_actions']:<5} cost {s['used_cost']:.2f}"
-        for s in rows
-    ) or "no sessions"
+    text = (
+        "\n".join(
+            f"{s['id']}  {s['window_key']:<27} {s['status']:<9} actions {s['used_actions']:<5} cost {s['used_cost']:.2f}"
+            for s in rows
+        )
+        or "no sessions"
+    )
     emit(args, rows, text)
     return 0
 
@@ -135,10 +149,13 @@ async def events_replay(args: argparse.Namespace, config: Config) -> int:
     if not events and await _missing_session(config, args.session):
         raise NotFound(f"unknown session {args.session!r}")
     rows = [e.as_dict() for e in events]
-    text = "\n".join(
-        f"{e['seq']:>6}  {e['created_at']}  {e['kind']:<20} {e['reason'] or '':<16} {e['worker'] or '':<16} {e['payload']}"
-        for e in rows
-    ) or "no events"
+    text = (
+        "\n".join(
+            f"{e['seq']:>6}  {e['created_at']}  {e['kind']:<20} {e['reason'] or '':<16} {e['worker'] or '':<16} {e['payload']}"
+            for e in rows
+        )
+        or "no events"
+    )
     emit(args, rows, text)
     return 0
 
@@ -146,7 +163,9 @@ async def events_replay(args: argparse.Namespace, config: Config) -> int:
 async def _missing_session(config: Config, session_id: str) -> bool:
     store = await _store(config)
     try:
-        return await store.get_session(session_id) is None and session_id != system_stream(config.fleet)
+        return await store.get_session(session_id) is None and session_id != system_stream(
+            config.fleet
+        )
     finally:
         await store.close()
 
@@ -158,7 +177,14 @@ async def checkpoints_list(args: argparse.Namespace, config: Config) -> int:
     finally:
         await store.close()
     rows = [c.as_dict() for c in cps]
-    emit(args, rows, "\n".join(f"{c['id']:>6}  {c['worker']:<20} cycle {c['cycle']:<6} {c['created_at']}" for c in rows) or "no checkpoints")
+    emit(
+        args,
+        rows,
+        "\n".join(
+            f"{c['id']:>6}  {c['worker']:<20} cycle {c['cycle']:<6} {c['created_at']}" for c in rows
+        )
+        or "no checkpoints",
+    )
     return 0
 
 
@@ -168,8 +194,10 @@ async def checkpoints_restore(args: argparse.Namespace, config: Config) -> int:
         cp = await Checkpoints(store, config.fleet).restore(args.id, by=args.by)
     finally:
         await store.close()
-    print(f"worker {cp.worker} resumes from checkpoint {cp.id} (cycle {cp.cycle}) at its next start; "
-          "effects already done are not undone")
+    print(
+        f"worker {cp.worker} resumes from checkpoint {cp.id} (cycle {cp.cycle}) at its next start; "
+        "effects already done are not undone"
+    )
     return 0
 
 
@@ -180,10 +208,13 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
         rows = [_plain(r) for r in await store.fetchall(query, config.fleet, 10_000)]
     finally:
         await store.close()
-    text = "\n".join(
-        f"{r['id']}  {r['status']:<9} {r['action']:<28} {r['worker']:<16} tier {r['tier']:<10} deadline {r['deadline']}"
-        for r in rows
-    ) or "no approvals"
+    text = (
+        "\n".join(
+            f"{r['id']}  {r['status']:<9} {r['action']:<28} {r['worker']:<16} tier {r['tier']:<10} deadline {r['deadline']}"
+            for r in rows
+        )
+        or "no approvals"
+    )
     emit(args, rows, text)
     return 0
 
@@ -217,7 +248,9 @@ def _scope(words: list[str]) -> tuple[str, str]:
         return kind, ""
     if kind in ("session", "worker") and len(words) == 2 and words[1]:
         return kind, words[1]
-    raise UsageError(f"unknown scope {' '.join(words)!r}: use host, fleet, session ID or worker NAME")
+    raise UsageError(
+        f"unknown scope {' '.join(words)!r}: use host, fleet, session ID or worker NAME"
+    )
 
 
 async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> int:
@@ -252,7 +285,9 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
                 await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
                                  args.reason, args.by, store.clock.now())  # fmt: skip
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
-            command_id = killswitch_command_id(config.fleet, f"{scope}:{target}", store.clock.now().isoformat())
+            command_id = killswitch_command_id(
+                config.fleet, f"{scope}:{target}", store.clock.now().isoformat()
+            )
         from . import events as ev
 
         kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
@@ -297,7 +332,11 @@ async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
         await store.close()
     text = "\n".join(
         f"{s['scope']}{' ' + s['target'] if s['target'] else '':<10} {s['mode']:<17}"
-        + (f" INVALID: {s['problem']}" if not s["valid"] else (f" by {s['by']}: {s['reason']}" if s["by"] else ""))
+        + (
+            f" INVALID: {s['problem']}"
+            if not s["valid"]
+            else (f" by {s['by']}: {s['reason']}" if s["by"] else "")
+        )
         for s in switches
     )
     emit(args, switches, text)
@@ -328,7 +367,10 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
 async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
-        rows = [_plain(r) for r in await store.fetchall("actions_with_status", config.fleet, "in_doubt", 10_000)]
+        rows = [
+            _plain(r)
+            for r in await store.fetchall("actions_with_status", config.fleet, "in_doubt", 10_000)
+        ]
     finally:
         await store.close()
     emit(args, rows, "\n".join(

@@ -397,6 +397,7 @@ class Daemon:
             state = host_switch.read()
             if state != known:
                 known = state
+                self.gate.switch_moved(self.clock)
                 await self._observe_switch(store, state)
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
@@ -440,6 +441,7 @@ class Daemon:
                 for key, mode in current.items():
                     if known.get(key, "disengaged") != mode and not (first and mode == "disengaged"):
                         row = next(r for r in rows if (r["scope"], r["target"]) == key)
+                        self.gate.switch_moved(self.clock)
                         log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
                                     by=row["changed_by"], reason=row["reason"])  # fmt: skip
                         if mode == Mode.EMERGENCY.value:

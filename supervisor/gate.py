@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import anyio
 import structlog
 
 from . import events as ev
@@ -108,6 +109,8 @@ class Gate:
         # the fleet switch then counts as halt_all.
         self.fleet_unknown: str | None = None
         self.observer: GateObserver | None = None  # metrics, when enabled
+        # Rung on every observed switch change, so waiting workers react at once.
+        self.switch_changed = anyio.Event()
         self.host: str | None = None
 
     # -- the checks -----------------------------------------------------------------------------
@@ -186,7 +189,10 @@ class Gate:
                 return None, Outcome(command_id, stored["status"], stored.get("result"),
                                      stored.get("error"), replayed=True)  # fmt: skip
             row = await self.store.get_action(command_id)
-            if row is not None and row["status"] == "in_doubt" and row["safe_to_retry"]:
+            if row is not None and (
+                row["status"] == "halted"  # stopped at the last look: nothing ran, so it may run
+                or (row["status"] == "in_doubt" and row["safe_to_retry"])
+            ):
                 rerun = True
             else:
                 status = row["status"] if row else "unknown"
@@ -374,6 +380,15 @@ class Gate:
         await self.finish(action, worker=worker, session=session, command_id=command_id,
                           ok=True, result=result, correlation_id=correlation_id)  # fmt: skip
         return Outcome(command_id, "succeeded", result, None, replayed=False)
+
+    def switch_moved(self, clock: Any) -> None:
+        """A switch changed (the daemon's watchers call this): wake everyone waiting on it."""
+        changed, self.switch_changed = self.switch_changed, anyio.Event()
+        clock.ring(changed)
+
+    def halted(self, *, worker: str, session_id: str, critical: bool = False) -> str | None:
+        """The host switch's verdict now, as a waiting worker sees it (no store read)."""
+        return self._host_verdict(critical)
 
     async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
         """Every switch read again right before the effect: an engage that landed after the

@@ -104,6 +104,22 @@ class CycleContext:
         self._index += 1
         return derive_id(self.fleet, self.worker, str(self.cycle), str(self._index))
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait inside a cycle; a kill-switch change wakes it at once, and a halt raises
+        ActionDenied(reason="killswitch") instead of letting the worker carry on."""
+        from datetime import timedelta
+
+        from .errors import ActionDenied
+
+        until = self.clock.now() + timedelta(seconds=seconds)
+        while self.clock.now() < until:
+            woke = self.gate.switch_changed
+            if await self.clock.sleep_until(until, woke):
+                return
+            problem = self.gate.halted(worker=self.worker, session_id=self.session.id)
+            if problem is not None:
+                raise ActionDenied(f"kill switch while waiting: {problem}", reason="killswitch")
+
     def record_effect(self, action: str, command_id: str, **detail: Any) -> dict[str, Any]:
         entry = {"fleet": self.fleet, "worker": self.worker, "cycle": self.cycle,
                  "action": action, "command_id": command_id, "session": self.session.id,

@@ -14,5 +14,22 @@ class StallWorker(Worker):
 
     async def cycle(self, ctx: CycleContext) -> None:
         marker = Path(self.params["stall_file"])
-        while marker.exists():
-            time.sleep(0.2)
+        while marker.exists():  # noqa: ASYNC240 - blocking on purpose: this is the stall
+            time.sleep(0.2)  # noqa: ASYNC251
+
+
+class LongSleeper(Worker):
+    """Waits a minute inside each cycle; a halt must cut the wait short."""
+
+    async def cycle(self, ctx: CycleContext) -> None:
+        import structlog
+
+        from supervisor.errors import ActionDenied
+
+        log = structlog.get_logger("test")
+        log.info("sleeper.waiting")
+        try:
+            await ctx.sleep(60)
+        except ActionDenied as exc:
+            log.info("sleeper.halted", reason=exc.reason)
+            raise

@@ -26,7 +26,9 @@ SECRET = b"halt-deadline-secret"
 CHAIN = {"timeout": "60m", "escalation": [{"after": "15m", "tier": "oncall"}]}
 
 
-async def setup(store: Store, clock: VirtualClock, tmp_path: Path) -> tuple[Gate, HostSwitchFile, Session]:
+async def setup(
+    store: Store, clock: VirtualClock, tmp_path: Path
+) -> tuple[Gate, HostSwitchFile, Session]:
     switch = HostSwitchFile(tmp_path / "killswitch.json", SECRET)
     approvals = Approvals(store, EscalationChain.from_config(CHAIN), "f")
     gate = Gate(store=store, fleet="f", policy=Policy.from_config(None), approvals=approvals,
@@ -90,3 +92,28 @@ def kinds_in(kinds: list[str], *wanted: str) -> bool:
 
 async def _effect() -> None:
     raise AssertionError("the effect must not run while the approval is pending")
+
+
+async def test_an_action_halted_at_the_last_look_runs_after_disengage(
+    store: Store, clock: VirtualClock, tmp_path: Path
+) -> None:
+    gate, switch, session = await setup(store, clock, tmp_path)
+    action = Action("notes.write", params={"n": 1}, risk="low", cost=1.0)
+    ran: list[int] = []
+
+    async def effect() -> int:
+        ran.append(1)
+        return 1
+
+    permit, _ = await gate.admit(action, worker="w", session=session, command_id="h1")
+    assert permit is not None
+    switch.write(Mode.HALT_ALL, reason="incident", by="op", at=clock.now().isoformat())
+    with pytest.raises(ActionDenied):
+        await gate.last_look(action, worker="w", session=session, command_id="h1")
+    row = await store.get_action("h1")
+    assert row is not None and row["status"] == "halted" and ran == []
+    switch.write(Mode.DISENGAGED, reason="over", by="op", at=clock.now().isoformat())
+    outcome = await gate.run(action, effect, worker="w", session=session, command_id="h1")
+    assert outcome.status == "succeeded" and not outcome.replayed and ran == [1]
+    fresh = await store.get_session(session.id)
+    assert fresh is not None and fresh.used_actions == 1 and fresh.used_cost == 1.0

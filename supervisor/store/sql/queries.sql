@@ -98,7 +98,7 @@ RETURNING command_id;
 
 -- name: restart_action
 UPDATE actions SET status = 'started', started_at = ?, session_id = ?, host = ?
-WHERE command_id = ? AND status = 'in_doubt'
+WHERE command_id = ? AND status IN ('in_doubt', 'halted')
 RETURNING command_id;
 
 -- name: resolve_action
