@@ -112,7 +112,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "db", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True)  # fmt: skip
         hosts = [Host(h, tmp, db, args) for h in HOSTS]
         slots = args.workers  # the fleet's worker slots, spread over the hosts
-        wait(lambda: len(q(db, "SELECT 1 FROM leases WHERE name LIKE 'slot:%' AND expires_at > now()")) == slots, 60)
+        wait(
+            lambda: (
+                len(q(db, "SELECT 1 FROM leases WHERE name LIKE 'slot:%' AND expires_at > now()"))
+                == slots
+            ),
+            60,
+        )
         time.sleep(1.0)  # warm up
         n0 = q(db, "SELECT count(*) AS n FROM actions")[0]["n"]
         t0 = time.monotonic()
@@ -129,8 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engaged_db: datetime = q(db, "SELECT now() AS t")[0]["t"]
         # The engage's own timestamp (the CLI's clock, taken inside its transaction): the halt
         # is in force from its commit, a moment later, so this slightly overstates propagation.
-        engaged_wall = q(db, "SELECT updated_at FROM kill_switches WHERE scope = 'fleet' AND "
-                             "mode = 'halt_all'")[0]["updated_at"].timestamp()
+        engaged_wall = q(
+            db, "SELECT updated_at FROM kill_switches WHERE scope = 'fleet' AND mode = 'halt_all'"
+        )[0]["updated_at"].timestamp()
         wait(lambda: all(len(h.observed) > b for h, b in zip(hosts, before, strict=True)), 10)
         propagation = max(h.observed[-1] for h in hosts) - engaged_wall
         time.sleep(0.5)
@@ -149,11 +156,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         and len(q(db, "SELECT 1 FROM leases WHERE name LIKE 'slot:%' AND expires_at > now()")) == slots,
                         30)  # fmt: skip
         return {
-            "hosts": len(HOSTS), "worker_slots": args.workers, "seconds": args.seconds,
+            "hosts": len(HOSTS),
+            "worker_slots": args.workers,
+            "seconds": args.seconds,
             "fleet_actions_per_s": round(rate, 1),
             "halt_propagation_ms": round(propagation * 1000, 1),
             "actions_started_after_halt": late,
-            "lease_ttl_s": args.lease_ttl, "takeover_s": round(takeover, 2),
+            "lease_ttl_s": args.lease_ttl,
+            "takeover_s": round(takeover, 2),
         }
     finally:
         for h in hosts:

@@ -32,14 +32,29 @@ class _Parser(argparse.ArgumentParser):
 def _globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("global options")
-    group.add_argument("--config", metavar="FILE", default=default,
-                       help="config file (TOML); env ACP_CONFIG; default: the built-in config")
-    group.add_argument("--db", metavar="URL", default=default,
-                       help="sqlite:///path or postgresql://...; env ACP_DB")
-    group.add_argument("--state-dir", metavar="DIR", default=default,
-                       help="state directory; env ACP_STATE_DIR; default ./state")
-    group.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "info",
-                       choices=["debug", "info", "warning", "error"])
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="config file (TOML); env ACP_CONFIG; default: the built-in config",
+    )
+    group.add_argument(
+        "--db",
+        metavar="URL",
+        default=default,
+        help="sqlite:///path or postgresql://...; env ACP_DB",
+    )
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default,
+        help="state directory; env ACP_STATE_DIR; default ./state",
+    )
+    group.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS if suppress else "info",
+        choices=["debug", "info", "warning", "error"],
+    )
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +70,16 @@ def _iso(value: str) -> datetime:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Keeps AI agent workers running and governs every action.")
+    parser = _Parser(
+        prog=PROG, description="Keeps AI agent workers running and governs every action."
+    )
     _globals(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def command(name: str, help_: str, handler: Handler, parent: Any = sub) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_: str, handler: Handler, parent: Any = sub
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
         _globals(p, suppress=True)
         p.set_defaults(handler=handler)
@@ -75,32 +94,44 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     _json_flag(run)
 
-    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
+    db = sub.add_parser("db", help="database commands").add_subparsers(
+        dest="db_command", metavar="ACTION", parser_class=_Parser
+    )
     db.required = True
     command("migrate", "create or upgrade the schema", c.db_migrate, db)
 
     _json_flag(command("status", "workers, windows, kill switch and approvals", c.status))
     _json_flag(command("scorecard", "the run's scorecard from the store", c.scorecard))
 
-    sessions = sub.add_parser("sessions", help="governance windows").add_subparsers(dest="sessions_command", metavar="ACTION", parser_class=_Parser)
+    sessions = sub.add_parser("sessions", help="governance windows").add_subparsers(
+        dest="sessions_command", metavar="ACTION", parser_class=_Parser
+    )
     sessions.required = True
     _json_flag(command("list", "list windows", c.sessions_list, sessions))
 
-    events = sub.add_parser("events", help="the event log").add_subparsers(dest="events_command", metavar="ACTION", parser_class=_Parser)
+    events = sub.add_parser("events", help="the event log").add_subparsers(
+        dest="events_command", metavar="ACTION", parser_class=_Parser
+    )
     events.required = True
     replay = command("replay", "events of one session in order", c.events_replay, events)
     replay.add_argument("--session", required=True)
     replay.add_argument("--after", type=int, default=0, metavar="SEQ")
     _json_flag(replay)
 
-    cps = sub.add_parser("checkpoints", help="worker checkpoints").add_subparsers(dest="cp_command", metavar="ACTION", parser_class=_Parser)
+    cps = sub.add_parser("checkpoints", help="worker checkpoints").add_subparsers(
+        dest="cp_command", metavar="ACTION", parser_class=_Parser
+    )
     cps.required = True
     _json_flag(command("list", "list checkpoints", c.checkpoints_list, cps))
-    restore = command("restore", "make a checkpoint the worker's resume point", c.checkpoints_restore, cps)
+    restore = command(
+        "restore", "make a checkpoint the worker's resume point", c.checkpoints_restore, cps
+    )
     restore.add_argument("id", type=int)
     restore.add_argument("--by", required=True)
 
-    ap = sub.add_parser("approvals", help="pending and decided approvals").add_subparsers(dest="ap_command", metavar="ACTION", parser_class=_Parser)
+    ap = sub.add_parser("approvals", help="pending and decided approvals").add_subparsers(
+        dest="ap_command", metavar="ACTION", parser_class=_Parser
+    )
     ap.required = True
     lst = command("list", "list approvals", c.approvals_list, ap)
     lst.add_argument("--pending", action="store_true")
@@ -117,13 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     deny.add_argument("--by", required=True)
     deny.add_argument("--reason", required=True)
 
-    ks = sub.add_parser("killswitch", help="halt and resume actions").add_subparsers(dest="ks_command", metavar="ACTION", parser_class=_Parser)
+    ks = sub.add_parser("killswitch", help="halt and resume actions").add_subparsers(
+        dest="ks_command", metavar="ACTION", parser_class=_Parser
+    )
     ks.required = True
     engage = command("engage", "halt actions at a scope", c.killswitch_engage, ks)
-    engage.add_argument("--mode", required=True,
-                        choices=["halt_noncritical", "halt_all", "emergency"])
-    engage.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE",
-                        help="host | fleet | session ID | worker NAME")
+    engage.add_argument(
+        "--mode", required=True, choices=["halt_noncritical", "halt_all", "emergency"]
+    )
+    engage.add_argument(
+        "--scope",
+        nargs="+",
+        default=["host"],
+        metavar="SCOPE",
+        help="host | fleet | session ID | worker NAME",
+    )
     engage.add_argument("--reason", required=True)
     engage.add_argument("--by", required=True)
     dis = command("disengage", "resume actions at a scope", c.killswitch_disengage, ks)
@@ -136,15 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--dry-run", action="store_true")
     _json_flag(rec)
 
-    actions = sub.add_parser("actions", help="actions").add_subparsers(dest="actions_command", metavar="ACTION", parser_class=_Parser)
+    actions = sub.add_parser("actions", help="actions").add_subparsers(
+        dest="actions_command", metavar="ACTION", parser_class=_Parser
+    )
     actions.required = True
-    _json_flag(command("in-doubt", "actions started without an outcome", c.actions_in_doubt, actions))
-    resolve = command("resolve", "record an operator's verdict on an in-doubt action", c.actions_resolve, actions)
+    _json_flag(
+        command("in-doubt", "actions started without an outcome", c.actions_in_doubt, actions)
+    )
+    resolve = command(
+        "resolve", "record an operator's verdict on an in-doubt action", c.actions_resolve, actions
+    )
     resolve.add_argument("id")
     resolve.add_argument("--as", dest="as_", required=True, choices=["done", "failed"])
     resolve.add_argument("--by", required=True)
 
-    tokens = sub.add_parser("tokens", help="token governance").add_subparsers(dest="tokens_command", metavar="ACTION", parser_class=_Parser)
+    tokens = sub.add_parser("tokens", help="token governance").add_subparsers(
+        dest="tokens_command", metavar="ACTION", parser_class=_Parser
+    )
     tokens.required = True
     usage = command("usage", "token usage per identity and period", c.tokens_usage, tokens)
     usage.add_argument("--scope", choices=["user", "team", "org"])
@@ -165,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .logging import configure
 
-    configure(level=args.log_level, stream=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    configure(
+        level=args.log_level, stream=sys.stderr if getattr(args, "json", False) else sys.stdout
+    )
     try:
         _nonempty(args)
         config = load_config(

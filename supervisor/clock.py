@@ -16,7 +16,7 @@ import contextvars
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -39,7 +39,7 @@ class Clock(Protocol):
         ...
 
     def spawn(
-        self, tg: TaskGroup, fn: Callable[..., Awaitable[Any]], *args: Any, name: str
+        self, tg: TaskGroup, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str
     ) -> None:
         """Start a task that may sleep on this clock."""
         ...
@@ -73,7 +73,7 @@ class SystemClock:
                     return False
 
     def spawn(
-        self, tg: TaskGroup, fn: Callable[..., Awaitable[Any]], *args: Any, name: str
+        self, tg: TaskGroup, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str
     ) -> None:
         tg.start_soon(fn, *args, name=name)
 
@@ -183,7 +183,7 @@ class VirtualClock:
                 heapq.heappush(self._heap, (self._now, next(self._order), sleeper))
 
     def spawn(
-        self, tg: TaskGroup, fn: Callable[..., Awaitable[Any]], *args: Any, name: str
+        self, tg: TaskGroup, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str
     ) -> None:
         # Queued now, in the spawner's order, so start order does not depend on the event loop.
         sleeper = self._enqueue(self._now)

@@ -25,9 +25,13 @@ class HorizonProfile:
 
 
 DEFAULTS: dict[str, HorizonProfile] = {
-    "hour": HorizonProfile("hour", timedelta(hours=1), timedelta(minutes=5), "hourly", 6, 50.0, 500),
+    "hour": HorizonProfile(
+        "hour", timedelta(hours=1), timedelta(minutes=5), "hourly", 6, 50.0, 500
+    ),
     "day": HorizonProfile("day", timedelta(days=1), timedelta(minutes=15), "hourly", 12, 50.0, 500),
-    "week": HorizonProfile("week", timedelta(days=7), timedelta(minutes=30), "daily", 24, 500.0, 5000),
+    "week": HorizonProfile(
+        "week", timedelta(days=7), timedelta(minutes=30), "daily", 24, 500.0, 5000
+    ),
     "month": HorizonProfile(
         "month", timedelta(days=30), timedelta(minutes=60), "daily", 24, 500.0, 5000
     ),

@@ -83,6 +83,13 @@ class Coordinator:
                 f"(pid {row['pid']}, heartbeat {age:.1f}s ago): give each host its own host_id"
             )
         async with self.store.transaction() as tx:
+            if row is not None and row["status"] == "running" and row["instance"] != self.instance:
+                # The previous incarnation's leases go with it (its pid is gone), so workers and
+                # duties restart now rather than after the lease time.
+                dead = f"{self.host_id}/{row['instance']}"
+                for lease in await tx.fetchall("list_leases", "%"):
+                    if lease["holder"] == dead:
+                        await tx.execute("release_lease", now, lease["name"], dead)
             await tx.execute("upsert_host", self.fleet, self.host_id, self.instance, os.getpid(),
                              now, now)  # fmt: skip
         self.last_beat = now
@@ -103,7 +110,11 @@ class Coordinator:
         was_leader = self.is_leader
         self.leader = await self._acquire(leader_lease(self.fleet), now)
         if self.is_leader != was_leader:
-            log.info("lease.leader", held=self.is_leader, token=self.leader.token if self.leader else None)
+            log.info(
+                "lease.leader",
+                held=self.is_leader,
+                token=self.leader.token if self.leader else None,
+            )
         lost = []
         for instance in list(self.slots):
             fence = await self._acquire(slot_lease(self.fleet, instance), now)

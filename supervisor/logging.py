@@ -11,7 +11,9 @@ from typing import Any, TextIO
 import structlog
 
 
-def configure(*, json: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
+def configure(
+    *, json: bool | None = None, level: str = "info", stream: TextIO | None = None
+) -> None:
     stream = stream or sys.stdout
     as_json = (not stream.isatty()) if json is None else json
     processors: list[Any] = [

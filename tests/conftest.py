@@ -59,7 +59,7 @@ def pg_template() -> Iterator[str]:
 
     try:
         asyncio.run(make())
-    except (OSError, Exception) as exc:  # noqa: BLE001 - any failure here means "no Postgres"
+    except (OSError, Exception) as exc:
         _unreachable(f"{type(exc).__name__}: {exc}")
     yield TEMPLATE
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)'))

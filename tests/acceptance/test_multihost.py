@@ -99,7 +99,9 @@ def wait_until(check: Callable[[], bool], seconds: float, what: str) -> float:
 
 
 def slot_holders(db: str) -> dict[str, str]:
-    rows = query(db, "SELECT name, holder FROM leases WHERE name LIKE 'slot:%' AND expires_at > now()")
+    rows = query(
+        db, "SELECT name, holder FROM leases WHERE name LIKE 'slot:%' AND expires_at > now()"
+    )
     return {r["name"].split(":", 2)[2]: r["holder"].split("/")[0] for r in rows}
 
 
@@ -122,10 +124,15 @@ def test_three_hosts_share_one_fleet(fleet: Fleet, pg_url: str) -> None:
                20, "slots balanced over three hosts")  # fmt: skip
     wait_until(lambda: len(query(pg_url, "SELECT 1 FROM actions WHERE host = 'h3'")) > 5, 10,
                "actions on h3")  # fmt: skip
-    leader = query(pg_url, "SELECT holder FROM leases WHERE name = 'leader:multi'")[0]["holder"].split("/")[0]
+    leader = query(pg_url, "SELECT holder FROM leases WHERE name = 'leader:multi'")[0][
+        "holder"
+    ].split("/")[0]
 
     # one window, opened once whoever got there first
-    opened = query(pg_url, "SELECT session_id, count(*) AS n FROM events WHERE kind = 'WINDOW_OPENED' GROUP BY session_id")
+    opened = query(
+        pg_url,
+        "SELECT session_id, count(*) AS n FROM events WHERE kind = 'WINDOW_OPENED' GROUP BY session_id",
+    )
     assert opened and all(r["n"] == 1 for r in opened)
 
     # SIGKILL the leader: its slots and its leader lease move within the lease time
@@ -160,10 +167,17 @@ def test_three_hosts_share_one_fleet(fleet: Fleet, pg_url: str) -> None:
     time.sleep(1.5)
     late = query(pg_url, "SELECT count(*) AS n FROM actions WHERE started_at > $1", engaged)[0]["n"]
     assert late == 0, f"{late} actions started after the fleet halt"
-    denied = query(pg_url, "SELECT count(*) AS n FROM events WHERE kind = 'ACTION_DENIED' AND reason = 'killswitch' AND created_at > $1", engaged)
+    denied = query(
+        pg_url,
+        "SELECT count(*) AS n FROM events WHERE kind = 'ACTION_DENIED' AND reason = 'killswitch' AND created_at > $1",
+        engaged,
+    )
     assert denied[0]["n"] > 0
     # every command_id started at most once across the fleet
-    dup = query(pg_url, "SELECT command_id FROM events WHERE kind = 'ACTION_STARTED' GROUP BY command_id HAVING count(*) > 1")
+    dup = query(
+        pg_url,
+        "SELECT command_id FROM events WHERE kind = 'ACTION_STARTED' GROUP BY command_id HAVING count(*) > 1",
+    )
     assert dup == []
     fleet.stop_all()
     assert all(p.returncode in (0, -9) for p in fleet.procs.values())
@@ -178,11 +192,17 @@ def test_budget_is_never_overspent_across_hosts(tmp_path: Path, pg_url: str) -> 
         wait_until(lambda: bool(query(pg_url, "SELECT 1 FROM events WHERE kind = 'BUDGET_EXHAUSTED'")), 30,
                    "budget exhausted")  # fmt: skip
         time.sleep(1.0)
-        rows = query(pg_url, "SELECT id, used_actions, reserved_actions FROM sessions WHERE status = 'open'")
+        rows = query(
+            pg_url, "SELECT id, used_actions, reserved_actions FROM sessions WHERE status = 'open'"
+        )
         for row in rows:
-            started = query(pg_url, "SELECT count(*) AS n FROM actions WHERE session_id = $1", row["id"])[0]["n"]
+            started = query(
+                pg_url, "SELECT count(*) AS n FROM actions WHERE session_id = $1", row["id"]
+            )[0]["n"]
             assert started <= 80 and row["used_actions"] + row["reserved_actions"] <= 80
-        assert len(query(pg_url, "SELECT 1 FROM events WHERE kind = 'BUDGET_EXHAUSTED'")) == len(rows)
+        assert len(query(pg_url, "SELECT 1 FROM events WHERE kind = 'BUDGET_EXHAUSTED'")) == len(
+            rows
+        )
     finally:
         fleet.stop_all()
 
@@ -193,13 +213,20 @@ def test_connection_loss_under_load(fleet: Fleet, pg_url: str) -> None:
     wait_until(lambda: len(query(pg_url, "SELECT 1 FROM actions")) > 20, 20, "actions flowing")
     dbname = pg_url.rsplit("/", 1)[1]
     for _ in range(3):
-        query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", dbname)
+        query(
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            dbname,
+        )
         time.sleep(0.7)
     before = len(query(pg_url, "SELECT 1 FROM actions"))
     wait_until(lambda: len(query(pg_url, "SELECT 1 FROM actions")) > before + 20, 20,
                "actions flow again after the connections were cut")  # fmt: skip
     assert all(p.poll() is None for p in fleet.procs.values()), "a daemon died on connection loss"
-    dup = query(pg_url, "SELECT command_id FROM events WHERE command_id IS NOT NULL AND kind IN ('ACTION_STARTED', 'ACTION_SUCCEEDED') GROUP BY command_id, kind HAVING count(*) > 1")
+    dup = query(
+        pg_url,
+        "SELECT command_id FROM events WHERE command_id IS NOT NULL AND kind IN ('ACTION_STARTED', 'ACTION_SUCCEEDED') GROUP BY command_id, kind HAVING count(*) > 1",
+    )
     assert dup == []
     fleet.stop_all()
 
@@ -219,13 +246,17 @@ def test_bad_multihost_input(tmp_path: Path, pg_url: str) -> None:
     fleet = Fleet(tmp_path, pg_url)
     # the same host id twice
     fleet.start("h1")
-    wait_until(lambda: bool(query(pg_url, "SELECT 1 FROM hosts WHERE host_id = 'h1'")), 20, "h1 registered")
+    wait_until(
+        lambda: bool(query(pg_url, "SELECT 1 FROM hosts WHERE host_id = 'h1'")), 20, "h1 registered"
+    )
     twin = fleet.start("h1")
     assert twin.wait(timeout=30) == 2
     assert twin.stderr is not None and b"already running" in twin.stderr.read()
     # a lease time not longer than the heartbeat
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(CONFIG.format(host="h9", max_actions=10).replace('lease_ttl = "2s"', 'lease_ttl = "200ms"'))
+    cfg.write_text(
+        CONFIG.format(host="h9", max_actions=10).replace('lease_ttl = "2s"', 'lease_ttl = "200ms"')
+    )
     bad = cli(["--config", str(cfg), "run"], pg_url, tmp_path / "h9")
     assert bad.returncode == 2 and "lease time" in bad.stderr and "Traceback" not in bad.stderr
     fleet.stop_all()
