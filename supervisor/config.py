@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from .errors import ConfigError
 from .alerts import AlertConfig
+from .errors import ConfigError
 from .escalation import EscalationChain, parse_duration
-from .metrics import MetricsConfig
 from .governance import ModelGovernor, TokenBudgets
 from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
+from .metrics import MetricsConfig
 from .policy import Policy
 from .windows import parse_timezone
 
@@ -137,6 +137,8 @@ class _Checker:
 
     def fail(self, where: str, message: str, key: str | None = None) -> ConfigError:
         line = _line_of(self.text, key) if key else ""
+        if not where or message.startswith(where):
+            return ConfigError(f"{self.source}{line}: {message}")
         return ConfigError(f"{self.source}{line}: {where}: {message}")
 
     def known(self, section: Mapping[str, Any], allowed: set[str], where: str) -> None:

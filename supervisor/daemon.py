@@ -29,7 +29,7 @@ from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .clock import Clock, SystemClock, VirtualClock
 from .config import Config, WorkerSpec
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, StoreError, UsageError
 from .fleet import Fleet, WorkerFactory, load_worker_class
 from .gate import Gate
 from .horizons import HorizonProfile
@@ -38,7 +38,6 @@ from .leases import Coordinator
 from .metrics import Metrics
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
-from .errors import StoreError
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import current_fence
 from .systemd import Notifier
@@ -199,7 +198,10 @@ class Daemon:
         self, store: Store, plan: RunPlan, factories: dict[str, WorkerFactory], secret: bytes | None
     ) -> Scorecard | None:
         cfg, clock = self.config, self.clock
-        started_real = datetime.now(UTC) if not clock.virtual else clock.now()
+        # At startup nothing of this process has started: every started action of this host is an
+        # earlier incarnation's. A resumed simulated run starts its clock at the anchor again, before
+        # the killed incarnation's actions in simulated time, so "before now" would miss them all.
+        started_real = datetime.now(UTC) if not clock.virtual else None
         host_switch = HostSwitchFile(host_switch_path(cfg.state_dir), secret)
         approvals = Approvals(store, cfg.approvals, cfg.fleet)
         gate = Gate(store=store, fleet=cfg.fleet, policy=cfg.policy, approvals=approvals,
@@ -390,7 +392,7 @@ class Daemon:
         interval = self.config.killswitch_watch_interval
         watchdog = self.notifier.watchdog_interval()
         last_flush = last_ping = last_metrics = 0.0
-        known = host_switch.read()
+        known: SwitchState | None = host_switch.read()
         while True:
             await anyio.sleep(interval)
             now = anyio.current_time()
@@ -398,7 +400,11 @@ class Daemon:
             if state != known:
                 known = state
                 self.gate.switch_moved(self.clock)
-                await self._observe_switch(store, state)
+                try:
+                    await self._observe_switch(store, state)
+                except StoreError as exc:  # the gate enforces the switch regardless
+                    log.error("killswitch.event_not_recorded", mode=state.mode.value, error=str(exc))
+                    known = None  # try to record it again on the next pass
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
                 await store.flush_telemetry()
@@ -445,7 +451,7 @@ class Daemon:
                         log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
                                     by=row["changed_by"], reason=row["reason"])  # fmt: skip
                         if mode == Mode.EMERGENCY.value:
-                            await self._emergency_snapshot(store, SwitchState(
+                            await self._safe_snapshot(store, SwitchState(
                                 mode=Mode.EMERGENCY, seq=0, reason=row["reason"], by=row["changed_by"],
                                 at=row["updated_at"].isoformat(), scope=key[0]))  # fmt: skip
                 known, first = current, False
@@ -482,6 +488,12 @@ class Daemon:
         log.warning("killswitch.changed", mode=state.mode.value, by=state.by, reason=state.reason)
         if state.mode == Mode.EMERGENCY:
             await self._emergency_snapshot(store, state)
+
+    async def _safe_snapshot(self, store: Store, state: SwitchState) -> None:
+        try:
+            await self._emergency_snapshot(store, state)
+        except (StoreError, OSError) as exc:
+            log.error("killswitch.snapshot_failed", error=str(exc))
 
     async def _emergency_snapshot(self, store: Store, state: SwitchState) -> None:
         stamp = state.seq if state.scope == "host" else state.at.replace(":", "")

@@ -22,7 +22,7 @@ from .actions import derive_id
 from .checkpoints import Checkpoints
 from .clock import Clock
 from .config import WorkerSpec
-from .errors import ApprovalPending, ConfigError, StateWriteError, SupervisorError
+from .errors import ApprovalPending, ConfigError, StateWriteError, StoreError, SupervisorError
 from .gate import Gate
 from .horizons import HorizonProfile
 from .sessions import WindowManager
@@ -231,60 +231,70 @@ class Fleet:
                     if missed > 1:
                         log.info("worker.cron_coalesced", worker=name, missed=missed)
                     last_run = latest or self.clock.now()
-                session = await self.windows.ensure(self.clock.now())
-                if session is None:
-                    break
-                cycle = next_cycle
-                next_cycle += 1
-                ok = await self._run_cycle(st, worker, cycle, session)
-                if ok:
-                    if self.clock.monotonic() - started_at >= spec.stable_after:
-                        backoff = spec.backoff.initial  # a stable period resets the backoff
-                    since_checkpoint += 1
-                    counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
-                                "run": self.run_key, "run_base": base}  # fmt: skip
-                    if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
-                        await self._checkpoint(st, worker, cycle, session, counters)
-                        since_checkpoint = 0
-                    continue
-                # a crash or a hang: count it, back off, maybe quarantine, restart from checkpoint
-                if spec.restart == "temporary":
-                    await self._set_state(st, "stopped")
-                    return
-                now_m = self.clock.monotonic()
-                restarts.append(now_m)
-                while restarts and now_m - restarts[0] > spec.restart_window:
-                    restarts.popleft()
-                if len(restarts) > spec.max_restarts:
-                    if not await self._quarantine(st, session, stop):
-                        break  # stopping during the cool-down: no restart to record
-                    restarts.clear()
-                    backoff = spec.backoff.initial
-                else:
+                try:
+                    session = await self.windows.ensure(self.clock.now())
+                    if session is None:
+                        break
+                    cycle = next_cycle
+                    next_cycle += 1
+                    ok = await self._run_cycle(st, worker, cycle, session)
+                    if ok:
+                        if self.clock.monotonic() - started_at >= spec.stable_after:
+                            backoff = spec.backoff.initial  # a stable period resets the backoff
+                        since_checkpoint += 1
+                        counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
+                                    "run": self.run_key, "run_base": base}  # fmt: skip
+                        if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
+                            await self._checkpoint(st, worker, cycle, session, counters)
+                            since_checkpoint = 0
+                        continue
+                    # a crash or a hang: count it, back off, maybe quarantine, restart from checkpoint
+                    if spec.restart == "temporary":
+                        await self._set_state(st, "stopped")
+                        return
+                    now_m = self.clock.monotonic()
+                    restarts.append(now_m)
+                    while restarts and now_m - restarts[0] > spec.restart_window:
+                        restarts.popleft()
+                    if len(restarts) > spec.max_restarts:
+                        if not await self._quarantine(st, session, stop):
+                            break  # stopping during the cool-down: no restart to record
+                        restarts.clear()
+                        backoff = spec.backoff.initial
+                    else:
+                        delay = min(backoff, spec.backoff.max) * (0.5 + jitter.random() / 2)
+                        backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
+                        await self._set_state(st, "backoff")
+                        if not await self.clock.sleep_until(
+                            self.clock.now() + timedelta(seconds=delay), stop
+                        ):
+                            break
+                    await _close(worker)
+                    worker = factory(name, dict(spec.params))
+                    restored = await self.checkpoints.resume_point(name)
+                    if restored is not None:
+                        worker.restore(restored.state)
+                    st.restarts += 1
+                    started_at = self.clock.monotonic()
+                    if cron is None:
+                        # Slots that passed during the backoff or quarantine are skipped, not
+                        # replayed back to back (cron schedules coalesce missed runs by themselves).
+                        skip_to = base + self._first_slot_at_or_after(spec, self.clock.now())
+                        next_cycle = max(next_cycle, skip_to)
+                    await self._record(NewEvent(
+                        kind=ev.WORKER_RESTARTED, session_id=session.id, worker=name,
+                        payload={"restarts": st.restarts, "after": st.last_error},
+                    ))  # fmt: skip
+                    await self._set_state(st, "running")
+                except StoreError as exc:
+                    # The store is unreachable (a restart, a cut connection): the action that
+                    # needed it did not run (fail-closed). Supervision survives it: wait, retry.
+                    st.last_error = f"store unavailable: {exc}"
+                    log.warning("worker.store_unavailable", worker=name, error=str(exc))
                     delay = min(backoff, spec.backoff.max) * (0.5 + jitter.random() / 2)
                     backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
-                    await self._set_state(st, "backoff")
-                    if not await self.clock.sleep_until(
-                        self.clock.now() + timedelta(seconds=delay), stop
-                    ):
+                    if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay), stop):
                         break
-                await _close(worker)
-                worker = factory(name, dict(spec.params))
-                restored = await self.checkpoints.resume_point(name)
-                if restored is not None:
-                    worker.restore(restored.state)
-                st.restarts += 1
-                started_at = self.clock.monotonic()
-                if cron is None:
-                    # Slots that passed during the backoff or quarantine are skipped, not
-                    # replayed back to back (cron schedules coalesce missed runs by themselves).
-                    skip_to = base + self._first_slot_at_or_after(spec, self.clock.now())
-                    next_cycle = max(next_cycle, skip_to)
-                await self.store.append(NewEvent(
-                    kind=ev.WORKER_RESTARTED, session_id=session.id, worker=name,
-                    payload={"restarts": st.restarts, "after": st.last_error},
-                ))  # fmt: skip
-                await self._set_state(st, "running")
         finally:
             with anyio.CancelScope(shield=True):
                 await self._final_checkpoint(st, worker, since_checkpoint, last_run)
@@ -316,7 +326,7 @@ class Fleet:
             else:  # the worker's own timeout (a network call, say) is a crash, not a hang
                 error = f"{type(exc).__name__}: {exc}"
         except (ApprovalPending, SupervisorError) as exc:
-            if isinstance(exc, StateWriteError):
+            if isinstance(exc, StoreError):
                 error = f"state write failed: {exc}"
                 if self.on_alert is not None:
                     await self.on_alert("state_write_failed", session.id, {"worker": st.name, "error": str(exc)})
@@ -338,7 +348,7 @@ class Fleet:
             st.crashes += 1
             st.last_error = error
             log.warning("worker.crashed", worker=st.name, cycle=cycle, error=error)
-            await self.store.append(NewEvent(
+            await self._record(NewEvent(
                 kind=ev.WORKER_CRASHED, session_id=session.id, worker=st.name,
                 reason="hang" if error.startswith("hung") else "crash",
                 payload={"cycle": cycle, "error": error},
@@ -352,6 +362,14 @@ class Fleet:
         ), self.clock.now()))  # fmt: skip
         return True
 
+    async def _record(self, event: NewEvent) -> None:
+        """Supervision's own events: a failed write is logged loudly, and supervision goes on
+        (the worker's actions still fail closed on their own writes)."""
+        try:
+            await self.store.append(event)
+        except StoreError as exc:
+            log.error("worker.event_not_recorded", kind=event.kind, worker=event.worker, error=str(exc))
+
     async def _checkpoint(
         self, st: WorkerStatus, worker: Worker, cycle: int, session: Session | None,
         counters: dict[str, Any],
@@ -362,9 +380,10 @@ class Fleet:
                 st.name, cycle=cycle, session_id=session.id if session else None,
                 state=worker.snapshot(), counters=counters, pending=pending,
             )  # fmt: skip
-        except StateWriteError:
+        except StoreError:
             st.pending = pending + st.pending
             raise
+        await self._set_state(st, st.state)  # `status` shows the cycle as of this checkpoint
 
     async def _final_checkpoint(
         self, st: WorkerStatus, worker: Worker, since: int, last_run: datetime | None
@@ -385,7 +404,7 @@ class Fleet:
         """Park the worker for its cool-down. False when the daemon stops during it."""
         spec = st.spec
         await self._set_state(st, "quarantined")
-        await self.store.append(NewEvent(
+        await self._record(NewEvent(
             kind=ev.WORKER_QUARANTINED, session_id=session.id, worker=st.name, reason="restarts",
             payload={"restarts": st.restarts, "cool_down": spec.quarantine_for,
                      "last_error": st.last_error},

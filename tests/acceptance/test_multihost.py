@@ -222,7 +222,10 @@ def test_connection_loss_under_load(fleet: Fleet, pg_url: str) -> None:
     before = len(query(pg_url, "SELECT 1 FROM actions"))
     wait_until(lambda: len(query(pg_url, "SELECT 1 FROM actions")) > before + 20, 20,
                "actions flow again after the connections were cut")  # fmt: skip
-    assert all(p.poll() is None for p in fleet.procs.values()), "a daemon died on connection loss"
+    dead = {h: p for h, p in fleet.procs.items() if p.poll() is not None}
+    assert not dead, "a daemon died on connection loss: " + "; ".join(
+        f"{h} exit {p.returncode}: {(p.stderr.read() if p.stderr else b'')[-2000:]!r}" for h, p in dead.items()
+    )
     dup = query(
         pg_url,
         "SELECT command_id FROM events WHERE command_id IS NOT NULL AND kind IN ('ACTION_STARTED', 'ACTION_SUCCEEDED') GROUP BY command_id, kind HAVING count(*) > 1",

@@ -1,0 +1,307 @@
+"""Fleet throughput: N in-process workers on one daemon, every action through the full gate.
+
+    .venv/bin/python bench/fleet.py [--seconds 10] [--sizes 1,50,1000] [--cycle-every 10ms]
+                                    [--synchronous full|normal] [--json]
+
+For each fleet size, in a child process of its own (so memory figures do not mix), one Daemon in
+continuous mode on the real SystemClock and SQLite (a temporary file, WAL, the store's own
+durability settings) runs N replicas of a worker that dispatches one no-op, low-risk action per
+cycle: kill switch, idempotency, policy, approval (auto-allowed), budget, the durable started
+record, the last look at the switch, the (empty) effect, the outcome record. The horizon's
+`cycle_every` is tiny, so the fleet is saturated and the figures are the gate's capacity, not the
+cadence. Budgets are set far above what the run can spend. Measured over `--seconds` after every
+worker is running:
+
+- actions/s: dispatches that returned per second (the effect ran and its outcome is recorded);
+- admit p50/p99: `Gate.stats.latencies`, from the gate's first check to the moment the effect may
+  run (what an action waits before its side effect, queueing for the store included);
+- dispatch p50/p99: the whole `ctx.dispatch` round trip seen by the worker, outcome record
+  included;
+- RSS: the daemon process's resident set at the end of the window (VmRSS) and its peak.
+
+Numbers depend on the machine and its disk; the point is how they move with the fleet size.
+With the store's default `synchronous=full`, every commit waits for the disk (2-3 commits per
+action), so throughput is the disk's commit rate whatever the fleet size and latency grows with the
+queue; `--synchronous normal` (WAL without a sync per commit: a power loss may lose the last
+commits, never corrupt) shows what the gate costs in CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402
+
+from supervisor.actions import Action  # noqa: E402
+from supervisor.worker import CycleContext, Worker  # noqa: E402
+
+# Filled by the workers of this process while `RECORDING` is true (one child = one fleet).
+DISPATCH_LATENCIES: list[float] = []
+RECORDING = False
+
+
+class NoopWorker(Worker):
+    """One no-op, low-risk action per cycle through the whole gate."""
+
+    async def cycle(self, ctx: CycleContext) -> None:
+        async def effect() -> None:
+            return None
+
+        t0 = time.perf_counter()
+        await ctx.dispatch(Action(name="bench.noop", risk="low"), effect)
+        if RECORDING:
+            DISPATCH_LATENCIES.append(time.perf_counter() - t0)
+
+
+CONFIG = """
+[daemon]
+fleet = "bench"
+profile = "hour"
+shutdown_timeout = "10s"
+flush_every = "1s"
+
+[killswitch]
+watch_interval = "50ms"
+
+[policy]
+unmatched = "allow"
+
+[horizons.hour]
+cycle_every = "{cycle_every}"
+checkpoint_every = {checkpoint_every}
+max_actions = 1000000000
+max_cost = 1000000000000.0
+
+[[workers]]
+name = "noop"
+class = "{target}"
+replicas = {workers}
+cycle_deadline = "120s"
+"""
+
+
+def rss_kib() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return peak_rss_kib()
+
+
+def peak_rss_kib() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # bytes on macOS
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+async def measure(
+    workers: int, seconds: float, cycle_every: str, checkpoint_every: int, synchronous: str
+) -> dict[str, Any]:
+    """One daemon with `workers` replicas, measured for `seconds` once they all run."""
+    global RECORDING
+    from supervisor.config import load_config
+    from supervisor.daemon import Daemon
+
+    with tempfile.TemporaryDirectory(prefix="acp-bench-fleet-") as tmp:
+        folder = Path(tmp)
+        path = folder / "bench.toml"
+        text = CONFIG.format(
+            cycle_every=cycle_every,
+            checkpoint_every=checkpoint_every,
+            target=f"{__name__}:NoopWorker",
+            workers=workers,
+        )
+        path.write_text(text)
+        db = f"sqlite:///{folder / 'bench.db'}?synchronous={synchronous}"
+        config = load_config(path, env={}, db=db, state_dir=folder)
+        daemon = Daemon(config, env={}, install_signals=False)
+        rss_before = rss_kib()
+        result: dict[str, Any] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            t_start = time.perf_counter()
+            # warm-up: every worker running and one action through the gate
+            while True:
+                await anyio.sleep(0.02)
+                fleet = getattr(daemon, "fleet", None)
+                gate = getattr(daemon, "gate", None)
+                if fleet is None or gate is None or len(fleet.status) < workers:
+                    continue
+                if all(s.state == "running" for s in fleet.status.values()) and gate.stats.admitted:
+                    break
+                if time.perf_counter() - t_start > 120:
+                    raise SystemExit(f"{workers} workers did not all start within 120 s")
+            startup = time.perf_counter() - t_start
+            gate.stats.latencies = []
+            DISPATCH_LATENCIES.clear()
+            RECORDING = True
+            refused0 = gate.stats.refused
+            cpu0 = cpu_seconds()
+            t0 = time.perf_counter()
+            await anyio.sleep(seconds)
+            RECORDING = False
+            elapsed = time.perf_counter() - t0
+            cpu = cpu_seconds() - cpu0
+            admit = list(gate.stats.latencies)
+            dispatch = list(DISPATCH_LATENCIES)
+            gate.stats.latencies = None
+            result = {
+                "workers": workers,
+                "seconds": round(elapsed, 3),
+                "actions": len(dispatch),
+                "actions_per_s": round(len(dispatch) / elapsed, 1),
+                "refused": gate.stats.refused - refused0,
+                "cpu_pct": round(100 * cpu / elapsed, 1),
+                "cpu_ms_per_action": round(1000 * cpu / max(len(dispatch), 1), 3),
+                "admit_p50_ms": round(percentile(admit, 0.50) * 1000, 3),
+                "admit_p99_ms": round(percentile(admit, 0.99) * 1000, 3),
+                "dispatch_p50_ms": round(percentile(dispatch, 0.50) * 1000, 3),
+                "dispatch_p99_ms": round(percentile(dispatch, 0.99) * 1000, 3),
+                "rss_mib": round(rss_kib() / 1024, 1),
+                "rss_growth_mib": round((rss_kib() - rss_before) / 1024, 1),
+                "peak_rss_mib": round(max(peak_rss_kib(), rss_kib()) / 1024, 1),
+                "startup_s": round(startup, 3),
+                "crashes": sum(s.crashes for s in fleet.status.values()),
+            }
+            t_stop = time.perf_counter()
+            daemon.clock.ring(daemon.stopping)
+        result["shutdown_s"] = round(time.perf_counter() - t_stop, 3)
+        # cross-check: every action the workers saw succeed has its outcome in the store
+        conn = sqlite3.connect(folder / "bench.db")
+        try:
+            stored = dict(conn.execute("SELECT status, count(*) FROM actions GROUP BY status"))
+        finally:
+            conn.close()
+        result["stored_outcomes"] = stored
+        return result
+
+
+def child(args: argparse.Namespace) -> int:
+    from supervisor.logging import configure
+
+    configure(level="error", stream=sys.stderr, json=True)
+    result = anyio.run(measure, args.only, args.seconds, args.cycle_every, args.checkpoint_every,
+                       args.synchronous)  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+COLUMNS = [
+    ("workers", "workers", "{:>7}"),
+    ("actions/s", "actions_per_s", "{:>9.1f}"),
+    ("admit p50 ms", "admit_p50_ms", "{:>12.3f}"),
+    ("admit p99 ms", "admit_p99_ms", "{:>12.3f}"),
+    ("dispatch p50 ms", "dispatch_p50_ms", "{:>15.3f}"),
+    ("dispatch p99 ms", "dispatch_p99_ms", "{:>15.3f}"),
+    ("CPU %", "cpu_pct", "{:>5.0f}"),
+    ("CPU ms/action", "cpu_ms_per_action", "{:>13.2f}"),
+    ("RSS MiB", "rss_mib", "{:>7.1f}"),
+    ("startup s", "startup_s", "{:>9.2f}"),
+    ("stop s", "shutdown_s", "{:>6.2f}"),
+]
+
+
+def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"fleet bench: {args.seconds:g} s per fleet size, cycle_every {args.cycle_every}, "
+        f"SQLite synchronous={args.synchronous}, no-op low-risk actions through the full gate",
+        "  ".join(f"{title:>{len(fmt.format(0))}}" for title, _, fmt in COLUMNS),
+    ]
+    lines += ["  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) for row in rows]
+    base = rows[0]
+    for row in rows[1:]:
+        extra_mib = row["rss_mib"] - base["rss_mib"]
+        per_worker_kib = extra_mib * 1024 / max(row["workers"] - base["workers"], 1)
+        throughput = row["actions_per_s"] / max(base["actions_per_s"], 1e-9)
+        latency = row["dispatch_p50_ms"] / max(base["dispatch_p50_ms"], 1e-9)
+        lines.append(
+            f"{row['workers']} workers vs {base['workers']}: throughput x{throughput:.2f}, "
+            f"dispatch p50 x{latency:.1f}, RSS +{extra_mib:.1f} MiB "
+            f"({per_worker_kib:.1f} KiB per extra worker)"
+        )
+    trouble = [r for r in rows if r["refused"] or r["crashes"]]
+    if trouble:
+        lines.append(
+            "WARNING: refusals or crashes during the run: "
+            + ", ".join(
+                f"{r['workers']}w refused {r['refused']} crashes {r['crashes']}" for r in trouble
+            )
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per fleet size")
+    parser.add_argument("--sizes", default="1,50,1000", help="fleet sizes, comma-separated")
+    parser.add_argument("--cycle-every", default="10ms", help="the horizon's cycle cadence")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="cycles per checkpoint")
+    parser.add_argument(
+        "--synchronous",
+        choices=["full", "normal"],
+        default="full",
+        help="SQLite durability (full: the store's default)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one size, in this process
+    args = parser.parse_args()
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    if args.only is not None:
+        return child(args)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rows = []
+    for n in sizes:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--only", str(n),
+                "--seconds", str(args.seconds), "--cycle-every", args.cycle_every,
+                "--checkpoint-every", str(args.checkpoint_every),
+                "--synchronous", args.synchronous]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
+        env.pop("NOTIFY_SOCKET", None)
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            print(f"fleet size {n} failed (exit {done.returncode}):\n{done.stderr[-4000:]}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps({"seconds": args.seconds, "cycle_every": args.cycle_every,
+                          "store": f"sqlite synchronous={args.synchronous}",
+                          "results": rows}, indent=2))  # fmt: skip
+    else:
+        print(render(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
