@@ -25,6 +25,7 @@ from .base import Backend, Row, UniqueViolation
 from .queries import load_queries
 
 _BOOL_COLUMNS = frozenset({"state_bearing", "critical", "safe_to_retry", "simulated"})
+_WRITE_WAIT = 30.0  # seconds a write waits for another process holding the lock
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 
 
@@ -100,19 +101,21 @@ class SQLiteBackend(Backend):
         self._queries = load_queries("sqlite")
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
+        self.write_wait = _WRITE_WAIT
 
     async def connect(self) -> None:
         if not self.path.parent.is_dir():
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
         try:
+            # busy_timeout 0: a statement on the event loop never waits for another process;
+            # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                self.path, isolation_level=None, check_same_thread=False, timeout=0.0
             )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn
@@ -128,14 +131,33 @@ class SQLiteBackend(Backend):
             raise StoreError("the store is not open")
         return self._conn
 
+    async def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE on the loop when the write lock is free (the usual case: no thread
+        hop); when another process holds it, wait for it in a thread, up to write_wait."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise StateWriteError(f"sqlite cannot begin a write: {exc}") from exc
+
+        def wait_for_lock() -> None:
+            conn.execute(f"PRAGMA busy_timeout={int(self.write_wait * 1000)}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute("PRAGMA busy_timeout=0")
+
+        try:
+            await anyio.to_thread.run_sync(wait_for_lock)
+        except sqlite3.Error as exc:
+            raise StateWriteError(f"sqlite cannot begin a write: {exc}") from exc
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SQLiteTx]:
         conn = self._require()
         async with self._lock:
-            try:
-                await anyio.to_thread.run_sync(conn.execute, "BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StateWriteError(f"sqlite cannot begin a write: {exc}") from exc
+            await self._begin(conn)
             try:
                 yield _SQLiteTx(conn, self._queries, write=True)
             except BaseException:

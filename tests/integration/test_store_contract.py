@@ -382,7 +382,7 @@ async def test_rejected_write_fails_closed_and_leaves_nothing(store: Store, stor
 
 @contextmanager
 def _write_lock_held_elsewhere(store: Store, url: str) -> Iterator[None]:
-    sqlite_conn(store).execute("PRAGMA busy_timeout=100")
+    store.backend.write_wait = 0.1  # type: ignore[attr-defined]  # SQLite only: wait briefly
     other = sqlite3.connect(parse_sqlite_url(url)[0], isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
