@@ -171,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--by", required=True)
     _json_flag(command("status", "the kill switch at every scope", c.killswitch_status, ks))
 
+    drills = sub.add_parser("drill", help="operational drills on a throwaway fleet").add_subparsers(
+        dest="drill_command", metavar="DRILL", parser_class=_Parser
+    )
+    drills.required = True
+    ksd = command("killswitch", "halt a drill fleet, verify nothing ran after, resume", c.drill_killswitch, drills)
+    ksd.add_argument("--workers", type=int, default=10)
+    ksd.add_argument("--seconds", type=float, default=2.0, help="how long to watch the halt")
+    _json_flag(ksd)
+    abd = command("approval-backlog", "verify escalation and deny-by-default on time", c.drill_approval_backlog, drills)
+    abd.add_argument("--count", type=int, default=100)
+    _json_flag(abd)
+
     rec = command("recover", "run the recovery scan now", c.recover)
     rec.add_argument("--dry-run", action="store_true")
     _json_flag(rec)

@@ -411,3 +411,19 @@ def _period_of(key: str) -> str:
     if "W" in key:
         return "weekly"
     return "daily" if key.count("-") == 2 else "monthly"
+
+
+async def drill_killswitch(args: argparse.Namespace, config: Config) -> int:
+    from .drills import killswitch_drill
+
+    report = await killswitch_drill(config, workers=args.workers, seconds=args.seconds)
+    emit(args, report.as_dict(), report.render())
+    return 0 if report.passed else 1
+
+
+async def drill_approval_backlog(args: argparse.Namespace, config: Config) -> int:
+    from .drills import approval_backlog_drill
+
+    report = await approval_backlog_drill(config, count=args.count)
+    emit(args, report.as_dict(), report.render())
+    return 0 if report.passed else 1

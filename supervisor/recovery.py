@@ -73,7 +73,7 @@ async def scan(
         ]  # fmt: skip
     else:
         orphans = [
-            r for r in await store.fetchall("actions_with_status", fleet, "started", 100_000)
+            r for r in await store.fetchall("unfinished_actions", fleet, "started", 100_000)
             if started_before is None or r["started_at"] < started_before
         ]  # fmt: skip
     report.found["actions"] = [r["command_id"] for r in orphans]
