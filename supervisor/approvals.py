@@ -40,6 +40,18 @@ class Approvals:
         # sleeps until then and `changed` wakes it when an earlier one appears.
         self.next_due: datetime | None = None
         self.changed = anyio.Event()
+        self._watchers: list[anyio.Event] = []
+
+    def watch(self) -> anyio.Event:
+        """An event rung when the next approval is created (the alerts duty sleeps on it)."""
+        event = anyio.Event()
+        self._watchers.append(event)
+        return event
+
+    def _created(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for event in watchers:
+            self.store.clock.ring(event)
 
     def _hint(self, when: datetime | None) -> None:
         if when is not None and (self.next_due is None or when < self.next_due):
@@ -96,6 +108,7 @@ class Approvals:
             existing = await self.store.fetchrow("get_approval_by_key", key)
             assert existing is not None
             self._hint(existing["next_check_at"])
+            self._created()
         if existing["params_hash"] != digest or existing["action"] != action.name:
             raise IdempotencyConflict(
                 f"approval:{key}",

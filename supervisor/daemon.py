@@ -148,7 +148,7 @@ class Daemon:
             if last is not None and last["ends_at"] > start:
                 start = last["ends_at"]  # windows are governed once: a new run starts after the last
         anchor = window_at(start, profile.window, cfg.timezone).start
-        end = anchor + profile.run_length
+        end = run_end(anchor, profile, cfg.timezone)
         run_id = derive_id("run", cfg.fleet, self.horizon, str(self.simulate), anchor.isoformat())
         async with store.transaction() as tx:
             await tx.execute("insert_run", run_id, cfg.fleet, self.horizon, self.simulate,
@@ -261,7 +261,7 @@ class Daemon:
                 tg.start_soon(self._signals, tg.cancel_scope, name="signals")
             self._tg = tg
             await tg.start(alerts.run_sinks)
-            clock.spawn(tg, self._every, cfg.alerts.evaluate_every, alerts.evaluate, name="alerts")
+            clock.spawn(tg, self._alerts_duty, alerts, approvals, name="alerts")
             self._factories = dict(factories)
             for spec in cfg.workers:
                 self._add_spec(spec)
@@ -346,6 +346,23 @@ class Daemon:
                     await duty(*args)
                 except StoreError as exc:
                     log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
+                finally:
+                    current_fence.reset(token)
+
+    async def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> None:
+        """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
+        pending (and none counted last time) nothing can change until one is created."""
+        while not self.stopping.is_set():
+            now = self.clock.now()
+            idle = approvals.next_due is None and alerts.pending_approvals == 0
+            wait = self.config.recovery_every if idle else self.config.alerts.evaluate_every
+            await self.clock.sleep_until(now + timedelta(seconds=wait), approvals.watch())
+            if self.stopping.is_set():
+                return
+            if self._leading():
+                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
+                try:
+                    await alerts.evaluate()
                 finally:
                     current_fence.reset(token)
 
@@ -678,6 +695,16 @@ class Daemon:
         window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.fleet.by_state().items())) if self.fleet else ""
         return f"horizon {self.horizon or 'continuous'}; window {window}; workers {states or 'starting'}"
+
+
+def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:
+    """Whole days count in local calendar days, so a `day` run on a DST date covers that date's
+    23 or 25 hourly windows; shorter runs count real time."""
+    length = profile.run_length
+    if length % timedelta(days=1):
+        return anchor + length
+    local_end = anchor.astimezone(tz).replace(tzinfo=None) + length
+    return window_at(local_end.replace(tzinfo=tz), profile.window, tz).start
 
 
 def killswitch_command_id(fleet: str, scope: str, seq: int | str) -> str:

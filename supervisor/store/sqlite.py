@@ -166,10 +166,15 @@ class SQLiteBackend(Backend):
                 raise
             try:
                 await anyio.to_thread.run_sync(conn.execute, "COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                # Also on cancellation (a cycle deadline, shutdown): run_sync's checkpoint raises
+                # before COMMIT runs, and a transaction left open would make every later BEGIN on
+                # this connection fail ("cannot start a transaction within a transaction").
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise StateWriteError(f"sqlite commit failed: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise StateWriteError(f"sqlite commit failed: {exc}") from exc
+                raise
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[_SQLiteTx]:
