@@ -10,8 +10,9 @@ as a subprocess, each in a fresh temporary state directory, so the figure is hon
 start, imports, store creation and migration, the 30 days on the virtual clock, and the scorecard.
 The config is the built-in one (its policy, approvals and budgets) with the workers replaced by
 `replicas = N` support agents; the nightly maintenance agent is left out unless --maintenance.
-The store is the default embedded SQLite file with synchronous=full (an fsync per commit), which
-is what a real run uses; --sync normal shows what the fsyncs cost.
+The store is the simulation's own SQLite file with synchronous=normal, which is what
+`run --simulate` uses (durable against a killed process); --sync full shows the cost of an fsync
+per commit, which is what a real run pays.
 
 Prints one row per size: workers, wall seconds, cycles, actions started, cycles per second.
 """
@@ -122,8 +123,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", help="sizes to run (default 1 10 100)")
     parser.add_argument("--maintenance", action="store_true",
                         help="also run the nightly maintenance agent (30 more cycles)")  # fmt: skip
-    parser.add_argument("--sync", choices=["full", "normal"], default="full",
-                        help="SQLite synchronous mode (default full, as a real run)")  # fmt: skip
+    parser.add_argument("--sync", choices=["full", "normal"], default="normal",
+                        help="SQLite synchronous mode (default normal, as run --simulate)")  # fmt: skip
     parser.add_argument("--alerts-every", metavar="DURATION",
                         help="alerts.evaluate_every (default: the config's, 1m); evaluating "
                         "alerts costs the same per simulated minute whatever the workers")  # fmt: skip

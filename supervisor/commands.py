@@ -35,7 +35,10 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--simulate needs --horizon hour|day|week|month")
     if args.simulate and not config.db_explicit:
         # A simulation writes windows in simulated time; it never shares the real fleet's store.
-        config = dataclasses.replace(config, db_url=f"sqlite:///{config.state_dir / 'simulate.db'}")
+        # Its own file is durable against a killed process (WAL, synchronous=normal: what the
+        # crash tests exercise); power-loss durability (synchronous=full) is for real fleets.
+        db_url = f"sqlite:///{config.state_dir / 'simulate.db'}?synchronous=normal"
+        config = dataclasses.replace(config, db_url=db_url)
 
     def reload() -> Config:
         import os
