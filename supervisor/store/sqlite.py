@@ -102,6 +102,9 @@ class SQLiteBackend(Backend):
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
         self.write_wait = _WRITE_WAIT
+        # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
+        # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
+        self._commit_inline = self._sync == "NORMAL"
 
     async def connect(self) -> None:
         if not self.path.parent.is_dir():
@@ -165,7 +168,10 @@ class SQLiteBackend(Backend):
                     conn.execute("ROLLBACK")
                 raise
             try:
-                await anyio.to_thread.run_sync(conn.execute, "COMMIT")
+                if self._commit_inline:
+                    conn.execute("COMMIT")
+                else:
+                    await anyio.to_thread.run_sync(conn.execute, "COMMIT")
             except BaseException as exc:
                 # Also on cancellation (a cycle deadline, shutdown): run_sync's checkpoint raises
                 # before COMMIT runs, and a transaction left open would make every later BEGIN on
