@@ -43,7 +43,11 @@ class Approvals:
         self._watchers: list[anyio.Event] = []
 
     def watch(self) -> anyio.Event:
-        """An event rung when the next approval is created (the alerts duty sleeps on it)."""
+        """An event rung when the next approval is created (the alerts duty sleeps on it). The
+        same event until it rings: a duty that wakes by its timeout, again and again while no
+        approval is created, must not add an event each time (they were never released)."""
+        if self._watchers:
+            return self._watchers[0]
         event = anyio.Event()
         self._watchers.append(event)
         return event
