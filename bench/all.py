@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (name, script, arguments for a full run, arguments for --quick)
 BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("store", "bench/store.py", [], ["--rows", "500"]),
-    ("gate and fleet", "bench/fleet.py", ["--seconds", "10"], ["--seconds", "3"]),
+    ("gate, SQLite", "bench/fleet.py", ["--seconds", "10"], ["--seconds", "3"]),
+    ("gate, Postgres", "bench/fleet.py", ["--seconds", "10", "--backend", "postgres"],
+     ["--seconds", "3", "--backend", "postgres"]),
     ("kill switch", "bench/killswitch.py", [], []),
     ("month simulation", "bench/horizon.py", [], ["--quick"]),
     ("recovery scan", "bench/recovery.py", [], ["--events", "100000"]),

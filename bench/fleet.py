@@ -123,9 +123,23 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
 
 
+PG_ADMIN = os.environ.get("ACP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+async def _pg(sql: str, url: str = PG_ADMIN) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
 async def measure(
-    workers: int, seconds: float, cycle_every: str, checkpoint_every: int, synchronous: str
-) -> dict[str, Any]:
+    workers: int, seconds: float, cycle_every: str, checkpoint_every: int, synchronous: str,
+    backend: str = "sqlite",
+) -> dict[str, Any]:  # fmt: skip
     """One daemon with `workers` replicas, measured for `seconds` once they all run."""
     global RECORDING
     from supervisor.config import load_config
@@ -142,6 +156,14 @@ async def measure(
         )
         path.write_text(text)
         db = f"sqlite:///{folder / 'bench.db'}?synchronous={synchronous}"
+        pg_name = f"acp_bench_fleet_{os.getpid()}"
+        if backend == "postgres":
+            from supervisor.clock import SystemClock
+            from supervisor.store import open_store
+
+            await _pg(f'CREATE DATABASE "{pg_name}"')
+            db = f"{PG_ADMIN.rsplit('/', 1)[0]}/{pg_name}"
+            await (await open_store(db, SystemClock(), migrate=True)).close()
         config = load_config(path, env={}, db=db, state_dir=folder)
         daemon = Daemon(config, env={}, install_signals=False)
         rss_before = rss_kib()
@@ -196,12 +218,18 @@ async def measure(
             daemon.clock.ring(daemon.stopping)
         result["shutdown_s"] = round(time.perf_counter() - t_stop, 3)
         # cross-check: every action the workers saw succeed has its outcome in the store
-        conn = sqlite3.connect(folder / "bench.db")
-        try:
-            stored = dict(conn.execute("SELECT status, count(*) FROM actions GROUP BY status"))
-        finally:
-            conn.close()
+        query = "SELECT status, count(*) FROM actions GROUP BY status"
+        if backend == "postgres":
+            stored = {r[0]: r[1] for r in await _pg(query, db)}
+            await _pg(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+        else:
+            conn = sqlite3.connect(folder / "bench.db")
+            try:
+                stored = dict(conn.execute(query))
+            finally:
+                conn.close()
         result["stored_outcomes"] = stored
+        result["backend"] = backend
         return result
 
 
@@ -210,7 +238,7 @@ def child(args: argparse.Namespace) -> int:
 
     configure(level="error", stream=sys.stderr, json=True)
     result = anyio.run(measure, args.only, args.seconds, args.cycle_every, args.checkpoint_every,
-                       args.synchronous)  # fmt: skip
+                       args.synchronous, args.backend)  # fmt: skip
     print(json.dumps(result))
     return 0
 
@@ -233,7 +261,8 @@ COLUMNS = [
 def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"fleet bench: {args.seconds:g} s per fleet size, cycle_every {args.cycle_every}, "
-        f"SQLite synchronous={args.synchronous}, no-op low-risk actions through the full gate",
+        (f"SQLite synchronous={args.synchronous}" if args.backend == "sqlite" else "Postgres")
+        + ", no-op low-risk actions through the full gate",
         "  ".join(f"{title:>{len(fmt.format(0))}}" for title, _, fmt in COLUMNS),
     ]
     lines += ["  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) for row in rows]
@@ -271,6 +300,8 @@ def main() -> int:
         default="full",
         help="SQLite durability (full: the store's default)",
     )
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
+                        help="the store (postgres: a temporary database at ACP_TEST_PG)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one size, in this process
     args = parser.parse_args()
@@ -285,7 +316,7 @@ def main() -> int:
         argv = [sys.executable, str(Path(__file__).resolve()), "--only", str(n),
                 "--seconds", str(args.seconds), "--cycle-every", args.cycle_every,
                 "--checkpoint-every", str(args.checkpoint_every),
-                "--synchronous", args.synchronous]  # fmt: skip
+                "--synchronous", args.synchronous, "--backend", args.backend]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
         env.pop("NOTIFY_SOCKET", None)
         done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -296,7 +327,8 @@ def main() -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps({"seconds": args.seconds, "cycle_every": args.cycle_every,
-                          "store": f"sqlite synchronous={args.synchronous}",
+                          "store": f"sqlite synchronous={args.synchronous}" if args.backend == "sqlite"
+                          else "postgres (synchronous_commit=on)",
                           "results": rows}, indent=2))  # fmt: skip
     else:
         print(render(rows, args))
