@@ -130,8 +130,17 @@ def main() -> int:
                         "alerts costs the same per simulated minute whatever the workers")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                         help="the daemon's log level (default info, as a real run)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     sizes = args.workers or ([1, 10] if args.quick else [1, 10, 100])
+    if args.json:
+        rows = [run_month(n, args) for n in sizes]
+        print(json.dumps({
+            "sync": args.sync, "reference": REFERENCE,
+            "rows": [{"workers": r.workers, "wall_s": round(r.wall, 2), "cycles": r.cycles,
+                      "actions": r.actions, "cycles_per_s": round(r.rate, 1)} for r in rows],
+        }))  # fmt: skip
+        return 0
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"simulated month ({MONTH_CYCLES} cycles per worker, daily windows), each run a "
