@@ -14,12 +14,13 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from . import events as ev
 from . import recovery
@@ -201,7 +202,7 @@ class Daemon:
         # At startup nothing of this process has started: every started action of this host is an
         # earlier incarnation's. A resumed simulated run starts its clock at the anchor again, before
         # the killed incarnation's actions in simulated time, so "before now" would miss them all.
-        started_real = datetime.now(UTC) if not clock.virtual else None
+        started_real = clock.now() if not clock.virtual else None
         host_switch = HostSwitchFile(host_switch_path(cfg.state_dir), secret)
         approvals = Approvals(store, cfg.approvals, cfg.fleet)
         gate = Gate(store=store, fleet=cfg.fleet, policy=cfg.policy, approvals=approvals,
@@ -254,11 +255,13 @@ class Daemon:
         log.info("daemon.ready", horizon=plan.horizon, simulated=clock.virtual,
                  window=session.window_key if session else None, recovered=report.repairs,
                  workers=sum(s.replicas for s in cfg.workers))  # fmt: skip
-        self.notifier.ready(self._status_line())
 
         async with anyio.create_task_group() as tg:
             if self.install_signals and not clock.virtual:
-                tg.start_soon(self._signals, tg.cancel_scope, name="signals")
+                # Handlers first, READY second: a SIGHUP or SIGTERM that systemd sends once it
+                # sees READY must find them installed, not the default action (terminate).
+                await tg.start(self._signals, tg.cancel_scope, name="signals")
+            self.notifier.ready(self._status_line())
             self._tg = tg
             await tg.start(alerts.run_sinks)
             clock.spawn(tg, self._alerts_duty, alerts, approvals, name="alerts")
@@ -482,6 +485,9 @@ class Daemon:
         fleet = self.config.fleet
         if not state.valid:
             log.error("killswitch.invalid", problem=state.problem)
+            await self.alerts.raise_alert("killswitch_engaged", session_id=None,
+                                          detail={"scope": "host", "mode": "halt_all",
+                                                  "invalid": True, "problem": state.problem})  # fmt: skip
             await store.once(
                 derive_id("killswitch.invalid", fleet, state.problem or "", str(host_switch_mtime(self.config.state_dir))),
                 NewEvent(kind=ev.KILLSWITCH_INVALID, session_id=system_stream(fleet),
@@ -649,8 +655,11 @@ class Daemon:
         self.notifier.ready(self._status_line())
         return True
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(
+        self, scope: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("daemon.signal", signal=signal.Signals(signum).name)
                 if signum == signal.SIGHUP:
@@ -694,7 +703,9 @@ class Daemon:
     def _status_line(self) -> str:
         window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.fleet.by_state().items())) if self.fleet else ""
-        return f"horizon {self.horizon or 'continuous'}; window {window}; workers {states or 'starting'}"
+        fleet_switch = getattr(getattr(self, "gate", None), "fleet_unknown", None)
+        unknown = f"; fleet switch unknown ({fleet_switch}): halted" if fleet_switch else ""
+        return f"horizon {self.horizon or 'continuous'}; window {window}; workers {states or 'starting'}{unknown}"
 
 
 def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:

@@ -36,7 +36,7 @@ import anyio.to_thread
 from . import events as ev
 from .actions import Action
 from .approvals import Approvals
-from .clock import VirtualClock
+from .clock import SystemClock, VirtualClock
 from .config import Config, WorkerSpec
 from .errors import UsageError
 from .governance import ModelGovernor, TokenBudgets
@@ -53,6 +53,8 @@ SUPPORT_AGENT = "workers.support:SupportAgent"
 DRILL_FLEET = "drill"
 DRILL_WORKER = "drill-support"
 
+
+_WALL = SystemClock()  # a drill measures a real fleet in real time
 
 @dataclasses.dataclass
 class DrillReport:
@@ -331,23 +333,23 @@ async def _killswitch_phases(
 ) -> None:
     # 1. the fleet runs and actions flow
     want = max(workers, 10)
-    t0 = time.monotonic()
+    t0 = _WALL.monotonic()
     with anyio.move_on_after(20.0):
         await _until(lambda: not alive() or probe.started() >= want)
     flowing = probe.started()
     check("actions flowing before the engage", flowing >= want,
-          f"{flowing} started in {time.monotonic() - t0:.1f}s (wanted {want})")  # fmt: skip
+          f"{flowing} started in {_WALL.monotonic() - t0:.1f}s (wanted {want})")  # fmt: skip
     if flowing < want:
         return
 
     # 2. engage halt_all through the signed file, as the CLI does, while the fleet runs
-    begin = datetime.now(UTC)
+    begin = _WALL.now()
     engaged_state = await anyio.to_thread.run_sync(
         lambda: switch.write(
-            Mode.HALT_ALL, reason="kill-switch drill", by="drill", at=_iso(datetime.now(UTC))
+            Mode.HALT_ALL, reason="kill-switch drill", by="drill", at=_iso(_WALL.now())
         )
     )
-    engaged = datetime.now(UTC)  # the instant `engage` returned to the operator
+    engaged = _WALL.now()  # the instant `engage` returned to the operator
     offset = _size(effects)
     figures["engage_write_ms"] = _ms(engaged - begin)
     figures["actions_before_engage"] = flowing
@@ -367,7 +369,7 @@ async def _killswitch_phases(
         figures["last_start_before_engage_ms"] = _ms(engaged - last)
 
     # 4. hold the switch, then verify from the store and the effect log
-    remaining = seconds - (datetime.now(UTC) - engaged).total_seconds()
+    remaining = seconds - (_WALL.now() - engaged).total_seconds()
     if remaining > 0:
         await anyio.sleep(remaining)
     after = _iso(engaged)
@@ -397,10 +399,10 @@ async def _killswitch_phases(
     # 5. disengage: actions resume
     freed = await anyio.to_thread.run_sync(
         lambda: switch.write(
-            Mode.DISENGAGED, reason="kill-switch drill over", by="drill", at=_iso(datetime.now(UTC))
+            Mode.DISENGAGED, reason="kill-switch drill over", by="drill", at=_iso(_WALL.now())
         )
     )
-    disengaged = datetime.now(UTC)
+    disengaged = _WALL.now()
 
     def resumed() -> datetime | None:
         last = probe.last_started()
@@ -444,7 +446,7 @@ async def approval_backlog_drill(
         checks.append((name, ok, detail))
 
     with _scratch("acp-drill-approvals-", keep) as tmp:
-        t0 = datetime.now(UTC).replace(microsecond=0)
+        t0 = _WALL.now().replace(microsecond=0)
         clock = VirtualClock(t0)
         store = await open_store(f"sqlite:///{tmp / 'drill.db'}?synchronous=normal", clock,
                                  migrate=True)  # fmt: skip

@@ -22,7 +22,15 @@ from .actions import derive_id
 from .checkpoints import Checkpoints
 from .clock import Clock
 from .config import WorkerSpec
-from .errors import ApprovalPending, ConfigError, StateWriteError, StoreError, SupervisorError
+from .errors import (
+    ApprovalPending,
+    ConfigError,
+    IdempotencyConflict,
+    StateWriteError,
+    StoreError,
+    SupervisorError,
+    UsageError,
+)
 from .gate import Gate
 from .horizons import HorizonProfile
 from .sessions import WindowManager
@@ -328,6 +336,10 @@ class Fleet:
         except (ApprovalPending, SupervisorError) as exc:
             if isinstance(exc, StoreError):
                 error = f"state write failed: {exc}"
+            elif isinstance(exc, UsageError | IdempotencyConflict):
+                # A worker bug (params that do not serialize, a key reused with other params):
+                # a crash, visible and counted, not a governed refusal.
+                error = f"{type(exc).__name__}: {exc}"
                 if self.on_alert is not None:
                     await self.on_alert("state_write_failed", session.id, {"worker": st.name, "error": str(exc)})
             else:

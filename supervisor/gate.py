@@ -123,6 +123,17 @@ class Gate:
             return None
         return f"host {state.mode.value}" + (f": {state.problem}" if state.problem else "")
 
+    async def _scoped_approval(self, action: Action, *, worker: str, session: Session) -> Row | None:
+        """An approval granted for the rest of this window (`approve --scope window`) covers later
+        actions of the same name by the same worker, within its count and cost limits; each use
+        is counted in one statement, so concurrent uses cannot exceed them."""
+        row = await self.store.fetchrow("scoped_approval", session.id, worker, action.name)
+        if row is None:
+            return None
+        async with self.store.transaction() as tx:
+            used = await tx.fetchrow("use_approval", action.cost, row["id"], action.cost)
+        return row if used is not None else None
+
     async def refuse(
         self,
         action: Action,
@@ -223,7 +234,13 @@ class Gate:
 
         # 4. approval
         permit = Permit(None, None, None, command_id, decision.rule)
+        scoped = None
         if decision.outcome in ("require_approval", "escalate"):
+            scoped = await self._scoped_approval(action, worker=worker, session=session)
+        if scoped is not None:
+            permit = Permit(scoped["id"], scoped["decided_by"], scoped["decided_at"], command_id,
+                            decision.rule)  # fmt: skip
+        elif decision.outcome in ("require_approval", "escalate"):
             key = approval_key or command_id
             row = await self.approvals.request(
                 key=key, action=action, worker=worker, session_id=session.id,
@@ -357,6 +374,23 @@ class Gate:
         correlation_id: str | None = None,
     ) -> Outcome:
         t0 = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(command_id=command_id):
+            return await self._run(action, effect, worker=worker, session=session,
+                                   command_id=command_id, approval_key=approval_key,
+                                   correlation_id=correlation_id, t0=t0)  # fmt: skip
+
+    async def _run(
+        self,
+        action: Action,
+        effect: Effect,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        approval_key: str | None,
+        correlation_id: str | None,
+        t0: float,
+    ) -> Outcome:
         permit, replay = await self.admit(
             action, worker=worker, session=session, command_id=command_id,
             approval_key=approval_key, correlation_id=correlation_id,

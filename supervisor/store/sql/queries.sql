@@ -238,7 +238,7 @@ SELECT last_seq FROM streams WHERE id = ?;
 
 -- name: scoped_approval
 SELECT * FROM approvals
-WHERE session_id = ? AND worker = ? AND action = ? AND status = 'approved' AND scope = 'window'
+WHERE session_id = ? AND worker = ? AND action = ? AND scope = 'window' AND status = 'approved'
 ORDER BY decided_at LIMIT 1;
 
 -- name: count_actions_by_status
