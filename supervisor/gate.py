@@ -134,6 +134,12 @@ class Gate:
             used = await tx.fetchrow("use_approval", action.cost, row["id"], action.cost)
         return row if used is not None else None
 
+    def _verdict(self, action: Action, rows: list[Row], worker: str, session: Session) -> str | None:
+        """Every switch at once (host file, then the store's rows); None when all permit."""
+        return self._host_verdict(action.critical) or store_switch_verdict(
+            rows, worker=worker, session_id=session.id, critical=action.critical
+        )
+
     async def refuse(
         self,
         action: Action,
@@ -294,9 +300,8 @@ class Gate:
             rule=decision.rule, correlation_id=correlation_id, agent_id=action.agent_id,
             # The host file again, inside the transaction: an engage that landed while this
             # action waited for the store must not leave a started record after it returned.
-            host=self.host, kill_switch_check=lambda rows: self._host_verdict(action.critical)
-            or store_switch_verdict(rows, worker=worker, session_id=session.id,
-                                    critical=action.critical),
+            host=self.host,
+            kill_switch_check=lambda rows: self._verdict(action, rows, worker, session),
         )  # fmt: skip
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
@@ -335,10 +340,8 @@ class Gate:
         refusal: list[tuple[str, str]] = []
         try:
             async with self.store.transaction() as tx:
-                problem = self._host_verdict(action.critical) or store_switch_verdict(
-                    await tx.fetchall("kill_switches", self.fleet), worker=worker,
-                    session_id=session.id, critical=action.critical,
-                )  # fmt: skip
+                rows = await tx.fetchall("kill_switches", self.fleet)
+                problem = self._verdict(action, rows, worker, session)
                 if problem is not None:
                     refusal.append(("killswitch", problem))
                 elif not await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost):
@@ -430,8 +433,7 @@ class Gate:
         rows = await self.store.fetchall("kill_switches", self.fleet)
         # The host file last: nothing may await between reading it and the effect, or an engage
         # could land and return while this task waits for the store.
-        problem = self._host_verdict(action.critical) or store_switch_verdict(
-            rows, worker=worker, session_id=session.id, critical=action.critical)  # fmt: skip
+        problem = self._verdict(action, rows, worker, session)
         if problem is None:
             return
         await self.store.finish_action(
