@@ -404,7 +404,7 @@ class Daemon:
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
                             started_before=self.clock.now() - timedelta(seconds=longest * 2),
-                            host=self.config.host_id,
+                            host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store))  # fmt: skip
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
