@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -213,9 +214,13 @@ class Approvals:
         counts = {"escalated": 0, "expired": 0}
         for row in await self.store.fetchall("due_approvals", self.fleet, now, limit):
             step = self.chain.evaluate(row["created_at"], now)
-            if step.expired:
+            # The deadline saved with the approval is the promise; a reloaded chain (or another
+            # host's config) may say otherwise, and must never push it later.
+            if step.expired or now >= row["deadline"]:
                 counts["expired"] += int(await self.expire(row))
                 continue
+            if step.next_at is None or step.next_at > row["deadline"]:
+                step = dataclasses.replace(step, next_at=row["deadline"])
             if step.tier == row["tier"]:
                 async with self.store.transaction() as tx:
                     await tx.execute("escalate_approval", row["tier"], step.next_at, row["id"])

@@ -87,9 +87,9 @@ class Checkpoints:
         row = await self.store.fetchrow("latest_checkpoint", self.fleet, worker)
         return Checkpoint.from_row(row) if row else None
 
-    async def consumed(self, worker: str) -> None:
+    async def consumed(self, worker: str, checkpoint_id: int) -> None:
         async with self.store.transaction() as tx:
-            await tx.execute("clear_resume_point", self.fleet, worker)
+            await tx.execute("clear_resume_point", self.fleet, worker, checkpoint_id)
 
     async def list(self, limit: int = 1000) -> list[Checkpoint]:
         rows = await self.store.fetchall("list_checkpoints", self.fleet, limit)

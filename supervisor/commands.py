@@ -20,6 +20,14 @@ from .scorecard import compute
 from .store import NewEvent, Store, open_store, system_stream
 
 
+def ensure_state_dir(config: Config) -> None:
+    """The state directory, created when missing; a path that cannot be made is a config error."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreConfigError(f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}") from None
+
+
 async def _store(config: Config) -> Store:
     return await open_store(config.db_url, SystemClock())
 
@@ -57,7 +65,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def db_migrate(args: argparse.Namespace, config: Config) -> int:
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_state_dir(config)
     store = await open_store(config.db_url, SystemClock(), migrate=True)
     try:
         versions = await store.backend.schema_versions() or []
@@ -277,28 +285,27 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
         raise StoreError(f"kill switch host is {mode.value} (seq {state.seq}), but the event was "
                          f"not recorded (a running daemon records it): {exc}") from exc  # fmt: skip
     try:
+        from . import events as ev
+
+        kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
+        event = NewEvent(
+            kind=kind, session_id=system_stream(config.fleet), reason=mode.value,
+            payload={"scope": scope, "target": target, "mode": mode.value, "by": args.by,
+                     "reason": args.reason},
+        )  # fmt: skip
         if state is not None:
-            command_id = killswitch_command_id(config.fleet, "host", state.seq)
+            await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
         else:
             async with store.transaction() as tx:
                 # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
-                # returns only after them, and no start can begin after it.
+                # returns only after them, and no start can begin after it. The switch and its
+                # event (who and why) commit together.
                 await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
                 await tx.execute("lock_fleet_switch", config.fleet)
                 await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
                                  args.reason, args.by, store.clock.now())  # fmt: skip
+                await store.append_in(tx, event)
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
-            command_id = killswitch_command_id(
-                config.fleet, f"{scope}:{target}", store.clock.now().isoformat()
-            )
-        from . import events as ev
-
-        kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
-        await store.once(command_id, NewEvent(
-            kind=kind, session_id=system_stream(config.fleet), reason=mode.value,
-            payload={"scope": scope, "target": target, "mode": mode.value, "by": args.by,
-                     "reason": args.reason},
-        ))  # fmt: skip
     finally:
         await store.close()
     where = scope + (f" {target}" if target else "")

@@ -206,6 +206,9 @@ def _build(
     daemon = c.table(data, "daemon", "daemon")
     c.known(daemon, _DAEMON, "daemon")
 
+    for text_key in ("fleet", "host_id", "timezone", "state_dir", "db", "profile"):
+        if text_key in daemon and not isinstance(daemon[text_key], str):
+            raise c.fail(f"daemon.{text_key}", f"must be a string, got {daemon[text_key]!r}", text_key)
     fleet = str(daemon.get("fleet", "default"))
     if not _NAME.match(fleet):
         raise c.fail("daemon.fleet", f"invalid fleet name {fleet!r}", "fleet")
@@ -229,6 +232,10 @@ def _build(
     db_url = (
         db or env.get("ACP_DB") or daemon.get("db") or f"sqlite:///{state_path / 'supervisor.db'}"
     )
+    if daemon.get("db") and not db and not env.get("ACP_DB"):
+        scheme = str(daemon["db"]).partition("://")[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise c.fail("daemon.db", f"unknown database scheme {scheme!r} (sqlite, postgresql)", "db")
 
     profile = str(daemon.get("profile", "day"))
     if profile not in HORIZONS:

@@ -171,7 +171,10 @@ class Daemon:
         cfg = self.config
         factories = build_factories(cfg)  # config errors before anything is written
         secret = load_secret(self.env, cfg.killswitch_secret_file)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}") from None
         system = SystemClock()
         # The embedded SQLite store migrates itself; a shared Postgres is migrated by an operator
         # (`acp-supervisor db migrate`), never by whichever host happens to start first.
@@ -371,7 +374,15 @@ class Daemon:
 
     async def _escalation(self, approvals: Approvals) -> None:
         """Sleep until the next approval is due (at most escalation_every), then move it on."""
-        await approvals.refresh_hint()
+        while approvals.next_due is None and not self.stopping.is_set():
+            try:
+                await approvals.refresh_hint()
+                break
+            except StoreError as exc:
+                log.warning("duty.failed", duty="escalation", error=str(exc))
+                await self.clock.sleep_until(
+                    self.clock.now() + timedelta(seconds=self.config.heartbeat), self.stopping
+                )
         while not self.stopping.is_set():
             now = self.clock.now()
             idle_until = now + timedelta(seconds=self.config.recovery_every)
@@ -397,7 +408,10 @@ class Daemon:
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
             elif not self.clock.virtual:
-                await approvals.refresh_hint()  # approvals created by another host or process
+                try:
+                    await approvals.refresh_hint()  # approvals created by another host or process
+                except StoreError as exc:
+                    log.warning("duty.failed", duty="escalation", error=str(exc))
 
     async def _recover(self, store: Store, approvals: Approvals, host_switch: HostSwitchFile) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
@@ -510,7 +524,7 @@ class Daemon:
         )  # fmt: skip
         log.warning("killswitch.changed", mode=state.mode.value, by=state.by, reason=state.reason)
         if state.mode == Mode.EMERGENCY:
-            await self._emergency_snapshot(store, state)
+            await self._safe_snapshot(store, state)
 
     async def _safe_snapshot(self, store: Store, state: SwitchState) -> None:
         try:
@@ -553,7 +567,13 @@ class Daemon:
         assert self.fleet is not None
         try:
             with scope:
-                await self.fleet.run_instance(name, factory)
+                while not await self._run_instance_once(name, factory):
+                    spec = self._specs.get(name)
+                    if spec is None or self.stopping.is_set():
+                        break
+                    wait = timedelta(seconds=spec.quarantine_for)
+                    if not await self.clock.sleep_until(self.clock.now() + wait, self.stopping):
+                        break
         finally:
             self._scopes.pop(name, None)
             if self.coordinator is not None and name in self.coordinator.slots:
@@ -565,6 +585,22 @@ class Daemon:
         if name not in self._specs:
             self.fleet.status.pop(name, None)
             log.info("worker.removed", worker=name)
+
+    async def _run_instance_once(self, name: str, factory: WorkerFactory) -> bool:
+        """False when the instance failed outside its cycles (a worker whose __init__ or restore
+        raises, an unexpected bug): it is quarantined and tried again, never taking the daemon
+        and every other worker down with it."""
+        assert self.fleet is not None
+        try:
+            await self.fleet.run_instance(name, factory)
+            return True
+        except Exception as exc:
+            status = self.fleet.status.get(name)
+            if status is not None:
+                status.state, status.last_error = "quarantined", f"{type(exc).__name__}: {exc}"
+                status.restarts += 1
+            log.error("worker.failed", worker=name, error=f"{type(exc).__name__}: {exc}")
+            return False
 
     def _stop_instance(self, name: str) -> None:
         """After its current cycle: checkpoint, stop, give the slot back."""

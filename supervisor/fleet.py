@@ -206,7 +206,7 @@ class Fleet:
                 base = int(checkpoint.counters.get("run_base", 0)) if same_run else next_cycle
             if checkpoint.counters.get("last_run"):
                 last_run = datetime.fromisoformat(checkpoint.counters["last_run"])
-            await self.checkpoints.consumed(name)
+            await self.checkpoints.consumed(name, checkpoint.id)
             log.info("worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle)
         if not self.clock.virtual and spec.schedule is None:
             # After downtime the slots that passed are skipped, not replayed in a burst.

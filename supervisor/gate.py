@@ -340,13 +340,14 @@ class Gate:
         refusal: list[tuple[str, str]] = []
         try:
             async with self.store.transaction() as tx:
-                rows = await tx.fetchall("kill_switches", self.fleet)
+                rows = await tx.fetchall("kill_switches_for_start", self.fleet)
                 problem = self._verdict(action, rows, worker, session)
                 if problem is not None:
                     refusal.append(("killswitch", problem))
-                elif not await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost):
+                elif not await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost,
+                                           self.store.clock.now()):  # fmt: skip
                     row = await tx.fetchrow("get_session", session.id)
-                    if row is not None and row["status"] == "open":
+                    if row is not None and row["status"] == "open" and row["ends_at"] > self.store.clock.now():
                         refusal.append(("budget", "window budget spent"))
                     else:
                         refusal.append(("no_window", "window closed meanwhile"))

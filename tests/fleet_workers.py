@@ -146,3 +146,13 @@ def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class BrokenInit(Worker):
+    """Cannot even be built: the fleet must quarantine it, not stop the daemon."""
+
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        raise RuntimeError("cannot connect to my backend")
+
+    async def cycle(self, ctx: CycleContext) -> None:  # pragma: no cover - never built
+        raise AssertionError("unreachable")

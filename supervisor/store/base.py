@@ -580,9 +580,13 @@ class Store:
                 refused["reason"] = "killswitch"
                 refused["detail"] = problem
                 raise _Refused()
-            if await tx.fetchrow("reserve_budget", cost, session_id, cost) is None:
+            if await tx.fetchrow("reserve_budget", cost, session_id, cost, self.clock.now()) is None:
                 session = await tx.fetchrow("get_session", session_id)
-                window_open = session is not None and session["status"] == "open"
+                window_open = (
+                    session is not None
+                    and session["status"] == "open"
+                    and session["ends_at"] > self.clock.now()
+                )
                 refused["reason"] = "budget" if window_open else "no_window"
                 raise _Refused()
             now = self.clock.now()

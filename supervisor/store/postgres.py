@@ -147,8 +147,8 @@ class PostgresBackend(Backend):
 
     async def schema_versions(self) -> list[int] | None:
         async with self.reader() as tx:
-            row = await tx._conn.fetchrow("SELECT to_regclass('schema_version') IS NOT NULL AS ok")
-            if not row["ok"]:
+            row = await tx.fetchrow("schema_table_exists")
+            if row is None or not row["ok"]:
                 return None
             rows = await tx.fetchall("schema_versions")
         return [int(r["version"]) for r in rows]

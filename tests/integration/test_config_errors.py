@@ -148,3 +148,27 @@ def test_the_same_harness_runs_a_valid_config(tmp_path: Path) -> None:
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
     assert (tmp_path / "state" / "simulate.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ('state_dir = 5', "daemon.state_dir"),
+        ('db = "mysql://db/x"', "daemon.db"),
+        ('fleet = 7', "daemon.fleet"),
+    ],
+)
+def test_daemon_values_of_the_wrong_kind_name_the_key(tmp_path: Path, line: str, named: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"[daemon]\n{line}\n")
+    done = subprocess.run([sys.executable, "-m", "supervisor", "--config", str(cfg), "db", "migrate"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "line 2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "supervisor", "--state-dir", "/proc/nope/state",
+                           "db", "migrate"], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "state directory" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

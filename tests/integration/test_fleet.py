@@ -399,3 +399,15 @@ async def test_bad_worker_config_is_refused_before_anything_is_written(
     assert "worker 'bad'" in text
     assert message in text
     assert not run.state.exists(), "the daemon wrote something before refusing its config"
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_cannot_be_built_is_quarantined_and_the_others_run(tmp_path: Path) -> None:
+    workers = _worker("broken", "tests.fleet_workers:BrokenInit", quarantine_for="30m") + _worker(
+        "steady", "workers.support:SupportAgent"
+    )
+    run = await Run(tmp_path, workers).run()
+    broken = run.status("broken")
+    assert broken.state == "quarantined" and "cannot connect" in (broken.last_error or "")
+    assert broken.restarts >= 3  # tried again after each cool-down over the 2 h run
+    assert run.actions("steady"), "one broken worker must not stop the others"

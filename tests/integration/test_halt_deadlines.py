@@ -117,3 +117,18 @@ async def test_an_action_halted_at_the_last_look_runs_after_disengage(
     assert outcome.status == "succeeded" and not outcome.replayed and ran == [1]
     fresh = await store.get_session(session.id)
     assert fresh is not None and fresh.used_actions == 1 and fresh.used_cost == 1.0
+
+
+async def test_no_start_after_the_window_ends_even_if_rotation_is_late(
+    store: Store, clock: VirtualClock, tmp_path: Path
+) -> None:
+    gate, _switch, session = await setup(store, clock, tmp_path)
+    clock.advance(session.ends_at - clock.now())  # the window's end: nobody rotated it yet
+    with pytest.raises(ActionDenied) as denied:
+        await gate.run(Action("notes.write", params={"n": 9}), _effect, worker="w", session=session,
+                       command_id="late")  # fmt: skip
+    assert denied.value.reason == "no_window"
+    # and the reservation statement itself refuses, whatever the caller checked before
+    assert await store.fetchrow("get_action", "late") is None
+    async with store.transaction() as tx:
+        assert await tx.fetchrow("reserve_budget", 0.0, session.id, 0.0, clock.now()) is None

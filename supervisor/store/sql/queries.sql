@@ -59,6 +59,7 @@ SET reserved_cost = reserved_cost + ?, reserved_actions = reserved_actions + 1
 WHERE id = ? AND status = 'open'
   AND (max_cost IS NULL OR used_cost + reserved_cost + ? <= max_cost)
   AND (max_actions IS NULL OR used_actions + reserved_actions + 1 <= max_actions)
+  AND ends_at > ?
 RETURNING id;
 
 -- name: settle_budget
@@ -164,7 +165,8 @@ INSERT INTO resume_points (fleet, worker, checkpoint_id) VALUES (?, ?, ?)
 ON CONFLICT (fleet, worker) DO UPDATE SET checkpoint_id = excluded.checkpoint_id;
 
 -- name: clear_resume_point
-DELETE FROM resume_points WHERE fleet = ? AND worker = ?;
+-- Only the pin that was used: an operator's newer restore, landed meanwhile, stays.
+DELETE FROM resume_points WHERE fleet = ? AND worker = ? AND checkpoint_id = ?;
 
 -- name: upsert_kill_switch
 INSERT INTO kill_switches (fleet, scope, target, mode, reason, changed_by, updated_at)

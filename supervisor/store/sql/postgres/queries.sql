@@ -3,6 +3,9 @@
 -- name: db_now
 SELECT now() AS now_at;
 
+-- name: schema_table_exists
+SELECT to_regclass('schema_version') IS NOT NULL AS ok;
+
 -- name: notify_killswitch
 SELECT pg_notify('acp_killswitch', ?);
 
