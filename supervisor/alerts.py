@@ -377,6 +377,28 @@ class Alerts:
         counts = {row["kind"]: int(row["n"]) for row in rows}
         return counts.get(ev.ALERT, 0), counts.get(ev.ALERT_RESOLVED, 0)
 
+    def _announce(
+        self, state: str, condition: str, session_id: str | None, stream: str,
+        payload: dict[str, Any], *, recorded: bool, error: BaseException | None = None,
+    ) -> None:  # fmt: skip
+        """Log the change (a raise is a warning, a resolve is info) and queue it for the sinks."""
+        fields: dict[str, Any] = {"condition": condition, "session_id": session_id,
+                                  "detail": payload, "recorded": recorded}  # fmt: skip
+        if error is not None:
+            fields["error"] = f"{type(error).__name__}: {error}"
+        (log.warning if state == "raised" else log.info)(f"alert.{state}", **fields)
+        self._enqueue(condition, state, session_id, stream, payload)
+
+    async def _record(
+        self, kind: str, command_id: str, stream: str, condition: str, payload: dict[str, Any]
+    ) -> bool:
+        """The ALERT or ALERT_RESOLVED event, exactly once for its id."""
+        return await self.store.once(
+            command_id,
+            NewEvent(kind=kind, session_id=stream, reason=condition, payload=payload,
+                     state_bearing=True, command_id=command_id),
+        )  # fmt: skip
+
     async def raise_alert(
         self, condition: str, *, session_id: str | None, detail: Mapping[str, Any]
     ) -> bool:
@@ -391,30 +413,12 @@ class Alerts:
                 self._unrecorded.discard(key)
                 return False
             alert_id = self._alert_id(condition, session_id, resolved)
-            fresh = await self.store.once(
-                alert_id,
-                NewEvent(
-                    kind=ev.ALERT,
-                    session_id=stream,
-                    reason=condition,
-                    payload=payload,
-                    state_bearing=True,
-                    command_id=alert_id,
-                ),
-            )
+            fresh = await self._record(ev.ALERT, alert_id, stream, condition, payload)
         except Exception as exc:
             if key in self._unrecorded:
                 return False
             self._unrecorded.add(key)
-            log.warning(
-                "alert.raised",
-                condition=condition,
-                session_id=session_id,
-                detail=payload,
-                recorded=False,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            self._enqueue(condition, "raised", session_id, stream, payload)
+            self._announce("raised", condition, session_id, stream, payload, recorded=False, error=exc)
             return False
         if not fresh:
             return False
@@ -423,14 +427,7 @@ class Alerts:
             self._unrecorded.discard(key)
             log.info("alert.recorded", condition=condition, session_id=session_id)
             return True
-        log.warning(
-            "alert.raised",
-            condition=condition,
-            session_id=session_id,
-            detail=payload,
-            recorded=True,
-        )
-        self._enqueue(condition, "raised", session_id, stream, payload)
+        self._announce("raised", condition, session_id, stream, payload, recorded=True)
         return True
 
     async def resolve(
@@ -446,54 +443,21 @@ class Alerts:
         except Exception as exc:
             if key in self._unrecorded:
                 self._unrecorded.discard(key)
-                log.info(
-                    "alert.resolved",
-                    condition=condition,
-                    session_id=session_id,
-                    detail=payload,
-                    recorded=False,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                self._enqueue(condition, "resolved", session_id, stream, payload)
+                self._announce("resolved", condition, session_id, stream, payload, recorded=False, error=exc)
             return False
         if raised <= resolved:
             if key in self._unrecorded:  # raised while the store failed: tell the sinks it is over
                 self._unrecorded.discard(key)
-                log.info(
-                    "alert.resolved",
-                    condition=condition,
-                    session_id=session_id,
-                    detail=payload,
-                    recorded=False,
-                )
-                self._enqueue(condition, "resolved", session_id, stream, payload)
+                self._announce("resolved", condition, session_id, stream, payload, recorded=False)
             return False
         alert_id = self._alert_id(condition, session_id, resolved)
         resolve_id = derive_id("alert.resolved", alert_id)
         try:
-            fresh = await self.store.once(
-                resolve_id,
-                NewEvent(
-                    kind=ev.ALERT_RESOLVED,
-                    session_id=stream,
-                    reason=condition,
-                    payload=payload,
-                    state_bearing=True,
-                    command_id=resolve_id,
-                ),
-            )
+            fresh = await self._record(ev.ALERT_RESOLVED, resolve_id, stream, condition, payload)
         except Exception as exc:
             if resolve_id not in self._unrecorded_resolves:
                 self._unrecorded_resolves.add(resolve_id)
-                log.info(
-                    "alert.resolved",
-                    condition=condition,
-                    session_id=session_id,
-                    detail=payload,
-                    recorded=False,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                self._enqueue(condition, "resolved", session_id, stream, payload)
+                self._announce("resolved", condition, session_id, stream, payload, recorded=False, error=exc)
             return False
         self._unrecorded.discard(key)
         if not fresh:
@@ -501,14 +465,7 @@ class Alerts:
         if resolve_id in self._unrecorded_resolves:
             self._unrecorded_resolves.discard(resolve_id)
             return True
-        log.info(
-            "alert.resolved",
-            condition=condition,
-            session_id=session_id,
-            detail=payload,
-            recorded=True,
-        )
-        self._enqueue(condition, "resolved", session_id, stream, payload)
+        self._announce("resolved", condition, session_id, stream, payload, recorded=True)
         return True
 
     # -- evaluated conditions ----------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from datetime import datetime
 from typing import Any
 
 from . import recovery
@@ -14,10 +13,11 @@ from .cli import emit
 from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon, host_switch_path, killswitch_command_id
-from .errors import KillSwitchError, NotFound, StoreConfigError, StoreError, UsageError
+from .errors import NotFound, StoreConfigError, StoreError, UsageError
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .scorecard import compute
 from .store import NewEvent, Store, open_store, system_stream
+from .store.base import plain_row
 
 
 def ensure_state_dir(config: Config) -> None:
@@ -32,8 +32,6 @@ async def _store(config: Config) -> Store:
     return await open_store(config.db_url, SystemClock())
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
@@ -78,7 +76,7 @@ async def db_migrate(args: argparse.Namespace, config: Config) -> int:
 async def status(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
-        workers = [_plain(r) for r in await store.fetchall("list_workers", config.fleet)]
+        workers = [plain_row(r) for r in await store.fetchall("list_workers", config.fleet)]
         windows = [s.as_dict() for s in await store.open_sessions(config.fleet)]
         pending = await store.fetchrow("count_pending_approvals", config.fleet)
         actions = {
@@ -86,8 +84,8 @@ async def status(args: argparse.Namespace, config: Config) -> int:
             for r in await store.fetchall("count_actions_by_status", config.fleet)
         }
         switches = await _switches(store, config)
-        hosts = [_plain(r) for r in await store.fetchall("list_hosts", config.fleet)]
-        leases = [_plain(r) for r in await store.fetchall("list_leases", f"%:{config.fleet}%")]
+        hosts = [plain_row(r) for r in await store.fetchall("list_hosts", config.fleet)]
+        leases = [plain_row(r) for r in await store.fetchall("list_leases", f"%:{config.fleet}%")]
         db_now = await store.db_now()
     finally:
         await store.close()
@@ -216,7 +214,7 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
         query = "pending_approvals" if args.pending else "list_approvals"
-        rows = [_plain(r) for r in await store.fetchall(query, config.fleet, 10_000)]
+        rows = [plain_row(r) for r in await store.fetchall(query, config.fleet, 10_000)]
     finally:
         await store.close()
     text = (
@@ -269,13 +267,8 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     state = None
     if scope == "host":
         # The file first: the host switch must work while the store is down or unmigrated.
-        secret = load_secret(dict(__import__("os").environ), config.killswitch_secret_file)
-        if secret is None:
-            raise KillSwitchError(
-                "no kill-switch secret configured: set ACP_KILLSWITCH_SECRET or killswitch.secret_file"
-            )
-        switch = HostSwitchFile(host_switch_path(config.state_dir), secret)
-        state = switch.write(mode, reason=args.reason, by=args.by,
+        # write() refuses (KillSwitchError, exit 2) when no secret is configured: nothing unsigned.
+        state = _host_switch(config).write(mode, reason=args.reason, by=args.by,
                              at=SystemClock().now().isoformat())  # fmt: skip
     try:
         store = await _store(config)
@@ -321,11 +314,16 @@ async def killswitch_disengage(args: argparse.Namespace, config: Config) -> int:
     return await _set_switch(args, config, Mode.DISENGAGED)
 
 
-async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
+def _host_switch(config: Config) -> HostSwitchFile:
+    """This host's switch file, with the secret from the environment or the secret file."""
     import os
 
     secret = load_secret(dict(os.environ), config.killswitch_secret_file)
-    state = HostSwitchFile(host_switch_path(config.state_dir), secret).read()
+    return HostSwitchFile(host_switch_path(config.state_dir), secret)
+
+
+async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
+    state = _host_switch(config).read()
     out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
             "problem": state.problem, "by": state.by, "reason": state.reason, "seq": state.seq}]  # fmt: skip
     for row in await store.fetchall("kill_switches", config.fleet):
@@ -354,14 +352,11 @@ async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
 
 
 async def recover(args: argparse.Namespace, config: Config) -> int:
-    import os
-
     store = await _store(config)
     try:
-        secret = load_secret(dict(os.environ), config.killswitch_secret_file)
         report = await recovery.scan(
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
-            host_switch=HostSwitchFile(host_switch_path(config.state_dir), secret),
+            host_switch=_host_switch(config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
         )  # fmt: skip
     finally:
@@ -378,7 +373,7 @@ async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
         rows = [
-            _plain(r)
+            plain_row(r)
             for r in await store.fetchall("actions_with_status", config.fleet, "in_doubt", 10_000)
         ]
     finally:
@@ -403,7 +398,7 @@ async def tokens_usage(args: argparse.Namespace, config: Config) -> int:
     period_prefix = {"day": "daily", "week": "weekly", "month": "monthly"}
     store = await _store(config)
     try:
-        rows = [_plain(r) for r in await store.fetchall("list_token_usage")]
+        rows = [plain_row(r) for r in await store.fetchall("list_token_usage")]
     finally:
         await store.close()
     if args.scope:

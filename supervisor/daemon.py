@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,7 +41,7 @@ from .metrics import Metrics
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .store import NewEvent, Store, open_store, system_stream
-from .store.base import current_fence
+from .store.base import current_fence, plain_row
 from .systemd import Notifier
 from .windows import next_boundary, window_at
 from .worker import EffectLog, Worker
@@ -326,19 +327,17 @@ class Daemon:
                 return
             boundary = next_boundary(now, windows.length, windows.tz)
             if self._leading():
-                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
                 try:
-                    current = await windows.ensure(now)
-                    if current is None:
-                        await windows.close_current()
-                        return
+                    with self._fenced():
+                        current = await windows.ensure(now)
+                        if current is None:
+                            await windows.close_current()
+                            return
                     boundary = current.ends_at
                     self.notifier.status(self._status_line())
                 except StoreError as exc:
                     log.warning("duty.failed", duty="rotation", error=str(exc))
                     boundary = now + timedelta(seconds=self.config.heartbeat)
-                finally:
-                    current_fence.reset(token)
             if not await self.clock.sleep_until(boundary, self.stopping):
                 return
 
@@ -347,13 +346,11 @@ class Daemon:
             if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=seconds), self.stopping):
                 return
             if self._leading():
-                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
                 try:
-                    await duty(*args)
+                    with self._fenced():
+                        await duty(*args)
                 except StoreError as exc:
                     log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
-                finally:
-                    current_fence.reset(token)
 
     async def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> None:
         """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
@@ -366,11 +363,8 @@ class Daemon:
             if self.stopping.is_set():
                 return
             if self._leading():
-                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
-                try:
+                with self._fenced():
                     await alerts.evaluate()
-                finally:
-                    current_fence.reset(token)
 
     async def _escalation(self, approvals: Approvals) -> None:
         """Sleep until the next approval is due (at most escalation_every), then move it on."""
@@ -397,14 +391,12 @@ class Daemon:
             if not self._leading():
                 continue
             if approvals.next_due is not None and approvals.next_due <= self.clock.now():
-                token = current_fence.set(self.coordinator.leader if self.coordinator else None)
                 try:
-                    counts = await approvals.escalate_due()
+                    with self._fenced():
+                        counts = await approvals.escalate_due()
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
                     continue
-                finally:
-                    current_fence.reset(token)
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
             elif not self.clock.virtual:
@@ -541,7 +533,7 @@ class Daemon:
             "at": self.clock.now().isoformat(), "switch": {"seq": state.seq, "by": state.by, "reason": state.reason},
             "workers": [s.as_dict() for s in (self.fleet.status.values() if self.fleet else [])],
             "open_windows": [s.as_dict() for s in await store.open_sessions(self.config.fleet)],
-            "pending_approvals": [_plain(r) for r in await store.fetchall("pending_approvals", self.config.fleet, 10_000)],
+            "pending_approvals": [plain_row(r) for r in await store.fetchall("pending_approvals", self.config.fleet, 10_000)],
         }  # fmt: skip
         path.write_text(json.dumps(snapshot, indent=2, sort_keys=True))
         await store.append(NewEvent(kind=ev.ALERT, session_id=system_stream(self.config.fleet),
@@ -644,6 +636,16 @@ class Daemon:
 
     async def _live_after(self, store: Store) -> datetime:
         return await store.db_now() - timedelta(seconds=self.config.lease_ttl)
+
+    @contextmanager
+    def _fenced(self) -> Iterator[None]:
+        """A singleton duty's writes, each checked against the leader's fence (its lease and
+        token) inside its own transaction."""
+        token = current_fence.set(self.coordinator.leader if self.coordinator else None)
+        try:
+            yield
+        finally:
+            current_fence.reset(token)
 
     def _leading(self) -> bool:
         return self.coordinator is None or self.coordinator.is_leader
@@ -764,6 +766,3 @@ def host_switch_mtime(state_dir: Path) -> int:
     except OSError:
         return 0
 
-
-def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}

@@ -21,7 +21,7 @@ from . import events as ev
 from .actions import derive_id
 from .checkpoints import Checkpoints
 from .clock import Clock
-from .config import WorkerSpec
+from .config import Backoff, WorkerSpec
 from .errors import (
     ApprovalPending,
     ConfigError,
@@ -270,8 +270,7 @@ class Fleet:
                         restarts.clear()
                         backoff = spec.backoff.initial
                     else:
-                        delay = min(backoff, spec.backoff.max) * (0.5 + jitter.random() / 2)
-                        backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
+                        delay, backoff = backoff_step(backoff, spec.backoff, jitter)
                         await self._set_state(st, "backoff")
                         if not await self.clock.sleep_until(
                             self.clock.now() + timedelta(seconds=delay), stop
@@ -299,8 +298,7 @@ class Fleet:
                     # needed it did not run (fail-closed). Supervision survives it: wait, retry.
                     st.last_error = f"store unavailable: {exc}"
                     log.warning("worker.store_unavailable", worker=name, error=str(exc))
-                    delay = min(backoff, spec.backoff.max) * (0.5 + jitter.random() / 2)
-                    backoff = min(backoff * spec.backoff.multiplier, spec.backoff.max)
+                    delay, backoff = backoff_step(backoff, spec.backoff, jitter)
                     if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay), stop):
                         break
         finally:
@@ -428,6 +426,12 @@ class Fleet:
         return await self.clock.sleep_until(
             self.clock.now() + timedelta(seconds=spec.quarantine_for), stop
         )
+
+
+def backoff_step(nominal: float, policy: Backoff, jitter: random.Random) -> tuple[float, float]:
+    """This wait (jittered to 50-100 % of the nominal delay, capped) and the next nominal delay."""
+    delay = min(nominal, policy.max) * (0.5 + jitter.random() / 2)
+    return delay, min(nominal * policy.multiplier, policy.max)
 
 
 async def _close(worker: Worker) -> None:

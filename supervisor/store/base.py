@@ -187,6 +187,11 @@ class Session:
         return out
 
 
+def plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with its timestamps as ISO 8601 text, for JSON output."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
 def system_stream(fleet: str) -> str:
     """The stream for fleet-level events that belong to no window (kill switch, recovery)."""
     return f"system:{fleet}"
@@ -237,10 +242,7 @@ class Store:
         if self.dialect != "postgres":
             return self.clock.now()
         async with self.backend.reader() as tx:
-            row = await tx.fetchrow("db_now")
-        assert row is not None
-        now: datetime = row["now_at"]
-        return now
+            return await self._db_now_in(tx)
 
     async def close(self) -> None:
         try:
