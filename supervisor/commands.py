@@ -6,18 +6,23 @@ import argparse
 import dataclasses
 from typing import Any
 
-from . import recovery
+import structlog
+
+from . import recovery, simruns
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .cli import emit
 from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon, host_switch_path, killswitch_command_id
-from .errors import NotFound, StoreConfigError, StoreError, UsageError
+from .errors import DatabaseMissing, NotFound, StoreConfigError, StoreError, UsageError
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .scorecard import compute
+from .simruns import simulations_dir
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import plain_row
+
+log = structlog.get_logger("supervisor.commands")
 
 
 def ensure_state_dir(config: Config) -> None:
@@ -29,7 +34,14 @@ def ensure_state_dir(config: Config) -> None:
 
 
 async def _store(config: Config) -> Store:
-    return await open_store(config.db_url, SystemClock())
+    try:
+        return await open_store(config.db_url, SystemClock())
+    except DatabaseMissing as exc:
+        raise DatabaseMissing(
+            f"{exc}; simulated runs are kept under {simulations_dir(config.state_dir)} "
+            "(read one with --run ID|latest); `acp-supervisor db migrate` creates a fleet's database",
+            exc.path,
+        ) from None
 
 
 
@@ -39,12 +51,21 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--start goes with --simulate")
     if args.simulate and args.horizon is None:
         raise UsageError("--simulate needs --horizon hour|day|week|month")
+    start = args.start
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=config.timezone)  # a local time in the configured zone
+    sim = None
     if args.simulate and not config.db_explicit:
-        # A simulation writes windows in simulated time; it never shares the real fleet's store.
-        # Its own file is durable against a killed process (WAL, synchronous=normal: what the
-        # crash tests exercise); power-loss durability (synchronous=full) is for real fleets.
-        db_url = f"sqlite:///{config.state_dir / 'simulate.db'}?synchronous=normal"
-        config = dataclasses.replace(config, db_url=db_url)
+        # A simulation writes windows in simulated time; it never shares the real fleet's store,
+        # nor another simulation's: each run has its own database (see simruns).
+        ensure_state_dir(config)
+        sim, resumed = simruns.begin(
+            config.state_dir, horizon=args.horizon, start=start,
+            seed=config.seed if args.seed is None else args.seed, config=config.path,
+            now=SystemClock().now(),
+        )  # fmt: skip
+        log.info("run.simulation", run=sim.id, path=str(sim.path), resumed=resumed)
+        config = dataclasses.replace(config, db_url=sim.db_url)
 
     def reload() -> Config:
         import os
@@ -54,11 +75,18 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         return load_config(args.config or os.environ.get("ACP_CONFIG") or None, db=args.db,
                            state_dir=args.state_dir)  # fmt: skip
 
-    daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=args.start,
-                    seed=args.seed, reload_config=None if args.simulate else reload)  # fmt: skip
+    daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=start,
+                    seed=args.seed, reload_config=None if args.simulate else reload,
+                    effects_dir=sim.path if sim else None)  # fmt: skip
     card = await daemon.run()
+    if sim is not None and daemon.finished:
+        simruns.finish(sim, SystemClock().now())
     if card is not None:
-        emit(args, card.as_dict(), card.render())
+        data, text = card.as_dict(), card.render()
+        if sim is not None:
+            data["run"] = sim.id
+            text += f"\nsimulated run {sim.id}: read it again with --run {sim.id} (or --run latest)"
+        emit(args, data, text)
     return 0
 
 

@@ -187,6 +187,7 @@ async def sqlite_store(sqlite_url: str, clock: VirtualClock) -> AsyncIterator[St
 def blank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An existing database with no schema at all (sync, like conftest's Postgres fixtures)."""
     if request.param == "sqlite":
+        (tmp_path / "blank.db").touch()  # a read never creates the file: it must exist
         yield f"sqlite:///{tmp_path / 'blank.db'}"
         return
     pg_url: str = request.getfixturevalue("pg_url")  # skips (or fails under CI) without Postgres
