@@ -58,6 +58,12 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     if args.simulate and not config.db_explicit:
         # A simulation writes windows in simulated time; it never shares the real fleet's store,
         # nor another simulation's: each run has its own database (see simruns).
+        import os
+
+        from .daemon import build_factories
+
+        build_factories(config)  # config problems before the run's folder is made
+        load_secret(dict(os.environ), config.killswitch_secret_file)
         ensure_state_dir(config)
         sim, resumed = simruns.begin(
             config.state_dir, horizon=args.horizon, start=start,

@@ -3,7 +3,7 @@
 A simulated run governs windows in simulated time; two runs over the same hours would claim the
 same windows (their command_ids are deterministic), so each `run --simulate` gets its own
 database unless `--db` names one. The run id sorts by the time it was made (a UTC timestamp,
-then the seed and a short random part). `run.json` beside the database holds the parameters, so
+to the millisecond, then the seed and a short random part). `run.json` beside the database holds the parameters, so
 the same command after a kill resumes its unfinished run instead of starting a new one.
 """
 
@@ -88,7 +88,9 @@ def begin(
     if runs and not runs[-1].finished and all(runs[-1].meta.get(k) == v for k, v in params.items()):
         return runs[-1], True
     stamp = now.astimezone(UTC)
-    run_id = f"{stamp:%Y%m%dT%H%M%SZ}-s{seed}-{secrets.token_hex(2)}"
+    run_id = (
+        f"{stamp:%Y%m%dT%H%M%S}.{stamp.microsecond // 1000:03d}Z-s{seed}-{secrets.token_hex(2)}"
+    )
     path = simulations_dir(state_dir) / run_id
     path.mkdir(parents=True)
     meta = {"id": run_id, "created_at": stamp.isoformat(timespec="microseconds"), **params,

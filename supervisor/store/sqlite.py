@@ -107,16 +107,17 @@ class SQLiteBackend(Backend):
         self._commit_inline = self._sync == "NORMAL"
 
     async def connect(self) -> None:
+        plain = str(self.path)
+        plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain  # as a person types it
         if not self.create and not self.path.exists():
-            raise DatabaseMissing(f"database {self.path} does not exist", str(self.path))
+            raise DatabaseMissing(f"database {plain} does not exist", plain)
         if not self.path.parent.is_dir():
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
         try:
             # busy_timeout 0: a statement on the event loop never waits for another process;
             # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
-            # mode=rw: no file is created when it vanished since the check above
-            plain = str(self.path)
-            plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain  # no URI authority
+            # mode=rw: no file is created when it vanished since the check above (and `plain`:
+            # a leading // would be a URI authority)
             target = self.path if self.create else f"file:{quote(plain)}?mode=rw"
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
                                    timeout=0.0, uri=not self.create)  # fmt: skip
