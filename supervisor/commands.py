@@ -274,7 +274,7 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
 def _approval_wait(row: dict[str, Any], now: datetime) -> str:
     """`pending 12m, deadline in 48m`, or who decided and when."""
     if row["status"] == "pending":
-        return (f"pending {tables.span(now - row['created_at'])}, "
+        return (f"pending {tables.elapsed(row['created_at'], now)}, "
                 f"deadline {tables.relative(row['deadline'], now)}")  # fmt: skip
     by = f" by {row['decided_by']}" if row.get("decided_by") else ""
     at = f" {tables.relative(row['decided_at'], now)}" if row.get("decided_at") else ""

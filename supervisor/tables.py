@@ -72,6 +72,12 @@ def relative(then: datetime | str | None, now: datetime) -> str:
     return f"in {span(delta)}" if delta > timedelta(0) else f"{span(delta)} ago"
 
 
+def elapsed(then: datetime | str, now: datetime) -> str:
+    """How long ago `then` was, without a suffix: `12m`."""
+    instant = datetime.fromisoformat(then) if isinstance(then, str) else then
+    return span(now - instant)
+
+
 def short(value: str | None) -> str:
     return "-" if not value else value[:SHORT]
 
