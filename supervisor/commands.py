@@ -342,6 +342,8 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     try:
         from . import events as ev
 
+        if scope == "session":  # the short id `sessions list` shows names its session
+            target = await tables.resolve_id(store, "session", target, config.fleet)
         kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
         event = NewEvent(
             kind=kind, session_id=system_stream(config.fleet), reason=mode.value,

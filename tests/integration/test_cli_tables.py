@@ -154,6 +154,10 @@ def test_short_ids_are_accepted_back(place: tuple[Place, dict[str, str]]) -> Non
     assert ids["approval"] in said and "approved" in said
     said = cli("actions", "resolve", "c0ffee11", "--as", "failed", "--by", "ops")
     assert "c0ffee11" + "0" * 24 in said
+    cli("killswitch", "engage", "--mode", "halt_all", "--scope", "session", short_session,
+        "--reason", "r", "--by", "b")  # fmt: skip
+    scoped = [s for s in cli("killswitch", "status", "--json") if s["scope"] == "session"]
+    assert [s["target"] for s in scoped] == [ids["session"]]
     too_short = cli("approvals", "deny", ids["approval"][:4], "--reason", "x", code=2)
     assert "at least 6" in too_short
 
