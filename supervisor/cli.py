@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NoReturn
 
 import anyio
@@ -51,6 +51,12 @@ def _globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="state directory; env ACP_STATE_DIR; default ./state",
     )
     group.add_argument(
+        "--run",
+        metavar="ID|latest",
+        default=default,
+        help="read a simulated run (its id, a unique prefix of it, or latest) instead of --db",
+    )
+    group.add_argument(
         "--log-level",
         default=argparse.SUPPRESS if suppress else "info",
         choices=["debug", "info", "warning", "error"],
@@ -66,7 +72,40 @@ def _iso(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed  # without an offset: read in the configured time zone (commands.run)
+
+
+_BY_HELP = "who decides (default: the invoking user: $SUDO_USER, then the login name)"
+
+
+def invoking_user() -> str:
+    """Who runs the command: the user behind sudo first, then the login name."""
+    import getpass
+
+    sudo_user = os.environ.get("SUDO_USER", "").strip()
+    if sudo_user:
+        return sudo_user
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no LOGNAME/USER and no passwd entry
+        raise UsageError("cannot tell who you are: give --by NAME") from None
+
+
+def _select_run(args: argparse.Namespace, config: Config) -> Config:
+    """`--run ID|latest`: the database of that simulated run, for the commands that read."""
+    ref = getattr(args, "run", None)
+    if ref is None:
+        return config
+    if args.handler.__name__ in ("run", "db_migrate"):
+        raise UsageError("--run selects a simulated run to read; it does not go with this command")
+    if args.db is not None:
+        raise UsageError("--run and --db both name a database: give one")
+    import dataclasses
+
+    from .simruns import find
+
+    chosen = find(config.state_dir, ref)
+    return dataclasses.replace(config, db_url=chosen.db_url, db_explicit=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "run the daemon (until stopped, or for one horizon)", c.run)
     run.add_argument("--horizon", choices=["hour", "day", "week", "month"])
     run.add_argument("--simulate", action="store_true", help="run the horizon on a virtual clock")
-    run.add_argument("--start", type=_iso, help="simulated start instant (ISO 8601)")
+    run.add_argument("--start", type=_iso, help="simulated start instant (ISO 8601); without an "
+                     "offset it is read in the configured time zone (daemon.timezone)")  # fmt: skip
     run.add_argument("--seed", type=int)
     _json_flag(run)
 
@@ -127,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "restore", "make a checkpoint the worker's resume point", c.checkpoints_restore, cps
     )
     restore.add_argument("id", type=int)
-    restore.add_argument("--by", required=True)
+    restore.add_argument("--by", help=_BY_HELP)
 
     ap = sub.add_parser("approvals", help="pending and decided approvals").add_subparsers(
         dest="ap_command", metavar="ACTION", parser_class=_Parser
@@ -138,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(lst)
     approve = command("approve", "approve a pending approval", c.approvals_approve, ap)
     approve.add_argument("id")
-    approve.add_argument("--by", required=True)
+    approve.add_argument("--by", help=_BY_HELP)
     approve.add_argument("--reason")
     approve.add_argument("--scope", choices=["once", "window"], default="once")
     approve.add_argument("--max-uses", type=int)
     approve.add_argument("--max-cost", type=float)
     deny = command("deny", "deny a pending approval", c.approvals_deny, ap)
     deny.add_argument("id")
-    deny.add_argument("--by", required=True)
+    deny.add_argument("--by", help=_BY_HELP)
     deny.add_argument("--reason", required=True)
 
     ks = sub.add_parser("killswitch", help="halt and resume actions").add_subparsers(
@@ -164,11 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="host | fleet | session ID | worker NAME",
     )
     engage.add_argument("--reason", required=True)
-    engage.add_argument("--by", required=True)
+    engage.add_argument("--by", help=_BY_HELP)
     dis = command("disengage", "resume actions at a scope", c.killswitch_disengage, ks)
     dis.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE")
     dis.add_argument("--reason", required=True)
-    dis.add_argument("--by", required=True)
+    dis.add_argument("--by", help=_BY_HELP)
     _json_flag(command("status", "the kill switch at every scope", c.killswitch_status, ks))
 
     drills = sub.add_parser("drill", help="operational drills on a throwaway fleet").add_subparsers(
@@ -199,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resolve.add_argument("id")
     resolve.add_argument("--as", dest="as_", required=True, choices=["done", "failed"])
-    resolve.add_argument("--by", required=True)
+    resolve.add_argument("--by", help=_BY_HELP)
 
     tokens = sub.add_parser("tokens", help="token governance").add_subparsers(
         dest="tokens_command", metavar="ACTION", parser_class=_Parser
@@ -213,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nonempty(args: argparse.Namespace) -> None:
+    if "by" in args and args.by is None:
+        args.by = invoking_user()
     for name in ("by", "reason"):
         value = getattr(args, name, None)
         if value is not None and not str(value).strip():
@@ -234,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             db=args.db,
             state_dir=args.state_dir,
         )
+        config = _select_run(args, config)
         code: int = anyio.run(args.handler, args, config)
         return code
     except SupervisorError as exc:

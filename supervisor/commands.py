@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
+from datetime import datetime
 from typing import Any
 
-from . import recovery
+import structlog
+
+from . import recovery, simruns, tables
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .cli import emit
 from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon, host_switch_path, killswitch_command_id
-from .errors import NotFound, StoreConfigError, StoreError, UsageError
+from .errors import DatabaseMissing, NotFound, StoreConfigError, StoreError, UsageError
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .scorecard import compute
+from .simruns import simulations_dir
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import plain_row
+
+log = structlog.get_logger("supervisor.commands")
 
 
 def ensure_state_dir(config: Config) -> None:
@@ -29,7 +37,14 @@ def ensure_state_dir(config: Config) -> None:
 
 
 async def _store(config: Config) -> Store:
-    return await open_store(config.db_url, SystemClock())
+    try:
+        return await open_store(config.db_url, SystemClock())
+    except DatabaseMissing as exc:
+        raise DatabaseMissing(
+            f"{exc}; simulated runs are kept under {simulations_dir(config.state_dir)} "
+            "(read one with --run ID|latest); `acp-supervisor db migrate` creates a fleet's database",
+            exc.path,
+        ) from None
 
 
 
@@ -39,12 +54,27 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--start goes with --simulate")
     if args.simulate and args.horizon is None:
         raise UsageError("--simulate needs --horizon hour|day|week|month")
+    start = args.start
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=config.timezone)  # a local time in the configured zone
+    sim = None
     if args.simulate and not config.db_explicit:
-        # A simulation writes windows in simulated time; it never shares the real fleet's store.
-        # Its own file is durable against a killed process (WAL, synchronous=normal: what the
-        # crash tests exercise); power-loss durability (synchronous=full) is for real fleets.
-        db_url = f"sqlite:///{config.state_dir / 'simulate.db'}?synchronous=normal"
-        config = dataclasses.replace(config, db_url=db_url)
+        # A simulation writes windows in simulated time; it never shares the real fleet's store,
+        # nor another simulation's: each run has its own database (see simruns).
+        import os
+
+        from .daemon import build_factories
+
+        build_factories(config)  # config problems before the run's folder is made
+        load_secret(dict(os.environ), config.killswitch_secret_file)
+        ensure_state_dir(config)
+        sim, resumed = simruns.begin(
+            config.state_dir, horizon=args.horizon, start=start,
+            seed=config.seed if args.seed is None else args.seed, config=config.path,
+            now=SystemClock().now(),
+        )  # fmt: skip
+        log.info("run.simulation", run=sim.id, path=str(sim.path), resumed=resumed)
+        config = dataclasses.replace(config, db_url=sim.db_url)
 
     def reload() -> Config:
         import os
@@ -54,11 +84,18 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         return load_config(args.config or os.environ.get("ACP_CONFIG") or None, db=args.db,
                            state_dir=args.state_dir)  # fmt: skip
 
-    daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=args.start,
-                    seed=args.seed, reload_config=None if args.simulate else reload)  # fmt: skip
+    daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=start,
+                    seed=args.seed, reload_config=None if args.simulate else reload,
+                    effects_dir=sim.path if sim else None)  # fmt: skip
     card = await daemon.run()
+    if sim is not None and daemon.finished:
+        simruns.finish(sim, SystemClock().now())
     if card is not None:
-        emit(args, card.as_dict(), card.render())
+        data, text = card.as_dict(), card.render()
+        if sim is not None:
+            data["run"] = sim.id
+            text += f"\nsimulated run {sim.id}: read it again with --run {sim.id} (or --run latest)"
+        emit(args, data, text)
     return 0
 
 
@@ -77,6 +114,9 @@ async def status(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
         workers = [plain_row(r) for r in await store.fetchall("list_workers", config.fleet)]
+        for w in workers:
+            if w["cycle"] is not None and w["cycle"] < 0:
+                w["cycle"] = None  # a worker that never ran has no cycle yet
         windows = [s.as_dict() for s in await store.open_sessions(config.fleet)]
         pending = await store.fetchrow("count_pending_approvals", config.fleet)
         actions = {
@@ -100,23 +140,27 @@ async def status(args: argparse.Namespace, config: Config) -> int:
             "pending_approvals": int(pending["n"]) if pending else 0,
             "oldest_pending_at": pending["oldest_at"].isoformat() if pending and pending["oldest_at"] else None,
             "actions": actions, "killswitch": switches}  # fmt: skip
-    lines = [f"fleet {config.fleet}"]
-    lines.append(
-        "kill switch: "
-        + "; ".join(
-            f"{s['scope']}{' ' + s['target'] if s['target'] else ''} {s['mode']}" for s in switches
-        )
-    )
-    lines.append("open windows: " + (", ".join(w["window_key"] for w in windows) or "none"))
-    lines.append(
-        f"pending approvals: {data['pending_approvals']}   in-doubt actions: {actions.get('in_doubt', 0)}"
-    )
-    for h in hosts:
-        lines.append(f"host {h['host_id']:<16} {h['status']:<8} heartbeat {h['heartbeat_at']}"
-                     f"{'  leader' if h['leader'] else ''}  slots: {', '.join(h['slots']) or '-'}")  # fmt: skip
-    for w in workers:
-        lines.append(f"  {w['name']:<24} {w['state']:<12} cycle {w['cycle']:<6} restarts {w['restarts']:<4} "
-                     f"{'last error: ' + w['last_error'] if w['last_error'] else ''}")  # fmt: skip
+    tz, now = config.timezone, SystemClock().now()
+    oldest = pending["oldest_at"] if pending else None
+    lines = [
+        f"fleet {config.fleet}",
+        "kill switch: " + "; ".join(_switch_summary(s) for s in switches),
+        "open windows: " + (", ".join(w["window_key"] for w in windows) or "none"),
+        f"pending approvals: {data['pending_approvals']}"
+        + (f" (oldest {tables.relative(oldest, now)})" if oldest else "")
+        + f"   in-doubt actions: {actions.get('in_doubt', 0)}",
+    ]
+    if hosts:
+        lines += ["", tables.table(
+            ["HOST", "STATUS", "HEARTBEAT", "LEADER", "SLOTS"],
+            ([h["host_id"], h["status"], f"{tables.when(h['heartbeat_at'], tz)} "
+              f"({tables.relative(h['heartbeat_at'], now)})", "yes" if h["leader"] else "-",
+              ", ".join(h["slots"]) or "-"] for h in hosts), "")]  # fmt: skip
+    lines += ["", tables.table(
+        ["WORKER", "STATE", "CYCLE", "RESTARTS", "UPDATED", "LAST ERROR"],
+        ([w["name"], w["state"], "-" if w["cycle"] is None else w["cycle"], w["restarts"],
+          tables.when(w["updated_at"], tz), w["last_error"] or "-"] for w in workers),
+        "no workers")]  # fmt: skip
     emit(args, data, "\n".join(lines))
     return 0
 
@@ -138,13 +182,12 @@ async def sessions_list(args: argparse.Namespace, config: Config) -> int:
     finally:
         await store.close()
     rows = [s.as_dict() for s in sessions]
-    text = (
-        "\n".join(
-            f"{s['id']}  {s['window_key']:<27} {s['status']:<9} actions {s['used_actions']:<5} cost {s['used_cost']:.2f}"
-            for s in rows
-        )
-        or "no sessions"
-    )
+    tz = config.timezone
+    text = tables.table(
+        ["ID", "WINDOW", "STATUS", "STARTS", "ENDS", "ACTIONS", "COST"],
+        ([tables.short(s["id"]), s["window_key"], s["status"], tables.when(s["starts_at"], tz),
+          tables.when(s["ends_at"], tz), s["used_actions"], f"{s['used_cost']:.2f}"] for s in rows),
+        "no sessions")  # fmt: skip
     emit(args, rows, text)
     return 0
 
@@ -152,19 +195,20 @@ async def sessions_list(args: argparse.Namespace, config: Config) -> int:
 async def events_replay(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
-        events = await store.replay(args.session, args.after)
+        session_id = args.session
+        if session_id != system_stream(config.fleet):
+            session_id = await tables.resolve_id(store, "session", session_id, config.fleet)
+        events = await store.replay(session_id, args.after)
     finally:
         await store.close()
-    if not events and await _missing_session(config, args.session):
+    if not events and await _missing_session(config, session_id):
         raise NotFound(f"unknown session {args.session!r}")
     rows = [e.as_dict() for e in events]
-    text = (
-        "\n".join(
-            f"{e['seq']:>6}  {e['created_at']}  {e['kind']:<20} {e['reason'] or '':<16} {e['worker'] or '':<16} {e['payload']}"
-            for e in rows
-        )
-        or "no events"
-    )
+    text = tables.table(
+        ["SEQ", "TIME", "KIND", "REASON", "WORKER", "PAYLOAD"],
+        ([e["seq"], tables.when(e["created_at"], config.timezone), e["kind"], e["reason"] or "-",
+          e["worker"] or "-", tables.payload_json(e["payload"])] for e in rows),
+        "no events")  # fmt: skip
     emit(args, rows, text)
     return 0
 
@@ -186,14 +230,12 @@ async def checkpoints_list(args: argparse.Namespace, config: Config) -> int:
     finally:
         await store.close()
     rows = [c.as_dict() for c in cps]
-    emit(
-        args,
-        rows,
-        "\n".join(
-            f"{c['id']:>6}  {c['worker']:<20} cycle {c['cycle']:<6} {c['created_at']}" for c in rows
-        )
-        or "no checkpoints",
-    )
+    now = SystemClock().now()
+    emit(args, rows, tables.table(
+        ["ID", "WORKER", "CYCLE", "CREATED", "AGE"],
+        ([c["id"], c["worker"], c["cycle"], tables.when(c["created_at"], config.timezone),
+          tables.relative(c["created_at"], now)] for c in rows),
+        "no checkpoints"))  # fmt: skip
     return 0
 
 
@@ -214,26 +256,46 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
         query = "pending_approvals" if args.pending else "list_approvals"
-        rows = [plain_row(r) for r in await store.fetchall(query, config.fleet, 10_000)]
+        rows = [
+            _params_object(plain_row(r)) for r in await store.fetchall(query, config.fleet, 10_000)
+        ]
     finally:
         await store.close()
-    text = (
-        "\n".join(
-            f"{r['id']}  {r['status']:<9} {r['action']:<28} {r['worker']:<16} tier {r['tier']:<10} deadline {r['deadline']}"
-            for r in rows
-        )
-        or "no approvals"
-    )
+    now = SystemClock().now()
+    text = tables.table(
+        ["ID", "STATUS", "ACTION", "WORKER", "TIER", "CREATED", "WAIT"],
+        ([tables.short(r["id"]), r["status"], r["action"], r["worker"], r["tier"],
+          tables.when(r["created_at"], config.timezone), _approval_wait(r, now)] for r in rows),
+        "no approvals")  # fmt: skip
     emit(args, rows, text)
     return 0
+
+
+def _approval_wait(row: dict[str, Any], now: datetime) -> str:
+    """`pending 12m, deadline in 48m`, or who decided and when."""
+    if row["status"] == "pending":
+        return (f"pending {tables.elapsed(row['created_at'], now)}, "
+                f"deadline {tables.relative(row['deadline'], now)}")  # fmt: skip
+    by = f" by {row['decided_by']}" if row.get("decided_by") else ""
+    at = f" {tables.relative(row['decided_at'], now)}" if row.get("decided_at") else ""
+    return f"{row['status']}{by}{at}"
+
+
+def _params_object(row: dict[str, Any]) -> dict[str, Any]:
+    """The stored params (JSON text) as the object they are, for --json."""
+    if isinstance(row.get("params"), str):
+        with contextlib.suppress(ValueError):  # not JSON: shown as stored
+            row["params"] = json.loads(row["params"])
+    return row
 
 
 async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> int:
     store = await _store(config)
     try:
         approvals = Approvals(store, config.approvals, config.fleet)
+        approval_id = await tables.resolve_id(store, "approval", args.id, config.fleet)
         row = await approvals.decide(
-            args.id, approve=approve, by=args.by, reason=args.reason,
+            approval_id, approve=approve, by=args.by, reason=args.reason,
             scope=getattr(args, "scope", "once"), max_uses=getattr(args, "max_uses", None),
             max_cost=getattr(args, "max_cost", None),
         )  # fmt: skip
@@ -280,6 +342,8 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     try:
         from . import events as ev
 
+        if scope == "session":  # the short id `sessions list` shows names its session
+            target = await tables.resolve_id(store, "session", target, config.fleet)
         kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
         event = NewEvent(
             kind=kind, session_id=system_stream(config.fleet), reason=mode.value,
@@ -323,13 +387,22 @@ def _host_switch(config: Config) -> HostSwitchFile:
 
 
 async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
+    """Every scope's switch: mode, since when, by whom and why (the same fields in JSON)."""
     state = _host_switch(config).read()
     out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
-            "problem": state.problem, "by": state.by, "reason": state.reason, "seq": state.seq}]  # fmt: skip
+            "problem": state.problem, "since": state.at or None, "by": state.by or None,
+            "reason": state.reason, "seq": state.seq}]  # fmt: skip
     for row in await store.fetchall("kill_switches", config.fleet):
         out.append({"scope": row["scope"], "target": row["target"], "mode": row["mode"],
-                    "valid": True, "problem": None, "by": row["changed_by"], "reason": row["reason"]})  # fmt: skip
+                    "valid": True, "problem": None, "since": row["updated_at"].isoformat(),
+                    "by": row["changed_by"], "reason": row["reason"]})  # fmt: skip
     return out
+
+
+def _switch_summary(s: dict[str, Any]) -> str:
+    """`host halt_all (unverifiable: why)` when the switch cannot be verified, else `host mode`."""
+    where = s["scope"] + (f" {s['target']}" if s["target"] else "")
+    return f"{where} {s['mode']}" + ("" if s["valid"] else f" (unverifiable: {s['problem']})")
 
 
 async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
@@ -338,15 +411,11 @@ async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
         switches = await _switches(store, config)
     finally:
         await store.close()
-    text = "\n".join(
-        f"{s['scope']}{' ' + s['target'] if s['target'] else '':<10} {s['mode']:<17}"
-        + (
-            f" INVALID: {s['problem']}"
-            if not s["valid"]
-            else (f" by {s['by']}: {s['reason']}" if s["by"] else "")
-        )
-        for s in switches
-    )
+    text = tables.table(
+        ["SCOPE", "TARGET", "MODE", "SINCE", "BY", "REASON"],
+        ([s["scope"], s["target"] or "-", s["mode"], tables.when(s["since"], config.timezone),
+          s["by"] or "-", s["reason"] if s["valid"] else f"unverifiable: {s['problem']}"]
+         for s in switches), "")  # fmt: skip
     emit(args, switches, text)
     return 0
 
@@ -373,24 +442,29 @@ async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
         rows = [
-            plain_row(r)
+            _params_object(plain_row(r))
             for r in await store.fetchall("actions_with_status", config.fleet, "in_doubt", 10_000)
         ]
     finally:
         await store.close()
-    emit(args, rows, "\n".join(
-        f"{r['command_id']}  {r['name']:<28} {r['worker']:<16} started {r['started_at']}"
-        f"{'  safe to retry' if r['safe_to_retry'] else ''}" for r in rows) or "no in-doubt actions")  # fmt: skip
+    now = SystemClock().now()
+    emit(args, rows, tables.table(
+        ["COMMAND ID", "NAME", "WORKER", "STARTED", "AGE", "SAFE TO RETRY"],
+        ([tables.short(r["command_id"]), r["name"], r["worker"],
+          tables.when(r["started_at"], config.timezone), tables.relative(r["started_at"], now),
+          "yes" if r["safe_to_retry"] else "no"] for r in rows),
+        "no in-doubt actions"))  # fmt: skip
     return 0
 
 
 async def actions_resolve(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
     try:
-        await recovery.resolve_in_doubt(store, args.id, done=args.as_ == "done", by=args.by)
+        command_id = await tables.resolve_id(store, "action", args.id, config.fleet)
+        await recovery.resolve_in_doubt(store, command_id, done=args.as_ == "done", by=args.by)
     finally:
         await store.close()
-    print(f"action {args.id} resolved as {args.as_} by {args.by}")
+    print(f"action {command_id} resolved as {args.as_} by {args.by}")
     return 0
 
 
@@ -406,9 +480,10 @@ async def tokens_usage(args: argparse.Namespace, config: Config) -> int:
     if args.period:
         want = period_prefix[args.period]
         rows = [r for r in rows if _period_of(r["period_key"]) == want]
-    emit(args, rows, "\n".join(
-        f"{r['scope']}:{r['identity']:<20} {r['period_key']:<10} tokens {r['tokens']:<10} cost {r['cost']:.2f}"
-        for r in rows) or "no token usage")  # fmt: skip
+    emit(args, rows, tables.table(
+        ["SCOPE", "IDENTITY", "PERIOD", "TOKENS", "COST"],
+        ([r["scope"], r["identity"], r["period_key"], r["tokens"], f"{r['cost']:.2f}"] for r in rows),
+        "no token usage"))  # fmt: skip
     return 0
 
 

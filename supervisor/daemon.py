@@ -109,6 +109,7 @@ class Daemon:
         notifier: Notifier | None = None,
         install_signals: bool = True,
         reload_config: Callable[[], Config] | None = None,
+        effects_dir: Path | None = None,
     ) -> None:
         if simulate and horizon is None:
             raise UsageError("--simulate needs --horizon (a simulated run must end)")
@@ -121,6 +122,8 @@ class Daemon:
         self.notifier = notifier or Notifier(self.env)
         self.install_signals = install_signals
         self.reload_config = reload_config
+        self.effects_dir = effects_dir  # a simulated run keeps its effect log with its database
+        self.finished = False  # the horizon ran to its end
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._factories: dict[str, WorkerFactory] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -223,7 +226,7 @@ class Daemon:
         fleet = Fleet(fleet=cfg.fleet, host=cfg.host_id, store=store, gate=gate, windows=windows,
                       checkpoints=checkpoints, clock=clock, profile=plan.profile,
                       timezone=cfg.timezone, anchor=plan.anchor, run_end=plan.end,
-                      effects=EffectLog(effects_path(cfg.state_dir)), seed=self.seed,
+                      effects=EffectLog(effects_path(self.effects_dir or cfg.state_dir)), seed=self.seed,
                       stopping=self.stopping)  # fmt: skip
         self.fleet = fleet
         alerts = self.alerts = Alerts(store, fleet=cfg.fleet, config=cfg.alerts, clock=clock)
@@ -298,6 +301,7 @@ class Daemon:
             tg.cancel_scope.cancel()
 
         over = plan.end is not None and clock.now() >= plan.end
+        self.finished = over
         if over:
             await windows.close_current()
             if plan.run_id is not None:

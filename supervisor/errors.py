@@ -46,6 +46,16 @@ class StoreConfigError(UsageError):
     reason = "store_config"
 
 
+class DatabaseMissing(StoreConfigError):
+    """The SQLite file a read names does not exist; nothing is created to find that out."""
+
+    reason = "database_missing"
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class SchemaTooNew(StoreError):
     exit_code = 2
     reason = "schema_too_new"

@@ -31,6 +31,7 @@ def make_backend(url: str) -> Backend:
 async def open_store(url: str, clock: Clock, *, migrate: bool = False) -> Store:
     """Connect; with migrate=True bring the schema up to date, else require it to be current."""
     backend = make_backend(url)
+    backend.create = migrate  # a read never leaves an empty database file behind
     latest = max(v for v, _n, _s in load_migrations(backend.dialect))
     await backend.connect()
     store = Store(backend, clock, latest_version=latest)

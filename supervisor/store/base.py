@@ -73,6 +73,7 @@ class Tx(Protocol):
 class Backend(ABC):
     dialect: str
     url: str
+    create: bool = True  # connect may create a missing database (SQLite); False for reads
 
     @abstractmethod
     async def connect(self) -> None: ...

@@ -15,12 +15,12 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import anyio
 import anyio.to_thread
 
-from ..errors import StateWriteError, StoreConfigError, StoreError
+from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError
 from .base import Backend, Row, UniqueViolation
 from .queries import load_queries
 
@@ -107,14 +107,20 @@ class SQLiteBackend(Backend):
         self._commit_inline = self._sync == "NORMAL"
 
     async def connect(self) -> None:
+        plain = str(self.path)
+        plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain  # as a person types it
+        if not self.create and not self.path.exists():
+            raise DatabaseMissing(f"database {plain} does not exist", plain)
         if not self.path.parent.is_dir():
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
         try:
             # busy_timeout 0: a statement on the event loop never waits for another process;
             # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=0.0
-            )
+            # mode=rw: no file is created when it vanished since the check above (and `plain`:
+            # a leading // would be a URI authority)
+            target = self.path if self.create else f"file:{quote(plain)}?mode=rw"
+            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
+                                   timeout=0.0, uri=not self.create)  # fmt: skip
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")

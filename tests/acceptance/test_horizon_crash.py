@@ -68,12 +68,19 @@ class Place:
         return self.folder / "state"
 
     @property
+    def run_dir(self) -> Path:
+        """The run's own folder (a killed run, started again, resumes in the same one)."""
+        runs = sorted((self.state / "simulations").glob("*/run.json"))
+        assert len(runs) <= 1, runs
+        return runs[0].parent if runs else self.state / "simulations" / "not-yet"
+
+    @property
     def db(self) -> Path:
-        return self.state / "simulate.db"
+        return self.run_dir / "simulate.db"
 
     @property
     def effects_file(self) -> Path:
-        return self.state / "effects.jsonl"
+        return self.run_dir / "effects.jsonl"
 
     def argv(self, *args: str, db: bool = False) -> list[str]:
         extra = ["--db", f"sqlite:///{self.db}"] if db else []

@@ -147,7 +147,7 @@ def test_the_same_harness_runs_a_valid_config(tmp_path: Path) -> None:
                  "hour", "--simulate", "--start", "2026-11-01T00:00:00Z", "--json")  # fmt: skip
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
-    assert (tmp_path / "state" / "simulate.db").exists()
+    assert list((tmp_path / "state" / "simulations").glob("*/simulate.db"))
 
 
 @pytest.mark.parametrize(

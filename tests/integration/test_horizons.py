@@ -431,8 +431,9 @@ def cli(tmp_path: Path) -> Cli:
 
 
 def test_checkpoint_restore_via_cli_and_next_run_resumes_from_it(cli: Cli) -> None:
+    # --db names one database for both runs, so the second continues the first
     card = cli("run", "--horizon", "hour", "--simulate", "--start", "2026-11-01T00:00:00Z",
-               "--json", with_db=False)  # fmt: skip
+               "--json")  # fmt: skip
     assert card["total"]["cycles"] == 12
     cps = cli("checkpoints", "list", "--json")
     assert [(c["worker"], c["cycle"]) for c in cps] == [("support", 11), ("support", 5)]
@@ -447,8 +448,7 @@ def test_checkpoint_restore_via_cli_and_next_run_resumes_from_it(cli: Cli) -> No
 
     effects_file = cli.state / "effects.jsonl"
     effects_before = effects_file.read_text().splitlines()
-    cli("run", "--horizon", "hour", "--simulate", "--start", "2026-11-01T01:00:00Z", "--json",
-        with_db=False)  # fmt: skip
+    cli("run", "--horizon", "hour", "--simulate", "--start", "2026-11-01T01:00:00Z", "--json")
     rec = anyio.run(read_back, cli.db)
     second = [e for e in rec.of(ev.CYCLE_COMPLETED, "support") if e.created_at >= NOV1 + H]
     # resumed from the checkpoint of cycle 5: cycles 6.. fill the new hour's 12 slots
@@ -466,7 +466,7 @@ def test_checkpoint_restore_via_cli_and_next_run_resumes_from_it(cli: Cli) -> No
 
 def test_sessions_events_and_scorecard_via_cli(cli: Cli) -> None:
     printed = cli("run", "--horizon", "day", "--simulate", "--start", "2026-11-01T00:00:00Z",
-                  "--seed", "4", "--json", with_db=False)  # fmt: skip
+                  "--seed", "4", "--json")  # fmt: skip
     sessions = cli("sessions", "list", "--json")
     assert len(sessions) == 24
     assert [s["window_key"] for s in sessions] == sorted(

@@ -70,5 +70,6 @@ def test_migrate_twice_then_list_sessions_as_json(tmp_path: Path) -> None:
 
 
 def test_unmigrated_database_is_refused_by_commands(tmp_path: Path) -> None:
+    (tmp_path / "blank.db").touch()  # exists, without a schema
     result = run_cli(tmp_path, "sessions", "list", "--db", f"sqlite:///{tmp_path / 'blank.db'}")
     assert_one_error_line(result, 2, "not migrated", "db migrate")

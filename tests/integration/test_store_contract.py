@@ -187,6 +187,7 @@ async def sqlite_store(sqlite_url: str, clock: VirtualClock) -> AsyncIterator[St
 def blank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An existing database with no schema at all (sync, like conftest's Postgres fixtures)."""
     if request.param == "sqlite":
+        (tmp_path / "blank.db").touch()  # a read never creates the file: it must exist
         yield f"sqlite:///{tmp_path / 'blank.db'}"
         return
     pg_url: str = request.getfixturevalue("pg_url")  # skips (or fails under CI) without Postgres
@@ -618,3 +619,18 @@ async def test_dialects_have_the_same_tables_and_columns(
         pg_schema.setdefault(r["table_name"], []).append(r["column_name"])
     assert "events" in sqlite_schema and "schema_version" in sqlite_schema
     assert sqlite_schema == pg_schema
+
+
+# --- id prefixes (the CLI accepts a unique prefix, like git) -------------------------------------
+
+
+async def test_ids_resolve_from_a_unique_prefix(store: Store) -> None:
+    from supervisor.tables import resolve_id
+
+    session, _ = await open_window(store)
+    assert await resolve_id(store, "session", session.id[:8], FLEET) == session.id
+    assert await resolve_id(store, "session", session.id, FLEET) == session.id
+    assert await resolve_id(store, "session", "zzzzzzzz", FLEET) == "zzzzzzzz"  # unknown: as given
+    assert await resolve_id(store, "session", session.id[:8], "other-fleet") == session.id[:8]
+    for kind in ("approval", "action"):
+        assert await resolve_id(store, kind, "abcdef", FLEET) == "abcdef"

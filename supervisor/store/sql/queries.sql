@@ -336,3 +336,14 @@ ON CONFLICT (fleet, scope, target) DO NOTHING;
 -- name: lock_fleet_switch
 UPDATE kill_switches SET updated_at = updated_at
 WHERE fleet = ? AND scope = 'fleet' AND target = '' RETURNING mode;
+
+-- name: session_ids_by_prefix
+-- The CLI accepts a unique id prefix (like git): ids of this fleet that start with it.
+SELECT id FROM sessions WHERE fleet = ? AND substr(id, 1, ?) = ? ORDER BY id LIMIT 21;
+
+-- name: approval_ids_by_prefix
+SELECT id FROM approvals WHERE fleet = ? AND substr(id, 1, ?) = ? ORDER BY id LIMIT 21;
+
+-- name: action_ids_by_prefix
+SELECT command_id AS id FROM actions WHERE fleet = ? AND substr(command_id, 1, ?) = ?
+ORDER BY command_id LIMIT 21;

@@ -1,0 +1,125 @@
+"""Simulated runs, each in a folder of its own under <state>/simulations/<run id>/.
+
+A simulated run governs windows in simulated time; two runs over the same hours would claim the
+same windows (their command_ids are deterministic), so each `run --simulate` gets its own
+database unless `--db` names one. The run id sorts by the time it was made (a UTC timestamp,
+to the millisecond, then the seed and a short random part). `run.json` beside the database holds the parameters, so
+the same command after a kill resumes its unfinished run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFound, UsageError
+from .tables import resolve_prefix
+
+FOLDER = "simulations"
+DB_FILE = "simulate.db"
+META_FILE = "run.json"
+
+
+def simulations_dir(state_dir: Path) -> Path:
+    return state_dir / FOLDER
+
+
+@dataclass(frozen=True, slots=True)
+class SimRun:
+    id: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / DB_FILE
+
+    @property
+    def db_url(self) -> str:
+        # Durable against a killed process (WAL, synchronous=normal: what the crash tests
+        # exercise); power-loss durability (synchronous=full) is for real fleets.
+        return f"sqlite:///{self.db_path}?synchronous=normal"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.meta.get("finished_at"))
+
+
+def _read(path: Path) -> SimRun | None:
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return SimRun(path.name, path, meta) if isinstance(meta, dict) else None
+
+
+def list_runs(state_dir: Path) -> list[SimRun]:
+    """Every simulated run in the state directory, oldest first."""
+    folder = simulations_dir(state_dir)
+    if not folder.is_dir():
+        return []
+    runs = [run for entry in folder.iterdir() if entry.is_dir() and (run := _read(entry))]
+    return sorted(runs, key=lambda r: (str(r.meta.get("created_at", "")), r.id))
+
+
+def _params(horizon: str, start: datetime | None, seed: int, config: Path | None) -> dict[str, Any]:
+    return {"horizon": horizon, "start": start.isoformat() if start else None, "seed": seed,
+            "config": str(config.absolute()) if config else None}  # fmt: skip
+
+
+def begin(
+    state_dir: Path,
+    *,
+    horizon: str,
+    start: datetime | None,
+    seed: int,
+    config: Path | None,
+    now: datetime,
+) -> tuple[SimRun, bool]:
+    """The run to use and whether it resumes: the latest unfinished run with the same parameters
+    (a run killed part way), else a new folder."""
+    params = _params(horizon, start, seed, config)
+    runs = list_runs(state_dir)
+    if runs and not runs[-1].finished and all(runs[-1].meta.get(k) == v for k, v in params.items()):
+        return runs[-1], True
+    stamp = now.astimezone(UTC)
+    run_id = (
+        f"{stamp:%Y%m%dT%H%M%S}.{stamp.microsecond // 1000:03d}Z-s{seed}-{secrets.token_hex(2)}"
+    )
+    path = simulations_dir(state_dir) / run_id
+    path.mkdir(parents=True)
+    meta = {"id": run_id, "created_at": stamp.isoformat(timespec="microseconds"), **params,
+            "finished_at": None}  # fmt: skip
+    _write(path, meta)
+    return SimRun(run_id, path, meta), False
+
+
+def finish(run: SimRun, now: datetime) -> None:
+    _write(run.path, {**run.meta, "finished_at": now.astimezone(UTC).isoformat()})
+
+
+def _write(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path / META_FILE)
+
+
+def find(state_dir: Path, ref: str) -> SimRun:
+    """`latest`, a run id, or a unique prefix of one (6+ characters)."""
+    runs = list_runs(state_dir)
+    where = simulations_dir(state_dir)
+    if not runs:
+        raise NotFound(f"no simulated runs under {where}")
+    if ref == "latest":
+        return runs[-1]
+    if not ref.strip():
+        raise UsageError("--run needs a run id or 'latest'")
+    chosen = resolve_prefix((r.id for r in runs), ref, "run")
+    if chosen is None:
+        raise NotFound(f"no simulated run {ref!r} under {where} (latest: {runs[-1].id})")
+    return next(r for r in runs if r.id == chosen)
