@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -67,6 +68,17 @@ def _iso(value: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _budget(value: str) -> float:
+    """A budget bound: a finite number >= 0 (`nan` or `inf` would mean no bound at all)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--reason")
     approve.add_argument("--scope", choices=["once", "window"], default="once")
     approve.add_argument("--max-uses", type=int)
-    approve.add_argument("--max-cost", type=float)
+    approve.add_argument("--max-cost", type=_budget)
     deny = command("deny", "deny a pending approval", c.approvals_deny, ap)
     deny.add_argument("id")
     deny.add_argument("--by", required=True)

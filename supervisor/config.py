@@ -179,9 +179,15 @@ def load_config(
     if path is not None:
         file = Path(path)
         try:
-            text = file.read_text(encoding="utf-8")
+            raw = file.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{file}: not valid UTF-8 at byte offset {exc.start} (0x{raw[exc.start]:02x})"
+            ) from None
         source = str(file)
     else:
         file, text, source = None, default_config_text(), "built-in default config"
@@ -208,7 +214,9 @@ def _build(
 
     for text_key in ("fleet", "host_id", "timezone", "state_dir", "db", "profile"):
         if text_key in daemon and not isinstance(daemon[text_key], str):
-            raise c.fail(f"daemon.{text_key}", f"must be a string, got {daemon[text_key]!r}", text_key)
+            raise c.fail(
+                f"daemon.{text_key}", f"must be a string, got {daemon[text_key]!r}", text_key
+            )
     fleet = str(daemon.get("fleet", "default"))
     if not _NAME.match(fleet):
         raise c.fail("daemon.fleet", f"invalid fleet name {fleet!r}", "fleet")
@@ -235,7 +243,9 @@ def _build(
     if daemon.get("db") and not db and not env.get("ACP_DB"):
         scheme = str(daemon["db"]).partition("://")[0]
         if scheme not in ("sqlite", "postgresql", "postgres"):
-            raise c.fail("daemon.db", f"unknown database scheme {scheme!r} (sqlite, postgresql)", "db")
+            raise c.fail(
+                "daemon.db", f"unknown database scheme {scheme!r} (sqlite, postgresql)", "db"
+            )
 
     profile = str(daemon.get("profile", "day"))
     if profile not in HORIZONS:
@@ -407,4 +417,23 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 cycle_deadline=c.duration(entry, "cycle_deadline", 300.0, where),
             )
         )
+
+    # Replicas are named NAME-1, NAME-2, ...: those must not collide with another worker's name,
+    # or two instances would share checkpoints, slots and kill-switch scopes.
+    def side(spec: WorkerSpec, instance: str) -> str:
+        if instance == spec.name:
+            return f"worker {instance!r}"
+        return f"replica {instance!r} of worker {spec.name!r}"
+
+    owner: dict[str, WorkerSpec] = {}
+    for spec in specs:
+        for instance in spec.instance_names():
+            if instance in owner:
+                raise c.fail(
+                    "workers",
+                    f"instance names clash: {side(owner[instance], instance)} and "
+                    f"{side(spec, instance)} (replicas are named NAME-1, NAME-2, ...); rename one",
+                    "name",
+                )
+            owner[instance] = spec
     return tuple(specs)

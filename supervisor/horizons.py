@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -61,7 +62,15 @@ def profile_from_config(name: str, section: dict[str, Any], where: str) -> Horiz
     for key in ("max_cost", "max_actions"):
         if key in section:
             value = section[key]
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{where}.{key}: must be a number >= 0")
+            # NaN compares false with everything, so `nan < 0` would pass and mean "unlimited"
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"{where}.{key}: must be a finite number >= 0, got {value!r}")
+            if key == "max_actions" and value != int(value):
+                raise ConfigError(f"{where}.{key}: must be a whole number >= 0, got {value!r}")
             changes[key] = int(value) if key == "max_actions" else float(value)
     return replace(base, **changes)
