@@ -591,6 +591,8 @@ class Daemon:
             if status is not None:
                 status.state, status.last_error = "quarantined", f"{type(exc).__name__}: {exc}"
                 status.restarts += 1
+            counts = self.fleet.quarantine_counts
+            counts[name] = counts.get(name, 0) + 1
             log.error("worker.failed", worker=name, error=f"{type(exc).__name__}: {exc}")
             return False
 
@@ -712,11 +714,22 @@ class Daemon:
         if not self.config.metrics.enabled or self.clock.virtual:
             return None
         try:
-            metrics = Metrics(self.config.metrics)
+            metrics = Metrics(self.config.metrics, now=self.clock.now)
         except ImportError:
             raise ConfigError(
                 "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
             ) from None
+        fleet, windows, alerts = self.fleet, self.windows, self.alerts
+        assert fleet is not None
+        # read at scrape time from the counts these keep; dict.copy is atomic under the GIL
+        metrics.count_from("acp_worker_restarts_total", fleet.restart_counts.copy)
+        metrics.count_from("acp_worker_quarantines_total", fleet.quarantine_counts.copy)
+        metrics.count_from("acp_windows_opened_total", lambda: {"": windows.opened})
+        metrics.count_from("acp_windows_closed_total", lambda: {"": windows.closed})
+        metrics.count_from(
+            "acp_alert_deliveries_total",
+            lambda: {"sent": alerts.delivered, "failed": alerts.failed, "dropped": alerts.dropped},
+        )
         port = metrics.serve()
         gate.observer = metrics
         log.info("metrics.serving", host=self.config.metrics.host, port=port)
@@ -736,7 +749,12 @@ class Daemon:
         if self.fleet is not None:
             self.metrics.set_workers(self.fleet.by_state())
         self.metrics.set_killswitch_mode(switch.mode.value)
-        self.metrics.set_approvals(self.alerts.pending_approvals, self.alerts.oldest_pending_age)
+        try:  # the backlog as of now (the alerts' view is as old as their last evaluation)
+            row = await store.fetchrow("count_pending_approvals", self.config.fleet)
+        except StoreError:
+            row = None
+        if row is not None:
+            self.metrics.set_approvals(int(row["n"] or 0), row["oldest_at"])
 
     def _status_line(self) -> str:
         window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"

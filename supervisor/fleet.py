@@ -129,6 +129,9 @@ class Fleet:
         self.in_flight = 0
         self.idle = anyio.Event()
         self.idle.set()
+        # Per instance since this process started (metrics read copies from another thread).
+        self.restart_counts: dict[str, int] = {}
+        self.quarantine_counts: dict[str, int] = {}
 
     def add(self, spec: WorkerSpec) -> list[str]:
         names = spec.instance_names()
@@ -282,6 +285,7 @@ class Fleet:
                     if restored is not None:
                         worker.restore(restored.state)
                     st.restarts += 1
+                    self.restart_counts[name] = self.restart_counts.get(name, 0) + 1
                     started_at = self.clock.monotonic()
                     if cron is None:
                         # Slots that passed during the backoff or quarantine are skipped, not
@@ -414,6 +418,7 @@ class Fleet:
         """Park the worker for its cool-down. False when the daemon stops during it."""
         spec = st.spec
         await self._set_state(st, "quarantined")
+        self.quarantine_counts[st.name] = self.quarantine_counts.get(st.name, 0) + 1
         await self._record(NewEvent(
             kind=ev.WORKER_QUARANTINED, session_id=session.id, worker=st.name, reason="restarts",
             payload={"restarts": st.restarts, "cool_down": spec.quarantine_for,
