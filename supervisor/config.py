@@ -19,31 +19,21 @@ from zoneinfo import ZoneInfo
 
 from .alerts import AlertConfig
 from .errors import ConfigError
-from .escalation import EscalationChain, parse_duration
+from .escalation import EscalationChain, check_keys, parse_duration
 from .governance import ModelGovernor, TokenBudgets
 from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
 from .metrics import MetricsConfig
 from .policy import Policy
+from .schema import keys, suggestion
 from .windows import parse_timezone
 
 RestartPolicy = Literal["permanent", "transient", "temporary"]
 
-_TOP = {
-    "daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers",
-    "alerts", "metrics",
-}  # fmt: skip
-_DAEMON = {
-    "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
-    "recovery_every", "escalation_every", "flush_every", "seed", "lease_ttl", "heartbeat",
-    "fleet_switch_grace",
-}  # fmt: skip
-_KILLSWITCH = {"secret_file", "watch_interval"}
-_WORKER = {
-    "name", "class", "command", "replicas", "restart", "schedule", "params", "backoff",
-    "stable_after", "max_restarts", "restart_window", "quarantine_for", "heartbeat_timeout",
-    "cycle_deadline", "cycle_every",
-}  # fmt: skip
-_BACKOFF = {"initial", "max", "multiplier"}
+_TOP = set(keys("(top level)"))
+_DAEMON = set(keys("daemon"))
+_KILLSWITCH = set(keys("killswitch"))
+_WORKER = set(keys("workers[]"))
+_BACKOFF = set(keys("workers[].backoff"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -144,7 +134,9 @@ class _Checker:
     def known(self, section: Mapping[str, Any], allowed: set[str], where: str) -> None:
         for key in section:
             if key not in allowed:
-                raise self.fail(where, f"unknown key {key!r}", key)
+                hint = suggestion(key, sorted(allowed))
+                found = f" (did you mean {hint!r}?)" if hint else ""
+                raise self.fail(where, f"unknown key {key!r}{found}", key)
 
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
@@ -286,9 +278,7 @@ def _build(
         tokens = data.get("tokens") or {}
         if not isinstance(tokens, dict):
             raise ConfigError("tokens: must be a table")
-        unknown_tokens = set(tokens) - {"budgets"}
-        if unknown_tokens:
-            raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
+        check_keys(tokens, keys("tokens"), "tokens")
         token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 def generated() -> dict[str, Callable[[], str]]:
     from .metrics import metrics_markdown
+    from .schema import markdown
 
-    return {"metrics.md": metrics_markdown}
+    return {"config.md": markdown, "metrics.md": metrics_markdown}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

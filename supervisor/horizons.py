@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .escalation import parse_duration
+from .schema import keys, suggestion
 from .windows import WindowLength
 
 HORIZONS = ("hour", "day", "week", "month")
@@ -38,14 +39,18 @@ DEFAULTS: dict[str, HorizonProfile] = {
     ),
 }
 
-_KEYS = {"run_length", "cycle_every", "window", "checkpoint_every", "max_cost", "max_actions"}
+_KEYS = set(keys("horizons.NAME"))
 
 
 def profile_from_config(name: str, section: dict[str, Any], where: str) -> HorizonProfile:
     base = DEFAULTS[name]
     unknown = set(section) - _KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        key = sorted(unknown)[0]
+        hint = suggestion(key, _KEYS)
+        raise ConfigError(
+            f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
     changes: dict[str, Any] = {}
     for key in ("run_length", "cycle_every"):
         if key in section:

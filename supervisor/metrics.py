@@ -42,6 +42,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from .clock import SystemClock
 from .errors import ConfigError
 from .escalation import check_keys, nonempty_str, parse_duration, table, type_name
+from .schema import keys
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
@@ -134,7 +135,7 @@ class MetricsConfig:
         if section is None:
             return cls()
         section = table(section, "metrics")
-        check_keys(section, ("enabled", "host", "port", "stall_after"), "metrics")
+        check_keys(section, keys("metrics"), "metrics")
         d = cls()
         enabled = section.get("enabled", d.enabled)
         if not isinstance(enabled, bool):
