@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--scope", choices=["user", "team", "org"])
     usage.add_argument("--period", choices=["day", "week", "month"])
     _json_flag(usage)
+
+    from . import configcmd
+
+    configcmd.register(sub, _Parser, lambda p: _globals(p, suppress=True))
     return parser
 
 
@@ -241,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _nonempty(args)
+        if getattr(args, "config_handler", None) is not None:
+            return int(args.config_handler(args))  # `config check|show` load the config themselves
         config = load_config(
             args.config or os.environ.get("ACP_CONFIG") or None,
             db=args.db,

@@ -168,25 +168,46 @@ def load_config(
 ) -> Config:
     """Read the config file (or the built-in default), then apply env and CLI overrides."""
     env = os.environ if env is None else env
-    if path is not None:
-        file = Path(path)
-        try:
-            raw = file.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"{file}: not valid UTF-8 at byte offset {exc.start} (0x{raw[exc.start]:02x})"
-            ) from None
-        source = str(file)
-    else:
-        file, text, source = None, default_config_text(), "built-in default config"
+    file, text, source = read_config_text(path)
+    data = parse_config_text(text, source)
+    return _build(data, text, source, file, env, db, state_dir)
+
+
+def read_config_text(path: str | Path | None) -> tuple[Path | None, str, str]:
+    """(file, its text, how errors name it); the built-in default without a path."""
+    if path is None:
+        return None, default_config_text(), "built-in default config"
+    file = Path(path)
     try:
-        data = tomllib.loads(text)
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not valid UTF-8 at byte offset {exc.start} (0x{raw[exc.start]:02x})"
+        ) from None
+    return file, text, str(file)
+
+
+def parse_config_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def build_config(
+    data: dict[str, Any],
+    text: str,
+    source: str,
+    file: Path | None,
+    env: Mapping[str, str],
+    db: str | None = None,
+    state_dir: str | Path | None = None,
+) -> Config:
+    """A Config from parsed file data (`text` is kept to name lines in errors)."""
     return _build(data, text, source, file, env, db, state_dir)
 
 

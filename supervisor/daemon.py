@@ -70,9 +70,10 @@ class RunPlan:
 def build_factories(config: Config) -> dict[str, WorkerFactory]:
     """Every worker's factory, checked before anything is written (ConfigError names the worker)."""
     factories: dict[str, WorkerFactory] = {}
+    search = [*([config.path.parent] if config.path is not None else []), Path.cwd()]
     for spec in config.workers:
         if spec.target is not None:
-            factories[spec.name] = load_worker_class(spec)
+            factories[spec.name] = load_worker_class(spec, search)
         else:
             factories[spec.name] = external_factory(spec)
     return factories
@@ -171,6 +172,9 @@ class Daemon:
     async def run(self) -> Scorecard | None:
         cfg = self.config
         factories = build_factories(cfg)  # config errors before anything is written
+        if not cfg.workers:
+            log.warning("config.no_workers", config=str(cfg.path or "built-in"),
+                        hint="add [[workers]] tables; nothing will run")  # fmt: skip
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)

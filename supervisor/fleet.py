@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import random
+import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -43,10 +45,22 @@ log = structlog.get_logger("supervisor.fleet")
 WorkerFactory = Callable[[str, dict[str, Any]], Worker]
 
 
-def load_worker_class(spec: WorkerSpec) -> WorkerFactory:
-    """Import `module:Class` and check it implements the worker API (ConfigError naming it)."""
+def load_worker_class(spec: WorkerSpec, search: Iterable[Path] = ()) -> WorkerFactory:
+    """Import `module:Class` and check it implements the worker API (ConfigError naming it).
+
+    The module is looked for on the Python path, then in the `search` folders (the config
+    file's and the working directory): the `acp-supervisor` script's own path does not hold
+    the working directory, as `python -m` does."""
     assert spec.target is not None
     module_name, _, class_name = spec.target.partition(":")
+    added = False
+    for folder in search:
+        entry = str(folder.absolute())
+        if entry not in sys.path:
+            sys.path.append(entry)  # after the installed packages: never shadows one of them
+            added = True
+    if added:
+        importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

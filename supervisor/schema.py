@@ -219,7 +219,14 @@ def unknown_keys(data: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
 
     Only tables of the expected shape are walked; a value of the wrong kind is left to the
     parsers, which name it."""
-    found: list[tuple[str, str, str | None]] = []
+    return [(where, key, hint) for where, key, hint, _ in unknown_keys_in(data)]
+
+
+def unknown_keys_in(
+    data: Mapping[str, Any],
+) -> list[tuple[str, str, str | None, dict[str, Any]]]:
+    """unknown_keys(), each with the table that holds the key (to take it out)."""
+    found: list[tuple[str, str, str | None, dict[str, Any]]] = []
 
     def check(where: str, table: object, path: str) -> None:
         if not isinstance(table, dict):
@@ -227,7 +234,7 @@ def unknown_keys(data: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
         known = keys(path)
         for key in table:
             if key not in known:
-                found.append((where, key, suggestion(key, known)))
+                found.append((where, key, suggestion(key, known), table))
 
     def rows(value: object) -> list[tuple[int, dict[str, Any]]]:
         return (
