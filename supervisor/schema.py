@@ -303,8 +303,9 @@ def markdown() -> str:
         "says `required`; an unknown key is an error with a suggestion. Durations are a number",
         'of seconds or a string like `"500ms"`, `"90s"`, `"15m"`, `"1h"`, `"2d"`.',
         "",
-        "`acp-supervisor config check` validates a file the way `run` would and prints every",
-        "problem; `acp-supervisor config show` prints the effective configuration.",
+        "`acp-supervisor config check` validates a file the way `run` would (without",
+        "connecting to the database) and prints every problem; `acp-supervisor config show`",
+        "prints the effective configuration, secrets masked.",
     ]
     for section in SECTIONS:
         out += ["", f"## `{section.path}`", "", section.meaning, ""]
