@@ -440,11 +440,12 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
     for spec in specs:
         for instance in spec.instance_names():
             if instance in owner:
-                raise c.fail(
-                    "workers",
-                    f"instance names clash: {side(owner[instance], instance)} and "
-                    f"{side(spec, instance)} (replicas are named NAME-1, NAME-2, ...); rename one",
-                    "name",
+                named = re.search(rf"^\s*name\s*=\s*[\"']{re.escape(spec.name)}[\"']", c.text, re.M)
+                line = f", line {c.text.count(chr(10), 0, named.start()) + 1}" if named else ""
+                raise ConfigError(
+                    f"{c.source}{line}: workers: instance names clash: "
+                    f"{side(owner[instance], instance)} and {side(spec, instance)} "
+                    "(replicas are named NAME-1, NAME-2, ...); rename one"
                 )
             owner[instance] = spec
     return tuple(specs)

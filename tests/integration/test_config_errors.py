@@ -186,7 +186,7 @@ def test_replica_names_that_clash_with_another_worker_are_refused(tmp_path: Path
         '[[workers]]\nname = "notes-1"\nclass = "workers.support:SupportAgent"\n'
     )
     result = run_with(tmp_path, toml)
-    assert_refused(tmp_path, result, "bad.toml", "clash", "'notes-1'", "replica", "'notes'")
+    assert_refused(tmp_path, result, "bad.toml, line 7", "clash", "'notes-1'", "replica", "'notes'")
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
