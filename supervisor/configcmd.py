@@ -14,6 +14,7 @@ worker params and argv, and the kill-switch secret (only where it comes from is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -114,9 +115,8 @@ def _runtime_problems(config: Config, env: Mapping[str, str]) -> list[str]:
 
     problems = []
     for spec in config.workers:
-        single = _with_workers(config, (spec,))
         try:
-            build_factories(single)
+            build_factories(dataclasses.replace(config, workers=(spec,)))  # each on its own
         except ConfigError as exc:
             problems.append(str(exc))
     try:
@@ -134,12 +134,6 @@ def _runtime_problems(config: Config, env: Mapping[str, str]) -> list[str]:
                 "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
             )
     return problems
-
-
-def _with_workers(config: Config, workers: tuple[Any, ...]) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, workers=workers)
 
 
 def _state_dir_problem(state_dir: Path) -> str | None:
@@ -386,6 +380,3 @@ def _table(lines: list[str], path: tuple[str, ...], data: Mapping[str, Any]) -> 
                 lines += ["", f"[[{'.'.join(_key(p) for p in (*path, key))}]]"]
                 for k, v in entry.items():
                     lines.append(f"{_key(k)} = {_value(v)}")
-
-
-__all__ = ["check", "mask_url", "register", "show", "to_toml"]

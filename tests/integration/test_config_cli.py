@@ -113,6 +113,10 @@ name = "support"
 class = "workers.support:SupportAgent"
 replicas = 2
 params = { api_token = "sk-live-123", team = "support" }
+
+[[workers]]
+name = "tool"
+command = ["/bin/echo", "--api-token=sk-cli-9", "https://u:argv-pw@x.example/y", "--verbose"]
 """
 
 
@@ -122,7 +126,7 @@ def test_show_merges_file_environment_and_flags_and_masks_secrets(tmp_path: Path
     done = acp(tmp_path, "--config", "c.toml", "--state-dir", "elsewhere", "config", "show", **env)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for secret in ("pg-pass", "s3cret-hook", "t0ken", "sk-live-123", "k3y"):
+    for secret in ("pg-pass", "s3cret-hook", "t0ken", "sk-live-123", "k3y", "sk-cli-9", "argv-pw"):
         assert secret not in out, secret
     shown = tomllib.loads(out)
     daemon = shown["daemon"]
@@ -135,6 +139,9 @@ def test_show_merges_file_environment_and_flags_and_masks_secrets(tmp_path: Path
         "https://bot:***@hooks.example.com/acp?token=***&team=ops"
     )
     assert shown["workers"][0]["params"] == {"api_token": "***", "team": "support"}
+    assert shown["workers"][1]["command"] == [
+        "/bin/echo", "--api-token=***", "https://u:***@x.example/y", "--verbose"
+    ]  # fmt: skip
     assert shown["policy"]["rules"][0]["when"] == [{"param": "amount", "op": ">", "value": 500}]
     assert "ACP_KILLSWITCH_SECRET" in out.splitlines()[1]
 
