@@ -126,6 +126,9 @@ def _runtime_problems(config: Config, env: Mapping[str, str]) -> list[str]:
     problem = _state_dir_problem(config.state_dir)
     if problem:
         problems.append(problem)
+    problem = _database_problem(config)
+    if problem:
+        problems.append(problem)
     if config.metrics.enabled:
         try:
             import prometheus_client  # noqa: F401
@@ -134,6 +137,24 @@ def _runtime_problems(config: Config, env: Mapping[str, str]) -> list[str]:
                 "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
             )
     return problems
+
+
+def _database_problem(config: Config) -> str | None:
+    """The database URL as `run` would read it (without connecting)."""
+    from .errors import StoreConfigError
+    from .store import make_backend
+
+    try:
+        make_backend(config.db_url)
+        if config.db_url.startswith("sqlite:"):
+            from .store.sqlite import parse_sqlite_url
+
+            folder = parse_sqlite_url(config.db_url)[0].absolute().parent
+            if folder != config.state_dir and not folder.is_dir():
+                return f"sqlite database directory {folder} does not exist"
+    except StoreConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _state_dir_problem(state_dir: Path) -> str | None:

@@ -160,3 +160,15 @@ def test_show_of_a_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert (
         done.stderr.count("\n") == 1 and "profile" in done.stderr and "Traceback" not in done.stderr
     )
+
+
+def test_check_reads_the_database_url_as_run_would(tmp_path: Path) -> None:
+    for url, words in (
+        ("sqlite:///nonexistent/dir/x.db", "sqlite database directory /nonexistent/dir"),
+        ("mysql://db/x", "unknown database scheme 'mysql'"),
+    ):
+        done = acp(tmp_path, "--db", url, "config", "check")
+        assert done.returncode == 2 and words in done.stdout, done
+    done = acp(tmp_path, "config", "check", ACP_DB=f"sqlite:///{tmp_path}/ok.db")
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done
+    assert not (tmp_path / "ok.db").exists()
