@@ -149,8 +149,9 @@ def _database_problem(config: Config) -> str | None:
         if config.db_url.startswith("sqlite:"):
             from .store.sqlite import parse_sqlite_url
 
-            folder = parse_sqlite_url(config.db_url)[0].absolute().parent
-            if folder != config.state_dir and not folder.is_dir():
+            # realpath: the default URL `sqlite:////abs/...` reads as `//abs/...`
+            folder = Path(os.path.realpath(parse_sqlite_url(config.db_url)[0])).parent
+            if folder != Path(os.path.realpath(config.state_dir)) and not folder.is_dir():
                 return f"sqlite database directory {folder} does not exist"
     except StoreConfigError as exc:
         return str(exc)
