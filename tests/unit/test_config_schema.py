@@ -103,3 +103,12 @@ def test_unknown_keys_walks_every_section() -> None:
         ("alerts.sinks[0]", "retry", "retries"),
         ("worker 'w' backoff", "inital", "initial"),
     ]
+
+
+def test_enumerated_keys_agree_with_the_code() -> None:
+    from supervisor.actions import RISKS
+    from supervisor.horizons import HORIZONS
+
+    assert keys("policy.risk") == RISKS
+    doc = next(s for s in SECTIONS if s.path == "horizons.NAME").meaning
+    assert all(name in doc for name in HORIZONS)
