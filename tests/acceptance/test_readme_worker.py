@@ -51,9 +51,9 @@ def save_example(folder: Path) -> None:
     (folder / "refunder.toml").write_text(blocks("toml")[0])
 
 
-@pytest.mark.skipif(not SCRIPT.exists(), reason="needs the installed acp-supervisor script")
 @pytest.mark.parametrize("where", ["beside the config", "config elsewhere"])
 def test_the_readme_worker_example_runs_as_written(tmp_path: Path, where: str) -> None:
+    assert SCRIPT.exists(), f"no {SCRIPT}: install the package (pip install -e .)"
     files = tmp_path / "example"
     save_example(files)
     cwd = files if where == "beside the config" else tmp_path / "elsewhere"
