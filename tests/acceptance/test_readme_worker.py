@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "acp-supervisor"
+pytestmark = pytest.mark.acceptance
 
 
 def section() -> str:
