@@ -6,6 +6,7 @@ line. Nothing is written anywhere before the whole config has been checked.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -402,8 +403,13 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
             raise c.fail(
                 where, f"backoff max ({maximum}s) is below its initial ({initial}s)", "max"
             )
-        if not isinstance(multiplier, int | float) or multiplier < 1:
-            raise c.fail(where, "backoff multiplier must be >= 1", "multiplier")
+        if (
+            not isinstance(multiplier, int | float)
+            or isinstance(multiplier, bool)
+            or not math.isfinite(multiplier)  # NaN passes `< 1` and would make every delay NaN
+            or multiplier < 1
+        ):
+            raise c.fail(where, "backoff multiplier must be a finite number >= 1", "multiplier")
         cycle_every = entry.get("cycle_every")
         specs.append(
             WorkerSpec(

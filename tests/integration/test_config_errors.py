@@ -201,3 +201,9 @@ def test_a_non_finite_max_cost_on_the_command_line_is_refused(tmp_path: Path, va
     result = acp(tmp_path, "--state-dir", "state", "approvals", "approve", "0123456789",
                  "--by", "ops", "--scope", "window", "--max-cost", value)  # fmt: skip
     assert_refused(tmp_path, result, "--max-cost", "finite")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.5"])
+def test_a_backoff_multiplier_must_be_finite_and_at_least_1(tmp_path: Path, value: str) -> None:
+    result = run_with(tmp_path, SUPPORT + f"backoff = {{ multiplier = {value} }}\n")
+    assert_refused(tmp_path, result, "bad.toml", "'support'", "multiplier", "finite")
