@@ -1,4 +1,4 @@
-.PHONY: test bench bench-quick demo lint
+.PHONY: test bench bench-quick demo lint docs
 
 demo:
 	./scripts/demo
@@ -9,6 +9,10 @@ test:
 lint:
 	.venv/bin/ruff check supervisor workers tests bench
 	.venv/bin/mypy
+
+# docs/config.md and docs/metrics.md, generated from the config schema and the metrics table.
+docs:
+	.venv/bin/python -m supervisor.docgen
 
 # Every figure in one table; docs/performance.md keeps the latest.
 bench:

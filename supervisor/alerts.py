@@ -97,6 +97,7 @@ from .actions import derive_id
 from .clock import Clock
 from .errors import ConfigError
 from .escalation import array, check_keys, nonempty_str, parse_duration, table, type_name
+from .schema import keys
 from .store import NewEvent, Store, system_stream
 
 log = structlog.get_logger("supervisor.alerts")
@@ -165,19 +166,8 @@ class CommandSink:
 
 Sink = WebhookSink | CommandSink
 
-_SINK_KEYS = {
-    "webhook": ("type", "url", "timeout", "retries"),
-    "command": ("type", "argv", "timeout", "retries"),
-}
-_ALERT_KEYS = (
-    "approval_age",
-    "approval_backlog",
-    "rate_change",
-    "rate_min_samples",
-    "trailing_windows",
-    "evaluate_every",
-    "sinks",
-)
+_SINK_KEYS = {kind: keys(f'alerts.sinks[] (type = "{kind}")') for kind in ("webhook", "command")}
+_ALERT_KEYS = keys("alerts")
 
 
 def _integer(value: object, where: str, minimum: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,7 +12,7 @@ import anyio
 
 from . import events as ev
 from .actions import Action, canonical_json, derive_id, params_hash
-from .errors import ApprovalError, IdempotencyConflict
+from .errors import ApprovalError, IdempotencyConflict, UsageError
 from .escalation import EscalationChain
 from .store import NewEvent, Store
 from .store.base import Row, Tx
@@ -139,6 +140,9 @@ class Approvals:
         max_uses: int | None = None,
         max_cost: float | None = None,
     ) -> Row:
+        # NaN compares false with everything: stored as a bound it would never stop anything
+        if max_cost is not None and (not math.isfinite(max_cost) or max_cost < 0):
+            raise UsageError(f"max cost must be a finite number >= 0, got {max_cost!r}")
         row = await self.store.fetchrow("get_approval", approval_id)
         if row is None:
             raise ApprovalError(f"unknown approval {approval_id!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -108,6 +109,17 @@ def _select_run(args: argparse.Namespace, config: Config) -> Config:
     return dataclasses.replace(config, db_url=chosen.db_url, db_explicit=True)
 
 
+def _budget(value: str) -> float:
+    """A budget bound: a finite number >= 0 (`nan` or `inf` would mean no bound at all)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="Keeps AI agent workers running and governs every action."
@@ -182,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--reason")
     approve.add_argument("--scope", choices=["once", "window"], default="once")
     approve.add_argument("--max-uses", type=int)
-    approve.add_argument("--max-cost", type=float)
+    approve.add_argument("--max-cost", type=_budget)
     deny = command("deny", "deny a pending approval", c.approvals_deny, ap)
     deny.add_argument("id")
     deny.add_argument("--by", help=_BY_HELP)
@@ -249,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--scope", choices=["user", "team", "org"])
     usage.add_argument("--period", choices=["day", "week", "month"])
     _json_flag(usage)
+
+    from . import configcmd
+
+    configcmd.register(sub, _Parser, lambda p: _globals(p, suppress=True))
     return parser
 
 
@@ -271,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _nonempty(args)
+        if getattr(args, "config_handler", None) is not None:
+            return int(args.config_handler(args))  # `config check|show` load the config themselves
         config = load_config(
             args.config or os.environ.get("ACP_CONFIG") or None,
             db=args.db,

@@ -6,6 +6,7 @@ line. Nothing is written anywhere before the whole config has been checked.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -19,31 +20,21 @@ from zoneinfo import ZoneInfo
 
 from .alerts import AlertConfig
 from .errors import ConfigError
-from .escalation import EscalationChain, parse_duration
+from .escalation import EscalationChain, check_keys, parse_duration
 from .governance import ModelGovernor, TokenBudgets
 from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
 from .metrics import MetricsConfig
 from .policy import Policy
+from .schema import keys, suggestion
 from .windows import parse_timezone
 
 RestartPolicy = Literal["permanent", "transient", "temporary"]
 
-_TOP = {
-    "daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers",
-    "alerts", "metrics",
-}  # fmt: skip
-_DAEMON = {
-    "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
-    "recovery_every", "escalation_every", "flush_every", "seed", "lease_ttl", "heartbeat",
-    "fleet_switch_grace",
-}  # fmt: skip
-_KILLSWITCH = {"secret_file", "watch_interval"}
-_WORKER = {
-    "name", "class", "command", "replicas", "restart", "schedule", "params", "backoff",
-    "stable_after", "max_restarts", "restart_window", "quarantine_for", "heartbeat_timeout",
-    "cycle_deadline", "cycle_every",
-}  # fmt: skip
-_BACKOFF = {"initial", "max", "multiplier"}
+_TOP = set(keys("(top level)"))
+_DAEMON = set(keys("daemon"))
+_KILLSWITCH = set(keys("killswitch"))
+_WORKER = set(keys("workers[]"))
+_BACKOFF = set(keys("workers[].backoff"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -144,7 +135,9 @@ class _Checker:
     def known(self, section: Mapping[str, Any], allowed: set[str], where: str) -> None:
         for key in section:
             if key not in allowed:
-                raise self.fail(where, f"unknown key {key!r}", key)
+                hint = suggestion(key, sorted(allowed))
+                found = f" (did you mean {hint!r}?)" if hint else ""
+                raise self.fail(where, f"unknown key {key!r}{found}", key)
 
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
@@ -176,19 +169,46 @@ def load_config(
 ) -> Config:
     """Read the config file (or the built-in default), then apply env and CLI overrides."""
     env = os.environ if env is None else env
-    if path is not None:
-        file = Path(path)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
-        source = str(file)
-    else:
-        file, text, source = None, default_config_text(), "built-in default config"
+    file, text, source = read_config_text(path)
+    data = parse_config_text(text, source)
+    return _build(data, text, source, file, env, db, state_dir)
+
+
+def read_config_text(path: str | Path | None) -> tuple[Path | None, str, str]:
+    """(file, its text, how errors name it); the built-in default without a path."""
+    if path is None:
+        return None, default_config_text(), "built-in default config"
+    file = Path(path)
     try:
-        data = tomllib.loads(text)
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not valid UTF-8 at byte offset {exc.start} (0x{raw[exc.start]:02x})"
+        ) from None
+    return file, text, str(file)
+
+
+def parse_config_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def build_config(
+    data: dict[str, Any],
+    text: str,
+    source: str,
+    file: Path | None,
+    env: Mapping[str, str],
+    db: str | None = None,
+    state_dir: str | Path | None = None,
+) -> Config:
+    """A Config from parsed file data (`text` is kept to name lines in errors)."""
     return _build(data, text, source, file, env, db, state_dir)
 
 
@@ -208,7 +228,9 @@ def _build(
 
     for text_key in ("fleet", "host_id", "timezone", "state_dir", "db", "profile"):
         if text_key in daemon and not isinstance(daemon[text_key], str):
-            raise c.fail(f"daemon.{text_key}", f"must be a string, got {daemon[text_key]!r}", text_key)
+            raise c.fail(
+                f"daemon.{text_key}", f"must be a string, got {daemon[text_key]!r}", text_key
+            )
     fleet = str(daemon.get("fleet", "default"))
     if not _NAME.match(fleet):
         raise c.fail("daemon.fleet", f"invalid fleet name {fleet!r}", "fleet")
@@ -235,7 +257,9 @@ def _build(
     if daemon.get("db") and not db and not env.get("ACP_DB"):
         scheme = str(daemon["db"]).partition("://")[0]
         if scheme not in ("sqlite", "postgresql", "postgres"):
-            raise c.fail("daemon.db", f"unknown database scheme {scheme!r} (sqlite, postgresql)", "db")
+            raise c.fail(
+                "daemon.db", f"unknown database scheme {scheme!r} (sqlite, postgresql)", "db"
+            )
 
     profile = str(daemon.get("profile", "day"))
     if profile not in HORIZONS:
@@ -276,9 +300,7 @@ def _build(
         tokens = data.get("tokens") or {}
         if not isinstance(tokens, dict):
             raise ConfigError("tokens: must be a table")
-        unknown_tokens = set(tokens) - {"budgets"}
-        if unknown_tokens:
-            raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
+        check_keys(tokens, keys("tokens"), "tokens")
         token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))
@@ -381,8 +403,13 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
             raise c.fail(
                 where, f"backoff max ({maximum}s) is below its initial ({initial}s)", "max"
             )
-        if not isinstance(multiplier, int | float) or multiplier < 1:
-            raise c.fail(where, "backoff multiplier must be >= 1", "multiplier")
+        if (
+            not isinstance(multiplier, int | float)
+            or isinstance(multiplier, bool)
+            or not math.isfinite(multiplier)  # NaN passes `< 1` and would make every delay NaN
+            or multiplier < 1
+        ):
+            raise c.fail(where, "backoff multiplier must be a finite number >= 1", "multiplier")
         cycle_every = entry.get("cycle_every")
         specs.append(
             WorkerSpec(
@@ -407,4 +434,24 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 cycle_deadline=c.duration(entry, "cycle_deadline", 300.0, where),
             )
         )
+
+    # Replicas are named NAME-1, NAME-2, ...: those must not collide with another worker's name,
+    # or two instances would share checkpoints, slots and kill-switch scopes.
+    def side(spec: WorkerSpec, instance: str) -> str:
+        if instance == spec.name:
+            return f"worker {instance!r}"
+        return f"replica {instance!r} of worker {spec.name!r}"
+
+    owner: dict[str, WorkerSpec] = {}
+    for spec in specs:
+        for instance in spec.instance_names():
+            if instance in owner:
+                named = re.search(rf"^\s*name\s*=\s*[\"']{re.escape(spec.name)}[\"']", c.text, re.M)
+                line = f", line {c.text.count(chr(10), 0, named.start()) + 1}" if named else ""
+                raise ConfigError(
+                    f"{c.source}{line}: workers: instance names clash: "
+                    f"{side(owner[instance], instance)} and {side(spec, instance)} "
+                    "(replicas are named NAME-1, NAME-2, ...); rename one"
+                )
+            owner[instance] = spec
     return tuple(specs)

@@ -70,9 +70,10 @@ class RunPlan:
 def build_factories(config: Config) -> dict[str, WorkerFactory]:
     """Every worker's factory, checked before anything is written (ConfigError names the worker)."""
     factories: dict[str, WorkerFactory] = {}
+    search = [*([config.path.parent] if config.path is not None else []), Path.cwd()]
     for spec in config.workers:
         if spec.target is not None:
-            factories[spec.name] = load_worker_class(spec)
+            factories[spec.name] = load_worker_class(spec, search)
         else:
             factories[spec.name] = external_factory(spec)
     return factories
@@ -174,6 +175,9 @@ class Daemon:
     async def run(self) -> Scorecard | None:
         cfg = self.config
         factories = build_factories(cfg)  # config errors before anything is written
+        if not cfg.workers:
+            log.warning("config.no_workers", config=str(cfg.path or "built-in"),
+                        hint="add [[workers]] tables; nothing will run")  # fmt: skip
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -595,6 +599,8 @@ class Daemon:
             if status is not None:
                 status.state, status.last_error = "quarantined", f"{type(exc).__name__}: {exc}"
                 status.restarts += 1
+            counts = self.fleet.quarantine_counts
+            counts[name] = counts.get(name, 0) + 1
             log.error("worker.failed", worker=name, error=f"{type(exc).__name__}: {exc}")
             return False
 
@@ -716,11 +722,22 @@ class Daemon:
         if not self.config.metrics.enabled or self.clock.virtual:
             return None
         try:
-            metrics = Metrics(self.config.metrics)
+            metrics = Metrics(self.config.metrics, now=self.clock.now)
         except ImportError:
             raise ConfigError(
                 "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
             ) from None
+        fleet, windows, alerts = self.fleet, self.windows, self.alerts
+        assert fleet is not None
+        # read at scrape time from the counts these keep; dict.copy is atomic under the GIL
+        metrics.count_from("acp_worker_restarts_total", fleet.restart_counts.copy)
+        metrics.count_from("acp_worker_quarantines_total", fleet.quarantine_counts.copy)
+        metrics.count_from("acp_windows_opened_total", lambda: {"": windows.opened})
+        metrics.count_from("acp_windows_closed_total", lambda: {"": windows.closed})
+        metrics.count_from(
+            "acp_alert_deliveries_total",
+            lambda: {"sent": alerts.delivered, "failed": alerts.failed, "dropped": alerts.dropped},
+        )
         port = metrics.serve()
         gate.observer = metrics
         log.info("metrics.serving", host=self.config.metrics.host, port=port)
@@ -740,7 +757,12 @@ class Daemon:
         if self.fleet is not None:
             self.metrics.set_workers(self.fleet.by_state())
         self.metrics.set_killswitch_mode(switch.mode.value)
-        self.metrics.set_approvals(self.alerts.pending_approvals, self.alerts.oldest_pending_age)
+        try:  # the backlog as of now (the alerts' view is as old as their last evaluation)
+            row = await store.fetchrow("count_pending_approvals", self.config.fleet)
+        except StoreError:
+            row = None
+        if row is not None:
+            self.metrics.set_approvals(int(row["n"] or 0), row["oldest_at"])
 
     def _status_line(self) -> str:
         window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"

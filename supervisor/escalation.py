@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import ConfigError
+from .schema import keys, suggestion
 
 DEFAULT_TIMEOUT = 3600.0
 DEFAULT_INITIAL_TIER = "operators"
@@ -77,7 +78,9 @@ def check_keys(section: Mapping[str, Any], allowed: Iterable[str], where: str) -
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         noun = "key" if len(unknown) == 1 else "keys"
-        raise ConfigError(f"{where}: unknown {noun} {names} ({', '.join(known)})")
+        hint = suggestion(unknown[0], known) if len(unknown) == 1 else None
+        listed = f"did you mean {hint!r}?" if hint else ", ".join(known)
+        raise ConfigError(f"{where}: unknown {noun} {names} ({listed})")
 
 
 def nonempty_str(value: object, where: str) -> str:
@@ -179,7 +182,7 @@ class EscalationChain:
         if section is None:
             return cls()
         section = table(section, "approvals")
-        check_keys(section, ("timeout", "initial_tier", "escalation"), "approvals")
+        check_keys(section, keys("approvals"), "approvals")
         timeout = DEFAULT_TIMEOUT
         if "timeout" in section:
             timeout = parse_duration(section["timeout"], "approvals.timeout")
@@ -190,7 +193,7 @@ class EscalationChain:
         for i, raw in enumerate(array(section.get("escalation", []), "approvals.escalation")):
             where = f"approvals.escalation[{i}]"
             entry = table(raw, where)
-            check_keys(entry, ("after", "tier"), where)
+            check_keys(entry, keys("approvals.escalation[]"), where)
             for key in ("after", "tier"):
                 if key not in entry:
                     raise ConfigError(f"{where}: missing {key!r}")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import random
+import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -43,10 +45,22 @@ log = structlog.get_logger("supervisor.fleet")
 WorkerFactory = Callable[[str, dict[str, Any]], Worker]
 
 
-def load_worker_class(spec: WorkerSpec) -> WorkerFactory:
-    """Import `module:Class` and check it implements the worker API (ConfigError naming it)."""
+def load_worker_class(spec: WorkerSpec, search: Iterable[Path] = ()) -> WorkerFactory:
+    """Import `module:Class` and check it implements the worker API (ConfigError naming it).
+
+    The module is looked for on the Python path, then in the `search` folders (the config
+    file's and the working directory): the `acp-supervisor` script's own path does not hold
+    the working directory, as `python -m` does."""
     assert spec.target is not None
     module_name, _, class_name = spec.target.partition(":")
+    added = False
+    for folder in search:
+        entry = str(folder.absolute())
+        if entry not in sys.path:
+            sys.path.append(entry)  # after the installed packages: never shadows one of them
+            added = True
+    if added:
+        importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -129,6 +143,9 @@ class Fleet:
         self.in_flight = 0
         self.idle = anyio.Event()
         self.idle.set()
+        # Per instance since this process started (metrics read copies from another thread).
+        self.restart_counts: dict[str, int] = {}
+        self.quarantine_counts: dict[str, int] = {}
 
     def add(self, spec: WorkerSpec) -> list[str]:
         names = spec.instance_names()
@@ -282,6 +299,7 @@ class Fleet:
                     if restored is not None:
                         worker.restore(restored.state)
                     st.restarts += 1
+                    self.restart_counts[name] = self.restart_counts.get(name, 0) + 1
                     started_at = self.clock.monotonic()
                     if cron is None:
                         # Slots that passed during the backoff or quarantine are skipped, not
@@ -414,6 +432,7 @@ class Fleet:
         """Park the worker for its cool-down. False when the daemon stops during it."""
         spec = st.spec
         await self._set_state(st, "quarantined")
+        self.quarantine_counts[st.name] = self.quarantine_counts.get(st.name, 0) + 1
         await self._record(NewEvent(
             kind=ev.WORKER_QUARANTINED, session_id=session.id, worker=st.name, reason="restarts",
             payload={"restarts": st.restarts, "cool_down": spec.quarantine_for,

@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 from .errors import ConfigError
 from .escalation import array, check_keys, key_path, nonempty_str, require_aware, table, type_name
+from .schema import keys
 
 Scope = Literal["user", "team", "org"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)  # narrowest first: the order of precedence
@@ -135,7 +136,7 @@ def _parse_budget(raw: object, index: int) -> TokenBudget:
         raise ConfigError(f"{where}: unknown scope {scope!r} ({', '.join(SCOPES)})")
     name = nonempty_str(entry["identity"], f"{where}.identity")
     where = f"{where} ({scope}:{name})"
-    check_keys(entry, ("scope", "identity", "period", "max_tokens", "max_cost"), where)
+    check_keys(entry, keys("tokens.budgets[]"), where)
     for key in ("period", "max_tokens"):
         if key not in entry:
             raise ConfigError(f"{where}: missing {key!r}")
@@ -223,7 +224,7 @@ class ModelGovernor:
         if section is None:
             return cls(enabled=False)
         section = table(section, "models")
-        check_keys(section, ("unknown", "tiers", "access", "overrides"), "models")
+        check_keys(section, keys("models"), "models")
         if "unknown" in section and section["unknown"] != "deny":
             raise ConfigError(
                 f"models.unknown: {section['unknown']!r} is not allowed; only 'deny' "
@@ -252,7 +253,7 @@ class ModelGovernor:
             where = key_path("models.overrides", key)
             parse_identity_key(key, where)
             entry = table(raw, where)
-            check_keys(entry, ("allow", "deny"), where)
+            check_keys(entry, keys("models.overrides.IDENTITY"), where)
             allow = _str_list(entry.get("allow", []), f"{where}.allow")
             for model in allow:
                 # Allowing a model no tier knows would contradict "unknown is never allowed".

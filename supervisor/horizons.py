@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from .errors import ConfigError
 from .escalation import parse_duration
+from .schema import keys, suggestion
 from .windows import WindowLength
 
 HORIZONS = ("hour", "day", "week", "month")
@@ -37,14 +39,18 @@ DEFAULTS: dict[str, HorizonProfile] = {
     ),
 }
 
-_KEYS = {"run_length", "cycle_every", "window", "checkpoint_every", "max_cost", "max_actions"}
+_KEYS = set(keys("horizons.NAME"))
 
 
 def profile_from_config(name: str, section: dict[str, Any], where: str) -> HorizonProfile:
     base = DEFAULTS[name]
     unknown = set(section) - _KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        key = sorted(unknown)[0]
+        hint = suggestion(key, _KEYS)
+        raise ConfigError(
+            f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
     changes: dict[str, Any] = {}
     for key in ("run_length", "cycle_every"):
         if key in section:
@@ -61,7 +67,15 @@ def profile_from_config(name: str, section: dict[str, Any], where: str) -> Horiz
     for key in ("max_cost", "max_actions"):
         if key in section:
             value = section[key]
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{where}.{key}: must be a number >= 0")
+            # NaN compares false with everything, so `nan < 0` would pass and mean "unlimited"
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"{where}.{key}: must be a finite number >= 0, got {value!r}")
+            if key == "max_actions" and value != int(value):
+                raise ConfigError(f"{where}.{key}: must be a whole number >= 0, got {value!r}")
             changes[key] = int(value) if key == "max_actions" else float(value)
     return replace(base, **changes)

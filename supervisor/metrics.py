@@ -10,17 +10,8 @@ Paths::
     /metrics   Prometheus text format (this Metrics' own registry, nothing process-global)
     /healthz   200 {"ok": true, ...} or 503 {"ok": false, "reasons": [...], ...}
 
-Metrics::
-
-    acp_workers{state}                        workers per state (set_workers)
-    acp_actions_total{outcome,reason}         gate outcomes (observe_action)
-    acp_approvals_pending                     pending approvals (set_approvals)
-    acp_oldest_pending_approval_seconds       age of the oldest pending approval (set_approvals)
-    acp_window_budget_used{kind}              the current window's used cost and action count
-    acp_gate_latency_seconds                  histogram, 0.5 ms .. 1 s (observe_latency)
-    acp_killswitch_mode{mode}                 1 for the current host mode, 0 for the others
-    acp_seconds_since_progress                real seconds since the last tick()
-    acp_store_ok                              1 while the store is healthy
+Metrics: the table `METRICS` below; docs/metrics.md is generated from it
+(`python -m supervisor.docgen`) and a test checks both against the registry.
 
 `prometheus_client` is imported when a `Metrics` is built (metrics enabled), not when this
 module is imported, so `MetricsConfig` parses `[metrics]` without it.
@@ -35,24 +26,100 @@ Config (section ``[metrics]``, every key optional)::
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from .clock import SystemClock
 from .errors import ConfigError
 from .escalation import check_keys, nonempty_str, parse_duration, table, type_name
+from .schema import keys
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
 KILLSWITCH_MODES = ("disengaged", "halt_noncritical", "halt_all", "emergency")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    """One exposed metric: its full name (as scraped), type, labels and help text."""
+
+    name: str
+    kind: Literal["gauge", "counter", "histogram"]
+    labels: tuple[str, ...]
+    help: str
+
+
+# Prometheus conventions: one unit per metric, named in its suffix (`_seconds`); counters end
+# in `_total`; no `_created` series. Counters count since this process started.
+METRICS: tuple[MetricDef, ...] = (
+    MetricDef("acp_build_info", "gauge", ("version", "python"),
+              "Always 1; the labels name the running build."),
+    MetricDef("acp_workers", "gauge", ("state",), "Worker instances per state."),
+    MetricDef("acp_actions_total", "counter", ("outcome", "reason"),
+              "Actions through the gate, by outcome (succeeded, failed, denied) and reason."),
+    MetricDef("acp_approvals_pending", "gauge", (), "Pending approvals of the fleet."),
+    MetricDef("acp_oldest_pending_approval_seconds", "gauge", (),
+              "Age of the oldest pending approval at scrape time (0 when none)."),
+    MetricDef("acp_window_budget_used_actions", "gauge", (),
+              "Actions charged to the current window's budget."),
+    MetricDef("acp_window_budget_used_cost", "gauge", (),
+              "Cost units charged to the current window's budget."),
+    MetricDef("acp_gate_latency_seconds", "histogram", (),
+              "Gate latency per admitted action, 0.5 ms to 1 s buckets."),
+    MetricDef("acp_killswitch_mode", "gauge", ("mode",),
+              "1 for the current host kill-switch mode, 0 for the others."),
+    MetricDef("acp_progress_age_seconds", "gauge", (),
+              "Real seconds since the main loop last made progress (/healthz fails past stall_after)."),
+    MetricDef("acp_store_ok", "gauge", (), "1 while the store answers, 0 when it fails."),
+    MetricDef("acp_worker_restarts_total", "counter", ("worker",),
+              "Worker restarts after a crash or a hang, per worker instance."),
+    MetricDef("acp_worker_quarantines_total", "counter", ("worker",),
+              "Times a worker instance went to quarantine."),
+    MetricDef("acp_windows_opened_total", "counter", (), "Governance windows this host opened."),
+    MetricDef("acp_windows_closed_total", "counter", (), "Governance windows this host closed."),
+    MetricDef("acp_alert_deliveries_total", "counter", ("result",),
+              "Alert deliveries to sinks: sent, failed (after its retries) or dropped (queue full)."),
+)  # fmt: skip
+_BY_NAME = {m.name: m for m in METRICS}
+# Counters read at scrape time from counts the daemon keeps anyway (windows, alerts, workers).
+_SCRAPED = (
+    "acp_worker_restarts_total", "acp_worker_quarantines_total", "acp_windows_opened_total",
+    "acp_windows_closed_total", "acp_alert_deliveries_total",
+)  # fmt: skip
+CountSource = Callable[[], Mapping[str, float]]  # label value ("" without a label) -> count
+
+
+def metrics_markdown() -> str:
+    """docs/metrics.md, from METRICS."""
+    lines = [
+        "# Metrics",
+        "",
+        "<!-- generated by `python -m supervisor.docgen`; do not edit by hand -->",
+        "",
+        "Served at `/metrics` when `[metrics] enabled = true` (see docs/config.md), in the",
+        "Prometheus text format. Every counter ends in `_total` and counts since the daemon",
+        "process started; every time is in seconds and says so in its name; no `_created`",
+        "series are exported. `/healthz` answers 200 or 503 with the reasons as JSON.",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+    ]
+    for m in METRICS:
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
+        lines.append(f"| `{m.name}` | {m.kind} | {labels} | {m.help} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +135,7 @@ class MetricsConfig:
         if section is None:
             return cls()
         section = table(section, "metrics")
-        check_keys(section, ("enabled", "host", "port", "stall_after"), "metrics")
+        check_keys(section, keys("metrics"), "metrics")
         d = cls()
         enabled = section.get("enabled", d.enabled)
         if not isinstance(enabled, bool):
@@ -108,7 +175,11 @@ class Metrics:
     """One registry of the daemon's metrics, plus the health state `/healthz` reports."""
 
     def __init__(
-        self, config: MetricsConfig, *, monotonic: Callable[[], float] = time.monotonic
+        self,
+        config: MetricsConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         try:
             import prometheus_client as prom
@@ -117,54 +188,41 @@ class Metrics:
                 "metrics.enabled: prometheus-client is not installed "
                 "(pip install 'acp-supervisor[metrics]')"
             ) from exc
+        # process-wide, but the daemon has this one registry and wants no `_created` series
+        prom.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.config = config
         self._monotonic = monotonic
+        self._now = now or SystemClock().now
         self._prom = prom
         self.registry = prom.CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.workers = prom.Gauge("acp_workers", "Workers per state.", ["state"], registry=r)
-        self.actions = prom.Counter(
-            "acp_actions_total",
-            "Actions through the gate, by outcome and reason.",
-            ["outcome", "reason"],
-            registry=r,
-        )
-        self.approvals_pending = prom.Gauge(
-            "acp_approvals_pending", "Pending approvals of the fleet.", registry=r
-        )
-        self.oldest_pending = prom.Gauge(
-            "acp_oldest_pending_approval_seconds",
-            "Age of the oldest pending approval (0 when none).",
-            registry=r,
-        )
-        self.budget_used = prom.Gauge(
-            "acp_window_budget_used",
-            "Budget used in the current window: kind=cost (cost units), kind=actions (count).",
-            ["kind"],
-            registry=r,
-        )
-        self.gate_latency = prom.Histogram(
-            "acp_gate_latency_seconds",
-            "Gate latency per admitted action.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.killswitch_mode = prom.Gauge(
-            "acp_killswitch_mode", "1 for the current host kill-switch mode.", ["mode"], registry=r
-        )
-        self.since_progress = prom.Gauge(
-            "acp_seconds_since_progress",
-            "Real seconds since the main loop last ticked.",
-            registry=r,
-        )
+
+        def gauge(name: str) -> Any:
+            d = _BY_NAME[name]
+            return prom.Gauge(d.name, d.help, list(d.labels), registry=r)
+
+        build = gauge("acp_build_info")
+        build.labels(version=_version(), python=platform.python_version()).set(1)
+        self.workers = gauge("acp_workers")
+        d = _BY_NAME["acp_actions_total"]
+        self.actions = prom.Counter(d.name, d.help, list(d.labels), registry=r)
+        self.approvals_pending = gauge("acp_approvals_pending")
+        self.oldest_pending = gauge("acp_oldest_pending_approval_seconds")
+        self.oldest_pending.set_function(self.oldest_pending_age)
+        self.budget_used_actions = gauge("acp_window_budget_used_actions")
+        self.budget_used_cost = gauge("acp_window_budget_used_cost")
+        d = _BY_NAME["acp_gate_latency_seconds"]
+        self.gate_latency = prom.Histogram(d.name, d.help, buckets=LATENCY_BUCKETS, registry=r)
+        self.killswitch_mode = gauge("acp_killswitch_mode")
+        self.since_progress = gauge("acp_progress_age_seconds")
         self.since_progress.set_function(self.seconds_since_tick)
-        self.store_ok_gauge = prom.Gauge(
-            "acp_store_ok", "1 while the store answers, 0 when it fails.", registry=r
-        )
-        for kind in ("cost", "actions"):
-            self.budget_used.labels(kind=kind).set(0)
+        self.store_ok_gauge = gauge("acp_store_ok")
+        self._sources: dict[str, CountSource] = {}
+        r.register(_ScrapedCounters(self._sources))
         self.set_killswitch_mode("disengaged")
         self._worker_states: set[str] = set()
+        self._pending = 0
+        self._oldest_at: datetime | None = None
         self._last_tick = monotonic()
         self._store_ok = True
         self._store_problem: str | None = None
@@ -189,13 +247,27 @@ class Metrics:
     def observe_latency(self, seconds: float) -> None:
         self.gate_latency.observe(seconds)
 
-    def set_approvals(self, pending: int, oldest_age_seconds: float) -> None:
+    def set_approvals(self, pending: int, oldest_at: datetime | None) -> None:
+        """The backlog as last read from the store; the age is computed at each scrape."""
         self.approvals_pending.set(pending)
-        self.oldest_pending.set(max(0.0, oldest_age_seconds) if pending else 0.0)
+        self._pending, self._oldest_at = pending, oldest_at
+
+    def oldest_pending_age(self) -> float:
+        oldest = self._oldest_at
+        if not self._pending or oldest is None:
+            return 0.0
+        return max(0.0, (self._now() - oldest).total_seconds())
 
     def set_budget_used(self, *, cost: float, actions: float) -> None:
-        self.budget_used.labels(kind="cost").set(cost)
-        self.budget_used.labels(kind="actions").set(actions)
+        self.budget_used_cost.set(cost)
+        self.budget_used_actions.set(actions)
+
+    def count_from(self, name: str, source: CountSource) -> None:
+        """Read counter `name` (one of the scraped counters in METRICS) from `source` at each
+        scrape. `source` runs in the server's thread: it must only read (e.g. copy a dict)."""
+        if name not in _SCRAPED:
+            raise ValueError(f"not a scraped counter: {name}")
+        self._sources[name] = source
 
     def set_killswitch_mode(self, mode: str) -> None:
         """`mode` is a kill-switch Mode (a str enum) or its value."""
@@ -322,6 +394,38 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _ScrapedCounters:
+    """The counters the daemon keeps as plain numbers, turned into samples at scrape time."""
+
+    def __init__(self, sources: Mapping[str, CountSource]) -> None:
+        self._sources = sources
+
+    def describe(self) -> list[Any]:
+        return []  # families are known only at collect(); nothing to check up front
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name in _SCRAPED:
+            d = _BY_NAME[name]
+            family = CounterMetricFamily(d.name.removesuffix("_total"), d.help, labels=d.labels)
+            source = self._sources.get(name)
+            counts = dict(source()) if source is not None else {}
+            if not d.labels:
+                family.add_metric([], float(counts.get("", 0)))
+            else:
+                for value, count in sorted(counts.items()):
+                    family.add_metric([value], float(count))
+            yield family
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("acp-supervisor")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def _modes(current: str) -> tuple[str, ...]:

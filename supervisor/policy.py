@@ -37,6 +37,7 @@ from typing import Any, Literal, cast, get_args
 from .actions import RISKS, Action, Risk
 from .errors import ConfigError
 from .escalation import array, check_keys, nonempty_str, table, type_name
+from .schema import keys
 
 Outcome = Literal["allow", "deny", "require_approval", "escalate"]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
@@ -188,13 +189,13 @@ class Policy:
         if section is None:
             return cls()
         section = table(section, "policy")
-        check_keys(section, ("unmatched", "risk", "rules"), "policy")
+        check_keys(section, keys("policy"), "policy")
         unmatched = DEFAULT_UNMATCHED
         if "unmatched" in section:
             unmatched = _outcome(section["unmatched"], "policy.unmatched")
         risk = dict(DEFAULT_RISK)
         raw_risk = table(section.get("risk", {}), "policy.risk")
-        check_keys(raw_risk, RISKS, "policy.risk")
+        check_keys(raw_risk, keys("policy.risk"), "policy.risk")
         for name, value in raw_risk.items():
             risk[cast(Risk, name)] = _outcome(value, f"policy.risk.{name}")
         rules: list[Rule] = []
@@ -224,7 +225,7 @@ def _parse_rule(raw: object, index: int) -> Rule:
         raise ConfigError(f"{where}: missing 'name'")
     name = nonempty_str(entry["name"], f"{where}.name")
     where = f"{where} ({json.dumps(name)})"
-    check_keys(entry, ("name", "action", "risk", "worker", "when", "outcome"), where)
+    check_keys(entry, keys("policy.rules[]"), where)
     if "outcome" not in entry:
         raise ConfigError(f"{where}: missing 'outcome' ({', '.join(OUTCOMES)})")
     outcome = _outcome(entry["outcome"], where)
@@ -255,7 +256,7 @@ def _scalar(value: object) -> bool:
 
 def _parse_condition(raw: object, where: str) -> Condition:
     entry = table(raw, where)
-    check_keys(entry, ("param", "op", "value"), where)
+    check_keys(entry, keys("policy.rules[].when[]"), where)
     if "param" not in entry:
         raise ConfigError(f"{where}: missing 'param'")
     param = nonempty_str(entry["param"], f"{where}.param")

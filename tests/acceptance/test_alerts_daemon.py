@@ -110,7 +110,13 @@ def test_webhook_alert_and_metrics_from_the_real_daemon(tmp_path: Path, webhook:
         assert alert["detail"]["by"] == "tester"
         time.sleep(1.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            assert 'acp_killswitch_mode{mode="halt_all"} 1.0' in resp.read().decode()
+            text = resp.read().decode()
+        assert 'acp_killswitch_mode{mode="halt_all"} 1.0' in text
+        # counted at scrape time from the daemon's own counts; Prometheus naming throughout
+        assert 'acp_alert_deliveries_total{result="sent"}' in text
+        assert float(text.split('acp_alert_deliveries_total{result="sent"} ')[1].split()[0]) >= 1
+        assert "acp_windows_opened_total 1.0" in text
+        assert 'acp_build_info{python="' in text and "_created" not in text
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

@@ -172,3 +172,38 @@ def test_a_state_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path: Path) -> N
                            "db", "migrate"], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "state directory" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_bytes(b'[daemon]\nfleet = "caf\xe9"\n')
+    result = acp(tmp_path, "--config", "bad.toml", "--state-dir", "state", *RUN)
+    assert_refused(tmp_path, result, "bad.toml", "UTF-8", "byte offset 21")
+
+
+def test_replica_names_that_clash_with_another_worker_are_refused(tmp_path: Path) -> None:
+    toml = (
+        '[[workers]]\nname = "notes"\nclass = "workers.support:SupportAgent"\nreplicas = 2\n\n'
+        '[[workers]]\nname = "notes-1"\nclass = "workers.support:SupportAgent"\n'
+    )
+    result = run_with(tmp_path, toml)
+    assert_refused(tmp_path, result, "bad.toml, line 7", "clash", "'notes-1'", "replica", "'notes'")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", ["max_cost", "max_actions"])
+def test_a_non_finite_budget_in_the_config_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    result = run_with(tmp_path, f"[horizons.day]\n{key} = {value}\n")
+    assert_refused(tmp_path, result, "bad.toml", f"horizons.day.{key}", "finite")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "NaN", "-1"])
+def test_a_non_finite_max_cost_on_the_command_line_is_refused(tmp_path: Path, value: str) -> None:
+    result = acp(tmp_path, "--state-dir", "state", "approvals", "approve", "0123456789",
+                 "--by", "ops", "--scope", "window", "--max-cost", value)  # fmt: skip
+    assert_refused(tmp_path, result, "--max-cost", "finite")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.5"])
+def test_a_backoff_multiplier_must_be_finite_and_at_least_1(tmp_path: Path, value: str) -> None:
+    result = run_with(tmp_path, SUPPORT + f"backoff = {{ multiplier = {value} }}\n")
+    assert_refused(tmp_path, result, "bad.toml", "'support'", "multiplier", "finite")

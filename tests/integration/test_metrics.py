@@ -8,11 +8,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from supervisor.metrics import Metrics, MetricsConfig
+from supervisor.metrics import METRICS, Metrics, MetricsConfig, metrics_markdown
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_metrics_text(metrics: Metrics) -> None:
     metrics.observe_action("succeeded")
     metrics.observe_action("succeeded")
     metrics.observe_action("denied", "policy")
-    metrics.set_approvals(4, 95.5)
+    metrics.set_approvals(4, datetime.now(UTC) - timedelta(seconds=95.5))
     metrics.set_budget_used(cost=12.5, actions=7)
     for seconds in (0.0003, 0.002, 0.004, 2.0):
         metrics.observe_latency(seconds)
@@ -66,9 +67,9 @@ def test_metrics_text(metrics: Metrics) -> None:
     assert sample(text, "acp_actions_total", 'outcome="succeeded",reason=""') == 2
     assert sample(text, "acp_actions_total", 'outcome="denied",reason="policy"') == 1
     assert sample(text, "acp_approvals_pending") == 4
-    assert sample(text, "acp_oldest_pending_approval_seconds") == 95.5
-    assert sample(text, "acp_window_budget_used", 'kind="cost"') == 12.5
-    assert sample(text, "acp_window_budget_used", 'kind="actions"') == 7
+    assert 95.5 <= sample(text, "acp_oldest_pending_approval_seconds") < 100
+    assert sample(text, "acp_window_budget_used_cost") == 12.5
+    assert sample(text, "acp_window_budget_used_actions") == 7
     assert sample(text, "acp_gate_latency_seconds_bucket", 'le="0.0005"') == 1
     assert sample(text, "acp_gate_latency_seconds_bucket", 'le="0.005"') == 3
     assert sample(text, "acp_gate_latency_seconds_bucket", 'le="1.0"') == 3
@@ -78,11 +79,11 @@ def test_metrics_text(metrics: Metrics) -> None:
     assert sample(text, "acp_killswitch_mode", 'mode="disengaged"') == 0
     assert sample(text, "acp_killswitch_mode", 'mode="emergency"') == 0
     assert sample(text, "acp_store_ok") == 1
-    assert 0 <= sample(text, "acp_seconds_since_progress") < 5
+    assert 0 <= sample(text, "acp_progress_age_seconds") < 5
     # its own registry: no process-global collectors (python_gc_*, process_*)
     assert "python_gc" not in text and "process_cpu" not in text
 
-    metrics.set_approvals(0, 0.0)
+    metrics.set_approvals(0, None)
     metrics.set_killswitch_mode("disengaged")
     _status, _ct, text = get(port, "/metrics")
     assert sample(text, "acp_approvals_pending") == 0
@@ -165,3 +166,87 @@ async def test_healthz_answers_while_the_event_loop_is_blocked(metrics: Metrics)
     thread.join()
     metrics.tick()
     assert get(port, "/healthz")[0] == 200
+
+
+def families(text: str) -> dict[str, str]:
+    """Metric name -> type, from the `# TYPE` lines of the text format."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            found[name] = kind
+    return found
+
+
+def exercised() -> Metrics:
+    m = Metrics(MetricsConfig(enabled=True, port=0))
+    m.set_workers({"running": 1})
+    m.observe_action("succeeded")
+    m.observe_latency(0.001)
+    m.set_approvals(1, datetime.now(UTC))
+    m.count_from("acp_worker_restarts_total", lambda: {"w": 2})
+    m.count_from("acp_alert_deliveries_total", lambda: {"sent": 1, "failed": 0})
+    return m
+
+
+def test_the_exposition_follows_prometheus_conventions() -> None:
+    text = exercised().render().decode()
+    assert "_created" not in text
+    found = families(text)
+    assert found == {d.name: d.kind for d in METRICS}  # the registry is the documented table
+    for name, kind in found.items():
+        assert name.startswith("acp_"), name
+        assert (kind == "counter") == name.endswith("_total"), name
+        if "second" in name or name.endswith(("_age", "_latency", "_duration")):
+            assert name.endswith("_seconds") or name.endswith("_seconds_total"), name
+    labels = {d.name: d.labels for d in METRICS}
+    assert labels["acp_window_budget_used_cost"] == labels["acp_window_budget_used_actions"] == ()
+
+
+def test_build_info() -> None:
+    text = exercised().render().decode()
+    line = next(x for x in text.splitlines() if x.startswith("acp_build_info{"))
+    assert 'version="' in line and 'python="' in line and line.endswith(" 1.0")
+
+
+def test_oldest_pending_approval_age_is_computed_at_scrape_time() -> None:
+    t0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    now = [t0 + timedelta(seconds=10)]
+    m = Metrics(MetricsConfig(enabled=True, port=0), now=lambda: now[0])
+    m.set_approvals(1, t0)
+    assert sample(m.render().decode(), "acp_oldest_pending_approval_seconds") == 10
+    now[0] = t0 + timedelta(minutes=5)  # no new reading from the store: the age still grows
+    assert sample(m.render().decode(), "acp_oldest_pending_approval_seconds") == 300
+    m.set_approvals(0, None)
+    assert sample(m.render().decode(), "acp_oldest_pending_approval_seconds") == 0
+
+
+def test_counters_are_read_from_their_sources_at_scrape_time() -> None:
+    m = Metrics(MetricsConfig(enabled=True, port=0))
+    text = m.render().decode()
+    assert sample(text, "acp_windows_opened_total") == 0  # present before anything happened
+    opened, restarts = {"": 1}, {"a": 1}
+    deliveries = {"sent": 3, "failed": 1, "dropped": 0}
+    m.count_from("acp_windows_opened_total", opened.copy)
+    m.count_from("acp_worker_restarts_total", restarts.copy)
+    m.count_from("acp_worker_quarantines_total", lambda: {"a": 1})
+    m.count_from("acp_alert_deliveries_total", deliveries.copy)
+    opened[""], restarts["b"] = 2, 4
+    text = m.render().decode()
+    assert sample(text, "acp_windows_opened_total") == 2
+    assert sample(text, "acp_worker_restarts_total", 'worker="a"') == 1
+    assert sample(text, "acp_worker_restarts_total", 'worker="b"') == 4
+    assert sample(text, "acp_worker_quarantines_total", 'worker="a"') == 1
+    assert sample(text, "acp_alert_deliveries_total", 'result="sent"') == 3
+    assert sample(text, "acp_alert_deliveries_total", 'result="failed"') == 1
+    with pytest.raises(ValueError, match="not a scraped counter"):
+        m.count_from("acp_workers", dict)
+
+
+def test_docs_metrics_md_is_generated_from_the_table() -> None:
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+    assert doc.read_text(encoding="utf-8") == metrics_markdown(), (
+        "docs/metrics.md is stale: python -m supervisor.docgen"
+    )

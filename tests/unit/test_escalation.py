@@ -139,7 +139,7 @@ def test_numeric_durations_and_custom_initial_tier() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"timout": "1h"}, "approvals: unknown key 'timout' (timeout, initial_tier, escalation)"),
+        ({"timout": "1h"}, "approvals: unknown key 'timout' (did you mean 'timeout'?)"),
         ({"timeout": "0s"}, "approvals.timeout: duration must be positive, got '0s'"),
         ({"initial_tier": ""}, "approvals.initial_tier: must not be empty"),
         ({"initial_tier": 3}, "approvals.initial_tier: expected a string, got number"),

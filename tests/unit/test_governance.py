@@ -193,7 +193,7 @@ B = "tokens.budgets[0] (team:support)"
         ([budget(max_cost="5")], f"{B}: max_cost must be a number, got string"),
         (
             [budget(max_token=5)],
-            f"{B}: unknown key 'max_token' (scope, identity, period, max_tokens, max_cost)",
+            f"{B}: unknown key 'max_token' (did you mean 'max_tokens'?)",
         ),
         (
             [budget(), budget(period="weekly"), budget(max_tokens=9)],

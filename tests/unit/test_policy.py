@@ -342,7 +342,7 @@ R = 'policy.rules[0] ("r")'
         ),
         (
             {"rules": [rule(actions="db.*")]},
-            f"{R}: unknown key 'actions' (name, action, risk, worker, when, outcome)",
+            f"{R}: unknown key 'actions' (did you mean 'action'?)",
         ),
         ({"rules": [rule(action="")]}, f"{R}.action: must not be empty"),
         ({"rules": [rule(worker=["a"])]}, f"{R}.worker: expected a string, got array"),
@@ -366,7 +366,7 @@ R = 'policy.rules[0] ("r")'
         ),
         (
             {"rules": [rule(when=[{"param": "a", "op": "==", "val": 1}])]},
-            f"{R}.when[0]: unknown key 'val' (param, op, value)",
+            f"{R}.when[0]: unknown key 'val' (did you mean 'value'?)",
         ),
         ({"rules": [rule(when=[{"param": "a", "op": "=="}])]}, f"{R}.when[0]: op '==' needs"),
         (
