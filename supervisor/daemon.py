@@ -417,7 +417,8 @@ class Daemon:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
         interval = self.config.killswitch_watch_interval
         watchdog = self.notifier.watchdog_interval()
-        last_flush = last_ping = last_metrics = 0.0
+        last_flush = last_ping = last_metrics = last_stall = 0.0
+        stalled: list[str] = []
         known: SwitchState | None = host_switch.read()
         while True:
             await anyio.sleep(interval)
@@ -434,6 +435,9 @@ class Daemon:
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
                 await store.flush_telemetry()
+            if self.fleet is not None and now - last_stall >= 1.0:
+                last_stall = now
+                stalled = await self._check_stalls(stalled)
             if self.metrics is not None and now - last_metrics >= 1.0:
                 last_metrics = now
                 await self._update_metrics(store, state)
@@ -441,6 +445,23 @@ class Daemon:
                 last_ping = now
                 self.notifier.watchdog()
                 self.notifier.status(self._status_line())
+
+    async def _check_stalls(self, known: list[str]) -> list[str]:
+        """A worker that completes no cycle is never silent: `stalled` in status, an alert while
+        any is stalled, and /healthz failing. Returns the workers stalled now."""
+        assert self.fleet is not None
+        found = await self.fleet.check_stalls()
+        names = sorted(st.name for st in found)
+        if self.metrics is not None:
+            self.metrics.set_stalled_workers(names)
+        if names and not known:
+            now = self.clock.monotonic()
+            since = {st.name: round(now - st.progress_at, 1) for st in found}
+            await self.alerts.raise_alert("worker_stalled", session_id=None,
+                                          detail={"workers": names, "seconds": since})  # fmt: skip
+        elif known and not names:
+            await self.alerts.resolve("worker_stalled", session_id=None, detail={"workers": known})
+        return names
 
     async def _watch_store_switches(self, store: Store) -> None:
         """Fleet, session and worker switches live in the store. The gate reads them inside every
