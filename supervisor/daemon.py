@@ -43,7 +43,7 @@ from .sessions import WindowManager
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import current_fence, plain_row
 from .systemd import Notifier
-from .windows import next_boundary, window_at
+from .windows import date_start, next_boundary, window_at
 from .worker import EffectLog, Worker
 
 log = structlog.get_logger("supervisor.daemon")
@@ -773,6 +773,11 @@ def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:
     length = profile.run_length
     if length % timedelta(days=1):
         return anchor + length
+    local_date = anchor.astimezone(tz).date()
+    if anchor == date_start(local_date, tz):
+        # A run from the first instant of a date covers whole dates, however each begins: where
+        # midnight is skipped the first instant is 01:00, and 01:00 a date later is an hour late.
+        return date_start(local_date + timedelta(days=length // timedelta(days=1)), tz)
     local_end = anchor.astimezone(tz).replace(tzinfo=None) + length
     return window_at(local_end.replace(tzinfo=tz), profile.window, tz).start
 
