@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from . import recovery
@@ -358,6 +359,7 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
             host_switch=_host_switch(config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
+            host=config.host_id, live_after=await store.db_now() - timedelta(seconds=config.lease_ttl),
         )  # fmt: skip
     finally:
         await store.close()

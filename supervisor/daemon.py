@@ -214,6 +214,8 @@ class Daemon:
                     timezone=cfg.timezone)  # fmt: skip
         self.gate = gate
         gate.host = cfg.host_id
+        if self.coordinator is not None:
+            gate.owner = self.coordinator.instance  # the incarnation in the hosts row
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -245,7 +247,8 @@ class Daemon:
         report = await recovery.scan(store, fleet=cfg.fleet, approvals=approvals,
                                      host_switch=host_switch, by=cfg.host_id,
                                      started_before=started_real, host=cfg.host_id,
-                                     live_after=await self._live_after(store))  # fmt: skip
+                                     live_after=await self._live_after(store),
+                                     owner=gate.owner, in_flight=gate.in_flight)  # fmt: skip
         if report.in_doubt:
             await alerts.raise_alert("recovery_in_doubt", session_id=None,
                                      detail={"in_doubt": report.in_doubt,
@@ -390,7 +393,7 @@ class Daemon:
                 approvals.changed = anyio.Event()
             if not self._leading():
                 continue
-            if approvals.next_due is not None and approvals.next_due <= self.clock.now():
+            if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(approvals):
                 try:
                     with self._fenced():
                         counts = await approvals.escalate_due()
@@ -405,13 +408,23 @@ class Daemon:
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
 
+    async def _deadline_now(self, approvals: Approvals) -> datetime:
+        """Now on the clock approval deadlines run on (the database's on Postgres): a step of
+        this host's wall clock neither delays nor hastens an escalation."""
+        try:
+            return await approvals.store.deadline_now()
+        except StoreError as exc:
+            log.warning("duty.failed", duty="escalation", error=str(exc))
+            return self.clock.now()
+
     async def _recover(self, store: Store, approvals: Approvals, host_switch: HostSwitchFile) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
                             started_before=self.clock.now() - timedelta(seconds=longest * 2),
                             host=self.config.host_id, approvals_due=False,
-                            live_after=await self._live_after(store))  # fmt: skip
+                            live_after=await self._live_after(store),
+                            owner=self.gate.owner, in_flight=self.gate.in_flight)  # fmt: skip
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
