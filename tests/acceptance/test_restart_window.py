@@ -93,12 +93,9 @@ async def test_restart_across_a_window_boundary_resumes_within_one_cadence(
 
         d.kill()  # closes the first run's log handle
         d.proc = None
-        readies = len([e for e in d.log_events() if e.get("event") == "daemon.ready"])
+        started = readies(d)
         d.start()
-        await d.wait_until(
-            lambda: len([e for e in d.log_events() if e.get("event") == "daemon.ready"]) > readies,
-            what="daemon.ready after the restart",
-        )  # fmt: skip
+        await d.wait_until(lambda: readies(d) > started, what="daemon.ready after the restart")
         ready_at = datetime.now(UTC)
         after = await d.wait_until(
             lambda: [e for e in d.effects() if e["cycle"] > last_cycle],
@@ -189,3 +186,41 @@ async def test_a_worker_that_completes_no_cycle_is_reported_stalled(
     await d.wait_until(lambda: d.events("ALERT_RESOLVED", reason="worker_stalled"), what="resolved")
     assert await worker_state() in ("running", "backoff")
     assert await d.stop() == 0
+
+
+def readies(d: Daemon) -> int:
+    return len([e for e in d.log_events() if e.get("event") == "daemon.ready"])
+
+
+def start_with(d: Daemon, *args: str) -> None:
+    """`Daemon.start`, with other arguments than plain `run`."""
+    import subprocess
+
+    from tests.acceptance.conftest import REPO, _clean_env
+
+    d._log = d.log_path.open("ab")
+    d.proc = subprocess.Popen(d.argv(*args), cwd=REPO, env=_clean_env(secret=True),
+                              stdout=d._log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+async def test_cycle_numbers_go_on_across_continuous_and_horizon_runs(
+    daemon: DaemonFactory,
+) -> None:
+    """Continuous, then an `hour` horizon run on the real clock, then continuous again: each
+    start resumes within one cadence and every cycle number is new and larger."""
+    d = daemon(start=False)
+    d.config_path.write_text(CONFIG.format(fleet=FLEET, zone="UTC", cadence=0.5))
+    for args in (("run",), ("run", "--horizon", "hour"), ("run",)):
+        before, seen = readies(d), len(d.effects())
+        start_with(d, *args)
+        await d.wait_until(lambda b=before: readies(d) > b, what=f"daemon.ready of {args}")  # type: ignore[misc]
+        ready_at = datetime.now(UTC)
+        await d.wait_until(lambda n=seen: len(d.effects()) >= n + 3, what=f"cycles of {args}",  # type: ignore[misc]
+                           within=5)  # fmt: skip
+        first_new = datetime.fromisoformat(d.effects()[seen]["at"])
+        assert first_new - ready_at <= timedelta(seconds=0.5 + 0.5), (args, first_new, ready_at)
+        assert await d.stop() == 0
+        d.kill()
+        d.proc = None
+    cycles = [e["cycle"] for e in d.effects()]
+    assert cycles == sorted(cycles) and len(set(cycles)) == len(cycles), cycles
