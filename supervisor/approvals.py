@@ -200,10 +200,11 @@ class Approvals:
     async def expire(self, row: Row) -> bool:
         """Deny by default at the deadline. True if this call expired it."""
         approval_id = row["id"]
+        now = await self.store.deadline_now()
 
         async def body(tx: Tx) -> dict[str, Any]:
             changed = await tx.fetchrow(
-                "decide_approval", "expired", "deadline", await self.store.deadline_now(),
+                "decide_approval", "expired", "deadline", now,
                 "deadline passed: denied by default", row["scope"], None, None, approval_id,
             )  # fmt: skip
             if changed is None:

@@ -313,3 +313,40 @@ async def test_approval_keys_are_scoped_by_fleet(store: Store, clock: VirtualClo
         await a.decide(rb["id"], approve=True, by="op-a", reason=None)
     assert (await b.request(key="shared", action=action, worker="w", session_id=sb.id,
                             escalate_now=False, correlation_id=None))["status"] == "pending"  # fmt: skip
+
+
+async def test_migration_scopes_the_keys_of_existing_approvals(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
+    """A pending approval written before keys were scoped is found again after the upgrade (no
+    second request under the same key), in its own fleet only."""
+    from supervisor.store import make_backend
+    from supervisor.store.base import Store as BaseStore
+    from supervisor.store.queries import load_migrations
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrations = load_migrations("sqlite")
+    backend = make_backend(url)
+    await backend.connect()
+    old = BaseStore(backend, clock, latest_version=max(v for v, _n, _s in migrations))
+    try:
+        for version, _name, statements in migrations:
+            if version < 4:
+                await backend.apply_migration(version, statements, clock.now())
+        session = await open_window(old, clock.now())
+        async with old.transaction() as tx:
+            await tx.execute(
+                "insert_approval", "old-id", "job-7", FLEET, session.id, "w1", None, "deploy",
+                "{}", "h", "high", 0.0, "operators", clock.now(), clock.now() + timedelta(hours=1),
+                None,
+            )  # fmt: skip
+    finally:
+        await backend.close()
+
+    store = await open_store(url, clock, migrate=True)
+    try:
+        row = await store.fetchrow("get_approval_by_key", FLEET, f"{FLEET}/job-7")
+        assert row is not None and row["id"] == "old-id"
+        assert await store.fetchrow("get_approval_by_key", "other", f"{FLEET}/job-7") is None
+    finally:
+        await store.close()
