@@ -77,7 +77,7 @@ cycle_deadline = "5s"
 async def test_restart_across_a_window_boundary_resumes_within_one_cadence(
     daemon: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    zone, boundary = boundary_zone(tmp_path, seconds_ahead=7)
+    zone, boundary = boundary_zone(tmp_path, seconds_ahead=10)
     monkeypatch.setenv("PYTHONTZPATH", str(tmp_path / "zones"))
     d = daemon(start=False)
     d.config_path.write_text(CONFIG.format(fleet=FLEET, zone=zone, cadence=CADENCE))
