@@ -17,6 +17,8 @@ Raised by the daemon when the thing happens (event-driven)::
     budget_exhausted         a window's cost or action budget ran out (per window)
     token_budget_exhausted   a token budget (user, team, org) ran out
     worker_quarantined       a worker restarted too often and was quarantined
+    worker_stalled           a running worker completed no cycle within twice its cadence plus
+                             its deadline (fleet-wide; resolved when no worker is stalled)
     restart_intensity        restarts are piling up (before quarantine)
     killswitch_engaged       a kill switch was engaged (any scope)
     state_write_failed       a state-bearing write did not commit (the store is failing)
@@ -106,6 +108,7 @@ log = structlog.get_logger("supervisor.alerts")
 BUDGET_EXHAUSTED = "budget_exhausted"
 TOKEN_BUDGET_EXHAUSTED = "token_budget_exhausted"
 WORKER_QUARANTINED = "worker_quarantined"
+WORKER_STALLED = "worker_stalled"
 RESTART_INTENSITY = "restart_intensity"
 KILLSWITCH_ENGAGED = "killswitch_engaged"
 STATE_WRITE_FAILED = "state_write_failed"
@@ -118,6 +121,7 @@ CONDITIONS: tuple[str, ...] = (
     BUDGET_EXHAUSTED,
     TOKEN_BUDGET_EXHAUSTED,
     WORKER_QUARANTINED,
+    WORKER_STALLED,
     RESTART_INTENSITY,
     KILLSWITCH_ENGAGED,
     STATE_WRITE_FAILED,

@@ -29,8 +29,9 @@ class Permit:
     rule: str
 
 
-def approval_id_for(key: str) -> str:
-    return derive_id("approval", key)
+def approval_id_for(key: str, fleet: str | None = None) -> str:
+    """The approval id of `key`; in a fleet, of the fleet-scoped key (see `Approvals.scoped`)."""
+    return derive_id("approval", key) if fleet is None else derive_id("approval", fleet, key)
 
 
 class Approvals:
@@ -53,6 +54,11 @@ class Approvals:
         event = anyio.Event()
         self._watchers.append(event)
         return event
+
+    def scoped(self, key: str) -> str:
+        """The key as stored: approvals of one fleet never answer requests of another, whatever
+        key the worker chose (fleet names hold no "/")."""
+        return f"{self.fleet}/{key}"
 
     def _created(self) -> None:
         watchers, self._watchers = self._watchers, []
@@ -80,16 +86,19 @@ class Approvals:
     ) -> Row:
         """The approval for `key`, created pending if new. Same key, other params: conflict."""
         digest = params_hash(action.name, action.params)
-        existing = await self.store.fetchrow("get_approval_by_key", key)
+        stored_key = self.scoped(key)
+        existing = await self.store.fetchrow("get_approval_by_key", self.fleet, stored_key)
         if existing is None:
-            approval_id = approval_id_for(key)
-            now = self.store.clock.now()
+            approval_id = approval_id_for(key, self.fleet)
+            # Deadlines run on the store's clock (the database's on Postgres), so a step of this
+            # host's wall clock cannot stretch them.
+            now = await self.store.deadline_now()
             step = self.chain.evaluate(now, now)
             tier = self.chain.steps[0].tier if escalate_now and self.chain.steps else step.tier
 
             async def body(tx: Tx) -> dict[str, Any]:
                 await tx.execute(
-                    "insert_approval", approval_id, key, self.fleet, session_id, worker,
+                    "insert_approval", approval_id, stored_key, self.fleet, session_id, worker,
                     action.agent_id, action.name, canonical_json(action.params), digest,
                     action.risk, action.cost, tier, now, self.chain.deadline(now), step.next_at,
                 )  # fmt: skip
@@ -108,10 +117,10 @@ class Approvals:
                 return {"approval": approval_id}
 
             await self.store.run_command(
-                derive_id("approval.request", key), "approval.request",
+                derive_id("approval.request", self.fleet, key), "approval.request",
                 {"key": key, "params": digest}, body,
             )  # fmt: skip
-            existing = await self.store.fetchrow("get_approval_by_key", key)
+            existing = await self.store.fetchrow("get_approval_by_key", self.fleet, stored_key)
             assert existing is not None
             self._hint(existing["next_check_at"])
             self._created()
@@ -123,7 +132,8 @@ class Approvals:
                 operation=action.name,
                 params_hash=digest,
             )
-        if existing["status"] == "pending" and self.store.clock.now() >= existing["deadline"]:
+        pending = existing["status"] == "pending"
+        if pending and await self.store.deadline_now() >= existing["deadline"]:
             await self.expire(existing)  # the scan has not run yet: deny by default right here
             existing = await self.store.fetchrow("get_approval", existing["id"])
             assert existing is not None
@@ -144,23 +154,27 @@ class Approvals:
         if max_cost is not None and (not math.isfinite(max_cost) or max_cost < 0):
             raise UsageError(f"max cost must be a finite number >= 0, got {max_cost!r}")
         row = await self.store.fetchrow("get_approval", approval_id)
-        if row is None:
-            raise ApprovalError(f"unknown approval {approval_id!r}")
+        if row is None or row["fleet"] != self.fleet:
+            raise ApprovalError(f"unknown approval {approval_id!r} in fleet {self.fleet!r}")
         if row["status"] != "pending":
             raise ApprovalError(f"approval {approval_id} is already {row['status']}")
-        now = self.store.clock.now()
-        if now >= row["deadline"]:
-            await self.expire(row)
-            raise ApprovalError(
-                f"approval {approval_id} expired at {row['deadline'].isoformat()} (denied by default)"
-            )
         status = "approved" if approve else "denied"
+        now = await self.store.deadline_now()
+        expired = ApprovalError(
+            f"approval {approval_id} expired at {row['deadline'].isoformat()} (denied by default)"
+        )
 
         async def body(tx: Tx) -> dict[str, Any]:
+            # The statement refuses a decision past the deadline itself (Postgres: by now()), so
+            # no caller's clock can approve an expired request.
             changed = await tx.fetchrow(
-                "decide_approval", status, by, now, reason, scope, max_uses, max_cost, approval_id
-            )
+                "decide_pending_approval", status, by, now, reason, scope, max_uses, max_cost,
+                approval_id, self.fleet, self.store.deadline_fence(),
+            )  # fmt: skip
             if changed is None:
+                fresh = await tx.fetchrow("get_approval", approval_id)
+                if fresh is not None and fresh["status"] == "pending":
+                    raise expired
                 raise ApprovalError(f"approval {approval_id} was decided meanwhile")
             await self.store.append_in(
                 tx,
@@ -174,10 +188,15 @@ class Approvals:
             )
             return {"status": status}
 
-        await self.store.run_command(
-            derive_id("approval.decide", approval_id), "approval.decide",
-            {"approval": approval_id, "status": status}, body,
-        )  # fmt: skip
+        try:
+            await self.store.run_command(
+                derive_id("approval.decide", approval_id), "approval.decide",
+                {"approval": approval_id, "status": status}, body,
+            )  # fmt: skip
+        except ApprovalError as exc:
+            if exc is expired:
+                await self.expire(row)  # deny by default, recorded, instead of waiting for the scan
+            raise
         decided = await self.store.fetchrow("get_approval", approval_id)
         assert decided is not None
         return decided
@@ -185,10 +204,11 @@ class Approvals:
     async def expire(self, row: Row) -> bool:
         """Deny by default at the deadline. True if this call expired it."""
         approval_id = row["id"]
+        now = await self.store.deadline_now()
 
         async def body(tx: Tx) -> dict[str, Any]:
             changed = await tx.fetchrow(
-                "decide_approval", "expired", "deadline", self.store.clock.now(),
+                "decide_approval", "expired", "deadline", now,
                 "deadline passed: denied by default", row["scope"], None, None, approval_id,
             )  # fmt: skip
             if changed is None:
@@ -214,7 +234,7 @@ class Approvals:
 
     async def escalate_due(self, limit: int = 1000) -> dict[str, int]:
         """Move due approvals along the chain; deny those past their deadline. Returns counts."""
-        now = self.store.clock.now()
+        now = await self.store.deadline_now()
         counts = {"escalated": 0, "expired": 0}
         for row in await self.store.fetchall("due_approvals", self.fleet, now, limit):
             step = self.chain.evaluate(row["created_at"], now)

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -427,6 +427,7 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
             host_switch=_host_switch(config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
+            host=config.host_id, live_after=await store.db_now() - timedelta(seconds=config.lease_ttl),
         )  # fmt: skip
     finally:
         await store.close()

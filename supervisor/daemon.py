@@ -43,7 +43,7 @@ from .sessions import WindowManager
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import current_fence, plain_row
 from .systemd import Notifier
-from .windows import next_boundary, window_at
+from .windows import date_start, next_boundary, window_at
 from .worker import EffectLog, Worker
 
 log = structlog.get_logger("supervisor.daemon")
@@ -221,6 +221,8 @@ class Daemon:
                     timezone=cfg.timezone)  # fmt: skip
         self.gate = gate
         gate.host = cfg.host_id
+        if self.coordinator is not None:
+            gate.owner = self.coordinator.instance  # the incarnation in the hosts row
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -252,7 +254,8 @@ class Daemon:
         report = await recovery.scan(store, fleet=cfg.fleet, approvals=approvals,
                                      host_switch=host_switch, by=cfg.host_id,
                                      started_before=started_real, host=cfg.host_id,
-                                     live_after=await self._live_after(store))  # fmt: skip
+                                     live_after=await self._live_after(store),
+                                     owner=gate.owner, in_flight=gate.in_flight)  # fmt: skip
         if report.in_doubt:
             await alerts.raise_alert("recovery_in_doubt", session_id=None,
                                      detail={"in_doubt": report.in_doubt,
@@ -398,7 +401,7 @@ class Daemon:
                 approvals.changed = anyio.Event()
             if not self._leading():
                 continue
-            if approvals.next_due is not None and approvals.next_due <= self.clock.now():
+            if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(approvals):
                 try:
                     with self._fenced():
                         counts = await approvals.escalate_due()
@@ -413,19 +416,30 @@ class Daemon:
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
 
+    async def _deadline_now(self, approvals: Approvals) -> datetime:
+        """Now on the clock approval deadlines run on (the database's on Postgres): a step of
+        this host's wall clock neither delays nor hastens an escalation."""
+        try:
+            return await approvals.store.deadline_now()
+        except StoreError as exc:
+            log.warning("duty.failed", duty="escalation", error=str(exc))
+            return self.clock.now()
+
     async def _recover(self, store: Store, approvals: Approvals, host_switch: HostSwitchFile) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
                             started_before=self.clock.now() - timedelta(seconds=longest * 2),
                             host=self.config.host_id, approvals_due=False,
-                            live_after=await self._live_after(store))  # fmt: skip
+                            live_after=await self._live_after(store),
+                            owner=self.gate.owner, in_flight=self.gate.in_flight)  # fmt: skip
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
         interval = self.config.killswitch_watch_interval
         watchdog = self.notifier.watchdog_interval()
-        last_flush = last_ping = last_metrics = 0.0
+        last_flush = last_ping = last_metrics = last_stall = 0.0
+        stalled: list[str] = []
         known: SwitchState | None = host_switch.read()
         while True:
             await anyio.sleep(interval)
@@ -442,6 +456,9 @@ class Daemon:
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
                 await store.flush_telemetry()
+            if self.fleet is not None and now - last_stall >= 1.0:
+                last_stall = now
+                stalled = await self._check_stalls(stalled)
             if self.metrics is not None and now - last_metrics >= 1.0:
                 last_metrics = now
                 await self._update_metrics(store, state)
@@ -449,6 +466,23 @@ class Daemon:
                 last_ping = now
                 self.notifier.watchdog()
                 self.notifier.status(self._status_line())
+
+    async def _check_stalls(self, known: list[str]) -> list[str]:
+        """A worker that completes no cycle is never silent: `stalled` in status, an alert while
+        any is stalled, and /healthz failing. Returns the workers stalled now."""
+        assert self.fleet is not None
+        found = await self.fleet.check_stalls()
+        names = sorted(st.name for st in found)
+        if self.metrics is not None:
+            self.metrics.set_stalled_workers(names)
+        if names and not known:
+            now = self.clock.monotonic()
+            since = {st.name: round(now - st.progress_at, 1) for st in found}
+            await self.alerts.raise_alert("worker_stalled", session_id=None,
+                                          detail={"workers": names, "seconds": since})  # fmt: skip
+        elif known and not names:
+            await self.alerts.resolve("worker_stalled", session_id=None, detail={"workers": known})
+        return names
 
     async def _watch_store_switches(self, store: Store) -> None:
         """Fleet, session and worker switches live in the store. The gate reads them inside every
@@ -778,6 +812,11 @@ def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:
     length = profile.run_length
     if length % timedelta(days=1):
         return anchor + length
+    local_date = anchor.astimezone(tz).date()
+    if anchor == date_start(local_date, tz):
+        # A run from the first instant of a date covers whole dates, however each begins: where
+        # midnight is skipped the first instant is 01:00, and 01:00 a date later is an hour late.
+        return date_start(local_date + timedelta(days=length // timedelta(days=1)), tz)
     local_end = anchor.astimezone(tz).replace(tzinfo=None) + length
     return window_at(local_end.replace(tzinfo=tz), profile.window, tz).start
 

@@ -6,6 +6,7 @@ often, is cancelled when a cycle hangs past its deadline, and checkpoints every 
 from __future__ import annotations
 
 import importlib
+import math
 import random
 import sys
 from collections import deque
@@ -36,7 +37,7 @@ from .errors import (
 from .gate import Gate
 from .horizons import HorizonProfile
 from .sessions import WindowManager
-from .store import NewEvent, Session, Store
+from .store import NewEvent, Session, Store, system_stream
 from .windows import CronSchedule
 from .worker import CycleContext, EffectLog, Worker
 
@@ -83,7 +84,7 @@ def load_worker_class(spec: WorkerSpec, search: Iterable[Path] = ()) -> WorkerFa
 class WorkerStatus:
     name: str
     spec: WorkerSpec
-    state: str = "starting"  # starting running backoff quarantined stopping stopped
+    state: str = "starting"  # starting running stalled backoff quarantined stopping stopped
     restarts: int = 0
     crashes: int = 0
     hangs: int = 0
@@ -92,6 +93,8 @@ class WorkerStatus:
     last_error: str | None = None
     session_id: str | None = None
     pending: list[tuple[NewEvent, datetime]] = field(default_factory=list)
+    # Monotonic instant of the last completed cycle (or of the start): the stall check's base.
+    progress_at: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "restarts": self.restarts,
@@ -200,6 +203,53 @@ class Fleet:
             slot += 1
         return slot
 
+    def _missed_slots(
+        self, spec: WorkerSpec, slot_at: str | None, written_at: datetime, resume_slot: int
+    ) -> int:
+        """Slots of the real clock between the checkpointed cycle's slot (or, for a checkpoint
+        that does not say, its write time) and the slot this start resumes at."""
+        try:
+            last = datetime.fromisoformat(slot_at) if slot_at else written_at
+        except (TypeError, ValueError):
+            last = written_at
+        gap = (self._slot_time(spec, resume_slot) - last) / self._cadence(spec)
+        return max(0, math.ceil(gap - 1e-9) - 1)
+
+    async def _skipped(self, st: WorkerStatus, skipped: int, next_cycle: int) -> None:
+        """One event per worker start: how many slots passed while it was not running."""
+        log.info("worker.cycles_skipped", worker=st.name, skipped=skipped, next_cycle=next_cycle)
+        current = self.windows.current
+        await self._record(NewEvent(
+            kind=ev.CYCLES_SKIPPED, worker=st.name,
+            session_id=current.id if current is not None else system_stream(self.fleet),
+            payload={"skipped": skipped, "next_cycle": next_cycle},
+        ))  # fmt: skip
+
+    def stall_limit(self, spec: WorkerSpec) -> float | None:
+        """Seconds without a completed cycle after which a worker is stalled; None for cron
+        schedules (their gaps are the schedule's own)."""
+        if spec.schedule is not None:
+            return None
+        return 2 * self._cadence(spec).total_seconds() + spec.cycle_deadline
+
+    async def check_stalls(self) -> list[WorkerStatus]:
+        """Mark running workers that completed no cycle within their stall limit as `stalled`
+        (visible in `status`); returns every worker stalled now. A completed cycle clears it."""
+        now = self.clock.monotonic()
+        stalled = []
+        for st in list(self.status.values()):
+            limit = self.stall_limit(st.spec)
+            if limit is None or st.state not in ("running", "stalled"):
+                continue
+            if now - st.progress_at <= limit:
+                continue
+            if st.state == "running":
+                log.error("worker.stalled", worker=st.name, cycle=st.cycle,
+                          seconds=round(now - st.progress_at, 1), limit=limit)  # fmt: skip
+                await self._set_state(st, "stalled")
+            stalled.append(st)
+        return stalled
+
     # -- one worker instance ----------------------------------------------------------------------
 
     async def run_instance(self, name: str, factory: WorkerFactory) -> None:
@@ -225,10 +275,19 @@ class Fleet:
                 last_run = datetime.fromisoformat(checkpoint.counters["last_run"])
             await self.checkpoints.consumed(name, checkpoint.id)
             log.info("worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle)
+        skipped = 0
         if not self.clock.virtual and spec.schedule is None:
             # After downtime the slots that passed are skipped, not replayed in a burst.
-            skip_to = base + self._first_slot_at_or_after(spec, self.clock.now())
-            next_cycle = max(next_cycle, skip_to)
+            slot = self._first_slot_at_or_after(spec, self.clock.now())
+            if checkpoint is not None and self.run_key is None:
+                # A continuous run's slots count from the window this start fell in, not from
+                # the one the checkpoint was written in: the next cycle number takes the next
+                # slot of the real clock (else it waits out the time between the two windows).
+                base = next_cycle - slot
+            next_cycle = max(next_cycle, base + slot)
+            if checkpoint is not None:
+                skipped = self._missed_slots(spec, checkpoint.counters.get("slot_at"),
+                                             checkpoint.created_at, next_cycle - base)  # fmt: skip
         cron = CronSchedule(spec.schedule, self.timezone) if spec.schedule else None
         if cron is not None and last_run is None:
             last_run = self.anchor - timedelta(microseconds=1)
@@ -238,8 +297,12 @@ class Fleet:
         backoff = spec.backoff.initial
         jitter = random.Random(f"{self.seed}:{name}:jitter")
         started_at = self.clock.monotonic()
+        st.progress_at = started_at
         await self._set_state(st, "running")
+        if skipped:
+            await self._skipped(st, skipped, next_cycle)
         since_checkpoint = 0
+        slot_at: datetime | None = None
         try:
             while not stop.is_set():
                 if cron is not None:
@@ -262,13 +325,15 @@ class Fleet:
                         break
                     cycle = next_cycle
                     next_cycle += 1
+                    slot_at = due
                     ok = await self._run_cycle(st, worker, cycle, session)
                     if ok:
                         if self.clock.monotonic() - started_at >= spec.stable_after:
                             backoff = spec.backoff.initial  # a stable period resets the backoff
                         since_checkpoint += 1
                         counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
-                                    "run": self.run_key, "run_base": base}  # fmt: skip
+                                    "run": self.run_key, "run_base": base,
+                                    "slot_at": slot_at.isoformat()}  # fmt: skip
                         if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
                             await self._checkpoint(st, worker, cycle, session, counters)
                             since_checkpoint = 0
@@ -300,7 +365,7 @@ class Fleet:
                         worker.restore(restored.state)
                     st.restarts += 1
                     self.restart_counts[name] = self.restart_counts.get(name, 0) + 1
-                    started_at = self.clock.monotonic()
+                    started_at = st.progress_at = self.clock.monotonic()
                     if cron is None:
                         # Slots that passed during the backoff or quarantine are skipped, not
                         # replayed back to back (cron schedules coalesce missed runs by themselves).
@@ -321,7 +386,7 @@ class Fleet:
                         break
         finally:
             with anyio.CancelScope(shield=True):
-                await self._final_checkpoint(st, worker, since_checkpoint, last_run)
+                await self._final_checkpoint(st, worker, since_checkpoint, last_run, slot_at)
                 await _close(worker)
                 self.stop_events.pop(name, None)
 
@@ -383,6 +448,10 @@ class Fleet:
             ))  # fmt: skip
             return False
         st.cycles += 1
+        st.progress_at = self.clock.monotonic()
+        if st.state == "stalled":
+            await self._set_state(st, "running")
+            log.info("worker.unstalled", worker=st.name, cycle=cycle)
         st.pending.append((NewEvent(
             kind=ev.CYCLE_COMPLETED, session_id=session.id, worker=st.name, state_bearing=False,
             command_id=derive_id(self.fleet, st.name, "cycle", str(cycle)),
@@ -414,8 +483,9 @@ class Fleet:
         await self._set_state(st, st.state)  # `status` shows the cycle as of this checkpoint
 
     async def _final_checkpoint(
-        self, st: WorkerStatus, worker: Worker, since: int, last_run: datetime | None
-    ) -> None:
+        self, st: WorkerStatus, worker: Worker, since: int, last_run: datetime | None,
+        slot_at: datetime | None = None,
+    ) -> None:  # fmt: skip
         try:
             if since > 0 or st.pending:
                 session = self.windows.current
@@ -423,7 +493,8 @@ class Fleet:
                                        {"cycles": st.cycles,
                                         "last_run": last_run.isoformat() if last_run else None,
                                         "run": self.run_key,
-                                        "run_base": self.bases.get(st.name, 0)})  # fmt: skip
+                                        "run_base": self.bases.get(st.name, 0),
+                                        "slot_at": slot_at.isoformat() if slot_at else None})  # fmt: skip
             await self._set_state(st, "stopped")
         except Exception as exc:  # the store may be gone at shutdown; say so, do not mask
             log.warning("worker.final_checkpoint_failed", worker=st.name, error=str(exc))

@@ -10,6 +10,7 @@ action does not run either (fail-closed) and the StateWriteError goes to the cal
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +26,7 @@ from .approvals import Approvals, Permit
 from .errors import ActionDenied, ActionExpired, ApprovalPending, StateWriteError
 from .governance import ModelGovernor, TokenBudgets
 from .killswitch import HostSwitchFile, Mode, permits, strictest
-from .policy import Policy
+from .policy import Decision, Policy
 from .store import NewEvent, Session, Store
 from .store.base import Row
 
@@ -112,6 +113,11 @@ class Gate:
         # Rung on every observed switch change, so waiting workers react at once.
         self.switch_changed = anyio.Event()
         self.host: str | None = None
+        # This process incarnation, recorded as the owner of every action it starts, and the
+        # command_ids it has between "about to write the started record" and "outcome written
+        # or abandoned": the recovery scan never touches those, whatever the wall clock says.
+        self.owner: str | None = uuid.uuid4().hex[:12]
+        self.in_flight: set[str] = set()
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -285,7 +291,26 @@ class Gate:
                     raise await refuse(action, reason="token_budget",
                                        detail=f"token budget {budget.label} ({key_}) spent", **args)  # fmt: skip
 
-        # 6. budget reservation, store kill switches and the started record: one transaction
+        # 6. budget reservation, store kill switches and the started record: one transaction.
+        # In flight from before the record is written: a recovery scan that reads the committed
+        # row before this task resumes must already see it as this process's own.
+        claimed = command_id not in self.in_flight
+        self.in_flight.add(command_id)
+        try:
+            return await self._start(action, permit, decision, operation, stored, rerun, args)
+        except BaseException:
+            if claimed:
+                self.in_flight.discard(command_id)
+            raise
+
+    async def _start(
+        self, action: Action, permit: Permit, decision: Decision, operation: str, stored: Any,
+        rerun: bool, args: dict[str, Any],
+    ) -> tuple[Permit | None, Outcome | None]:  # fmt: skip
+        """Step 6 of `admit`: the started record (or a re-run's), with its refusals."""
+        refuse = self.refuse
+        worker, session, command_id = args["worker"], args["session"], args["command_id"]
+        correlation_id = args["correlation_id"]
         if rerun:
             refusal = await self._restart(action, worker=worker, session=session,
                                           command_id=command_id, rule=decision.rule,
@@ -300,7 +325,7 @@ class Gate:
             rule=decision.rule, correlation_id=correlation_id, agent_id=action.agent_id,
             # The host file again, inside the transaction: an engage that landed while this
             # action waited for the store must not leave a started record after it returned.
-            host=self.host,
+            host=self.host, owner=self.owner,
             kill_switch_check=lambda rows: self._verdict(action, rows, worker, session),
         )  # fmt: skip
         if status == "killswitch":
@@ -352,7 +377,7 @@ class Gate:
                     else:
                         refusal.append(("no_window", "window closed meanwhile"))
                 elif await tx.fetchrow("restart_action", self.store.clock.now(), session.id,
-                                       self.host, command_id) is None:  # fmt: skip
+                                       self.host, self.owner, command_id) is None:  # fmt: skip
                     refusal.append(("in_doubt", "re-run started by a concurrent retry"))
                 if refusal:
                     raise _Rollback()
@@ -402,6 +427,16 @@ class Gate:
         if replay is not None:
             return replay
         assert permit is not None
+        try:
+            return await self._effect(action, effect, worker=worker, session=session,
+                                      command_id=command_id, correlation_id=correlation_id, t0=t0)  # fmt: skip
+        finally:
+            self.in_flight.discard(command_id)  # finished, refused at the last look, or abandoned
+
+    async def _effect(
+        self, action: Action, effect: Effect, *, worker: str, session: Session, command_id: str,
+        correlation_id: str | None, t0: float,
+    ) -> Outcome:  # fmt: skip
         await self.last_look(action, worker=worker, session=session, command_id=command_id)
         if self.stats.latencies is not None:
             self.stats.latencies.append(time.perf_counter() - t0)

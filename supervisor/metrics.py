@@ -226,6 +226,7 @@ class Metrics:
         self._last_tick = monotonic()
         self._store_ok = True
         self._store_problem: str | None = None
+        self._stalled: list[str] = []
         self.store_ok_gauge.set(1)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -287,6 +288,10 @@ class Metrics:
         self._store_problem = None if ok else problem
         self.store_ok_gauge.set(1 if ok else 0)
 
+    def set_stalled_workers(self, names: Iterable[str]) -> None:
+        """Workers that completed no cycle within their stall limit (the fleet decides)."""
+        self._stalled = sorted(names)
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, the JSON /healthz answers)."""
         since = self.seconds_since_tick()
@@ -300,11 +305,14 @@ class Metrics:
             reasons.append(
                 "store failing" + (f": {self._store_problem}" if self._store_problem else "")
             )
+        if self._stalled:
+            reasons.append("workers stalled: " + ", ".join(self._stalled))
         body: dict[str, Any] = {
             "ok": not reasons,
             "seconds_since_progress": round(since, 3),
             "stall_after": self.config.stall_after,
             "store_ok": self._store_ok,
+            "stalled_workers": list(self._stalled),
         }
         if reasons:
             body["reasons"] = reasons

@@ -9,6 +9,7 @@ Every repair is an indexed query over unfinished rows, so cost does not grow wit
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,9 @@ import structlog
 from . import events as ev
 from .approvals import Approvals
 from .killswitch import HostSwitchFile
+from .leases import _alive
 from .store import NewEvent, Store, system_stream
+from .store.base import Row
 
 log = structlog.get_logger("supervisor.recovery")
 
@@ -56,27 +59,45 @@ async def scan(
     live_after: datetime | None = None,
     dry_run: bool = False,
     approvals_due: bool = True,
+    owner: str | None = None,
+    in_flight: Collection[str] = (),
 ) -> RecoveryReport:
-    """`started_before`: only actions started before this instant count as orphaned (at startup,
-    the daemon's own start; on the schedule, now minus the longest an action may take)."""
+    """`owner` is the scanning process's incarnation and `in_flight` the actions it has between
+    its started record and its outcome: those are never touched, and its other started actions
+    are orphans (abandoned by a cancelled cycle). Actions of another incarnation of this host,
+    or of a host whose heartbeat stopped, are orphans. Wall time decides only for actions that
+    record no owner (started before owners were recorded): `started_before`, at startup the
+    daemon's own start, on the schedule now minus the longest an action may take."""
     now = store.clock.now()
     report = RecoveryReport()
 
     overdue = await store.fetchall("overdue_sessions", fleet, now)
     report.found["windows"] = [r["window_key"] for r in overdue]
+    # Incarnations whose host row is running with a fresh heartbeat (and, on this host, whose
+    # process exists: a daemon killed a moment ago still has a fresh heartbeat) own their actions.
+    live: set[tuple[str, str]] = set()
+    if live_after is not None:
+        live = {(h["host_id"], h["instance"]) for h in await store.fetchall("list_hosts", fleet)
+                if h["status"] == "running" and h["heartbeat_at"] > live_after
+                and (h["host_id"] != host or h["instance"] == owner or _alive(int(h["pid"])))}  # fmt: skip
+
+    def orphaned(r: Row) -> bool:
+        if r["command_id"] in in_flight:
+            return False  # this process is running it: a wall-clock step changes nothing
+        if r["owner"] is not None:
+            if owner is not None and r["owner"] == owner:
+                return True  # started here and no longer in flight: abandoned (cancelled)
+            return (r["host"], r["owner"]) not in live  # its process is gone
+        return (host is not None and r["host"] != host) or started_before is None \
+            or r["started_at"] < started_before  # fmt: skip
+
     if host is not None and live_after is not None:
         # Several hosts: only this host's own actions (a previous incarnation's, or stuck ones)
         # and those of hosts whose heartbeat stopped; a live host's in-flight actions are its own.
         candidates = await store.fetchall("stale_started_actions", fleet, host, live_after, 100_000)
-        orphans = [
-            r for r in candidates
-            if r["host"] != host or started_before is None or r["started_at"] < started_before
-        ]  # fmt: skip
     else:
-        orphans = [
-            r for r in await store.fetchall("unfinished_actions", fleet, "started", 100_000)
-            if started_before is None or r["started_at"] < started_before
-        ]  # fmt: skip
+        candidates = await store.fetchall("unfinished_actions", fleet, "started", 100_000)
+    orphans = [r for r in candidates if orphaned(r)]
     report.found["actions"] = [r["command_id"] for r in orphans]
     # While the daemon runs, its escalation duty owns due approvals (it wakes for each); the
     # scheduled scan leaves them to it so a routine tie is not counted as a repair.

@@ -48,6 +48,7 @@ __all__ = [
     "CronSchedule",
     "Window",
     "WindowLength",
+    "date_start",
     "next_boundary",
     "parse_timezone",
     "window_at",
@@ -121,6 +122,12 @@ def windows_between(
 def next_boundary(instant: datetime, length: WindowLength, tz: ZoneInfo) -> datetime:
     """The end of the window containing `instant`: the next rotation time, strictly after it."""
     return window_at(instant, length, tz).end
+
+
+def date_start(d: date, tz: ZoneInfo) -> datetime:
+    """The first instant of local date `d` (UTC): local midnight, or the first hour after it
+    where midnight is skipped (the start of that date's daily window)."""
+    return _day_start(d, tz)
 
 
 class CronSchedule:

@@ -169,19 +169,23 @@ class CycleContext:
         if replay is not None:
             raise ActionAlreadyDone(replay)
         assert permit is not None
-        await self.gate.last_look(action, worker=self.worker, session=self.session,
-                                  command_id=command_id)  # fmt: skip
         try:
-            yield permit
-        except Exception as exc:
+            await self.gate.last_look(action, worker=self.worker, session=self.session,
+                                      command_id=command_id)  # fmt: skip
+            try:
+                yield permit
+            except Exception as exc:
+                await self.gate.finish(action, worker=self.worker, session=self.session,
+                                       command_id=command_id, ok=False,
+                                       error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                raise
+            # Cancellation (BaseException) leaves the started record open: the outcome is
+            # unknown, and the recovery scan marks it in-doubt. Guessing "done" or "failed"
+            # would be a lie.
             await self.gate.finish(action, worker=self.worker, session=self.session,
-                                   command_id=command_id, ok=False,
-                                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-            raise
-        # Cancellation (BaseException) leaves the started record open: the outcome is unknown,
-        # and the recovery scan marks it in-doubt. Guessing "done" or "failed" would be a lie.
-        await self.gate.finish(action, worker=self.worker, session=self.session,
-                               command_id=command_id, ok=True)  # fmt: skip
+                                   command_id=command_id, ok=True)  # fmt: skip
+        finally:
+            self.gate.in_flight.discard(command_id)  # no longer this process's to finish
 
 
 def _bind(effect: Callable[..., Awaitable[Any]], command_id: str) -> Effect:

@@ -245,6 +245,24 @@ class Store:
         async with self.backend.reader() as tx:
             return await self._db_now_in(tx)
 
+    def uses_db_clock(self) -> bool:
+        """Whether deadlines are decided by the database's clock: Postgres on the system clock.
+        A simulation keeps its virtual time; SQLite has no clock of its own."""
+        return self.dialect == "postgres" and not self.clock.virtual
+
+    async def deadline_now(self) -> datetime:
+        """The instant approval deadlines are set from and compared with: the database's clock
+        where there is one (a step of this host's wall clock cannot stretch a deadline), else
+        the injected clock."""
+        if not self.uses_db_clock():
+            return self.clock.now()
+        return await self.db_now()
+
+    def deadline_fence(self) -> datetime | None:
+        """The instant a fenced statement compares a deadline with: None where the statement
+        uses the database's now() itself, else the injected clock's now."""
+        return None if self.uses_db_clock() else self.clock.now()
+
     async def close(self) -> None:
         try:
             await self.flush_telemetry()
@@ -568,6 +586,7 @@ class Store:
         agent_id: str | None,
         kill_switch_check: Callable[[list[Row]], str | None],
         host: str | None = None,
+        owner: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The durable "started" record, the budget reservation and the fleet/session/worker
         kill-switch check, in one transaction. Returns (status, stored or new result) where status
@@ -596,6 +615,7 @@ class Store:
             await tx.execute(
                 "insert_action", command_id, fleet, session_id, worker, name,
                 canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now, host,
+                owner,
             )  # fmt: skip
             await self.append_in(
                 tx,

@@ -33,3 +33,20 @@ class LongSleeper(Worker):
         except ActionDenied as exc:
             log.info("sleeper.halted", reason=exc.reason)
             raise
+
+
+class StuckInThread(Worker):
+    """While the file named in params exists, each cycle waits for it in a thread that ignores
+    cancellation (a blocking library call): the loop runs on, the cycle deadline cannot end the
+    cycle, and no cycle completes. A stall the fleet must report."""
+
+    async def cycle(self, ctx: CycleContext) -> None:
+        import anyio
+
+        marker = Path(self.params["stall_file"])
+
+        def wait() -> None:
+            while marker.exists():
+                time.sleep(0.05)
+
+        await anyio.to_thread.run_sync(wait)

@@ -492,3 +492,25 @@ def test_sessions_events_and_scorecard_via_cli(cli: Cli) -> None:
     counts = anyio.run(raw_counts, cli.db)
     assert card["total"] == expected_totals(counts)
     assert sum(w["cycles"] for w in card["windows"]) == card["total"]["cycles"] == 97
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "day"),
+    [("America/Santiago", "2026-09-06T04:00:00Z", "2026-09-06"),  # 00:00 does not exist: 01:00-03
+     ("America/Havana", "2026-03-08T05:00:00Z", "2026-03-08")],  # 00:00 does not exist: 01:00-04
+)  # fmt: skip
+def test_day_run_where_midnight_is_skipped_opens_23_windows(
+    cli: Cli, zone: str, start: str, day: str
+) -> None:
+    config = cli.folder / "supervisor.toml"
+    config.write_text(default_config_text().replace('timezone = "UTC"', f'timezone = "{zone}"'))
+    cli("--config", str(config), "run", "--horizon", "day", "--simulate", "--start", start,
+        "--json", with_db=False)  # fmt: skip
+    sessions = cli("--config", str(config), "sessions", "list", "--json")
+    tz = ZoneInfo(zone)
+    starts = sorted(datetime.fromisoformat(s["starts_at"]) for s in sessions)
+    assert len(sessions) == 23, [s["window_key"] for s in sessions]
+    assert {t.astimezone(tz).date().isoformat() for t in starts} == {day}
+    assert starts[0].astimezone(tz).strftime("%H:%M") == "01:00"
+    ends = max(datetime.fromisoformat(s["ends_at"]) for s in sessions)
+    assert ends.astimezone(tz).strftime("%d %H:%M") == f"{int(day[-2:]) + 1:02d} 00:00"

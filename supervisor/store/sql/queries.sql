@@ -74,8 +74,8 @@ WHERE id = ?;
 
 -- name: insert_action
 INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
-                     safe_to_retry, status, rule, started_at, host)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?);
+                     safe_to_retry, status, rule, started_at, host, owner)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?);
 
 -- name: get_action
 SELECT * FROM actions WHERE command_id = ?;
@@ -98,7 +98,7 @@ UPDATE actions SET status = 'in_doubt' WHERE command_id = ? AND status = 'starte
 RETURNING command_id;
 
 -- name: restart_action
-UPDATE actions SET status = 'started', started_at = ?, session_id = ?, host = ?
+UPDATE actions SET status = 'started', started_at = ?, session_id = ?, host = ?, owner = ?
 WHERE command_id = ? AND status IN ('in_doubt', 'halted')
 RETURNING command_id;
 
@@ -115,13 +115,22 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?);
 SELECT * FROM approvals WHERE id = ?;
 
 -- name: get_approval_by_key
-SELECT * FROM approvals WHERE idempotency_key = ?;
+SELECT * FROM approvals WHERE fleet = ? AND idempotency_key = ?;
 
 -- name: decide_approval
 UPDATE approvals
 SET status = ?, decided_by = ?, decided_at = ?, reason = ?, next_check_at = NULL,
     scope = ?, max_uses = ?, max_cost = ?
 WHERE id = ? AND status = 'pending' RETURNING id;
+
+-- name: decide_pending_approval
+-- An operator's decision, fenced in the statement: refused once the deadline has passed by the
+-- instant given (SQLite: the deciding process's clock; Postgres overrides it with now()), and
+-- only for an approval of the deciding fleet.
+UPDATE approvals
+SET status = ?, decided_by = ?, decided_at = ?, reason = ?, next_check_at = NULL,
+    scope = ?, max_uses = ?, max_cost = ?
+WHERE id = ? AND fleet = ? AND status = 'pending' AND deadline > ? RETURNING id;
 
 -- name: escalate_approval
 UPDATE approvals SET tier = ?, next_check_at = ? WHERE id = ? AND status = 'pending'

@@ -13,3 +13,13 @@ SELECT pg_notify('acp_killswitch', ?);
 -- FOR SHARE: an engage (which locks the fleet row for update) waits for starts in flight, and
 -- a start waits for an engage in flight, so no action starts after an engage has returned.
 SELECT * FROM kill_switches WHERE fleet = ? FOR SHARE;
+
+-- name: decide_pending_approval
+-- The database's clock decides the deadline, not the caller's: a CLI whose clock is slow must
+-- not approve an expired request. The caller passes NULL as the last instant for that; a
+-- simulation (virtual clock) passes its simulated now instead.
+UPDATE approvals
+SET status = ?, decided_by = ?, decided_at = ?, reason = ?, next_check_at = NULL,
+    scope = ?, max_uses = ?, max_cost = ?
+WHERE id = ? AND fleet = ? AND status = 'pending' AND deadline > COALESCE(?::timestamptz, now())
+RETURNING id;
