@@ -18,6 +18,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from .alerts import AlertConfig
+from .console.settings import ConsoleConfig
 from .errors import ConfigError
 from .escalation import EscalationChain, parse_duration
 from .governance import ModelGovernor, TokenBudgets
@@ -30,7 +31,7 @@ RestartPolicy = Literal["permanent", "transient", "temporary"]
 
 _TOP = {
     "daemon", "horizons", "killswitch", "policy", "approvals", "tokens", "models", "workers",
-    "alerts", "metrics",
+    "alerts", "metrics", "console",
 }  # fmt: skip
 _DAEMON = {
     "fleet", "host_id", "timezone", "state_dir", "db", "profile", "shutdown_timeout",
@@ -106,6 +107,7 @@ class Config:
     workers: tuple[WorkerSpec, ...]
     alerts: AlertConfig
     metrics: MetricsConfig
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def horizon(self, name: str) -> HorizonProfile:
         return self.horizons[name]
@@ -283,6 +285,7 @@ def _build(
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))
         metrics = MetricsConfig.from_config(data.get("metrics"))
+        console = ConsoleConfig.from_config(data.get("console"))
     except ConfigError as exc:
         key = _unknown_key(exc)
         raise ConfigError(f"{source}{_line_of(text, key) if key else ''}: {exc}") from None
@@ -323,6 +326,7 @@ def _build(
         workers=workers,
         alerts=alerts,
         metrics=metrics,
+        console=console,
     )
 
 

@@ -285,6 +285,8 @@ class Daemon:
             if not clock.virtual:
                 tg.start_soon(self._realtime_duties, store, host_switch, name="realtime")
                 tg.start_soon(self._watch_store_switches, store, name="fleet-switch")
+                if cfg.console.enabled:
+                    tg.start_soon(self._console, name="console")
             if plan.end is not None:
                 await clock.sleep_until(plan.end, self.stopping)
             else:
@@ -412,6 +414,16 @@ class Daemon:
                             started_before=self.clock.now() - timedelta(seconds=longest * 2),
                             host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store))  # fmt: skip
+
+    async def _console(self) -> None:
+        """The operator console, off the gate's hot path: its own store connection, its own
+        requests. Its failure is logged and leaves the daemon governing."""
+        from .console.serve import serve
+
+        try:
+            await serve(self.config, embedded=True)
+        except Exception as exc:
+            log.error("console.failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
