@@ -13,7 +13,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 640, 180
-PAD_L, PAD_R, PAD_T, PAD_B = 40, 12, 16, 28
+PAD_L, PAD_R, PAD_T, PAD_B = 44, 14, 30, 34
 TRAILING = 3  # windows the change is measured against
 JUMP = 2.0  # a count at least twice the trailing mean (and up by MIN_DELTA) is marked
 MIN_DELTA = 3
@@ -86,7 +86,7 @@ def line_chart(title: str, labels: Sequence[str], values: Sequence[int]) -> Mark
         for i, v in enumerate(values):
             parts.append(f'<circle class="point" cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.5">'
                          f"<title>{escape(labels[i])}: {v}</title></circle>")  # fmt: skip
-        step = max(1, n // 6)
+        step = max(1, n // 5)
         for i in range(0, n, step):
             parts.append(f'<text class="tick" x="{x(i):.1f}" y="{HEIGHT - 8}" '
                          f'text-anchor="middle">{escape(_short(labels[i]))}</text>')  # fmt: skip
@@ -111,8 +111,11 @@ def line_chart(title: str, labels: Sequence[str], values: Sequence[int]) -> Mark
 
 
 def _short(label: str) -> str:
-    # Window keys look like 2026-11-02 or 2026-11-02T09: the date (and hour) is enough.
-    return label[5:16] if len(label) >= 10 and label[4] == "-" else label[:12]
+    # Window keys are ISO instants (2026-11-02T09:00:00+00:00): month-day, and the hour when
+    # the windows are shorter than a day.
+    if len(label) < 16 or label[4] != "-":
+        return label[:12]
+    return label[5:10] if label[11:16] == "00:00" else f"{label[5:10]} {label[11:13]}h"
 
 
 def trend_charts(windows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
