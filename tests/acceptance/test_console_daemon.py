@@ -1,0 +1,115 @@
+"""The console from the command line and inside the real daemon: `console add-operator` writes
+the operators file (0600) and prints the secret once; bad input is one line and exit 2; with
+`[console] enabled = true` the daemon serves the console itself while it governs, and an
+approval given through its /api/v1 lets the waiting worker act."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from supervisor.console.auth import OperatorsFile
+
+if TYPE_CHECKING:
+    from tests.acceptance.conftest import Daemon
+
+pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
+
+DaemonFactory = Callable[..., "Daemon"]
+
+REFUNDER = """
+[[policy.rules]]
+name = "refunds-need-approval"
+action = "support.*"
+outcome = "require_approval"
+
+[[workers]]
+name = "refunder"
+class = "tests.acceptance.workers_fixture:RetryingWorker"
+replicas = 1
+"""
+
+
+async def test_add_operator_writes_a_private_file_and_prints_the_secret_once(
+    daemon: DaemonFactory,
+) -> None:
+    d = daemon(start=False)
+    out = (await d.cli_ok("console", "add-operator", "alice", "--role", "approver")).stdout.decode()
+    match = re.search(r"^secret: (\S+)$", out, re.MULTILINE)
+    assert match, out
+    secret = match.group(1)
+    path = d.state_dir / "console-operators.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert secret not in text  # only the hash is kept
+    [entry] = json.loads(text)["operators"]
+    assert (entry["name"], entry["role"], entry["kdf"]) == ("alice", "approver", "scrypt")
+    op = OperatorsFile(path).load()["alice"]
+    assert op.verify(secret) and not op.verify(secret + "x")
+
+    dup = await d.cli("console", "add-operator", "alice", "--role", "admin")
+    assert dup.returncode == 2 and "already exists" in d.one_line(dup.stderr)
+    bad = await d.cli("console", "add-operator", "../etc", "--role", "admin")
+    assert bad.returncode == 2 and "invalid operator name" in d.one_line(bad.stderr)
+    role = await d.cli("console", "add-operator", "bob", "--role", "root")
+    assert role.returncode == 2 and "invalid choice" in d.one_line(role.stderr)
+    assert list(OperatorsFile(path).load()) == ["alice"]  # nothing else was written
+
+
+async def test_console_bad_input_is_one_line_and_exit_2(daemon: DaemonFactory) -> None:
+    d = daemon(start=False)
+    await d.cli_ok("db", "migrate")
+    r = await d.cli("console", "--listen", "nowhere")
+    assert r.returncode == 2 and "expected HOST:PORT" in d.one_line(r.stderr)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = await d.cli("console", "--listen", f"127.0.0.1:{port}")
+        assert r.returncode == 2 and "cannot listen on" in d.one_line(r.stderr)
+    d.config_path.write_text(d.config_text + '\n[console]\ntls_cert = "/x.crt"\n')
+    r = await d.cli("console")
+    assert r.returncode == 2 and "tls_cert and console.tls_key go together" in d.one_line(r.stderr)
+    d.config_path.write_text(d.config_text + "\n[console]\nport = 1\n")
+    r = await d.cli("console")
+    line = d.one_line(r.stderr)
+    assert r.returncode == 2 and "unknown key 'port'" in line and "supervisor.toml" in line
+
+
+async def test_the_daemon_serves_the_console_when_enabled(daemon: DaemonFactory) -> None:
+    d = daemon(workers=REFUNDER, extra='[console]\nenabled = true\nlisten = "127.0.0.1:0"\n',
+               start=False)  # fmt: skip
+    out = (await d.cli_ok("console", "add-operator", "op", "--role", "approver")).stdout.decode()
+    secret = re.search(r"^secret: (\S+)$", out, re.MULTILINE)
+    assert secret
+    d.start()
+
+    def serving() -> str | None:
+        urls = [e["url"] for e in d.log_events() if e.get("event") == "console.serving"]
+        return urls[0] if urls else None
+
+    url = await d.wait_until(serving, what="console.serving in the daemon's log")
+
+    async def pending() -> list[Any]:
+        return [r for r in await d.approvals() if r["status"] == "pending"]
+
+    [row] = await d.wait_until(pending, what="a pending approval")
+    async with httpx.AsyncClient(base_url=url) as client:
+        login = await client.post("/api/v1/login", json={"name": "op", "secret": secret.group(1)})
+        assert login.status_code == 200, login.text
+        overview = (await client.get("/api/v1/overview")).json()
+        assert overview["pending_approvals"] == 1
+        assert [w["name"] for w in overview["workers"]] == ["refunder"]
+        r = await client.post(f"/api/v1/approvals/{row['id']}/approve", json={},
+                              headers={"X-CSRF-Token": login.json()["csrf"]})  # fmt: skip
+        assert r.status_code == 200 and r.json()["decided_by"] == "op"
+    effects = await d.wait_until(d.effects, what="the approved action's effect")
+    assert [e["approval"] for e in effects] == [row["id"]]
+    assert await d.stop() == 0
