@@ -31,7 +31,7 @@ from ..approvals import Approvals
 from ..checkpoints import Checkpoints
 from ..clock import SystemClock
 from ..config import Config
-from ..errors import SupervisorError
+from ..errors import StoreError, SupervisorError
 from ..killswitch import Mode
 from ..store import NewEvent, Store, open_store, system_stream
 from ..store import console as q
@@ -150,8 +150,12 @@ class Console:
         (log.info if why == "ok" else log.warning)(
             "console.login", operator=name, client=client, outcome=why
         )
-        await self.store.append(NewEvent(kind=ev_kind, session_id=system_stream(self.fleet),
-                                         reason=why, payload={"operator": name[:64], "client": client}))  # fmt: skip
+        try:
+            await self.store.append(NewEvent(kind=ev_kind, session_id=system_stream(self.fleet),
+                                             reason=why, payload={"operator": name[:64], "client": client}))  # fmt: skip
+        except StoreError as exc:
+            # A store outage must not lock operators out: the host kill switch works without it.
+            log.warning("console.login_unrecorded", operator=name, error=str(exc))
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -171,11 +175,12 @@ class Console:
         open_windows = await store.open_sessions(fleet)
         pending, oldest = await q.pending_summary(store, fleet)
         now = self.now()
+        hosts = await q.hosts(store, fleet)
         return {
             "fleet": fleet,
             "now": now.isoformat(),
-            "hosts": await q.hosts(store, fleet),
-            "workers": await q.workers(store, fleet),
+            "hosts": hosts,
+            "workers": self._stalled(await q.workers(store, fleet), hosts, now),
             "open_windows": [w.as_dict() for w in open_windows],
             "killswitch": await self.switches(),
             "pending_approvals": pending,
@@ -184,6 +189,18 @@ class Console:
             "in_doubt": await q.in_doubt_count(store, fleet),
             "alerts": [e.as_dict() for e in await q.active_alerts(store, fleet, open_windows)],
         }
+
+    def _stalled(self, workers: list[dict[str, Any]], hosts: list[dict[str, Any]],
+                 now: datetime) -> list[dict[str, Any]]:  # fmt: skip
+        """A worker whose host stopped sending heartbeats is shown `stalled`, whatever it last
+        reported: nobody is running it until its slot is adopted or the host comes back."""
+        silent = {h["host_id"] for h in hosts if h["status"] == "running"
+                  and (now - datetime.fromisoformat(h["heartbeat_at"])).total_seconds()
+                  > self.config.lease_ttl}  # fmt: skip
+        for w in workers:
+            if w["host"] in silent and w["state"] in ("starting", "running", "backoff"):
+                w["reported_state"], w["state"] = w["state"], "stalled"
+        return workers
 
     async def approvals_view(self) -> dict[str, Any]:
         now = self.now()
@@ -647,7 +664,15 @@ def create_app(config: Config, store: Store | None = None) -> Starlette:
         Route("/api/v1/checkpoints/{id}/restore", api_restore, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(_PACKAGE / "static")), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def store_failed(request: Request, exc: Exception) -> Response:
+        message = f"the store failed, nothing was changed: {exc}"
+        log.warning("console.store_failed", path=request.url.path, error=str(exc))
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, 503)
+        return render(request, "error.html", 503, problem=message)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={StoreError: store_failed})
     app.state.console = console
     return app
 

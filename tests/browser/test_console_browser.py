@@ -93,7 +93,9 @@ async def test_halt_the_host_then_resume_from_the_browser(
     console = await start_console(d)
     consoles.append(console)
 
-    page = await browser.new_page(viewport=PHONE)
+    # At a phone's width, and without JavaScript: every page is plain HTML forms.
+    context = await browser.new_context(viewport=PHONE, java_script_enabled=False)
+    page = await context.new_page()
     await login(page, console, "root-oncall", secret)
     await page.goto(console.url + "/killswitch")
     form = page.locator("#switch-form")

@@ -494,3 +494,39 @@ async def test_overview_windows_and_events_show_the_store(env: Env) -> None:
         assert json.loads((await c.get("/api/v1/approvals")).text)["pending"][0]["params"] == {
             "order": 0
         }
+
+
+async def test_workers_of_a_silent_host_show_as_stalled(env: Env) -> None:
+    now = env.clock.now()
+    async with env.store.transaction() as tx:
+        await tx.execute("upsert_host", FLEET, "host-a", "i1", 1, now, now)
+        await tx.execute("upsert_host", FLEET, "host-b", "i2", 2, now, now - timedelta(minutes=5))
+        for name, host, state in (("w-a", "host-a", "running"), ("w-b", "host-b", "running"),
+                                  ("w-q", "host-b", "quarantined")):  # fmt: skip
+            await tx.execute("upsert_worker", FLEET, name, host, state, 0, None, 3, None, now)
+    async with env.client() as c:
+        await env.login(c, "viewer")
+        workers = {
+            w["name"]: w["state"] for w in (await c.get("/api/v1/overview")).json()["workers"]
+        }
+        assert workers == {"w-a": "running", "w-b": "stalled", "w-q": "quarantined"}
+        assert 'class="state-stalled"' in (await c.get("/")).text
+
+
+async def test_a_store_failure_is_a_clear_503(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.errors import StoreUnavailable
+
+    async with env.client() as c:
+        h = {"X-CSRF-Token": await env.login(c, "approver")}
+
+        async def down(*_args: Any) -> Any:
+            raise StoreUnavailable("connection refused")
+
+        monkeypatch.setattr(env.store, "fetchrow", down)
+        monkeypatch.setattr(env.store, "fetchall", down)
+        r = await c.get("/api/v1/overview")
+        assert r.status_code == 503 and "store failed" in r.json()["error"]
+        r = await c.post(f"/api/v1/approvals/{env.approvals[0]}/approve", json={}, headers=h)
+        assert r.status_code == 503
+        page = await c.get("/approvals")
+        assert page.status_code == 503 and "connection refused" in page.text
