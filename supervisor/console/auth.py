@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -264,7 +263,3 @@ class LoginLimiter:
 
 def csrf_ok(session: LoginSession, presented: str | None) -> bool:
     return bool(presented) and hmac.compare_digest(session.csrf.encode(), str(presented).encode())
-
-
-def iso(instant: datetime) -> str:
-    return instant.isoformat()

@@ -92,3 +92,18 @@ def test_rate_changes_mark_jumps_and_drops_against_the_trailing_windows() -> Non
     )
     assert svg.count('class="point"') == 8 and svg.count("<polygon") == 1
     assert "Denials &lt;x&gt;" in svg and "<x>" not in svg
+
+
+def test_the_wheel_carries_every_template_and_asset() -> None:
+    import tomllib
+    from fnmatch import fnmatch
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["supervisor.console"]
+    package = root / "supervisor" / "console"
+    shipped = [p.relative_to(package).as_posix() for d in ("templates", "static")
+               for p in (package / d).iterdir()]  # fmt: skip
+    assert shipped and all(any(fnmatch(f, g) for g in globs) for f in shipped), (shipped, globs)
+    store_globs = data["tool"]["setuptools"]["package-data"]["supervisor.store"]
+    assert "sql/*.sql" in store_globs  # the shared named queries, the console's among them
