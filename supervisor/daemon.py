@@ -418,10 +418,10 @@ class Daemon:
     async def _console(self) -> None:
         """The operator console, off the gate's hot path: its own store connection, its own
         requests. Its failure is logged and leaves the daemon governing."""
-        from .console.serve import serve
+        from .console.serve import serve_beside
 
         try:
-            await serve(self.config, embedded=True)
+            await serve_beside(self.config)
         except Exception as exc:
             log.error("console.failed", error=f"{type(exc).__name__}: {exc}")
 

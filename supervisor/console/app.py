@@ -10,6 +10,7 @@ the operator's name as `by`.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import structlog
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -37,7 +39,16 @@ from ..store import NewEvent, Store, open_store, system_stream
 from ..store import console as q
 from ..store.base import plain_row
 from . import charts
-from .auth import LoginLimiter, LoginSession, OperatorsFile, Role, Sessions, allows, csrf_ok
+from .auth import (
+    LoginLimiter,
+    LoginSession,
+    OperatorsFile,
+    Role,
+    Sessions,
+    allows,
+    csrf_ok,
+    hash_secret,
+)
 
 log = structlog.get_logger("supervisor.console")
 
@@ -136,7 +147,11 @@ class Console:
             )
             raise ConsoleError(429, f"too many failed logins: try again in {int(wait) + 1} s")
         operator = self.operators.load().get(name)
-        if operator is None or not operator.verify(secret):
+        # scrypt takes tens of milliseconds: in a thread, so other requests go on meanwhile. An
+        # unknown name costs the same as a wrong secret, so timing does not tell names apart.
+        check = operator or _DECOY
+        ok = await anyio.to_thread.run_sync(check.verify, secret)
+        if operator is None or not ok:
             self.limiter.failed(*keys)
             await self._record_login(
                 ev_kind=LOGIN_FAILED, name=name, client=client, why="bad_credentials"
@@ -306,6 +321,7 @@ class Console:
         return {"checkpoint": cp.id, "worker": cp.worker, "cycle": cp.cycle, "by": caller.name}
 
 
+_DECOY = hash_secret("decoy", Role.VIEWER, secrets.token_urlsafe(16), created_at="")
 LOGIN = ev.CONSOLE_LOGIN
 LOGIN_FAILED = ev.CONSOLE_LOGIN_FAILED
 

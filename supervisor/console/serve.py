@@ -7,8 +7,10 @@ rather than uvicorn's exit; the store is opened here too, for the same reason.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,10 +67,11 @@ async def serve(
     *,
     store: Store | None = None,
     embedded: bool = False,
+    stop: threading.Event | None = None,
     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (embedded) or until SIGINT/SIGTERM (its own process). Reports the
-    URL it serves on to `task_status`."""
+    """Serve until SIGINT/SIGTERM (its own process), or until cancelled or `stop` is set
+    (embedded). Reports the URL it serves on to `task_status`."""
     require_extra()
     import uvicorn
 
@@ -110,8 +113,28 @@ async def serve(
             log.info("console.serving", url=url, operators=str(
                 config.console.operators_path(config.state_dir)))  # fmt: skip
             task_status.started(url)
+            while stop is not None and not server.should_exit:
+                if stop.is_set():
+                    server.should_exit = True
+                await anyio.sleep(0.05)
     finally:
         sock.close()
         if own_store:
             with anyio.CancelScope(shield=True):
                 await store.close()
+
+
+async def serve_beside(config: Config) -> None:
+    """The daemon's console: uvicorn on an event loop of its own, in a thread of its own, with
+    its own store connection. A page's reads (on SQLite they run on the loop that asks) and a
+    login's scrypt never hold up the daemon's loop, where the gate runs. Returns when the
+    console stops; cancelled, it stops the console and waits a few seconds for it."""
+    stop = threading.Event()
+
+    def run() -> None:
+        asyncio.run(serve(config, embedded=True, stop=stop))
+
+    try:
+        await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    finally:
+        stop.set()

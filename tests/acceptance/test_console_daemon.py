@@ -113,3 +113,21 @@ async def test_the_daemon_serves_the_console_when_enabled(daemon: DaemonFactory)
     effects = await d.wait_until(d.effects, what="the approved action's effect")
     assert [e["approval"] for e in effects] == [row["id"]]
     assert await d.stop() == 0
+
+
+async def test_a_console_that_cannot_start_leaves_the_daemon_governing(
+    daemon: DaemonFactory,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        d = daemon(extra=f'[console]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+
+        def failed() -> list[dict[str, Any]]:
+            return [e for e in d.log_events() if e.get("event") == "console.failed"]
+
+        [event] = await d.wait_until(failed, what="console.failed in the daemon's log")
+        assert "cannot listen on" in event["error"]
+        await d.running()  # the workers act all the same
+        assert await d.stop() == 0
