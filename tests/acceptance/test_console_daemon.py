@@ -6,10 +6,15 @@ approval given through its /api/v1 lets the waiting worker act."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
+import ssl
 import stat
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -131,3 +136,59 @@ async def test_a_console_that_cannot_start_leaves_the_daemon_governing(
         assert "cannot listen on" in event["error"]
         await d.running()  # the workers act all the same
         assert await d.stop() == 0
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "console.crt", directory / "console.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The console as its own process, with the environment the daemon fixture gives the CLI."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
+    env["PYTHONPATH"] = str(repo)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def test_the_console_serves_tls_from_a_certificate_and_key(
+    daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = _self_signed(tmp_path)
+    d = daemon(start=False, extra=f'[console]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    await d.cli_ok("db", "migrate")
+    out = (await d.cli_ok("console", "add-operator", "tls", "--role", "viewer")).stdout.decode()
+    secret = re.search(r"^secret: (\S+)$", out, re.MULTILINE)
+    assert secret
+    log_path = d.root / "console.log"
+    proc = _spawn(d.argv("console", "--listen", "127.0.0.1:0"), log_path)
+    try:
+
+        def serving() -> str | None:
+            for line in log_path.read_text(errors="replace").splitlines():
+                if '"console.serving"' in line:
+                    return str(json.loads(line)["url"])
+            assert proc.poll() is None, log_path.read_text()
+            return None
+
+        url = await d.wait_until(serving, what="console.serving")
+        assert url.startswith("https://127.0.0.1:")
+        async with httpx.AsyncClient(
+            base_url=url, verify=ssl.create_default_context(cafile=str(cert))
+        ) as client:
+            r = await client.post("/api/v1/login", json={"name": "tls", "secret": secret.group(1)})
+            assert r.status_code == 200, r.text
+            assert "secure" in r.headers["set-cookie"].lower()  # only ever sent back over TLS
+            assert (await client.get("/api/v1/overview")).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the TLS port
+            async with httpx.AsyncClient() as plain:
+                await plain.get(url.replace("https://", "http://") + "/login")
+    finally:
+        proc.terminate()
+        proc.wait(10)
