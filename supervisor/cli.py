@@ -265,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import configcmd
 
     configcmd.register(sub, _Parser, lambda p: _globals(p, suppress=True))
+    from .console import commands as console_c
+
+    con = command("console", "serve the operator web console", console_c.console_serve)
+    con.add_argument("--listen", metavar="HOST:PORT",
+                     help="address to serve on; default [console] listen (127.0.0.1:8787)")  # fmt: skip
+    con_sub = con.add_subparsers(dest="console_command", metavar="ACTION", parser_class=_Parser)
+    add_op = command("add-operator", "add a console operator and print their secret once",
+                     console_c.console_add_operator, con_sub)  # fmt: skip
+    add_op.add_argument("name")
+    add_op.add_argument("--role", required=True, choices=["viewer", "approver", "admin"])
     return parser
 
 

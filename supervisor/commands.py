@@ -19,7 +19,7 @@ from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon, host_switch_path, killswitch_command_id
 from .errors import DatabaseMissing, NotFound, StoreConfigError, StoreError, UsageError
-from .killswitch import HostSwitchFile, Mode, load_secret
+from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
 from .scorecard import compute
 from .simruns import simulations_dir
 from .store import NewEvent, Store, open_store, system_stream
@@ -326,11 +326,23 @@ def _scope(words: list[str]) -> tuple[str, str]:
 
 async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> int:
     scope, target = _scope(args.scope)
+    await set_switch(config, scope=scope, target=target, mode=mode, reason=args.reason, by=args.by)
+    where = scope + (f" {target}" if target else "")
+    print(f"kill switch {where}: {mode.value} (by {args.by}: {args.reason})")
+    return 0
+
+
+async def set_switch(
+    config: Config, *, scope: str, target: str, mode: Mode, reason: str, by: str
+) -> SwitchState | None:
+    """Engage or disengage one scope and record who and why: the CLI's and the console's one
+    path. The host scope is this host's signed file (returned as read back); the others are
+    rows in the store, written under the fleet row's lock."""
     state = None
     if scope == "host":
         # The file first: the host switch must work while the store is down or unmigrated.
         # write() refuses (KillSwitchError, exit 2) when no secret is configured: nothing unsigned.
-        state = _host_switch(config).write(mode, reason=args.reason, by=args.by,
+        state = _host_switch(config).write(mode, reason=reason, by=by,
                              at=SystemClock().now().isoformat())  # fmt: skip
     try:
         store = await _store(config)
@@ -347,8 +359,8 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
         kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
         event = NewEvent(
             kind=kind, session_id=system_stream(config.fleet), reason=mode.value,
-            payload={"scope": scope, "target": target, "mode": mode.value, "by": args.by,
-                     "reason": args.reason},
+            payload={"scope": scope, "target": target, "mode": mode.value, "by": by,
+                     "reason": reason},
         )  # fmt: skip
         if state is not None:
             await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
@@ -360,14 +372,12 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
                 await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
                 await tx.execute("lock_fleet_switch", config.fleet)
                 await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
-                                 args.reason, args.by, store.clock.now())  # fmt: skip
+                                 reason, by, store.clock.now())  # fmt: skip
                 await store.append_in(tx, event)
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
     finally:
         await store.close()
-    where = scope + (f" {target}" if target else "")
-    print(f"kill switch {where}: {mode.value} (by {args.by}: {args.reason})")
-    return 0
+    return state
 
 
 async def killswitch_engage(args: argparse.Namespace, config: Config) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from .alerts import AlertConfig
+from .console.settings import ConsoleConfig
 from .errors import ConfigError
 from .escalation import EscalationChain, check_keys, parse_duration
 from .governance import ModelGovernor, TokenBudgets
@@ -97,6 +98,7 @@ class Config:
     workers: tuple[WorkerSpec, ...]
     alerts: AlertConfig
     metrics: MetricsConfig
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def horizon(self, name: str) -> HorizonProfile:
         return self.horizons[name]
@@ -305,6 +307,7 @@ def _build(
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))
         metrics = MetricsConfig.from_config(data.get("metrics"))
+        console = ConsoleConfig.from_config(data.get("console"))
     except ConfigError as exc:
         key = _unknown_key(exc)
         raise ConfigError(f"{source}{_line_of(text, key) if key else ''}: {exc}") from None
@@ -345,6 +348,7 @@ def _build(
         workers=workers,
         alerts=alerts,
         metrics=metrics,
+        console=console,
     )
 
 

@@ -295,6 +295,8 @@ class Daemon:
             if not clock.virtual:
                 tg.start_soon(self._realtime_duties, store, host_switch, name="realtime")
                 tg.start_soon(self._watch_store_switches, store, name="fleet-switch")
+                if cfg.console.enabled:
+                    tg.start_soon(self._console, name="console")
             if plan.end is not None:
                 await clock.sleep_until(plan.end, self.stopping)
             else:
@@ -433,6 +435,16 @@ class Daemon:
                             host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store),
                             owner=self.gate.owner, in_flight=self.gate.in_flight)  # fmt: skip
+
+    async def _console(self) -> None:
+        """The operator console, off the gate's hot path: its own store connection, its own
+        requests. Its failure is logged and leaves the daemon governing."""
+        from .console.serve import serve_beside
+
+        try:
+            await serve_beside(self.config)
+        except Exception as exc:
+            log.error("console.failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""

@@ -46,6 +46,7 @@ SECTIONS: tuple[Section, ...] = (
         Key("workers", "array of tables", "[]", "The supervised workers (`[[workers]]`)."),
         Key("alerts", "table", "-", "Alert thresholds and sinks."),
         Key("metrics", "table", "-", "The Prometheus endpoint and /healthz."),
+        Key("console", "table", "-", "The operator web console (docs/console.md)."),
     )),
     Section("daemon", "The daemon process.", (
         Key("fleet", "string", '"default"', "Fleet name; hosts sharing a database and a fleet "
@@ -193,6 +194,19 @@ SECTIONS: tuple[Section, ...] = (
         Key("heartbeat_timeout", _DUR, '"2m"', "An external worker silent this long is hung."),
         Key("cycle_deadline", _DUR, '"5m"', "A cycle running longer is a hang."),
     )),
+    Section("console", "The operator web console (docs/console.md).", (
+        Key("enabled", "boolean", "false", "The daemon serves the console too, on its own "
+            "thread and store connection."),
+        Key("listen", "string", '"127.0.0.1:8787"', "HOST:PORT; `console --listen` wins."),
+        Key("operators_file", "path", "STATE_DIR/console-operators.json", "Operators and their "
+            "hashed secrets (written 0600)."),
+        Key("session_ttl", _DUR, '"8h"', "A login lasts this long."),
+        Key("tls_cert", "path", "-", "Certificate to serve HTTPS directly (with `tls_key`)."),
+        Key("tls_key", "path", "-", "Private key of `tls_cert`."),
+        Key("login_attempts", "integer", "5", "Failed logins per client and name within "
+            "`login_window` before logins are refused (429)."),
+        Key("login_window", _DUR, '"5m"', "Window of `login_attempts`."),
+    )),
     Section("workers[].backoff", "Exponential restart backoff with jitter.", (
         Key("initial", _DUR, '"1s"', "First delay."),
         Key("max", _DUR, '"60s"', "Largest delay; >= initial."),
@@ -245,7 +259,7 @@ def unknown_keys_in(
 
     check("top level", data, "(top level)")
     for name in ("daemon", "killswitch", "policy", "approvals", "tokens", "models", "alerts",
-                 "metrics"):  # fmt: skip
+                 "metrics", "console"):  # fmt: skip
         check(name, data.get(name), name)
     horizons = data.get("horizons")
     if isinstance(horizons, dict):

@@ -356,3 +356,30 @@ SELECT id FROM approvals WHERE fleet = ? AND substr(id, 1, ?) = ? ORDER BY id LI
 -- name: action_ids_by_prefix
 SELECT command_id AS id FROM actions WHERE fleet = ? AND substr(command_id, 1, ?) = ?
 ORDER BY command_id LIMIT 21;
+
+-- The operator console (supervisor/store/console.py). Each read stays on an index, so the
+-- overview and approvals pages cost the same with a million events as with a thousand.
+
+-- name: console_in_doubt_count
+SELECT count(*) AS n FROM actions
+WHERE fleet = ? AND status = 'in_doubt' AND status IN ('started', 'in_doubt');
+
+-- name: console_stream_kinds
+SELECT * FROM events WHERE session_id = ? AND kind IN (?, ?, ?) ORDER BY seq DESC LIMIT ?;
+
+-- name: console_window_counts
+SELECT e.session_id, e.kind, e.reason, count(*) AS n FROM events e
+WHERE e.session_id IN (SELECT id FROM sessions WHERE fleet = ? ORDER BY starts_at DESC LIMIT ?)
+  AND e.kind IN (?, ?, ?, ?, ?, ?, ?)
+GROUP BY e.session_id, e.kind, e.reason;
+
+-- name: console_decided_approvals
+SELECT * FROM approvals WHERE fleet = ? AND status <> 'pending' ORDER BY decided_at DESC LIMIT ?;
+
+-- name: console_tail
+-- Newest first; an empty filter value means "any". The fleet's windows and its system stream.
+SELECT * FROM events
+WHERE (session_id IN (SELECT id FROM sessions WHERE fleet = ?) OR session_id = ?)
+  AND (? = '' OR worker = ?) AND (? = '' OR kind = ?) AND (? = '' OR session_id = ?)
+  AND (? = '' OR command_id = ?) AND id < ?
+ORDER BY id DESC LIMIT ?;
