@@ -63,7 +63,9 @@ def test_the_readme_worker_example_runs_as_written(tmp_path: Path, where: str) -
     assert check.returncode == 0 and check.stdout.strip() == "ok", (check.stdout, check.stderr)
     assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-2000:]
     assert "Traceback" not in run.stderr + run.stdout
-    effects = (cwd / "state" / "effects.jsonl").read_text()
+    # A simulated run keeps its own folder under state/simulations/.
+    (run_dir,) = (cwd / "state" / "simulations").iterdir()
+    effects = (run_dir / "effects.jsonl").read_text()
     assert "billing.refund" in effects  # the worker's action passed the gate and ran
 
 
