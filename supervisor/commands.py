@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 from . import recovery
@@ -57,7 +58,9 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     daemon = Daemon(config, horizon=args.horizon, simulate=args.simulate, start=args.start,
                     seed=args.seed, reload_config=None if args.simulate else reload)  # fmt: skip
     card = await daemon.run()
-    if card is not None:
+    # The daemon logged the scorecard (`run.scorecard`); stdout gets it only when asked for JSON
+    # or when a person is watching, so a pipe or the journal never mixes text into the log stream.
+    if card is not None and (args.json or sys.stdout.isatty()):
         emit(args, card.as_dict(), card.render())
     return 0
 
