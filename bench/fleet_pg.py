@@ -75,14 +75,14 @@ class Host:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "--config", str(cfg), "--db", db,
              "--state-dir", str(tmp / name), "--log-level", "warning", "run"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         self.observed: list[float] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        assert self.proc.stderr is not None  # the log
+        for line in self.proc.stderr:
             if b"killswitch.observed" in line:
                 self.observed.append(time.time())
 

@@ -2,15 +2,19 @@
 fall back to the environment: --config (ACP_CONFIG), --db (ACP_DB), --state-dir (ACP_STATE_DIR).
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. An expected error is
-one line on stderr, never a traceback.
+one line on stderr, never a traceback. Logs go to stderr; stdout carries only a command's result.
+A reader that closes the pipe early (`| head`) ends the command quietly with 141 (128 + SIGPIPE),
+the status a shell reports for a process that SIGPIPE killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -120,10 +124,33 @@ def _budget(value: str) -> float:
     return number
 
 
+def version() -> str:
+    """The installed distribution's version (package metadata, so it matches the wheel)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("acp-supervisor")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """Like argparse's, but with print(): argparse drops write errors, hiding a closed pipe."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> NoReturn:
+        print(f"{PROG} {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="Keeps AI agent workers running and governs every action."
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _globals(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -288,13 +315,35 @@ def _nonempty(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except (BrokenPipeError, BaseExceptionGroup) as exc:
+        if not _closed_pipe(exc):
+            raise
+        # Python's advice for SIGPIPE: point stdout at devnull so nothing is flushed into the
+        # closed pipe at exit, and end the way a process that SIGPIPE killed is reported.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _closed_pipe(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_closed_pipe(e) for e in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logging import configure
 
-    configure(
-        level=args.log_level, stream=sys.stderr if getattr(args, "json", False) else sys.stdout
-    )
+    configure(level=args.log_level, stream=sys.stderr)
     try:
         _nonempty(args)
         if getattr(args, "config_handler", None) is not None:

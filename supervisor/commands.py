@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,7 +91,9 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     card = await daemon.run()
     if sim is not None and daemon.finished:
         simruns.finish(sim, SystemClock().now())
-    if card is not None:
+    # The daemon logged the scorecard (`run.scorecard`); stdout gets it only when asked for JSON
+    # or when a person is watching, so a pipe or the journal never mixes text into the log stream.
+    if card is not None and (args.json or sys.stdout.isatty()):
         data, text = card.as_dict(), card.render()
         if sim is not None:
             data["run"] = sim.id

@@ -326,6 +326,9 @@ class Daemon:
             self.metrics.close()
         await store.flush_telemetry()
         self.scorecard = await compute(store, cfg.fleet)
+        card = self.scorecard
+        log.info("run.scorecard", fleet=card.fleet, pending=card.pending, windows=len(card.windows),
+                 denials_by_reason=card.denials_by_reason, **card.total)  # fmt: skip
         log.info("daemon.stopped", horizon_over=over, telemetry_dropped=store.telemetry_dropped)
         return self.scorecard
 

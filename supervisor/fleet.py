@@ -176,8 +176,10 @@ class Fleet:
         return counts
 
     async def _set_state(self, st: WorkerStatus, state: str) -> None:
+        # Checkpoints write the same state again (for the cycle shown in `status`): log changes only.
+        if st.state != state:
+            log.info("worker.state", worker=st.name, state=state)
         st.state = state
-        log.info("worker.state", worker=st.name, state=state)
         try:
             async with self.store.transaction() as tx:
                 await tx.execute(

@@ -1,6 +1,7 @@
-"""structlog, configured once at the entry point: JSON lines when stdout is not a terminal
-(journald, CI, pipes), readable lines on one. Context (worker, window, command_id, correlation id)
-comes from contextvars, so every line a worker's cycle logs carries it."""
+"""structlog, configured once at the entry point: on stderr (stdout carries only a command's
+result), JSON lines when stderr is not a terminal (journald, CI, pipes), readable lines on one.
+Context (worker, window, command_id, correlation id) comes from contextvars, so every line a
+worker's cycle logs carries it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import structlog
 def configure(
     *, json: bool | None = None, level: str = "info", stream: TextIO | None = None
 ) -> None:
-    stream = stream or sys.stdout
+    stream = stream or sys.stderr
     as_json = (not stream.isatty()) if json is None else json
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

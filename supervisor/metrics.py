@@ -367,13 +367,19 @@ class Metrics:
             return self.port
         host = self.config.host
         server_class = _Server6 if ":" in host else _Server
-        server = make_server(
-            host.strip("[]"),
-            self.config.port,
-            self._app,
-            server_class=server_class,
-            handler_class=_QuietHandler,
-        )
+        try:
+            server = make_server(
+                host.strip("[]"),
+                self.config.port,
+                self._app,
+                server_class=server_class,
+                handler_class=_QuietHandler,
+            )
+        except OSError as exc:  # in use, not an address of this host, no permission
+            where = f"[{host.strip('[]')}]" if ":" in host else host
+            raise ConfigError(
+                f"metrics: cannot listen on {where}:{self.config.port}: {exc.strerror or exc}"
+            ) from None
         self._server = server
         self.tick()  # the grace period starts now
         self._thread = threading.Thread(

@@ -77,17 +77,19 @@ def test_webhook_alert_and_metrics_from_the_real_daemon(tmp_path: Path, webhook:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
     env.update(ACP_KILLSWITCH_SECRET=SECRET, PYTHONPATH=str(ROOT))
     base = [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
-    proc = subprocess.Popen([*base, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*base, "run"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
-        assert proc.stdout is not None
+        assert proc.stderr is not None
         port = None
         deadline = time.monotonic() + 20
         while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+            line = proc.stderr.readline()
             if b'"metrics.serving"' in line:
                 port = json.loads(line)["port"]
         assert port, "the daemon never said where it serves metrics"
-        threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
+        threading.Thread(target=lambda: [None for _ in proc.stderr or []], daemon=True).start()
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
             assert resp.status == 200 and json.loads(resp.read())["ok"] is True

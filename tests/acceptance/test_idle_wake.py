@@ -35,17 +35,19 @@ def test_long_wait_is_cut_short_by_a_halt(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
     env.update(ACP_KILLSWITCH_SECRET="idle-secret", PYTHONPATH=str(ROOT))
     base = [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
-    proc = subprocess.Popen([*base, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*base, "run"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        assert proc.stderr is not None
+        for line in proc.stderr:
             if b'"sleeper.waiting"' in line:
                 break
         engage = subprocess.run([*base, "killswitch", "engage", "--mode", "halt_all", "--reason", "r",
                                  "--by", "t"], cwd=ROOT, env=env, capture_output=True)  # fmt: skip
         engaged = time.monotonic()
         assert engage.returncode == 0
-        for line in proc.stdout:
+        for line in proc.stderr:
             if b'"sleeper.halted"' in line:
                 woke = time.monotonic() - engaged
                 assert json.loads(line)["reason"] == "killswitch"

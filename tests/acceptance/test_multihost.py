@@ -59,13 +59,19 @@ class Fleet:
         cfg.write_text(CONFIG.format(host=host, max_actions=self.max_actions))
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
         env["PYTHONPATH"] = str(ROOT)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "--config", str(cfg), "--db", self.db,
-             "--state-dir", str(self.tmp / host), "--log-level", "warning", "run"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        # The log (stderr) goes to a file: an unread pipe would fill and block the daemon.
+        with (self.tmp / f"{host}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "--config", str(cfg), "--db", self.db,
+                 "--state-dir", str(self.tmp / host), "--log-level", "warning", "run"],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
         self.procs[host] = proc
         return proc
+
+    def log(self, host: str) -> bytes:
+        path = self.tmp / f"{host}.log"
+        return path.read_bytes() if path.exists() else b""
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -224,7 +230,7 @@ def test_connection_loss_under_load(fleet: Fleet, pg_url: str) -> None:
                "actions flow again after the connections were cut")  # fmt: skip
     dead = {h: p for h, p in fleet.procs.items() if p.poll() is not None}
     assert not dead, "a daemon died on connection loss: " + "; ".join(
-        f"{h} exit {p.returncode}: {(p.stderr.read() if p.stderr else b'')[-2000:]!r}" for h, p in dead.items()
+        f"{h} exit {p.returncode}: {fleet.log(h)[-2000:]!r}" for h, p in dead.items()
     )
     dup = query(
         pg_url,
@@ -241,9 +247,10 @@ def test_bad_multihost_input(tmp_path: Path, pg_url: str) -> None:
     query(admin, f'CREATE DATABASE "{bare}"')
     try:
         bare_url = pg_url.rsplit("/", 1)[0] + "/" + bare
-        first = Fleet(tmp_path, bare_url).start("h0")
+        bare_fleet = Fleet(tmp_path, bare_url)
+        first = bare_fleet.start("h0")
         assert first.wait(timeout=30) == 2
-        assert first.stderr is not None and b"db migrate" in first.stderr.read()
+        assert b"db migrate" in bare_fleet.log("h0")
     finally:
         query(admin, f'DROP DATABASE IF EXISTS "{bare}" WITH (FORCE)')
     fleet = Fleet(tmp_path, pg_url)
@@ -254,7 +261,7 @@ def test_bad_multihost_input(tmp_path: Path, pg_url: str) -> None:
     )
     twin = fleet.start("h1")
     assert twin.wait(timeout=30) == 2
-    assert twin.stderr is not None and b"already running" in twin.stderr.read()
+    assert b"already running" in fleet.log("h1")
     # a lease time not longer than the heartbeat
     cfg = tmp_path / "bad.toml"
     cfg.write_text(

@@ -92,11 +92,11 @@ class DaemonProcess:
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
-        for line in self.stdout.read_text().splitlines():
+        for line in self.stderr.read_text().splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # the scorecard printed at the end is text
+                continue
         return out
 
     def logged(self, event: str) -> list[dict[str, Any]]:

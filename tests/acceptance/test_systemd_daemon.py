@@ -90,7 +90,7 @@ def start(tmp_path: Path, socket_path: str, stall: Path) -> subprocess.Popen[byt
     return subprocess.Popen(
         [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir",
          str(tmp_path / "state"), "run"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
 
