@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", metavar="ACTION", parser_class=_Parser
     )
     db.required = True
-    command("migrate", "create or upgrade the schema", c.db_migrate, db)
+    migrate = command("migrate", "create or upgrade the schema", c.db_migrate, db)
+    migrate.add_argument("--new", action="store_true",
+                         help="begin a new store where a deleted or replaced one was")  # fmt: skip
 
     _json_flag(command("status", "workers, windows, kill switch and approvals", c.status))
     _json_flag(command("scorecard", "the run's scorecard from the store", c.scorecard))

@@ -16,6 +16,7 @@ from .daemon import Daemon, host_switch_path, killswitch_command_id
 from .errors import NotFound, StoreConfigError, StoreError, UsageError
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .scorecard import compute
+from .statedir import make_state_dir
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import plain_row
 
@@ -23,7 +24,7 @@ from .store.base import plain_row
 def ensure_state_dir(config: Config) -> None:
     """The state directory, created when missing; a path that cannot be made is a config error."""
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(config.state_dir)
     except OSError as exc:
         raise StoreConfigError(f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}") from None
 
@@ -64,7 +65,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
 
 async def db_migrate(args: argparse.Namespace, config: Config) -> int:
     ensure_state_dir(config)
-    store = await open_store(config.db_url, SystemClock(), migrate=True)
+    store = await open_store(config.db_url, SystemClock(), migrate=True,
+                             new=getattr(args, "new", False))  # fmt: skip
     try:
         versions = await store.backend.schema_versions() or []
         print(f"schema at version {max(versions)} ({config.db_url.split('?')[0]})")
@@ -268,7 +270,9 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     if scope == "host":
         # The file first: the host switch must work while the store is down or unmigrated.
         # write() refuses (KillSwitchError, exit 2) when no secret is configured: nothing unsigned.
-        state = _host_switch(config).write(mode, reason=args.reason, by=args.by,
+        switch = _host_switch(config)
+        switch.adopt_mark(await _stored_mark(config))  # the next seq exceeds the store's mark too
+        state = switch.write(mode, reason=args.reason, by=args.by,
                              at=SystemClock().now().isoformat())  # fmt: skip
     try:
         store = await _store(config)
@@ -288,6 +292,7 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
         )  # fmt: skip
         if state is not None:
             await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
+            await store.raise_host_switch_mark(config.fleet, config.host_id, state.seq)
         else:
             async with store.transaction() as tx:
                 # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
@@ -322,8 +327,24 @@ def _host_switch(config: Config) -> HostSwitchFile:
     return HostSwitchFile(host_switch_path(config.state_dir), secret)
 
 
+async def _stored_mark(config: Config) -> int:
+    """The store's host kill-switch mark; 0 when the store is unusable (the file still works)."""
+    try:
+        store = await _store(config)
+    except (StoreError, StoreConfigError):
+        return 0
+    try:
+        return await store.host_switch_mark(config.fleet, config.host_id)
+    except StoreError:
+        return 0
+    finally:
+        await store.close()
+
+
 async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
-    state = _host_switch(config).read()
+    switch = _host_switch(config)
+    switch.adopt_mark(await store.host_switch_mark(config.fleet, config.host_id))
+    state = switch.read()
     out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
             "problem": state.problem, "by": state.by, "reason": state.reason, "seq": state.seq}]  # fmt: skip
     for row in await store.fetchall("kill_switches", config.fleet):

@@ -34,6 +34,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .errors import ConfigError, KillSwitchError
+from .statedir import make_state_dir
 
 SECRET_ENV = "ACP_KILLSWITCH_SECRET"
 NO_SECRET_MESSAGE = (
@@ -492,7 +493,7 @@ class HostSwitchFile:
         seq = max(self._file_seq(), mark) + 1
         doc = signed_document(Mode(mode), seq=seq, reason=reason, by=by, at=at, secret=self._secret)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_state_dir(self.path.parent)
             # File before mark: a crash in between leaves a file above the mark (accepted, the
             # mark is raised on read), never a mark above the file (a spurious replay halt).
             _atomic_write(self.path, render(doc))

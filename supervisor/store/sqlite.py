@@ -9,7 +9,10 @@ go to a worker thread. See docs/design.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,7 +23,7 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.to_thread
 
-from ..errors import StateWriteError, StoreConfigError, StoreError
+from ..errors import StateWriteError, StoreConfigError, StoreError, StoreLost
 from .base import Backend, Row, UniqueViolation
 from .queries import load_queries
 
@@ -105,25 +108,121 @@ class SQLiteBackend(Backend):
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
+        self._watch: tuple[int, tuple[int, int]] | None = None
+        self._lost: str | None = None
+
+    @property
+    def identity_path(self) -> Path:
+        """Beside the database: the id of the store that lives here (see check_identity)."""
+        return self.path.with_name(self.path.name + ".identity")
+
+    def _recorded_identity(self) -> str | None:
+        try:
+            st = self.identity_path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreConfigError(f"{self.identity_path} is not a regular file")
+            text = self.identity_path.read_bytes()[:200].decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreConfigError(
+                f"cannot read {self.identity_path}: {exc.strerror or exc}"
+            ) from None
+        return text or None
+
+    def _refuse_fresh_over_history(self) -> None:
+        """A database file that is missing (or empty) where a store lived means it was deleted:
+        starting afresh would forget every command_id and run their effects again."""
+        try:
+            fresh = self.path.stat().st_size == 0
+        except FileNotFoundError:
+            fresh = True
+        except OSError as exc:
+            raise StoreConfigError(
+                f"cannot stat sqlite database {self.path}: {exc.strerror or exc}"
+            ) from None
+        recorded = self._recorded_identity() if fresh and not self.allow_new else None
+        if recorded is not None:
+            raise StoreConfigError(
+                f"sqlite database {self.path} is missing, but {self.identity_path} says store "
+                f"{recorded} lived there: refusing to start a new, empty ledger; restore the "
+                "database, or run `acp-supervisor db migrate --new` to begin a new store"
+            )
+
+    async def check_identity(self, identity: str | None) -> None:
+        if identity is None:
+            return
+        recorded = self._recorded_identity()
+        if recorded == identity:
+            return
+        if recorded is not None and not self.allow_new:
+            raise StoreConfigError(
+                f"sqlite database {self.path} is store {identity}, but {self.identity_path} "
+                f"says store {recorded} lived there: the database was replaced; restore it, or "
+                "run `acp-supervisor db migrate --new` to adopt this one"
+            )
+        try:
+            tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(identity + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.identity_path)
+        except OSError:
+            # A read-only directory: the database still opens; only the protection is missing.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def lost(self) -> str | None:
+        if self._lost is None and self._watch is not None:
+            try:
+                st = os.stat(self.path)
+                now = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            except OSError:
+                return None  # cannot tell; the commit itself reports real I/O trouble
+            if now is None or os.fstat(self._watch[0]).st_nlink == 0:
+                self._lost = f"sqlite database {self.path} was deleted while in use"
+            elif now != self._watch[1]:
+                self._lost = f"sqlite database {self.path} was replaced by another file in use"
+        return self._lost
 
     async def connect(self) -> None:
         if not self.path.parent.is_dir():
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
+        self._refuse_fresh_over_history()
+        existed = self.path.exists()
         try:
             # busy_timeout 0: a statement on the event loop never waits for another process;
             # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0.0
             )
+            if not existed:
+                # Before the WAL and shared-memory files exist: SQLite gives them the database
+                # file's mode. Owner only, whatever the umask.
+                os.chmod(self.path, 0o600)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
             conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn
+        # Our own descriptor on the file, to tell a deleted or replaced database (link count 0,
+        # another inode at the path) from the one the connection writes into.
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+            self._watch = (fd, (st.st_dev, st.st_ino))
 
     async def close(self) -> None:
+        if self._watch is not None:
+            fd, self._watch = self._watch[0], None
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             async with self._lock:
@@ -167,6 +266,11 @@ class SQLiteBackend(Backend):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            lost = self.lost()
+            if lost is not None:
+                # Committing into a deleted inode would "succeed" and be lost: fail closed.
+                conn.execute("ROLLBACK")
+                raise StoreLost(lost)
             try:
                 if self._commit_inline:
                     conn.execute("COMMIT")

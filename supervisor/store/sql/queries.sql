@@ -336,3 +336,15 @@ ON CONFLICT (fleet, scope, target) DO NOTHING;
 -- name: lock_fleet_switch
 UPDATE kill_switches SET updated_at = updated_at
 WHERE fleet = ? AND scope = 'fleet' AND target = '' RETURNING mode;
+
+-- name: store_identity
+SELECT id FROM store_identity;
+
+-- name: host_switch_mark
+SELECT seq FROM host_switch_marks WHERE fleet = ? AND host = ?;
+
+-- name: raise_host_switch_mark
+-- Only ever upward: a racing writer with a lower seq changes nothing.
+INSERT INTO host_switch_marks (fleet, host, seq, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (fleet, host) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+WHERE host_switch_marks.seq < excluded.seq;
