@@ -183,10 +183,10 @@ class SQLiteBackend(Backend):
                 now = None
             except OSError:
                 return None  # cannot tell; the commit itself reports real I/O trouble
-            if now is None or os.fstat(self._watch[0]).st_nlink == 0:
-                self._lost = f"sqlite database {self.path} was deleted while in use"
-            elif now != self._watch[1]:
+            if now is not None and now != self._watch[1]:
                 self._lost = f"sqlite database {self.path} was replaced by another file in use"
+            elif now is None or os.fstat(self._watch[0]).st_nlink == 0:
+                self._lost = f"sqlite database {self.path} was deleted while in use"
         return self._lost
 
     async def connect(self) -> None:
