@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["host"],
         metavar="SCOPE",
-        help="host | fleet | session ID | worker NAME",
+        help="host | fleet | session ID | worker NAME (all its replicas) or NAME-N (one)",
     )
     engage.add_argument("--reason", required=True)
     engage.add_argument("--by", required=True)
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE")
     dis.add_argument("--reason", required=True)
     dis.add_argument("--by", required=True)
+    for p in (engage, dis):
+        p.add_argument("--force", action="store_true",
+                       help="a worker or session this config does not know (not started yet)")  # fmt: skip
     _json_flag(command("status", "the kill switch at every scope", c.killswitch_status, ks))
 
     drills = sub.add_parser("drill", help="operational drills on a throwaway fleet").add_subparsers(

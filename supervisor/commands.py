@@ -294,6 +294,7 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
             await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
             await store.raise_host_switch_mark(config.fleet, config.host_id, state.seq)
         else:
+            await _check_target(store, config, scope, target, force=getattr(args, "force", False))
             async with store.transaction() as tx:
                 # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
                 # returns only after them, and no start can begin after it. The switch and its
@@ -309,6 +310,29 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     where = scope + (f" {target}" if target else "")
     print(f"kill switch {where}: {mode.value} (by {args.by}: {args.reason})")
     return 0
+
+
+async def _check_target(store: Store, config: Config, scope: str, target: str, *,
+                        force: bool) -> None:  # fmt: skip
+    """A worker or session scope must name one that exists, or the switch would stop nothing.
+    A worker is its configured name (all its replicas) or an instance name (`name-2`: one)."""
+    if force or scope not in ("worker", "session"):
+        return
+    rows = await store.fetchall("kill_switches", config.fleet)
+    if any(r["scope"] == scope and r["target"] == target for r in rows):
+        return  # a switch already set there can always be changed or cleared
+    if scope == "worker":
+        known = sorted({s.name for s in config.workers}
+                       | {n for s in config.workers for n in s.instance_names()})  # fmt: skip
+        if target not in known:
+            raise UsageError(f"unknown worker {target!r}: known workers are "
+                             f"{', '.join(known) or 'none'} (--force for one not configured yet)")  # fmt: skip
+        return
+    sessions = await store.list_sessions(config.fleet)
+    if target not in {s.id for s in sessions}:
+        open_ = [f"{s.id} ({s.window_key})" for s in sessions if s.status == "open"]
+        raise UsageError(f"unknown session {target!r}: open sessions are "
+                         f"{', '.join(open_) or 'none'} (--force for one not opened yet)")  # fmt: skip
 
 
 async def killswitch_engage(args: argparse.Namespace, config: Config) -> int:

@@ -570,6 +570,8 @@ class Daemon:
     def _add_spec(self, spec: WorkerSpec) -> None:
         for name in spec.instance_names():
             self._specs[name] = spec
+            if name != spec.name:
+                self.gate.worker_groups[name] = spec.name
 
     def _start_instance(self, name: str) -> None:
         assert self._tg is not None and self.fleet is not None

@@ -58,8 +58,12 @@ class GateStats:
     latencies: list[float] | None = None
 
 
-def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool) -> str | None:
-    """The fleet, session and worker switches from the store: None when they permit the action."""
+def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool,
+                         group: str | None = None) -> str | None:  # fmt: skip
+    """The fleet, session and worker switches from the store: None when they permit the action.
+
+    A worker switch names an instance (`support-2`: that one) or, as `group`, the configured
+    name of a replicated worker (`support`: all its replicas)."""
     modes: list[Mode] = []
     scopes: set[str] = set()
     for row in rows:
@@ -67,7 +71,7 @@ def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, criti
         if (
             scope == "fleet"
             or (scope == "session" and target == session_id)
-            or (scope == "worker" and target == worker)
+            or (scope == "worker" and target in (worker, group))
         ):
             try:
                 modes.append(Mode(row["mode"]))
@@ -112,6 +116,8 @@ class Gate:
         # Rung on every observed switch change, so waiting workers react at once.
         self.switch_changed = anyio.Event()
         self.host: str | None = None
+        # Instance name -> configured name of a replicated worker (for worker-scope switches).
+        self.worker_groups: dict[str, str] = {}
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -137,7 +143,8 @@ class Gate:
     def _verdict(self, action: Action, rows: list[Row], worker: str, session: Session) -> str | None:
         """Every switch at once (host file, then the store's rows); None when all permit."""
         return self._host_verdict(action.critical) or store_switch_verdict(
-            rows, worker=worker, session_id=session.id, critical=action.critical
+            rows, worker=worker, session_id=session.id, critical=action.critical,
+            group=self.worker_groups.get(worker),
         )
 
     async def refuse(
