@@ -108,7 +108,7 @@ class SQLiteBackend(Backend):
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
-        self._watch: tuple[int, tuple[int, int]] | None = None
+        self._watched: dict[Path, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
 
     @property
@@ -174,19 +174,27 @@ class SQLiteBackend(Backend):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
+    def _watch_file(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+            self._watched[path] = (fd, (st.st_dev, st.st_ino))
+
     def lost(self) -> str | None:
-        if self._lost is None and self._watch is not None:
+        for path, (fd, ident) in self._watched.items():
+            if self._lost is not None:
+                break
             try:
-                st = os.stat(self.path)
+                st = os.stat(path)
                 now = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 now = None
             except OSError:
-                return None  # cannot tell; the commit itself reports real I/O trouble
-            if now is not None and now != self._watch[1]:
-                self._lost = f"sqlite database {self.path} was replaced by another file in use"
-            elif now is None or os.fstat(self._watch[0]).st_nlink == 0:
-                self._lost = f"sqlite database {self.path} was deleted while in use"
+                continue  # cannot tell; the commit itself reports real I/O trouble
+            if now is not None and now != ident:
+                self._lost = f"sqlite database file {path} was replaced by another file in use"
+            elif now is None or os.fstat(fd).st_nlink == 0:
+                self._lost = f"sqlite database file {path} was deleted while in use"
         return self._lost
 
     async def connect(self) -> None:
@@ -211,16 +219,18 @@ class SQLiteBackend(Backend):
         except (sqlite3.Error, OSError) as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn
-        # Our own descriptor on the file, to tell a deleted or replaced database (link count 0,
-        # another inode at the path) from the one the connection writes into.
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            st = os.fstat(fd)
-            self._watch = (fd, (st.st_dev, st.st_ino))
+        # Our own descriptors on the database and its WAL (where commits land first; a read
+        # creates it), to tell a deleted or replaced file (link count 0, another inode at the
+        # path) from the one the connection writes into. SQLite removes the WAL only when the
+        # last connection closes, never under an open one.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._watch_file(self.path)
+        self._watch_file(self.path.with_name(self.path.name + "-wal"))
 
     async def close(self) -> None:
-        if self._watch is not None:
-            fd, self._watch = self._watch[0], None
+        watched, self._watched = self._watched, {}
+        for fd, _ident in watched.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self._conn is not None:

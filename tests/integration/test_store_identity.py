@@ -104,15 +104,20 @@ async def test_database_without_an_identity_file_gets_one(tmp_path: Path) -> Non
     await store.close()
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-async def test_database_gone_while_open_fails_every_commit(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "suffix"), [("deleted", ""), ("replaced", ""), ("deleted", "-wal")],
+    ids=["deleted", "replaced", "wal-deleted"],
+)  # fmt: skip
+async def test_database_gone_while_open_fails_every_commit(
+    tmp_path: Path, how: str, suffix: str
+) -> None:
     db = tmp_path / "s.db"
     store = await open_store(url_of(db), SystemClock(), migrate=True)
     try:
         await append(store)
         assert store.backend.lost() is None
         if how == "deleted":
-            db.unlink()
+            db.with_name(db.name + suffix).unlink()
         else:
             other = tmp_path / "other.db"
             await (await open_store(url_of(other), SystemClock(), migrate=True)).close()
