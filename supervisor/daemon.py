@@ -302,6 +302,7 @@ class Daemon:
                 await fleet.idle.wait()
             tg.cancel_scope.cancel()
 
+        self.store_lost = self.store_lost or store.backend.lost()  # a simulated run has no watch
         if self.store_lost is not None:
             with anyio.move_on_after(5):
                 await alerts.flush()  # the sinks hear of it: the store cannot record it
