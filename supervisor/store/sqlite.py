@@ -116,19 +116,23 @@ class SQLiteBackend(Backend):
         """Beside the database: the id of the store that lives here (see check_identity)."""
         return self.path.with_name(self.path.name + ".identity")
 
-    def _recorded_identity(self) -> str | None:
+    def _recorded_identity(self) -> tuple[bool, str | None]:
+        """(whether the identity file is there, the id it holds: None if absent or unreadable)."""
         try:
-            st = self.identity_path.stat()
-            if not stat.S_ISREG(st.st_mode):
-                raise StoreConfigError(f"{self.identity_path} is not a regular file")
-            text = self.identity_path.read_bytes()[:200].decode("ascii", "replace").strip()
+            fd = os.open(self.identity_path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreConfigError(
-                f"cannot read {self.identity_path}: {exc.strerror or exc}"
-            ) from None
-        return text or None
+            return False, None
+        except OSError:
+            return True, None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return True, None
+            text = os.read(fd, 200).decode("ascii", "replace").strip()
+        except OSError:
+            return True, None
+        finally:
+            os.close(fd)
+        return True, text or None
 
     def _refuse_fresh_over_history(self) -> None:
         """A database file that is missing (or empty) where a store lived means it was deleted:
@@ -141,29 +145,36 @@ class SQLiteBackend(Backend):
             raise StoreConfigError(
                 f"cannot stat sqlite database {self.path}: {exc.strerror or exc}"
             ) from None
-        recorded = self._recorded_identity() if fresh and not self.allow_new else None
-        if recorded is not None:
+        if not fresh or self.allow_new:
+            return
+        exists, recorded = self._recorded_identity()
+        if exists:
             raise StoreConfigError(
                 f"sqlite database {self.path} is missing, but {self.identity_path} says store "
-                f"{recorded} lived there: refusing to start a new, empty ledger; restore the "
-                "database, or run `acp-supervisor db migrate --new` to begin a new store"
+                f"{recorded or '(unreadable)'} lived there: refusing to start a new, empty "
+                "ledger; restore the database, or run `acp-supervisor db migrate --new` to begin "
+                "a new store"
             )
 
     async def check_identity(self, identity: str | None) -> None:
         if identity is None:
             return
-        recorded = self._recorded_identity()
+        exists, recorded = self._recorded_identity()
         if recorded == identity:
             return
-        if recorded is not None and not self.allow_new:
+        if exists and not self.allow_new:
+            if recorded is None:
+                return  # unreadable here (another user's file): nothing to compare, keep it
             raise StoreConfigError(
                 f"sqlite database {self.path} is store {identity}, but {self.identity_path} "
                 f"says store {recorded} lived there: the database was replaced; restore it, or "
                 "run `acp-supervisor db migrate --new` to adopt this one"
             )
+        tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
         try:
-            tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # Not secret, and readable by whichever user runs the CLI or the daemon next.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fchmod(fd, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(identity + "\n")
                 f.flush()

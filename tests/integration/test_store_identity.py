@@ -190,3 +190,18 @@ async def test_host_switch_mark_only_moves_up(store: Store) -> None:
     assert await store.host_switch_mark("f", "h2") == 1
     await store.raise_host_switch_mark("f", "h1", 6)
     assert await store.host_switch_mark("f", "h1") == 6
+
+
+async def test_unreadable_identity_file_never_hangs_and_still_guards_a_missing_database(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "s.db"
+    await (await open_store(url_of(db), SystemClock(), migrate=True)).close()
+    identity_of(db).unlink()
+    os.mkfifo(identity_of(db))  # a pipe: reading it would block
+    store = await open_store(url_of(db), SystemClock())  # an existing database still opens
+    await store.close()
+    db.unlink()
+    with pytest.raises(StoreConfigError, match="unreadable"):
+        await open_store(url_of(db), SystemClock(), migrate=True)
+    assert not db.exists()
