@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,11 @@ async def test_deleted_database_halts_alerts_exits_nonzero_and_is_not_recreated(
     d = daemon()
     await d.running()
     db = d.state_dir / "supervisor.db"
+    # A second link keeps the inode the daemon writes into readable afterwards, as evidence.
+    kept = d.root / "kept"
+    kept.mkdir()
+    for suffix in ("", "-wal"):
+        os.link(db.with_name(db.name + suffix), kept / (db.name + suffix))
     for suffix in ("", "-wal", "-shm"):
         db.with_name(db.name + suffix).unlink(missing_ok=True)
     deleted_at = datetime.now(UTC)
@@ -98,8 +104,13 @@ async def test_deleted_database_halts_alerts_exits_nonzero_and_is_not_recreated(
     assert "deleted" in str(lost["problem"])
     alerts = [e for e in logged(d, "alert.raised") if e.get("condition") == "state_write_failed"]
     assert alerts, "no state_write_failed alert"
-    # No effect began once the loss could be seen (a commit checks the file first).
-    assert d.effects(after=deleted_at + timedelta(seconds=0.25)) == []
+    # Nothing was started once the file was gone (every commit checks it first), and every
+    # effect since belongs to an action started before.
+    with sqlite3.connect(kept / db.name) as conn:
+        started = dict(conn.execute("SELECT command_id, started_at FROM actions").fetchall())
+    late = [cid for cid, at in started.items() if datetime.fromisoformat(at) > deleted_at]
+    assert late == [], f"{len(late)} actions started after the database was deleted"
+    assert all(e["command_id"] in started for e in d.effects(after=deleted_at))
     [error] = [ln for ln in d.log().splitlines() if ln.startswith("acp-supervisor: error:")]
     assert "deleted while in use" in error and "every action halted" in error
     assert "Traceback" not in d.log()
