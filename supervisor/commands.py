@@ -294,15 +294,17 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
             await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
             await store.raise_host_switch_mark(config.fleet, config.host_id, state.seq)
         else:
-            await _check_target(store, config, scope, target, force=getattr(args, "force", False))
+            targets = await _check_target(store, config, scope, target, mode,
+                                          force=getattr(args, "force", False))  # fmt: skip
             async with store.transaction() as tx:
                 # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
                 # returns only after them, and no start can begin after it. The switch and its
                 # event (who and why) commit together.
                 await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
                 await tx.execute("lock_fleet_switch", config.fleet)
-                await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
-                                 args.reason, args.by, store.clock.now())  # fmt: skip
+                for each in targets:
+                    await tx.execute("upsert_kill_switch", config.fleet, scope, each, mode.value,
+                                     args.reason, args.by, store.clock.now())  # fmt: skip
                 await store.append_in(tx, event)
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
     finally:
@@ -312,27 +314,35 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
     return 0
 
 
-async def _check_target(store: Store, config: Config, scope: str, target: str, *,
-                        force: bool) -> None:  # fmt: skip
-    """A worker or session scope must name one that exists, or the switch would stop nothing.
-    A worker is its configured name (all its replicas) or an instance name (`name-2`: one)."""
-    if force or scope not in ("worker", "session"):
-        return
+async def _check_target(store: Store, config: Config, scope: str, target: str, mode: Mode, *,
+                        force: bool) -> list[str]:  # fmt: skip
+    """The targets a store-scope change writes. A worker or session scope must name one that
+    exists, or the switch would stop nothing. A worker is its configured name (all its replicas)
+    or an instance name (`name-2`: one); disengaging the configured name clears its replicas'
+    own switches too, so it resumes all of them."""
     rows = await store.fetchall("kill_switches", config.fleet)
-    if any(r["scope"] == scope and r["target"] == target for r in rows):
-        return  # a switch already set there can always be changed or cleared
+    set_here = {r["target"]: r["mode"] for r in rows if r["scope"] == scope}
+    targets = [target]
+    if scope == "worker" and mode is Mode.DISENGAGED:
+        for spec in config.workers:
+            if spec.name == target and spec.replicas > 1:
+                targets += [n for n in spec.instance_names()
+                            if set_here.get(n, "disengaged") != "disengaged"]  # fmt: skip
+    if force or scope not in ("worker", "session") or target in set_here:
+        return targets  # a switch already set there can always be changed or cleared
     if scope == "worker":
         known = sorted({s.name for s in config.workers}
                        | {n for s in config.workers for n in s.instance_names()})  # fmt: skip
         if target not in known:
             raise UsageError(f"unknown worker {target!r}: known workers are "
                              f"{', '.join(known) or 'none'} (--force for one not configured yet)")  # fmt: skip
-        return
+        return targets
     sessions = await store.list_sessions(config.fleet)
     if target not in {s.id for s in sessions}:
         open_ = [f"{s.id} ({s.window_key})" for s in sessions if s.status == "open"]
         raise UsageError(f"unknown session {target!r}: open sessions are "
                          f"{', '.join(open_) or 'none'} (--force for one not opened yet)")  # fmt: skip
+    return targets
 
 
 async def killswitch_engage(args: argparse.Namespace, config: Config) -> int:

@@ -57,6 +57,15 @@ async def test_configured_name_halts_every_replica_instance_name_one(daemon: Dae
     await d.wait_until(others_run, what="support-1 and support-3 running")
     await anyio.sleep(0.3)
     assert "support-2" not in await workers_started_after(d, since)
+
+    # Disengaging the configured name resumes every replica, the one halted by name too.
+    await d.cli_ok(*disengage("worker", "support"))
+    since = datetime.now(UTC)
+
+    async def all_run() -> bool:
+        return set(REPLICAS) <= await workers_started_after(d, since)
+
+    await d.wait_until(all_run, what="every replica running again")
     assert await d.stop() == 0
 
 
