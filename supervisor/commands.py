@@ -375,10 +375,15 @@ async def _stored_mark(config: Config) -> int:
         await store.close()
 
 
-async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
+async def _marked_host_switch(store: Store, config: Config) -> HostSwitchFile:
+    """The host switch with the store's replay mark: a missing file after history is halt_all."""
     switch = _host_switch(config)
     switch.adopt_mark(await store.host_switch_mark(config.fleet, config.host_id))
-    state = switch.read()
+    return switch
+
+
+async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
+    state = (await _marked_host_switch(store, config)).read()
     out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
             "problem": state.problem, "by": state.by, "reason": state.reason, "seq": state.seq}]  # fmt: skip
     for row in await store.fetchall("kill_switches", config.fleet):
@@ -411,7 +416,7 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
     try:
         report = await recovery.scan(
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
-            host_switch=_host_switch(config),
+            host_switch=await _marked_host_switch(store, config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
         )  # fmt: skip
     finally:

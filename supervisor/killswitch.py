@@ -11,7 +11,10 @@ File format (one JSON object)::
 `sig` is HMAC-SHA256, keyed with the secret, over the canonical JSON (sorted keys, separators
 `,` and `:`, ASCII escapes, no NaN) of the object without `sig`. Formatting of the file itself is
 free, so an operator may pretty-print it. Next to it, `<name>.seq` holds the highest `seq` ever
-accepted, so a validly signed but older file copied back is rejected as a replay.
+accepted, so a validly signed but older file copied back is rejected as a replay; the daemon
+also keeps that mark in the store (`adopt_mark`). No file is disengaged only where no signed file
+was ever accepted; after one was, a missing file is unverifiable, so halt_all. Only a regular
+file is read, without blocking; any content gives a verdict, never an exception.
 """
 
 from __future__ import annotations
