@@ -108,7 +108,7 @@ class SQLiteBackend(Backend):
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
-        self._watched: dict[Path, tuple[int, tuple[int, int]]] = {}
+        self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
 
     @property
@@ -189,9 +189,11 @@ class SQLiteBackend(Backend):
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             st = os.fstat(fd)
-            self._watched[path] = (fd, (st.st_dev, st.st_ino))
+            self._watched[str(path)] = (fd, (st.st_dev, st.st_ino))
 
-    def lost(self) -> str | None:
+    def lost(self, *, quick: bool = False) -> str | None:
+        """Also the link count of our own descriptors unless `quick` (the per-commit check: a
+        stat per file, since a path that still resolves to our inode means it is linked)."""
         for path, (fd, ident) in self._watched.items():
             if self._lost is not None:
                 break
@@ -204,7 +206,7 @@ class SQLiteBackend(Backend):
                 continue  # cannot tell; the commit itself reports real I/O trouble
             if now is not None and now != ident:
                 self._lost = f"sqlite database file {path} was replaced by another file in use"
-            elif now is None or os.fstat(fd).st_nlink == 0:
+            elif now is None or (not quick and os.fstat(fd).st_nlink == 0):
                 self._lost = f"sqlite database file {path} was deleted while in use"
         return self._lost
 
@@ -287,7 +289,7 @@ class SQLiteBackend(Backend):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            lost = self.lost()
+            lost = self.lost(quick=True)
             if lost is not None:
                 # Committing into a deleted inode would "succeed" and be lost: fail closed.
                 conn.execute("ROLLBACK")
