@@ -165,6 +165,20 @@ def test_any_bytes_give_a_verdict(path: Path, data: bytes) -> None:
     state.problem.encode("utf-8")
 
 
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=256))
+def test_any_bytes_in_the_mark_file_give_a_verdict(path: Path, data: bytes) -> None:
+    render_valid = render(signed_document(Mode.DISENGAGED, seq=3, reason="r", by="b", at=AT,
+                                          secret=SECRET))  # fmt: skip
+    path.write_bytes(render_valid)
+    path.with_suffix(".seq").write_bytes(data)
+    state = HostSwitchFile(path, SECRET).read()
+    assert isinstance(state, SwitchState)
+    assert state.valid or state.mode is Mode.HALT_ALL
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
