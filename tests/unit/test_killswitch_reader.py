@@ -153,7 +153,7 @@ def test_lone_surrogate_in_a_field_gives_an_encodable_problem(path: Path) -> Non
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.binary(max_size=2048))
 def test_any_bytes_give_a_verdict(path: Path, data: bytes) -> None:
@@ -166,7 +166,7 @@ def test_any_bytes_give_a_verdict(path: Path, data: bytes) -> None:
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.binary(max_size=256))
 def test_any_bytes_in_the_mark_file_give_a_verdict(path: Path, data: bytes) -> None:
@@ -187,7 +187,7 @@ json_values = st.recursive(
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(extra=st.dictionaries(st.sampled_from(["mode", "seq", "sig", "at", "by", "reason", "scope",
                                               "x"]), json_values))  # fmt: skip
