@@ -63,6 +63,7 @@ async def assert_halted_since(d: Daemon, since: datetime, fragment: str) -> None
 
 
 async def assert_invalid_recorded(d: Daemon, since: datetime, fragment: str) -> None:
+    """`since` is taken before the file is spoiled: the daemon may record it at once."""
     invalid = await d.wait_until(lambda: d.events("KILLSWITCH_INVALID", after=since),
                                  what="a KILLSWITCH_INVALID event")  # fmt: skip
     assert fragment in invalid[0].payload["problem"], invalid[0].payload
@@ -137,11 +138,12 @@ async def test_fifo_switch_file_halts_and_never_hangs_daemon_or_cli(daemon: Daem
     await d.running()
     fifo = d.state_dir / ".fifo"
     os.mkfifo(fifo)
+    before = datetime.now(UTC)
     os.replace(fifo, d.switch_path)
     since = datetime.now(UTC)
 
     await assert_halted_since(d, since, "named pipe")
-    await assert_invalid_recorded(d, since, "named pipe")
+    await assert_invalid_recorded(d, before, "named pipe")
     with anyio.fail_after(20):  # the CLI answers, it does not block in open()
         status = await d.cli("killswitch", "status", "--json")
     assert status.returncode == 0, status.stderr
@@ -181,11 +183,12 @@ async def test_malformed_switch_file_halts_without_crashing_or_crash_looping(
     data, fragment = MALFORMED[case]
     d = daemon()
     await d.running()
+    before = datetime.now(UTC)
     install(d.switch_path, data)
     since = datetime.now(UTC)
 
     await assert_halted_since(d, since, fragment)
-    await assert_invalid_recorded(d, since, fragment)
+    await assert_invalid_recorded(d, before, fragment)
     assert d.alive()
     status = await d.cli("killswitch", "status")
     assert status.returncode == 0 and b"Traceback" not in status.stderr, status.stderr
@@ -213,10 +216,11 @@ async def test_switch_file_deleted_during_halt_all_keeps_the_host_halted(
     await d.wait_until(d.refused_after(datetime.now(UTC), "killswitch", workers=3),
                        what="the halt")  # fmt: skip
 
+    before = datetime.now(UTC)
     d.switch_path.unlink()  # what a hostile child would do to resume itself
     deleted_at = datetime.now(UTC)
     await assert_halted_since(d, deleted_at, "unverifiable")
-    await assert_invalid_recorded(d, deleted_at, "unverifiable")
+    await assert_invalid_recorded(d, before, "unverifiable")
     assert await d.events("KILLSWITCH_DISENGAGED") == []
 
     # The mark file gone too, and a restart: the store still remembers a file was accepted.
