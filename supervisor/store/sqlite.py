@@ -116,6 +116,11 @@ class SQLiteBackend(Backend):
         """Beside the database: the id of the store that lives here (see check_identity)."""
         return self.path.with_name(self.path.name + ".identity")
 
+    @property
+    def _migrate_new(self) -> str:
+        # With --db: a simulation's store is not the configured one.
+        return f"acp-supervisor --db {self.url.split('?')[0]} db migrate --new"
+
     def _recorded_identity(self) -> tuple[bool, str | None]:
         """(whether the identity file is there, the id it holds: None if absent or unreadable)."""
         try:
@@ -152,8 +157,7 @@ class SQLiteBackend(Backend):
             raise StoreConfigError(
                 f"sqlite database {self.path} is missing, but {self.identity_path} says store "
                 f"{recorded or '(unreadable)'} lived there: refusing to start a new, empty "
-                "ledger; restore the database, or run `acp-supervisor db migrate --new` to begin "
-                "a new store"
+                f"ledger; restore the database, or run `{self._migrate_new}` to begin a new store"
             )
 
     async def check_identity(self, identity: str | None) -> None:
@@ -168,7 +172,7 @@ class SQLiteBackend(Backend):
             raise StoreConfigError(
                 f"sqlite database {self.path} is store {identity}, but {self.identity_path} "
                 f"says store {recorded} lived there: the database was replaced; restore it, or "
-                "run `acp-supervisor db migrate --new` to adopt this one"
+                f"run `{self._migrate_new}` to adopt this one"
             )
         tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
         try:
