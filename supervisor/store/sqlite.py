@@ -150,6 +150,10 @@ class SQLiteBackend(Backend):
             raise StoreConfigError(
                 f"cannot stat sqlite database {self.path}: {exc.strerror or exc}"
             ) from None
+        # An empty file whose pages are all still in the WAL (committed, not yet checkpointed)
+        # is not new; a missing file is, whatever WAL was left beside it.
+        with contextlib.suppress(OSError):
+            fresh = fresh and (not self.path.exists() or os.stat(f"{self.path}-wal").st_size == 0)
         if not fresh or self.allow_new:
             return
         exists, recorded = self._recorded_identity()

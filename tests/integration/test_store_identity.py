@@ -205,3 +205,15 @@ async def test_unreadable_identity_file_never_hangs_and_still_guards_a_missing_d
     with pytest.raises(StoreConfigError, match="unreadable"):
         await open_store(url_of(db), SystemClock(), migrate=True)
     assert not db.exists()
+
+
+async def test_database_deleted_with_its_wal_left_behind_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = await open_store(url_of(db), SystemClock(), migrate=True)
+    await append(store)
+    os.link(db.with_name("s.db-wal"), tmp_path / "kept-wal")  # the WAL survives the deletion
+    await store.close()
+    db.unlink()
+    os.link(tmp_path / "kept-wal", db.with_name("s.db-wal"))
+    with pytest.raises(StoreConfigError, match="missing"):
+        await open_store(url_of(db), SystemClock(), migrate=True)
