@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", metavar="ACTION", parser_class=_Parser
     )
     db.required = True
-    command("migrate", "create or upgrade the schema", c.db_migrate, db)
+    migrate = command("migrate", "create or upgrade the schema", c.db_migrate, db)
+    migrate.add_argument("--new", action="store_true",
+                         help="begin a new store where a deleted or replaced one was")  # fmt: skip
 
     _json_flag(command("status", "workers, windows, kill switch and approvals", c.status))
     _json_flag(command("scorecard", "the run's scorecard from the store", c.scorecard))
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["host"],
         metavar="SCOPE",
-        help="host | fleet | session ID | worker NAME",
+        help="host | fleet | session ID | worker NAME (all its replicas) or NAME-N (one)",
     )
     engage.add_argument("--reason", required=True)
     engage.add_argument("--by", help=_BY_HELP)
@@ -248,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--scope", nargs="+", default=["host"], metavar="SCOPE")
     dis.add_argument("--reason", required=True)
     dis.add_argument("--by", help=_BY_HELP)
+    for p in (engage, dis):
+        p.add_argument("--force", action="store_true",
+                       help="a worker or session this config does not know (not started yet)")  # fmt: skip
     _json_flag(command("status", "the kill switch at every scope", c.killswitch_status, ks))
 
     drills = sub.add_parser("drill", help="operational drills on a throwaway fleet").add_subparsers(

@@ -23,6 +23,7 @@ from .errors import DatabaseMissing, NotFound, StoreConfigError, StoreError, Usa
 from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
 from .scorecard import compute
 from .simruns import simulations_dir
+from .statedir import make_state_dir
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import plain_row
 
@@ -32,7 +33,7 @@ log = structlog.get_logger("supervisor.commands")
 def ensure_state_dir(config: Config) -> None:
     """The state directory, created when missing; a path that cannot be made is a config error."""
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(config.state_dir)
     except OSError as exc:
         raise StoreConfigError(f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}") from None
 
@@ -104,7 +105,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
 
 async def db_migrate(args: argparse.Namespace, config: Config) -> int:
     ensure_state_dir(config)
-    store = await open_store(config.db_url, SystemClock(), migrate=True)
+    store = await open_store(config.db_url, SystemClock(), migrate=True,
+                             new=getattr(args, "new", False))  # fmt: skip
     try:
         versions = await store.backend.schema_versions() or []
         print(f"schema at version {max(versions)} ({config.db_url.split('?')[0]})")
@@ -329,14 +331,16 @@ def _scope(words: list[str]) -> tuple[str, str]:
 
 async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> int:
     scope, target = _scope(args.scope)
-    await set_switch(config, scope=scope, target=target, mode=mode, reason=args.reason, by=args.by)
+    await set_switch(config, scope=scope, target=target, mode=mode, reason=args.reason, by=args.by,
+                     force=getattr(args, "force", False))  # fmt: skip
     where = scope + (f" {target}" if target else "")
     print(f"kill switch {where}: {mode.value} (by {args.by}: {args.reason})")
     return 0
 
 
 async def set_switch(
-    config: Config, *, scope: str, target: str, mode: Mode, reason: str, by: str
+    config: Config, *, scope: str, target: str, mode: Mode, reason: str, by: str,
+    force: bool = False,
 ) -> SwitchState | None:
     """Engage or disengage one scope and record who and why: the CLI's and the console's one
     path. The host scope is this host's signed file (returned as read back); the others are
@@ -345,7 +349,9 @@ async def set_switch(
     if scope == "host":
         # The file first: the host switch must work while the store is down or unmigrated.
         # write() refuses (KillSwitchError, exit 2) when no secret is configured: nothing unsigned.
-        state = _host_switch(config).write(mode, reason=reason, by=by,
+        switch = _host_switch(config)
+        switch.adopt_mark(await _stored_mark(config))  # the next seq exceeds the store's mark too
+        state = switch.write(mode, reason=reason, by=by,
                              at=SystemClock().now().isoformat())  # fmt: skip
     try:
         store = await _store(config)
@@ -367,20 +373,55 @@ async def set_switch(
         )  # fmt: skip
         if state is not None:
             await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
+            await store.raise_host_switch_mark(config.fleet, config.host_id, state.seq)
         else:
+            targets = await _check_target(store, config, scope, target, mode,
+                                          force=force)  # fmt: skip
             async with store.transaction() as tx:
                 # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
                 # returns only after them, and no start can begin after it. The switch and its
                 # event (who and why) commit together.
                 await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
                 await tx.execute("lock_fleet_switch", config.fleet)
-                await tx.execute("upsert_kill_switch", config.fleet, scope, target, mode.value,
-                                 reason, by, store.clock.now())  # fmt: skip
+                for each in targets:
+                    await tx.execute("upsert_kill_switch", config.fleet, scope, each, mode.value,
+                                     reason, by, store.clock.now())  # fmt: skip
                 await store.append_in(tx, event)
                 await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
     finally:
         await store.close()
     return state
+
+
+async def _check_target(store: Store, config: Config, scope: str, target: str, mode: Mode, *,
+                        force: bool) -> list[str]:  # fmt: skip
+    """The targets a store-scope change writes. A worker or session scope must name one that
+    exists, or the switch would stop nothing. A worker is its configured name (all its replicas)
+    or an instance name (`name-2`: one); disengaging the configured name clears its replicas'
+    own switches too, so it resumes all of them."""
+    rows = await store.fetchall("kill_switches", config.fleet)
+    set_here = {r["target"]: r["mode"] for r in rows if r["scope"] == scope}
+    targets = [target]
+    if scope == "worker" and mode is Mode.DISENGAGED:
+        for spec in config.workers:
+            if spec.name == target and spec.replicas > 1:
+                targets += [n for n in spec.instance_names()
+                            if set_here.get(n, "disengaged") != "disengaged"]  # fmt: skip
+    if force or scope not in ("worker", "session") or target in set_here:
+        return targets  # a switch already set there can always be changed or cleared
+    if scope == "worker":
+        known = sorted({s.name for s in config.workers}
+                       | {n for s in config.workers for n in s.instance_names()})  # fmt: skip
+        if target not in known:
+            raise UsageError(f"unknown worker {target!r}: known workers are "
+                             f"{', '.join(known) or 'none'} (--force for one not configured yet)")  # fmt: skip
+        return targets
+    sessions = await store.list_sessions(config.fleet)
+    if target not in {s.id for s in sessions}:
+        open_ = [f"{s.id} ({s.window_key})" for s in sessions if s.status == "open"]
+        raise UsageError(f"unknown session {target!r}: open sessions are "
+                         f"{', '.join(open_) or 'none'} (--force for one not opened yet)")  # fmt: skip
+    return targets
 
 
 async def killswitch_engage(args: argparse.Namespace, config: Config) -> int:
@@ -399,9 +440,30 @@ def _host_switch(config: Config) -> HostSwitchFile:
     return HostSwitchFile(host_switch_path(config.state_dir), secret)
 
 
+async def _stored_mark(config: Config) -> int:
+    """The store's host kill-switch mark; 0 when the store is unusable (the file still works)."""
+    try:
+        store = await _store(config)
+    except (StoreError, StoreConfigError):
+        return 0
+    try:
+        return await store.host_switch_mark(config.fleet, config.host_id)
+    except StoreError:
+        return 0
+    finally:
+        await store.close()
+
+
+async def _marked_host_switch(store: Store, config: Config) -> HostSwitchFile:
+    """The host switch with the store's replay mark: a missing file after history is halt_all."""
+    switch = _host_switch(config)
+    switch.adopt_mark(await store.host_switch_mark(config.fleet, config.host_id))
+    return switch
+
+
 async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
     """Every scope's switch: mode, since when, by whom and why (the same fields in JSON)."""
-    state = _host_switch(config).read()
+    state = (await _marked_host_switch(store, config)).read()
     out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
             "problem": state.problem, "since": state.at or None, "by": state.by or None,
             "reason": state.reason, "seq": state.seq}]  # fmt: skip
@@ -438,7 +500,7 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
     try:
         report = await recovery.scan(
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
-            host_switch=_host_switch(config),
+            host_switch=await _marked_host_switch(store, config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
             host=config.host_id, live_after=await store.db_now() - timedelta(seconds=config.lease_ttl),
         )  # fmt: skip

@@ -26,12 +26,12 @@ from anyio.abc import TaskStatus
 from . import events as ev
 from . import recovery
 from .actions import derive_id
-from .alerts import Alerts
+from .alerts import STATE_WRITE_FAILED, Alerts
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .clock import Clock, SystemClock, VirtualClock
 from .config import Config, WorkerSpec
-from .errors import ConfigError, StoreError, UsageError
+from .errors import ConfigError, StoreError, StoreLost, UsageError
 from .fleet import Fleet, WorkerFactory, load_worker_class
 from .gate import Gate
 from .horizons import HorizonProfile
@@ -40,6 +40,7 @@ from .leases import Coordinator
 from .metrics import Metrics
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
+from .statedir import make_state_dir
 from .store import NewEvent, Store, open_store, system_stream
 from .store.base import current_fence, plain_row
 from .systemd import Notifier
@@ -134,6 +135,7 @@ class Daemon:
         self.scorecard: Scorecard | None = None
         self.fleet: Fleet | None = None
         self.clock: Clock = SystemClock()
+        self.store_lost: str | None = None  # why the database is gone, once it is
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class Daemon:
                         hint="add [[workers]] tables; nothing will run")  # fmt: skip
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            make_state_dir(cfg.state_dir)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}") from None
         system = SystemClock()
@@ -215,6 +217,9 @@ class Daemon:
         # the killed incarnation's actions in simulated time, so "before now" would miss them all.
         started_real = clock.now() if not clock.virtual else None
         host_switch = HostSwitchFile(host_switch_path(cfg.state_dir), secret)
+        # The store's replay mark: with the mark file (and the switch file) deleted, an old
+        # disengage stays a replay and a missing file stays halt_all.
+        host_switch.adopt_mark(await store.host_switch_mark(cfg.fleet, cfg.host_id))
         approvals = Approvals(store, cfg.approvals, cfg.fleet)
         gate = Gate(store=store, fleet=cfg.fleet, policy=cfg.policy, approvals=approvals,
                     host_switch=host_switch, token_budgets=cfg.token_budgets, models=cfg.models,
@@ -309,6 +314,15 @@ class Daemon:
                 await fleet.idle.wait()
             tg.cancel_scope.cancel()
 
+        self.store_lost = self.store_lost or store.backend.lost()  # a simulated run has no watch
+        if self.store_lost is not None:
+            with anyio.move_on_after(5):
+                await alerts.flush()  # the sinks hear of it: the store cannot record it
+            alerts.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            raise StoreLost(f"{self.store_lost}: every action halted; restore the database "
+                            "(or `acp-supervisor db migrate --new`) before starting again")  # fmt: skip
         over = plan.end is not None and clock.now() >= plan.end
         self.finished = over
         if over:
@@ -459,6 +473,9 @@ class Daemon:
         while True:
             await anyio.sleep(interval)
             now = anyio.current_time()
+            lost = store.backend.lost()
+            if lost is not None and self.store_lost is None:
+                await self._on_store_lost(lost)
             state = host_switch.read()
             if state != known:
                 known = state
@@ -498,6 +515,15 @@ class Daemon:
         elif known and not names:
             await self.alerts.resolve("worker_stalled", session_id=None, detail={"workers": known})
         return names
+
+    async def _on_store_lost(self, problem: str) -> None:
+        """The database file was deleted or replaced: every commit now fails (the backend checks
+        each one), so no action gets a started record; alert, drain and exit non-zero."""
+        self.store_lost = problem
+        log.critical("store.lost", problem=problem, treated_as="halt_all")
+        await self.alerts.raise_alert(STATE_WRITE_FAILED, session_id=None,
+                                      detail={"store_lost": problem})  # fmt: skip
+        self.clock.ring(self.stopping)
 
     async def _watch_store_switches(self, store: Store) -> None:
         """Fleet, session and worker switches live in the store. The gate reads them inside every
@@ -559,6 +585,7 @@ class Daemon:
             return
         if state.seq == 0:
             return
+        await store.raise_host_switch_mark(fleet, self.config.host_id, state.seq)
         kind = ev.KILLSWITCH_DISENGAGED if state.mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
         detail = {"scope": "host", "mode": state.mode.value, "by": state.by, "reason": state.reason}
         if state.mode == Mode.DISENGAGED:
@@ -601,6 +628,8 @@ class Daemon:
     def _add_spec(self, spec: WorkerSpec) -> None:
         for name in spec.instance_names():
             self._specs[name] = spec
+            if name != spec.name:
+                self.gate.worker_groups[name] = spec.name
 
     def _start_instance(self, name: str) -> None:
         assert self._tg is not None and self.fleet is not None

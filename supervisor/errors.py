@@ -72,6 +72,13 @@ class StateWriteError(StoreError):
     reason = "state_write_failed"
 
 
+class StoreLost(StateWriteError):
+    """The database file was deleted or replaced under the running daemon: nothing it writes
+    would last, so every action halts and the daemon exits."""
+
+    reason = "store_lost"
+
+
 class IdempotencyConflict(SupervisorError):
     """The same command_id was used for another operation or other params."""
 

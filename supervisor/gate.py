@@ -59,8 +59,12 @@ class GateStats:
     latencies: list[float] | None = None
 
 
-def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool) -> str | None:
-    """The fleet, session and worker switches from the store: None when they permit the action."""
+def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool,
+                         group: str | None = None) -> str | None:  # fmt: skip
+    """The fleet, session and worker switches from the store: None when they permit the action.
+
+    A worker switch names an instance (`support-2`: that one) or, as `group`, the configured
+    name of a replicated worker (`support`: all its replicas)."""
     modes: list[Mode] = []
     scopes: set[str] = set()
     for row in rows:
@@ -68,7 +72,7 @@ def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, criti
         if (
             scope == "fleet"
             or (scope == "session" and target == session_id)
-            or (scope == "worker" and target == worker)
+            or (scope == "worker" and target in (worker, group))
         ):
             try:
                 modes.append(Mode(row["mode"]))
@@ -118,6 +122,8 @@ class Gate:
         # or abandoned": the recovery scan never touches those, whatever the wall clock says.
         self.owner: str | None = uuid.uuid4().hex[:12]
         self.in_flight: set[str] = set()
+        # Instance name -> configured name of a replicated worker (for worker-scope switches).
+        self.worker_groups: dict[str, str] = {}
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -143,7 +149,8 @@ class Gate:
     def _verdict(self, action: Action, rows: list[Row], worker: str, session: Session) -> str | None:
         """Every switch at once (host file, then the store's rows); None when all permit."""
         return self._host_verdict(action.critical) or store_switch_verdict(
-            rows, worker=worker, session_id=session.id, critical=action.critical
+            rows, worker=worker, session_id=session.id, critical=action.critical,
+            group=self.worker_groups.get(worker),
         )
 
     async def refuse(

@@ -11,7 +11,10 @@ File format (one JSON object)::
 `sig` is HMAC-SHA256, keyed with the secret, over the canonical JSON (sorted keys, separators
 `,` and `:`, ASCII escapes, no NaN) of the object without `sig`. Formatting of the file itself is
 free, so an operator may pretty-print it. Next to it, `<name>.seq` holds the highest `seq` ever
-accepted, so a validly signed but older file copied back is rejected as a replay.
+accepted, so a validly signed but older file copied back is rejected as a replay; the daemon
+also keeps that mark in the store (`adopt_mark`). No file is disengaged only where no signed file
+was ever accepted; after one was, a missing file is unverifiable, so halt_all. Only a regular
+file is read, without blocking; any content gives a verdict, never an exception.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import hmac
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .errors import ConfigError, KillSwitchError
+from .statedir import make_state_dir
 
 SECRET_ENV = "ACP_KILLSWITCH_SECRET"
 NO_SECRET_MESSAGE = (
@@ -151,6 +156,9 @@ _MISSING = SwitchState(mode=Mode.DISENGAGED, seq=0, reason="no kill-switch file"
 
 
 def _failed(problem: str) -> SwitchState:
+    # The problem text goes into events, logs and derived ids: never let a lone surrogate or
+    # a megabyte of quoted garbage from a hostile file travel with it.
+    problem = problem.encode("utf-8", "backslashreplace").decode("utf-8")[:500]
     return SwitchState(
         mode=Mode.HALT_ALL,
         seq=0,
@@ -171,6 +179,45 @@ def _key(st: os.stat_result) -> _StatKey:
 
 class _Invalid(Exception):
     """Internal: why a file was rejected; becomes `SwitchState.problem`."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_regular(path: Path, limit: int) -> tuple[_StatKey, bytes] | None:
+    """Up to `limit` bytes of the regular file at `path`, and its stat key; None when absent.
+
+    Never blocks: opening a named pipe for reading waits for a writer (and a device may do
+    anything), so the path is checked before opening, opened non-blocking, and checked again on
+    the descriptor (it may have been swapped in between). Anything but a regular file raises
+    _Invalid; other OS errors propagate as OSError.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Invalid(f"{path} is {_kind(st.st_mode)}, not a regular file")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Invalid(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit)
+    finally:
+        os.close(fd)
+    return _key(st), data
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -216,8 +263,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # Not secret (the signature protects it), and other users' tools may need to read it.
-        os.chmod(tmp, 0o644)
+        # Not secret (the signature protects it): the owner's group (operators' tools) may read
+        # it; nobody else, whatever the umask.
+        os.chmod(tmp, 0o640)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -268,18 +316,42 @@ class HostSwitchFile:
         if self._cached is not None and key == self._cached_key:
             return self._cached
         if key is None:
-            return self._remember(None, _MISSING)
+            return self._remember(None, self._missing())
         try:
-            with self.path.open("rb") as f:
-                # Key from the open descriptor: if the file was replaced after our stat, the
-                # cache still describes exactly the bytes we verified.
-                key = _key(os.fstat(f.fileno()))
-                data = f.read(_MAX_BYTES + 1)
-        except FileNotFoundError:
-            return self._remember(None, _MISSING)
+            # The key comes from the open descriptor: if the file was replaced after our stat,
+            # the cache still describes exactly the bytes we verified.
+            found = _read_regular(self.path, _MAX_BYTES + 1)
+        except _Invalid as exc:
+            return self._remember(key, _failed(str(exc)))
         except OSError as exc:
             return self._io_failure(f"cannot read {self.path}: {exc.strerror}")
+        if found is None:
+            return self._remember(None, self._missing())
+        key, data = found
         return self._remember(key, self._verify(data))
+
+    def adopt_mark(self, seq: int) -> None:
+        """Raise the high-water mark to `seq`, the one the store kept: deleting the mark file
+        beside the switch then re-opens no older file, and a missing switch file stays halted."""
+        if seq > self._mark:
+            self._mark = seq
+            self._cached = None
+
+    @property
+    def mark(self) -> int:
+        """The highest seq this process knows was accepted (file, store or its own reads)."""
+        return self._mark
+
+    def _missing(self) -> SwitchState:
+        """No switch file. Disengaged only where no signed file was ever accepted: once one was,
+        a missing file is unverifiable (deleted by someone who could not sign a disengage)."""
+        try:
+            mark = self._read_mark()
+        except _Invalid as exc:
+            return _failed(f"{self.path} missing, and {exc}")
+        if mark > 0:
+            return _failed(f"{self.path} missing after seq {mark} was accepted: unverifiable")
+        return _MISSING
 
     def _remember(self, key: _StatKey | None, state: SwitchState) -> SwitchState:
         self._cached, self._cached_key = state, key
@@ -293,9 +365,12 @@ class HostSwitchFile:
 
     def _read_mark(self) -> int:
         try:
-            text = self.mark_path.read_text(encoding="ascii")
-        except FileNotFoundError:
-            return self._mark
+            found = _read_regular(self.mark_path, 64)
+            if found is None:
+                return self._mark
+            text = found[1].decode("ascii")
+        except _Invalid as exc:
+            raise _Invalid(f"high-water mark {exc}") from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise _Invalid(f"high-water mark {self.mark_path} unreadable: {exc}") from exc
         try:
@@ -318,6 +393,8 @@ class HostSwitchFile:
             return self._check(data)
         except _Invalid as exc:
             return _failed(str(exc))
+        except Exception as exc:  # any content is a verdict, never a crash
+            return _failed(f"malformed ({type(exc).__name__})")
 
     def _check(self, data: bytes) -> SwitchState:
         if self._secret is None:
@@ -332,6 +409,8 @@ class HostSwitchFile:
             )
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Invalid(f"not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise _Invalid("not valid JSON: nested too deeply") from exc
         if not isinstance(doc, dict):
             raise _Invalid("not a JSON object")
         sig = doc.pop("sig", None)
@@ -341,7 +420,12 @@ class HostSwitchFile:
             raise _Invalid('"sig" is not a string')
         # Signature first: nothing in an unauthenticated file is worth interpreting.
         # Compared as bytes: compare_digest raises on non-ASCII str, and sig is untrusted input.
-        if not hmac.compare_digest(sign(doc, self._secret).encode(), sig.encode()):
+        try:
+            expected = sign(doc, self._secret)
+        except ValueError as exc:  # 1e400 parses as inf, which canonical JSON cannot hold
+            raise _Invalid(f"not canonical JSON: {exc}") from exc
+        # surrogatepass: a lone surrogate in sig must compare unequal, not raise.
+        if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "surrogatepass")):
             raise _Invalid("bad signature (tampered, or signed with another secret)")
 
         missing = sorted(_FIELDS - doc.keys())
@@ -387,8 +471,9 @@ class HostSwitchFile:
     def _file_seq(self) -> int:
         """The seq in the current file, verified or not: the next seq must exceed it either way."""
         try:
-            doc = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+            found = _read_regular(self.path, _MAX_BYTES + 1)
+            doc = json.loads(found[1]) if found is not None else None
+        except (OSError, ValueError, RecursionError, _Invalid):
             return 0
         seq = doc.get("seq") if isinstance(doc, dict) else None
         return seq if type(seq) is int else 0
@@ -411,7 +496,7 @@ class HostSwitchFile:
         seq = max(self._file_seq(), mark) + 1
         doc = signed_document(Mode(mode), seq=seq, reason=reason, by=by, at=at, secret=self._secret)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_state_dir(self.path.parent)
             # File before mark: a crash in between leaves a file above the mark (accepted, the
             # mark is raised on read), never a mark above the file (a spurious replay halt).
             _atomic_write(self.path, render(doc))

@@ -28,17 +28,23 @@ def make_backend(url: str) -> Backend:
     raise StoreConfigError(f"unknown database scheme {scheme!r} in {url!r} (sqlite, postgresql)")
 
 
-async def open_store(url: str, clock: Clock, *, migrate: bool = False) -> Store:
-    """Connect; with migrate=True bring the schema up to date, else require it to be current."""
+async def open_store(url: str, clock: Clock, *, migrate: bool = False, new: bool = False) -> Store:
+    """Connect; with migrate=True bring the schema up to date, else require it to be current.
+
+    A SQLite database whose file is missing or replaced while its state directory remembers
+    another store is refused (StoreConfigError) unless `new` (`db migrate --new`)."""
     backend = make_backend(url)
     backend.create = migrate  # a read never leaves an empty database file behind
     latest = max(v for v, _n, _s in load_migrations(backend.dialect))
+    if new:
+        backend.allow_new = True
     await backend.connect()
     store = Store(backend, clock, latest_version=latest)
     try:
         if migrate:
             await store.migrate()
         await store.check_schema()
+        await backend.check_identity(await store.identity())
     except BaseException:
         await backend.close()
         raise

@@ -74,6 +74,8 @@ class Backend(ABC):
     dialect: str
     url: str
     create: bool = True  # connect may create a missing database (SQLite); False for reads
+    # `db migrate --new`: the operator starts a new store where another one was.
+    allow_new: bool = False
 
     @abstractmethod
     async def connect(self) -> None: ...
@@ -106,6 +108,14 @@ class Backend(ABC):
 
     async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:  # noqa: B027
         """Send a notification when `tx` commits (no-op where there are no notifications)."""
+
+    def lost(self) -> str | None:
+        """Why the database under this backend is gone (its file deleted or replaced), or None.
+        Checked on every commit and by the daemon on a timer; only a file-backed store can be."""
+        return None
+
+    async def check_identity(self, identity: str | None) -> None:  # noqa: B027
+        """Compare the store's id with the record kept beside it (a file-backed store)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,6 +702,22 @@ class Store:
 
         _r, fresh = await self.run_command(command_id, f"once:{event.kind}", {}, body)
         return fresh
+
+    # -- store identity and the host kill switch's replay mark -------------------------------
+
+    async def identity(self) -> str | None:
+        """This store's id, made once with the schema; None on a database without one."""
+        row = await self.fetchrow("store_identity")
+        return str(row["id"]) if row is not None else None
+
+    async def host_switch_mark(self, fleet: str, host: str) -> int:
+        """The highest host kill-switch seq this host ever accepted (0: none)."""
+        row = await self.fetchrow("host_switch_mark", fleet, host)
+        return int(row["seq"]) if row is not None else 0
+
+    async def raise_host_switch_mark(self, fleet: str, host: str, seq: int) -> None:
+        async with self.transaction() as tx:
+            await tx.execute("raise_host_switch_mark", fleet, host, seq, self.clock.now())
 
 
 class _Refused(Exception):

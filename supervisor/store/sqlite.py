@@ -9,7 +9,10 @@ go to a worker thread. See docs/design.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,7 +23,7 @@ from urllib.parse import parse_qs, quote
 import anyio
 import anyio.to_thread
 
-from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError
+from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError, StoreLost
 from .base import Backend, Row, UniqueViolation
 from .queries import load_queries
 
@@ -105,6 +108,115 @@ class SQLiteBackend(Backend):
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
+        self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
+        self._lost: str | None = None
+
+    @property
+    def identity_path(self) -> Path:
+        """Beside the database: the id of the store that lives here (see check_identity)."""
+        return self.path.with_name(self.path.name + ".identity")
+
+    @property
+    def _migrate_new(self) -> str:
+        # With --db: a simulation's store is not the configured one.
+        return f"acp-supervisor --db {self.url.split('?')[0]} db migrate --new"
+
+    def _recorded_identity(self) -> tuple[bool, str | None]:
+        """(whether the identity file is there, the id it holds: None if absent or unreadable)."""
+        try:
+            fd = os.open(self.identity_path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return False, None
+        except OSError:
+            return True, None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return True, None
+            text = os.read(fd, 200).decode("ascii", "replace").strip()
+        except OSError:
+            return True, None
+        finally:
+            os.close(fd)
+        return True, text or None
+
+    def _refuse_fresh_over_history(self) -> None:
+        """A database file that is missing (or empty) where a store lived means it was deleted:
+        starting afresh would forget every command_id and run their effects again."""
+        try:
+            fresh = self.path.stat().st_size == 0
+        except FileNotFoundError:
+            fresh = True
+        except OSError as exc:
+            raise StoreConfigError(
+                f"cannot stat sqlite database {self.path}: {exc.strerror or exc}"
+            ) from None
+        # An empty file whose pages are all still in the WAL (committed, not yet checkpointed)
+        # is not new; a missing file is, whatever WAL was left beside it.
+        with contextlib.suppress(OSError):
+            fresh = fresh and (not self.path.exists() or os.stat(f"{self.path}-wal").st_size == 0)
+        if not fresh or self.allow_new:
+            return
+        exists, recorded = self._recorded_identity()
+        if exists:
+            raise StoreConfigError(
+                f"sqlite database {self.path} is missing, but {self.identity_path} says store "
+                f"{recorded or '(unreadable)'} lived there: refusing to start a new, empty "
+                f"ledger; restore the database, or run `{self._migrate_new}` to begin a new store"
+            )
+
+    async def check_identity(self, identity: str | None) -> None:
+        if identity is None:
+            return
+        exists, recorded = self._recorded_identity()
+        if recorded == identity:
+            return
+        if exists and not self.allow_new:
+            if recorded is None:
+                return  # unreadable here (another user's file): nothing to compare, keep it
+            raise StoreConfigError(
+                f"sqlite database {self.path} is store {identity}, but {self.identity_path} "
+                f"says store {recorded} lived there: the database was replaced; restore it, or "
+                f"run `{self._migrate_new}` to adopt this one"
+            )
+        tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
+        try:
+            # Not secret, and readable by whichever user runs the CLI or the daemon next.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(identity + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.identity_path)
+        except OSError:
+            # A read-only directory: the database still opens; only the protection is missing.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _watch_file(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+            self._watched[str(path)] = (fd, (st.st_dev, st.st_ino))
+
+    def lost(self, *, quick: bool = False) -> str | None:
+        """Also the link count of our own descriptors unless `quick` (the per-commit check: a
+        stat per file, since a path that still resolves to our inode means it is linked)."""
+        for path, (fd, ident) in self._watched.items():
+            if self._lost is not None:
+                break
+            try:
+                st = os.stat(path)
+                now = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            except OSError:
+                continue  # cannot tell; the commit itself reports real I/O trouble
+            if now is not None and now != ident:
+                self._lost = f"sqlite database file {path} was replaced by another file in use"
+            elif now is None or (not quick and os.fstat(fd).st_nlink == 0):
+                self._lost = f"sqlite database file {path} was deleted while in use"
+        return self._lost
 
     async def connect(self) -> None:
         plain = str(self.path)
@@ -113,6 +225,8 @@ class SQLiteBackend(Backend):
             raise DatabaseMissing(f"database {plain} does not exist", plain)
         if not self.path.parent.is_dir():
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
+        self._refuse_fresh_over_history()
+        existed = self.path.exists()
         try:
             # busy_timeout 0: a statement on the event loop never waits for another process;
             # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
@@ -121,15 +235,31 @@ class SQLiteBackend(Backend):
             target = self.path if self.create else f"file:{quote(plain)}?mode=rw"
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
                                    timeout=0.0, uri=not self.create)  # fmt: skip
+            if not existed:
+                # Before the WAL and shared-memory files exist: SQLite gives them the database
+                # file's mode. Owner only, whatever the umask.
+                os.chmod(self.path, 0o600)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
             conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn
+        # Our own descriptors on the database and its WAL (where commits land first; a read
+        # creates it), to tell a deleted or replaced file (link count 0, another inode at the
+        # path) from the one the connection writes into. SQLite removes the WAL only when the
+        # last connection closes, never under an open one.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._watch_file(self.path)
+        self._watch_file(self.path.with_name(self.path.name + "-wal"))
 
     async def close(self) -> None:
+        watched, self._watched = self._watched, {}
+        for fd, _ident in watched.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             async with self._lock:
@@ -173,6 +303,11 @@ class SQLiteBackend(Backend):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            lost = self.lost(quick=True)
+            if lost is not None:
+                # Committing into a deleted inode would "succeed" and be lost: fail closed.
+                conn.execute("ROLLBACK")
+                raise StoreLost(lost)
             try:
                 if self._commit_inline:
                     conn.execute("COMMIT")

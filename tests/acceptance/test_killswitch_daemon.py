@@ -133,10 +133,12 @@ async def test_a_switch_file_that_does_not_verify_halts(daemon: DaemonFactory, s
     await disengage(d)  # seq 1: a valid, disengaged file; the fleet keeps running
     await assert_resumes(d, datetime.now(UTC))
 
+    before = datetime.now(UTC)
     problem = await spoil(d)
     spoiled_at = datetime.now(UTC)
     await assert_halted_since(d, spoiled_at)
-    invalid = await d.wait_until(lambda: d.events("KILLSWITCH_INVALID", after=spoiled_at),
+    # `before`: on a loaded machine the daemon may record it before this test reads the clock.
+    invalid = await d.wait_until(lambda: d.events("KILLSWITCH_INVALID", after=before),
                                  what="a KILLSWITCH_INVALID event")  # fmt: skip
     assert problem in invalid[0].payload["problem"], invalid[0].payload
     denied = await d.events("ACTION_DENIED", reason="killswitch", after=spoiled_at)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from pathlib import Path
 from typing import Any
 
@@ -320,14 +319,14 @@ def test_corrupt_mark_fails_closed_and_write_repairs_it(path: Path) -> None:
 def test_unchanged_file_is_not_reopened(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     HostSwitchFile(path, SECRET).write(Mode.HALT_ALL, reason="r", by="b", at=AT)
     opens: list[Path] = []
-    real_open = pathlib.Path.open
+    real_open = os.open
 
-    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == path:
-            opens.append(self)
-        return real_open(self, *args, **kwargs)
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file) == path:
+            opens.append(path)
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(pathlib.Path, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_open)
     switch = HostSwitchFile(path, SECRET)
     assert switch.changed()
     first = switch.read()

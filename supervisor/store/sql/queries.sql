@@ -383,3 +383,15 @@ WHERE (session_id IN (SELECT id FROM sessions WHERE fleet = ?) OR session_id = ?
   AND (? = '' OR worker = ?) AND (? = '' OR kind = ?) AND (? = '' OR session_id = ?)
   AND (? = '' OR command_id = ?) AND id < ?
 ORDER BY id DESC LIMIT ?;
+
+-- name: store_identity
+SELECT id FROM store_identity;
+
+-- name: host_switch_mark
+SELECT seq FROM host_switch_marks WHERE fleet = ? AND host = ?;
+
+-- name: raise_host_switch_mark
+-- Only ever upward: a racing writer with a lower seq changes nothing.
+INSERT INTO host_switch_marks (fleet, host, seq, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (fleet, host) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+WHERE host_switch_marks.seq < excluded.seq;
