@@ -603,16 +603,29 @@ class Daemon:
         raises, an unexpected bug): it is quarantined and tried again, never taking the daemon
         and every other worker down with it."""
         assert self.fleet is not None
-        try:
-            await self.fleet.run_instance(name, factory)
-            return True
-        except Exception as exc:
-            status = self.fleet.status.get(name)
-            if status is not None:
-                status.state, status.last_error = "quarantined", f"{type(exc).__name__}: {exc}"
-                status.restarts += 1
-            log.error("worker.failed", worker=name, error=f"{type(exc).__name__}: {exc}")
-            return False
+        while True:
+            try:
+                await self.fleet.run_instance(name, factory)
+                return True
+            except StoreError as exc:
+                if not exc.transient or self.stopping.is_set():
+                    failure: Exception = exc
+                    break
+                # The store went away outside a cycle (resuming the checkpoint): the worker did
+                # nothing wrong, so it waits for the store and starts again, no quarantine.
+                log.warning("worker.store_unavailable", worker=name, error=str(exc))
+                later = self.clock.now() + timedelta(seconds=self.config.heartbeat)
+                await self.clock.sleep_until(later, self.stopping)
+            except Exception as exc:
+                failure = exc
+                break
+        status = self.fleet.status.get(name)
+        error = f"{type(failure).__name__}: {failure}"
+        if status is not None:
+            status.state, status.last_error = "quarantined", error
+            status.restarts += 1
+        log.error("worker.failed", worker=name, error=error)
+        return False
 
     def _stop_instance(self, name: str) -> None:
         """After its current cycle: checkpoint, stop, give the slot back."""

@@ -28,6 +28,8 @@ from supervisor.store.postgres import APPLICATION_NAME
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
 async def store(pg_url: str, clock: VirtualClock) -> AsyncIterator[Store]:
@@ -278,3 +280,51 @@ def test_query_timeout_is_configured_and_bounded_by_the_lease(tmp_path: Path) ->
     assert load('query_timeout = "1.5s"').query_timeout == 1.5
     with pytest.raises(ConfigError, match=r"query_timeout.*shorter than the lease"):
         load('query_timeout = "20s"')
+
+
+# --- the fleet: a lost connection is not a worker crash ----------------------------------------
+
+
+async def test_a_transient_store_error_is_not_a_worker_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost connection while an instance resumes its checkpoint, and while a cycle writes a
+    started record: the worker waits for the store and goes on; no crash, no quarantine.
+    (A simulated day on SQLite, with the two losses injected where the store raises them.)"""
+    from test_fleet import Run, _worker
+
+    from supervisor.checkpoints import Checkpoints
+    from supervisor.errors import StoreUnavailable
+
+    def lost(message: str) -> StoreError:
+        error = StoreUnavailable(f"postgres connection lost during {message} (injected)")
+        error.transient = True
+        return error
+
+    real_resume, real_begin = Checkpoints.resume_point, Store.begin_action
+    injected = {"resume": 0, "begin": 0}
+
+    async def resume_point(self: Checkpoints, worker: str) -> Any:
+        if injected["resume"] == 0:
+            injected["resume"] += 1
+            raise lost("get_resume_point")
+        return await real_resume(self, worker)
+
+    async def begin_action(self: Store, **kw: Any) -> Any:
+        if injected["begin"] < 2:
+            injected["begin"] += 1
+            raise lost("insert_action")
+        return await real_begin(self, **kw)
+
+    monkeypatch.syspath_prepend(str(ROOT))  # for tests.fleet_workers
+    monkeypatch.setattr(Checkpoints, "resume_point", resume_point)
+    monkeypatch.setattr(Store, "begin_action", begin_action)
+    run = await Run(tmp_path, _worker("ticker", "tests.fleet_workers:Ticker"),
+                    run_length="10m").run()  # fmt: skip
+    assert injected == {"resume": 1, "begin": 2}
+    assert run.events("ticker", "WORKER_CRASHED", "WORKER_QUARANTINED") == []
+    status = run.status("ticker")
+    assert status.crashes == 0 and status.restarts == 0
+    assert status.cycles >= 50, "the worker went on after each loss"
+    started = run.query("SELECT count(*) AS n FROM actions WHERE status = 'succeeded'")
+    assert started[0]["n"] == status.cycles
