@@ -202,7 +202,7 @@ class PostgresBackend(Backend):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                with anyio.fail_after(max(10.0, self.query_timeout)):
+                with anyio.fail_after(self.query_timeout):
                     await pool.close()
             except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
                 pool.terminate()  # a server that does not answer cannot hold the exit
@@ -243,7 +243,12 @@ class PostgresBackend(Backend):
             try:
                 await tr.start()
                 return conn, tr
-            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            except BaseException as exc:
+                if not isinstance(exc, (asyncpg.PostgresError, *_CONNECTION_ERRORS)):
+                    # Cancelled while BEGIN was in flight: the connection's state is unknown, and
+                    # a connection never given back would hold the pool's close forever.
+                    await self.release(conn, broken=True)
+                    raise
                 await self.release(conn, broken=_lost(exc))
                 again = _lost(exc) and not isinstance(exc, TimeoutError)
                 if not again or attempt == self.fresh_tries - 1:
@@ -262,6 +267,7 @@ class PostgresBackend(Backend):
                 # Cancelled mid-statement or connection gone: never talk to it again; the server
                 # rolls the transaction back when the connection closes.
                 lost = not isinstance(exc, Exception) or getattr(exc, "transient", False)
+                lost = lost or _lost(exc)
                 tx.broken = tx.broken or lost
                 if not tx.broken:
                     try:
@@ -332,7 +338,7 @@ class PostgresBackend(Backend):
         conn: Any = None
         try:
             conn = await asyncpg.connect(
-                self.url, timeout=max(10.0, self.query_timeout), command_timeout=self.query_timeout,
+                self.url, timeout=self.query_timeout, command_timeout=self.query_timeout,
                 server_settings={"application_name": LISTEN_APPLICATION_NAME},
             )  # fmt: skip
             await conn.add_listener(channel, lambda _c, _pid, _ch, payload: callback(payload))

@@ -328,3 +328,23 @@ async def test_a_transient_store_error_is_not_a_worker_crash(
     assert status.cycles >= 50, "the worker went on after each loss"
     started = run.query("SELECT count(*) AS n FROM actions WHERE status = 'succeeded'")
     assert started[0]["n"] == status.cycles
+
+
+async def test_a_write_cancelled_in_flight_gives_its_connection_back(
+    pg_url: str, clock: VirtualClock
+) -> None:
+    """Cancelled while BEGIN waits on a silent network (a shutdown, a cycle deadline): the
+    connection is dropped, not leaked, so the pool still closes at once."""
+    async with TcpProxy.running(*_target(pg_url)) as proxy:
+        store = await open_store(proxy.url(pg_url), clock, query_timeout=3.0)
+        await store.db_now()  # one pooled connection, idle
+        proxy.pause()
+        with anyio.move_on_after(0.2) as scope:
+            async with store.transaction() as tx:
+                await tx.fetchrow("db_now")
+        assert scope.cancelled_caught
+        proxy.resume()
+        assert await store.db_now() is not None
+        t0 = time.monotonic()
+        await store.close()
+        assert time.monotonic() - t0 < 1.5, "close waited for a connection never given back"
