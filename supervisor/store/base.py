@@ -336,9 +336,10 @@ class Store:
         tries: int | None,
         **context: Any,
     ) -> T:
-        """Run `attempt(n)` (n = 0, 1, ...) again after a transient store error (a lost
-        connection, a timeout) with a capped exponential backoff; `tries=None` means until it
-        lands or the caller is cancelled. Any other error goes straight to the caller."""
+        """Run `attempt(n)` (n = 0, 1, ...) again after a transient store error with a capped
+        exponential backoff. With `tries`, only a lost connection is retried, not a timeout (a
+        blackholed database fails the work within one query timeout); `tries=None` retries both
+        until it lands or the caller is cancelled. Any other error goes straight to the caller."""
         delay = RETRY_FIRST
         n = 0
         while True:
@@ -346,7 +347,8 @@ class Store:
                 return await attempt(n)
             except StoreError as exc:
                 n += 1
-                if not exc.transient or (tries is not None and n >= tries):
+                bounded = tries is not None and (n >= tries or exc.reason == "store_timeout")
+                if not exc.transient or bounded:
                     raise
                 log.warning("store.retry", what=what, attempt=n, retry_in=round(delay, 3),
                             error=str(exc), **context)  # fmt: skip

@@ -246,8 +246,10 @@ async def test_a_blackholed_database_times_out_within_the_bound_and_fails_closed
         try:
             rig = await build_rig(store, clock, tmp_path)
             proxy.pause()
+            event = NewEvent(kind="TEST", session_id=rig.session.id)
             for what, call in (("read", store.db_now),
-                               ("write", lambda: store.append(NewEvent(kind="TEST", session_id=rig.session.id))),
+                               ("write", lambda: store.append(event)),
+                               ("command", lambda: store.once("blackholed-once", event)),
                                ("action", lambda: rig.run(act(), "blackholed-1"))):  # fmt: skip
                 t0 = time.monotonic()
                 with anyio.fail_after(10), pytest.raises(StoreError) as info:
