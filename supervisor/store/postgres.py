@@ -177,7 +177,8 @@ class PostgresBackend(Backend):
     async def connect(self) -> None:
         # The server side of the same bound: a session whose client vanished mid-transaction (a
         # partition) gives its row locks back instead of holding them until TCP keepalive fires.
-        idle_ms = int(max(10.0, 6 * self.query_timeout) * 1000)
+        # A startup parameter, not a SET: the pool's reset on release (RESET ALL) would undo that.
+        idle_ms = int(max(2.0, 6 * self.query_timeout) * 1000)
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._sizes[0], max_size=self._sizes[1],

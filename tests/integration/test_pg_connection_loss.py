@@ -350,3 +350,34 @@ async def test_a_write_cancelled_in_flight_gives_its_connection_back(
         t0 = time.monotonic()
         await store.close()
         assert time.monotonic() - t0 < 1.5, "close waited for a connection never given back"
+
+
+async def test_a_partitioned_session_gives_its_row_locks_back(
+    pg_url: str, clock: VirtualClock
+) -> None:
+    """The network goes silent mid-transaction: the client gives up after its query timeout,
+    and the server ends the orphaned session (idle in transaction) soon after, so another host
+    can take the row it had locked instead of failing closed until TCP keepalive fires."""
+    async with TcpProxy.running(*_target(pg_url)) as proxy:
+        store = await open_store(proxy.url(pg_url), clock, query_timeout=0.3)
+        try:
+            async with store.transaction() as tx:
+                await tx.execute("ensure_fleet_switch", FLEET, clock.now())
+            with pytest.raises(StoreError):
+                async with store.transaction() as tx:
+                    await tx.fetchrow("lock_fleet_switch", FLEET)  # the row is locked
+                    proxy.pause()  # a partition: the server still holds the session
+                    await tx.fetchrow("db_now")
+            conn = await asyncpg.connect(pg_url, timeout=5)
+            try:
+                t0 = time.monotonic()
+                await conn.execute("SET lock_timeout = '8s'")
+                await conn.execute("UPDATE kill_switches SET updated_at = updated_at "
+                                   "WHERE fleet = $1 AND scope = 'fleet'", FLEET)  # fmt: skip
+                took = time.monotonic() - t0
+            finally:
+                await conn.close()
+            assert took < 4.0, f"the lock was held {took:.1f}s after the client gave up"
+        finally:
+            proxy.resume()
+            await store.close()
