@@ -98,6 +98,8 @@ class Config:
     workers: tuple[WorkerSpec, ...]
     alerts: AlertConfig
     metrics: MetricsConfig
+    query_timeout: float  # on a networked store; shorter than the lease (see load_config)
+    killswitch_store_poll: float  # while LISTEN works, the switches are re-read this often too
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def horizon(self, name: str) -> HorizonProfile:
@@ -321,6 +323,15 @@ def _build(
             f"the lease time ({lease_ttl}s) must be longer than the heartbeat ({heartbeat}s)",
             "lease_ttl",
         )
+    # A statement may not outlast the lease: a stuck heartbeat must fail while the lease holds.
+    query_timeout = c.duration(daemon, "query_timeout", min(5.0, lease_ttl / 2), "daemon")
+    if not 0 < query_timeout < lease_ttl:
+        raise c.fail(
+            "daemon.query_timeout",
+            f"the query timeout ({query_timeout}s) must be above 0 and shorter than the lease "
+            f"time ({lease_ttl}s)",
+            "query_timeout",
+        )
     return Config(
         path=file,
         fleet=fleet,
@@ -341,6 +352,8 @@ def _build(
         fleet_switch_grace=c.duration(daemon, "fleet_switch_grace", 10.0, "daemon"),
         killswitch_secret_file=secret_file,
         killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
+        query_timeout=query_timeout,
+        killswitch_store_poll=c.duration(ks, "store_poll", 1.0, "killswitch"),
         policy=policy,
         approvals=approvals,
         token_budgets=token_budgets,

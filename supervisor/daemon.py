@@ -42,7 +42,7 @@ from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .statedir import make_state_dir
 from .store import NewEvent, Store, open_store, system_stream
-from .store.base import current_fence, plain_row
+from .store.base import Subscription, current_fence, plain_row
 from .systemd import Notifier
 from .windows import date_start, next_boundary, window_at
 from .worker import EffectLog, Worker
@@ -188,7 +188,8 @@ class Daemon:
         system = SystemClock()
         # The embedded SQLite store migrates itself; a shared Postgres is migrated by an operator
         # (`acp-supervisor db migrate`), never by whichever host happens to start first.
-        store = await open_store(cfg.db_url, system, migrate=not cfg.db_url.startswith("postgres"))
+        store = await open_store(cfg.db_url, system, migrate=not cfg.db_url.startswith("postgres"),
+                                 query_timeout=cfg.query_timeout)  # fmt: skip
         try:
             if not self.simulate:
                 self.coordinator = Coordinator(store, fleet=cfg.fleet, host_id=cfg.host_id,
@@ -532,22 +533,41 @@ class Daemon:
         mode, write the snapshot."""
         changed = anyio.Event()
 
-        def on_notify(_payload: str) -> None:
+        def wake(_payload: str | None = None) -> None:
             changed.set()
 
-        close = None
-        try:
-            close = await store.backend.listen("acp_killswitch", on_notify)
-        except StoreError as exc:
-            log.warning("killswitch.listen_failed", error=str(exc))
-        poll = 1.0 if close is not None else self.config.killswitch_watch_interval
+        # LISTEN again whenever its connection goes (terminated, server restart, or a dead peer
+        # that the ping finds), then read at once: a change made meanwhile sent no notification.
+        sub: Subscription | None = None
+        listens = True  # False once the backend says it has no notifications (SQLite)
+        listen_after = 0.0
         known: dict[tuple[str, str], str] = {}
         first = True
+        waits = False  # the first pass reads at once
         try:
             while True:
-                with anyio.move_on_after(poll):
-                    await changed.wait()
-                changed = anyio.Event()
+                if waits:
+                    poll = self.config.killswitch_watch_interval
+                    if sub is not None:
+                        poll = self.config.killswitch_store_poll
+                    with anyio.move_on_after(poll):
+                        await changed.wait()
+                    changed = anyio.Event()
+                    if sub is not None and not await sub.check():
+                        log.warning("killswitch.listen_lost")
+                        with anyio.CancelScope(shield=True):
+                            await sub.close()
+                        sub = None
+                waits = True
+                if listens and sub is None and anyio.current_time() >= listen_after:
+                    try:
+                        sub = await store.backend.listen("acp_killswitch", wake, on_lost=wake)
+                        listens = sub is not None
+                        if sub is not None and not first:
+                            log.info("killswitch.listening_again")
+                    except StoreError as exc:
+                        log.warning("killswitch.listen_failed", error=str(exc))
+                        listen_after = anyio.current_time() + 1.0
                 try:
                     rows = await store.fetchall("kill_switches", self.config.fleet)
                 except StoreError:
@@ -565,9 +585,9 @@ class Daemon:
                                 at=row["updated_at"].isoformat(), scope=key[0]))  # fmt: skip
                 known, first = current, False
         finally:
-            if close is not None:
+            if sub is not None:
                 with anyio.CancelScope(shield=True):
-                    await close()
+                    await sub.close()
 
     async def _observe_switch(self, store: Store, state: SwitchState) -> None:
         """Every change of the host switch is an event once, whoever changed it (CLI or hand)."""
@@ -669,18 +689,31 @@ class Daemon:
         raises, an unexpected bug): it is quarantined and tried again, never taking the daemon
         and every other worker down with it."""
         assert self.fleet is not None
-        try:
-            await self.fleet.run_instance(name, factory)
-            return True
-        except Exception as exc:
-            status = self.fleet.status.get(name)
-            if status is not None:
-                status.state, status.last_error = "quarantined", f"{type(exc).__name__}: {exc}"
-                status.restarts += 1
-            counts = self.fleet.quarantine_counts
-            counts[name] = counts.get(name, 0) + 1
-            log.error("worker.failed", worker=name, error=f"{type(exc).__name__}: {exc}")
-            return False
+        while True:
+            try:
+                await self.fleet.run_instance(name, factory)
+                return True
+            except StoreError as exc:
+                if not exc.transient or self.stopping.is_set():
+                    failure: Exception = exc
+                    break
+                # The store went away outside a cycle (resuming the checkpoint): the worker did
+                # nothing wrong, so it waits for the store and starts again, no quarantine.
+                log.warning("worker.store_unavailable", worker=name, error=str(exc))
+                later = self.clock.now() + timedelta(seconds=self.config.heartbeat)
+                await self.clock.sleep_until(later, self.stopping)
+            except Exception as exc:
+                failure = exc
+                break
+        status = self.fleet.status.get(name)
+        error = f"{type(failure).__name__}: {failure}"
+        if status is not None:
+            status.state, status.last_error = "quarantined", error
+            status.restarts += 1
+        counts = self.fleet.quarantine_counts
+        counts[name] = counts.get(name, 0) + 1
+        log.error("worker.failed", worker=name, error=error)
+        return False
 
     def _stop_instance(self, name: str) -> None:
         """After its current cycle: checkpoint, stop, give the slot back."""

@@ -403,6 +403,7 @@ class Fleet:
         self.in_flight += 1
         self.idle = anyio.Event() if self.in_flight == 1 else self.idle
         error: str | None = None
+        lost: StoreError | None = None
         try:
             with structlog.contextvars.bound_contextvars(
                 worker=st.name, window=session.window_key, cycle=cycle,
@@ -417,7 +418,11 @@ class Fleet:
             else:  # the worker's own timeout (a network call, say) is a crash, not a hang
                 error = f"{type(exc).__name__}: {exc}"
         except (ApprovalPending, SupervisorError) as exc:
-            if isinstance(exc, StoreError):
+            if isinstance(exc, StoreError) and exc.transient:
+                # A lost connection or a timeout: the action that needed the store failed closed;
+                # the worker did nothing wrong. The caller waits for the store (not a crash).
+                lost = exc
+            elif isinstance(exc, StoreError):
                 error = f"state write failed: {exc}"
             elif isinstance(exc, UsageError | IdempotencyConflict):
                 # A worker bug (params that do not serialize, a key reused with other params):
@@ -439,6 +444,8 @@ class Fleet:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+        if lost is not None:
+            raise lost
         if error is not None:
             st.crashes += 1
             st.last_error = error

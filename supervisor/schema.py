@@ -70,6 +70,8 @@ SECTIONS: tuple[Section, ...] = (
         Key("heartbeat", _DUR, '"3s"', "Lease renewal cadence."),
         Key("fleet_switch_grace", _DUR, '"10s"', "An unreachable store for this long makes the "
             "fleet switch count as halt_all."),
+        Key("query_timeout", _DUR, "5s, or half `lease_ttl` when that is shorter than 10s",
+            "Bound of every statement and pool wait on Postgres; shorter than `lease_ttl`."),
     )),
     Section("horizons.NAME", "Overrides of one horizon profile (NAME: hour, day, week, month); "
             "defaults are the horizon table of docs/design.md.", (
@@ -86,6 +88,8 @@ SECTIONS: tuple[Section, ...] = (
         Key("secret_file", "path", "-", "File holding the signing secret (else env "
             "`ACP_KILLSWITCH_SECRET`)."),
         Key("watch_interval", _DUR, '"50ms"', "How often the switch file is checked."),
+        Key("store_poll", _DUR, '"1s"', "How often the store's switches are re-read beside "
+            "LISTEN (Postgres), which is re-established when its connection is lost."),
     )),
     Section("policy", "First matching rule wins, then the risk table, then `unmatched`.", (
         Key("unmatched", "outcome", '"require_approval"', "Outcome when nothing else decides: "

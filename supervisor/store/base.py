@@ -14,8 +14,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import anyio
 import structlog
 
 from ..actions import canonical_json, params_hash
@@ -31,10 +32,20 @@ from ..errors import (
 log = structlog.get_logger("supervisor.store")
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 # How many telemetry events wait in memory before they are written in one transaction.
 TELEMETRY_BATCH = 256
 TELEMETRY_MAX_BUFFER = 10_000
+
+# Every statement's bound on a networked backend (config: daemon.query_timeout).
+DEFAULT_QUERY_TIMEOUT = 5.0
+# Work that may be redone after a lost connection waits RETRY_FIRST, then twice as long each
+# time, never more than RETRY_MAX. A command before its effect is tried COMMAND_TRIES times (then
+# it fails closed); the outcome of an effect that ran is tried until it lands.
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+COMMAND_TRIES = 3
 
 
 class UniqueViolation(StoreError):
@@ -70,6 +81,16 @@ class Tx(Protocol):
     async def fetchall(self, name: str, *args: Any) -> list[Row]: ...
 
 
+class Subscription(Protocol):
+    """A standing LISTEN (see Backend.listen)."""
+
+    async def check(self) -> bool:
+        """True while notifications can still arrive; False once the connection is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Backend(ABC):
     dialect: str
     url: str
@@ -100,10 +121,14 @@ class Backend(ABC):
         """Apply one migration and record it, unless another process just did. True if applied."""
 
     async def listen(
-        self, channel: str, callback: Callable[[str], None]
-    ) -> Callable[[], Awaitable[None]] | None:
-        """Call `callback(payload)` on each notification on `channel`; returns a closer, or None
-        when the backend has no notifications (SQLite: one host, the daemon polls instead)."""
+        self,
+        channel: str,
+        callback: Callable[[str], None],
+        on_lost: Callable[[], None] | None = None,
+    ) -> Subscription | None:
+        """Call `callback(payload)` on each notification on `channel`, and `on_lost()` when the
+        listening connection goes away (listen again then). None when the backend has no
+        notifications (SQLite: one host, the daemon polls instead)."""
         return None
 
     async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:  # noqa: B027
@@ -322,6 +347,46 @@ class Store:
         Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
         """
         digest = params_hash(operation, params)
+
+        async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
+            return await self._run_command_once(command_id, operation, digest, body)
+
+        # A retry after a lost connection is safe: an earlier attempt that did commit left its
+        # ledger row, and the retry returns that stored result instead of running `body` again.
+        return await self.retrying(
+            attempt, what=operation, tries=COMMAND_TRIES, command_id=command_id
+        )
+
+    async def retrying(
+        self,
+        attempt: Callable[[int], Awaitable[T]],
+        *,
+        what: str,
+        tries: int | None,
+        **context: Any,
+    ) -> T:
+        """Run `attempt(n)` (n = 0, 1, ...) again after a transient store error with a capped
+        exponential backoff. With `tries`, only a lost connection is retried, not a timeout (a
+        blackholed database fails the work within one query timeout); `tries=None` retries both
+        until it lands or the caller is cancelled. Any other error goes straight to the caller."""
+        delay = RETRY_FIRST
+        n = 0
+        while True:
+            try:
+                return await attempt(n)
+            except StoreError as exc:
+                n += 1
+                bounded = tries is not None and (n >= tries or exc.reason == "store_timeout")
+                if not exc.transient or bounded:
+                    raise
+                log.warning("store.retry", what=what, attempt=n, retry_in=round(delay, 3),
+                            error=str(exc), **context)  # fmt: skip
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _run_command_once(
+        self, command_id: str, operation: str, digest: str, body: CommandBody
+    ) -> tuple[dict[str, Any], bool]:
         for _attempt in range(2):
             try:
                 async with self.transaction() as tx:
@@ -665,30 +730,40 @@ class Store:
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
-        async with self.transaction() as tx:
-            now = self.clock.now()
-            encoded = canonical_json(result) if result is not None else None
-            row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
-            if row is None:
-                raise StateWriteError(f"action {command_id} has no open started record")
-            if ok:
-                await tx.execute("settle_budget", cost, cost, session_id)
-            else:
-                await tx.execute("release_budget", cost, session_id)
-            await self.append_in(
-                tx,
-                NewEvent(
-                    kind=ACTION_SUCCEEDED if ok else ACTION_FAILED,
-                    session_id=session_id,
-                    reason=reason,
-                    payload={"status": final, "error": error},
-                    command_id=command_id,
-                    correlation_id=correlation_id,
-                    worker=worker,
-                ),
-            )
-            stored = {"status": final, "result": result, "error": error}
-            await tx.execute("update_command_result", canonical_json(stored), command_id)
+
+        async def attempt(n: int) -> None:
+            async with self.transaction() as tx:
+                now = self.clock.now()
+                encoded = canonical_json(result) if result is not None else None
+                row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
+                if row is None:
+                    if n > 0:
+                        landed = await tx.fetchrow("get_action", command_id)
+                        if landed is not None and landed["status"] == final:
+                            return  # the earlier attempt committed before its connection went
+                    raise StateWriteError(f"action {command_id} has no open started record")
+                if ok:
+                    await tx.execute("settle_budget", cost, cost, session_id)
+                else:
+                    await tx.execute("release_budget", cost, session_id)
+                await self.append_in(
+                    tx,
+                    NewEvent(
+                        kind=ACTION_SUCCEEDED if ok else ACTION_FAILED,
+                        session_id=session_id,
+                        reason=reason,
+                        payload={"status": final, "error": error},
+                        command_id=command_id,
+                        correlation_id=correlation_id,
+                        worker=worker,
+                    ),
+                )
+                stored = {"status": final, "result": result, "error": error}
+                await tx.execute("update_command_result", canonical_json(stored), command_id)
+
+        # The effect has run: its outcome is known, so it is written until it lands. Only a
+        # daemon that stops first leaves the started record open (in-doubt after recovery).
+        await self.retrying(attempt, what="action.outcome", tries=None, command_id=command_id)
 
     async def get_action(self, command_id: str) -> Row | None:
         return await self.fetchrow("get_action", command_id)

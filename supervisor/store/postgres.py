@@ -1,22 +1,34 @@
-"""Postgres backend on an asyncpg pool. Imported only when the URL says postgresql://."""
+"""Postgres backend on an asyncpg pool. Imported only when the URL says postgresql://.
+
+A lost connection is this module's to recover: a connection that lost its server, timed out or
+was cancelled mid-query is terminated, never reused or rolled back over (asyncpg answers "another
+operation is in progress" on such a connection); a statement that fails that way before anything
+ran on the connection (a pooled connection whose server session was terminated) runs again on a
+fresh one. Every statement has the query timeout. What cannot be redone here is raised as a store
+error with `transient` set, so the layer above may redo the whole unit of work.
+"""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import anyio
 import asyncpg
+import structlog
 
 from ..errors import StateWriteError, StoreConfigError, StoreError, StoreUnavailable
-from .base import Backend, Row, UniqueViolation
+from .base import DEFAULT_QUERY_TIMEOUT, Backend, Row, UniqueViolation
 from .queries import load_queries
+
+log = structlog.get_logger("supervisor.store")
 
 # Errors that mean "the connection or server went away": transient, worth a reconnect.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
+    OSError,  # covers TimeoutError, which asyncpg raises when a statement passes its timeout
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
@@ -26,6 +38,10 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 _MIGRATION_LOCK = zlib.crc32(b"acp-supervisor:migrate")
+# DDL and the wait for another host's migration may take longer than a query timeout.
+_MIGRATION_TIMEOUT = 600.0
+APPLICATION_NAME = "acp-supervisor"
+LISTEN_APPLICATION_NAME = "acp-supervisor:listen"
 
 
 def _rowcount(status: str) -> int:
@@ -33,57 +49,143 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def _lost(exc: BaseException) -> bool:
+    """The connection is unusable after `exc` (gone, timed out, or in an unknown state)."""
+    return isinstance(exc, _CONNECTION_ERRORS)
+
+
+def _store_error(write: bool, message: str, exc: BaseException | None = None) -> StoreError:
+    """The project's error for a failure; a lost connection or a timeout is marked transient."""
+    error = (StateWriteError if write else StoreUnavailable)(
+        message, reason="store_timeout" if isinstance(exc, TimeoutError) else None
+    )
+    error.transient = exc is None or _lost(exc)
+    return error
+
+
 class _PgTx:
-    def __init__(self, conn: Any, queries: dict[str, str], write: bool) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        queries: dict[str, str],
+        write: bool,
+        *,
+        backend: PostgresBackend | None = None,
+        timeout: float = DEFAULT_QUERY_TIMEOUT,
+    ) -> None:
         self._conn = conn
         self._q = queries
         self._write = write
+        # Readers only: each read stands alone, so one that lost its connection is read again.
+        self._backend = backend
+        self._timeout = timeout
+        self.broken = False  # the connection must be terminated, not given back to the pool
 
     def _translate(self, name: str, exc: BaseException) -> StoreError:
         if isinstance(exc, asyncpg.UniqueViolationError):
             return UniqueViolation(f"{name}: {exc}")
+        if isinstance(exc, TimeoutError):
+            message = f"postgres {name} timed out after {self._timeout:g}s"
+            return _store_error(self._write, message, exc)
         if isinstance(exc, _CONNECTION_ERRORS):
-            if self._write:
-                return StateWriteError(f"postgres connection lost during {name}: {exc}")
-            return StoreUnavailable(f"postgres connection lost during {name}: {exc}")
+            return _store_error(self._write, f"postgres connection lost during {name}: {exc}", exc)
         error = StateWriteError if self._write else StoreError
         return error(f"postgres {name}: {exc}")
 
+    async def _call(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
+        retries = 0 if self._backend is None else self._backend.fresh_tries
+        while True:
+            try:
+                return await getattr(self._conn, method)(self._q[name], *args)
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                if _lost(exc):
+                    self.broken = True
+                # A timeout is not retried: the same wait again would double the bound.
+                again = retries > 0 and _lost(exc) and not isinstance(exc, TimeoutError)
+                if not again or self._backend is None:
+                    raise self._translate(name, exc) from exc
+                log.info("store.reconnect", error=str(exc))
+            retries -= 1
+            conn, self._conn = self._conn, None
+            await self._backend.release(conn, broken=True)
+            self._conn = await self._backend.acquire(write=False)
+            self.broken = False
+
     async def execute(self, name: str, *args: Any) -> int:
-        try:
-            return _rowcount(await self._conn.execute(self._q[name], *args))
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-            raise self._translate(name, exc) from exc
+        status: str = await self._call("execute", name, args)
+        return _rowcount(status)
 
     async def fetchrow(self, name: str, *args: Any) -> Row | None:
-        try:
-            row = await self._conn.fetchrow(self._q[name], *args)
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-            raise self._translate(name, exc) from exc
+        row = await self._call("fetchrow", name, args)
         return dict(row) if row is not None else None
 
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
-        try:
-            rows = await self._conn.fetch(self._q[name], *args)
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-            raise self._translate(name, exc) from exc
+        rows = await self._call("fetch", name, args)
         return [dict(r) for r in rows]
+
+
+class _PgSubscription:
+    """A LISTEN on its own connection (notifications need one that stays open)."""
+
+    def __init__(self, conn: Any, timeout: float, on_lost: Callable[[Any], None] | None) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self._on_lost = on_lost
+
+    async def check(self) -> bool:
+        """True while the connection answers within the timeout; a dead one (terminated, or a
+        blackholed peer that would never say so) is terminated and False comes back."""
+        if self._conn.is_closed():
+            return False
+        try:
+            await self._conn.fetchval("SELECT 1", timeout=self._timeout)
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            self._conn.terminate()
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._on_lost is not None:
+            self._conn.remove_termination_listener(self._on_lost)
+        if self._conn.is_closed():
+            return
+        try:
+            await self._conn.close(timeout=2)
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            self._conn.terminate()
 
 
 class PostgresBackend(Backend):
     dialect = "postgres"
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+    ) -> None:
         self.url = url
         self._queries = load_queries("postgres")
         self._pool: Any = None
         self._sizes = (min_size, max_size)
+        self.query_timeout = query_timeout
+        # Stale pooled connections are tried one after another: at most the whole pool, then one.
+        self.fresh_tries = max_size + 1
 
     async def connect(self) -> None:
+        # The server side of the same bound: a session whose client vanished mid-transaction (a
+        # partition) gives its row locks back instead of holding them until TCP keepalive fires.
+        # A startup parameter, not a SET: the pool's reset on release (RESET ALL) would undo that.
+        idle_ms = int(max(2.0, 6 * self.query_timeout) * 1000)
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=self._sizes[0], max_size=self._sizes[1], timeout=10
-            )
+                self.url, min_size=self._sizes[0], max_size=self._sizes[1],
+                timeout=max(10.0, self.query_timeout), command_timeout=self.query_timeout,
+                server_settings={"application_name": APPLICATION_NAME,
+                                 "idle_in_transaction_session_timeout": str(idle_ms)},
+            )  # fmt: skip
         except asyncpg.InvalidCatalogNameError as exc:
             raise StoreConfigError(f"postgres database does not exist ({_safe(self.url)}): {exc}") from exc
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
@@ -100,50 +202,105 @@ class PostgresBackend(Backend):
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                with anyio.fail_after(self.query_timeout):
+                    await pool.close()
+            except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
+                pool.terminate()  # a server that does not answer cannot hold the exit
 
-    @asynccontextmanager
-    async def _connection(self, write: bool) -> AsyncIterator[Any]:
+    async def acquire(self, write: bool) -> Any:
+        """A pooled connection within the query timeout (a new one is made if needed)."""
         if self._pool is None:
             raise StoreError("the store is not open")
-        error = StateWriteError if write else StoreUnavailable
         try:
-            conn = await self._pool.acquire()
-        except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            raise error(f"postgres is unreachable: {exc or type(exc).__name__}") from exc
-        try:
-            yield conn
-        finally:
-            try:
-                await self._pool.release(conn)
-            except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
-                pass  # a broken connection is dropped by the pool
+            return await self._pool.acquire(timeout=self.query_timeout)
+        except TimeoutError as exc:
+            raise _store_error(
+                write, f"postgres: no connection within {self.query_timeout:g}s", exc
+            ) from exc
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            message = f"postgres is unreachable: {exc or type(exc).__name__}"
+            raise _store_error(write, message) from exc
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_PgTx]:
-        async with self._connection(write=True) as conn:
+    async def release(self, conn: Any, *, broken: bool) -> None:
+        """Give a connection back; a broken one is terminated first, so nobody reuses it."""
+        if conn is None or self._pool is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                if broken:
+                    conn.terminate()
+                await self._pool.release(conn, timeout=self.query_timeout)
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                pass  # a connection that fails its reset is dropped by the pool
+
+    async def _begin(self) -> tuple[Any, Any]:
+        """A connection with an open transaction. A pooled connection whose server session was
+        terminated fails at BEGIN, before anything ran: that one is dropped and BEGIN runs on the
+        next (a fresh one, once the stale ones are gone)."""
+        for attempt in range(self.fresh_tries):
+            conn = await self.acquire(write=True)
             tr = conn.transaction()
             try:
                 await tr.start()
-            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-                raise StateWriteError(f"postgres cannot begin a write: {exc}") from exc
+                return conn, tr
+            except BaseException as exc:
+                if not isinstance(exc, (asyncpg.PostgresError, *_CONNECTION_ERRORS)):
+                    # Cancelled while BEGIN was in flight: the connection's state is unknown, and
+                    # a connection never given back would hold the pool's close forever.
+                    await self.release(conn, broken=True)
+                    raise
+                await self.release(conn, broken=_lost(exc))
+                again = _lost(exc) and not isinstance(exc, TimeoutError)
+                if not again or attempt == self.fresh_tries - 1:
+                    raise _store_error(True, f"postgres cannot begin a write: {exc}", exc) from exc
+                log.info("store.reconnect", error=str(exc))
+        raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_PgTx]:
+        conn, tr = await self._begin()
+        tx = _PgTx(conn, self._queries, write=True, timeout=self.query_timeout)
+        try:
             try:
-                yield _PgTx(conn, self._queries, write=True)
-            except BaseException:
-                try:
-                    await tr.rollback()
-                except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
-                    pass
+                yield tx
+            except BaseException as exc:
+                # Cancelled mid-statement or connection gone: never talk to it again; the server
+                # rolls the transaction back when the connection closes.
+                lost = not isinstance(exc, Exception) or getattr(exc, "transient", False)
+                lost = lost or _lost(exc)
+                tx.broken = tx.broken or lost
+                if not tx.broken:
+                    try:
+                        await tr.rollback()
+                    except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                        tx.broken = True
                 raise
             try:
                 await tr.commit()
             except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-                raise StateWriteError(f"postgres commit failed: {exc}") from exc
+                tx.broken = _lost(exc)
+                if isinstance(exc, TimeoutError):
+                    message = f"postgres commit timed out after {self.query_timeout:g}s"
+                else:
+                    message = f"postgres commit failed: {exc}"
+                if _lost(exc):  # the commit may have landed: a redo must find out (idempotent)
+                    raise _store_error(True, message, exc) from exc
+                raise StateWriteError(message) from exc
+        finally:
+            await self.release(tx._conn, broken=tx.broken)
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[_PgTx]:
-        async with self._connection(write=False) as conn:
-            yield _PgTx(conn, self._queries, write=False)
+        tx = _PgTx(await self.acquire(write=False), self._queries, write=False, backend=self,
+                   timeout=self.query_timeout)  # fmt: skip
+        try:
+            yield tx
+        except BaseException as exc:
+            tx.broken = tx.broken or not isinstance(exc, Exception)
+            raise
+        finally:
+            await self.release(tx._conn, broken=tx.broken)
 
     async def schema_versions(self) -> list[int] | None:
         async with self.reader() as tx:
@@ -156,36 +313,49 @@ class PostgresBackend(Backend):
     async def apply_migration(self, version: int, statements: list[str], now: datetime) -> bool:
         async with self.transaction() as tx:
             conn = tx._conn
+            wait = _MIGRATION_TIMEOUT
             try:
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK,
+                                   timeout=wait)  # fmt: skip
                 exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
                 if exists and await conn.fetchval(
                     "SELECT 1 FROM schema_version WHERE version = $1", version
                 ):
                     return False
                 for statement in statements:
-                    await conn.execute(statement)
+                    await conn.execute(statement, timeout=wait)
             except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                tx.broken = _lost(exc)
                 raise StateWriteError(f"migration {version}: {exc}") from exc
             await tx.execute("record_version", version, now)
         return True
 
     async def listen(
-        self, channel: str, callback: Callable[[str], None]
-    ) -> Callable[[], Awaitable[None]] | None:
+        self,
+        channel: str,
+        callback: Callable[[str], None],
+        on_lost: Callable[[], None] | None = None,
+    ) -> _PgSubscription:
+        conn: Any = None
         try:
-            conn = await asyncpg.connect(self.url, timeout=10)
+            conn = await asyncpg.connect(
+                self.url, timeout=self.query_timeout, command_timeout=self.query_timeout,
+                server_settings={"application_name": LISTEN_APPLICATION_NAME},
+            )  # fmt: skip
             await conn.add_listener(channel, lambda _c, _pid, _ch, payload: callback(payload))
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError) as exc:
-            raise StoreUnavailable(f"postgres LISTEN {channel}: {exc}") from exc
-
-        async def close() -> None:
-            try:
-                await conn.close(timeout=2)
-            except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError):
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            if conn is not None:
                 conn.terminate()
+            message = f"postgres LISTEN {channel}: {exc or type(exc).__name__}"
+            raise _store_error(False, message, exc) from exc
+        lost: Callable[[Any], None] | None = None
+        if on_lost is not None:
 
-        return close
+            def lost(_conn: Any) -> None:
+                on_lost()
+
+            conn.add_termination_listener(lost)
+        return _PgSubscription(conn, self.query_timeout, lost)
 
     async def notify_in(self, tx: Any, channel: str, payload: str) -> None:
         await tx.fetchrow("notify_killswitch" if channel == "acp_killswitch" else channel, payload)

@@ -81,6 +81,7 @@ class Daemon:
 
     root: Path
     config_text: str
+    db: str | None = None  # a postgresql:// URL; else the SQLite file in the state directory
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
     _ready: bool = field(default=False, repr=False)
@@ -109,11 +110,12 @@ class Daemon:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.state_dir / 'supervisor.db'}"
+        return self.db or f"sqlite:///{self.state_dir / 'supervisor.db'}"
 
     def argv(self, *args: str) -> list[str]:
+        db = ["--db", self.db] if self.db else []
         return [sys.executable, "-m", "supervisor", "--config", str(self.config_path),
-                "--state-dir", str(self.state_dir), *args]  # fmt: skip
+                "--state-dir", str(self.state_dir), *db, *args]  # fmt: skip
 
     # -- the process ----------------------------------------------------------------------------
 
@@ -279,15 +281,18 @@ class Daemon:
 
 
 class DaemonFactory(Protocol):
-    def __call__(self, *, workers: str = ..., extra: str = ..., start: bool = ...) -> Daemon: ...
+    def __call__(
+        self, *, workers: str = ..., extra: str = ..., start: bool = ..., db: str | None = ...
+    ) -> Daemon: ...
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
 
-    def make(*, workers: str = SUPPORT_WORKERS, extra: str = "", start: bool = True) -> Daemon:
-        d = Daemon(tmp_path / f"daemon-{len(started)}", BASE_CONFIG + extra + workers)
+    def make(*, workers: str = SUPPORT_WORKERS, extra: str = "", start: bool = True,
+             db: str | None = None) -> Daemon:  # fmt: skip
+        d = Daemon(tmp_path / f"daemon-{len(started)}", BASE_CONFIG + extra + workers, db)
         started.append(d)
         if start:
             d.start()
