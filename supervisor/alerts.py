@@ -113,6 +113,7 @@ APPROVAL_AGE = "approval_age"
 APPROVAL_BACKLOG = "approval_backlog"
 DENIAL_RATE_CHANGE = "denial_rate_change"
 APPROVAL_RATE_CHANGE = "approval_rate_change"
+WORKER_CAP = "worker_cap"
 CONDITIONS: tuple[str, ...] = (
     BUDGET_EXHAUSTED,
     TOKEN_BUDGET_EXHAUSTED,
@@ -125,6 +126,7 @@ CONDITIONS: tuple[str, ...] = (
     APPROVAL_BACKLOG,
     DENIAL_RATE_CHANGE,
     APPROVAL_RATE_CHANGE,
+    WORKER_CAP,
 )
 
 DEFAULT_QUEUE_SIZE = 1000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import Any
 
 from . import recovery
@@ -217,15 +218,21 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
         rows = [plain_row(r) for r in await store.fetchall(query, config.fleet, 10_000)]
     finally:
         await store.close()
-    text = (
-        "\n".join(
-            f"{r['id']}  {r['status']:<9} {r['action']:<28} {r['worker']:<16} tier {r['tier']:<10} deadline {r['deadline']}"
-            for r in rows
-        )
-        or "no approvals"
-    )
+    text = "\n".join(_approval_line(r) for r in rows) or "no approvals"
     emit(args, rows, text)
     return 0
+
+
+def _approval_line(r: dict[str, Any]) -> str:
+    """One approval: what it asks (with its params), and for a window grant its bounds."""
+    line = (f"{r['id']}  {r['status']:<9} {r['action']:<28} {r['worker']:<16} tier {r['tier']:<10} "
+            f"deadline {r['deadline']}  params {r['params']}")  # fmt: skip
+    if r.get("scope") == "window":
+        match = ",".join(json.loads(r["match_keys"])) if r.get("match_keys") else "all params"
+        uses = f"{r['used_count']}/{r['max_uses']}" if r.get("max_uses") is not None else str(r["used_count"])
+        cost = f", cost {r['used_cost']}/{r['max_cost']}" if r.get("max_cost") is not None else ""
+        line += f"  window grant: match {match}, uses {uses}{cost}"
+    return line
 
 
 async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> int:
@@ -235,7 +242,7 @@ async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> in
         row = await approvals.decide(
             args.id, approve=approve, by=args.by, reason=args.reason,
             scope=getattr(args, "scope", "once"), max_uses=getattr(args, "max_uses", None),
-            max_cost=getattr(args, "max_cost", None),
+            max_cost=getattr(args, "max_cost", None), match=getattr(args, "match", None),
         )  # fmt: skip
     finally:
         await store.close()

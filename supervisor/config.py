@@ -37,11 +37,12 @@ _DAEMON = {
     "recovery_every", "escalation_every", "flush_every", "seed", "lease_ttl", "heartbeat",
     "fleet_switch_grace",
 }  # fmt: skip
-_KILLSWITCH = {"secret_file", "watch_interval"}
+_KILLSWITCH = {"secret_file", "watch_interval", "halt_in_flight"}
 _WORKER = {
     "name", "class", "command", "replicas", "restart", "schedule", "params", "backoff",
     "stable_after", "max_restarts", "restart_window", "quarantine_for", "heartbeat_timeout",
-    "cycle_deadline", "cycle_every",
+    "cycle_deadline", "cycle_every", "user", "group", "sandbox", "max_pending_approvals",
+    "max_proposals", "max_log_lines",
 }  # fmt: skip
 _BACKOFF = {"initial", "max", "multiplier"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,6 +72,13 @@ class WorkerSpec:
     quarantine_for: float = 600.0
     heartbeat_timeout: float = 120.0
     cycle_deadline: float = 300.0
+    # The trust boundary of an external worker (see docs/security.md).
+    user: str | None = None
+    group: str | None = None
+    sandbox: str = "none"
+    max_pending_approvals: int = 20
+    max_proposals: int = 1000
+    max_log_lines: int = 1000  # stderr lines and protocol log messages per cycle, together
 
     def instance_names(self) -> list[str]:
         if self.replicas == 1:
@@ -99,6 +107,7 @@ class Config:
     fleet_switch_grace: float
     killswitch_secret_file: str | None
     killswitch_watch_interval: float
+    halt_in_flight: str  # "terminate": halt_all also stops effects in flight (emergency always)
     policy: Policy
     approvals: EscalationChain
     token_budgets: TokenBudgets
@@ -263,6 +272,10 @@ def _build(
     secret_file = ks.get("secret_file")
     if secret_file is not None and not isinstance(secret_file, str):
         raise c.fail("killswitch.secret_file", "must be a path", "secret_file")
+    halt_in_flight = ks.get("halt_in_flight", "finish")
+    if halt_in_flight not in ("finish", "terminate"):
+        raise c.fail("killswitch.halt_in_flight",
+                     f"must be 'finish' or 'terminate', got {halt_in_flight!r}", "halt_in_flight")  # fmt: skip
 
     def section_of(name: str) -> Any:
         try:
@@ -316,6 +329,7 @@ def _build(
         fleet_switch_grace=c.duration(daemon, "fleet_switch_grace", 10.0, "daemon"),
         killswitch_secret_file=secret_file,
         killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
+        halt_in_flight=str(halt_in_flight),
         policy=policy,
         approvals=approvals,
         token_budgets=token_budgets,
@@ -384,6 +398,15 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
         if not isinstance(multiplier, int | float) or multiplier < 1:
             raise c.fail(where, "backoff multiplier must be >= 1", "multiplier")
         cycle_every = entry.get("cycle_every")
+        user, group, sandbox = entry.get("user"), entry.get("group"), entry.get("sandbox", "none")
+        for key, value in (("user", user), ("group", group)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise c.fail(where, f"{key} must be a user or group name", key)
+        if sandbox not in ("none", "bwrap"):
+            raise c.fail(where, f"unknown sandbox {sandbox!r} (none, bwrap)", "sandbox")
+        if command is None and (user is not None or sandbox != "none"):
+            # An in-process worker is the daemon's own code: it cannot run as someone else.
+            raise c.fail(where, "user, group and sandbox apply to command workers only", "user")
         specs.append(
             WorkerSpec(
                 name=name,
@@ -405,6 +428,12 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 quarantine_for=c.duration(entry, "quarantine_for", 600.0, where),
                 heartbeat_timeout=c.duration(entry, "heartbeat_timeout", 120.0, where),
                 cycle_deadline=c.duration(entry, "cycle_deadline", 300.0, where),
+                user=user,
+                group=group,
+                sandbox=str(sandbox),
+                max_pending_approvals=c.positive_int(entry, "max_pending_approvals", 20, where),
+                max_proposals=c.positive_int(entry, "max_proposals", 1000, where),
+                max_log_lines=c.positive_int(entry, "max_log_lines", 1000, where),
             )
         )
     return tuple(specs)

@@ -67,31 +67,72 @@ class RunPlan:
     resumed: bool
 
 
-def build_factories(config: Config) -> dict[str, WorkerFactory]:
+def build_factories(
+    config: Config, env: Mapping[str, str] | None = None
+) -> dict[str, WorkerFactory]:
     """Every worker's factory, checked before anything is written (ConfigError names the worker)."""
     factories: dict[str, WorkerFactory] = {}
     for spec in config.workers:
         if spec.target is not None:
             factories[spec.name] = load_worker_class(spec)
         else:
-            factories[spec.name] = external_factory(spec)
+            factories[spec.name] = external_factory(spec, config, env)
     return factories
 
 
-def external_factory(spec: WorkerSpec) -> WorkerFactory:
+_warned_own_user: set[str] = set()
+
+
+def running_as_service(env: Mapping[str, str]) -> bool:
+    """Started by systemd (a unit sets INVOCATION_ID; Type=notify sets NOTIFY_SOCKET)."""
+    return bool(env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"))
+
+
+def hidden_paths(config: Config, env: Mapping[str, str]) -> tuple[str, ...]:
+    """What a sandboxed worker must not see: the state directory, the secret, the database."""
+    paths = [str(config.state_dir)]
+    if config.killswitch_secret_file:
+        paths.append(str(Path(config.killswitch_secret_file).absolute()))
+    if env.get("CREDENTIALS_DIRECTORY"):
+        paths.append(env["CREDENTIALS_DIRECTORY"])
+    if config.db_url.startswith("sqlite:///"):
+        db = Path(config.db_url.removeprefix("sqlite://").partition("?")[0])
+        paths += [str(db.parent)] if db.parent != config.state_dir else []
+    return tuple(paths)
+
+
+def external_factory(
+    spec: WorkerSpec, config: Config | None = None, env: Mapping[str, str] | None = None
+) -> WorkerFactory:
     import shutil
 
     from .external import ExternalWorker
+    from .sandbox import Identity, resolve
 
     assert spec.command is not None
+    env = os.environ if env is None else env
     program = spec.command[0]
     found = shutil.which(program)
     if found is None or not os.access(found, os.X_OK):
         raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
     argv = spec.command
+    uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+    identity = Identity(uid=uid, gid=gid, user=spec.user, sandbox="bwrap" if spec.sandbox == "bwrap" else "none",
+                        hidden=hidden_paths(config, env) if config is not None else ())  # fmt: skip
+    if spec.sandbox == "bwrap" and shutil.which("bwrap") is None:
+        raise ConfigError(f"worker {spec.name!r}: sandbox 'bwrap' needs bubblewrap (bwrap) installed")
+    own_user = uid is None or uid == os.geteuid()
+    if own_user and running_as_service(env) and spec.name not in _warned_own_user:
+        _warned_own_user.add(spec.name)
+        # The agent under governance could then read the store and the switch: say so.
+        log.warning("worker.runs_as_daemon_user", worker=spec.name,
+                    hint="set user = \"acp-agent\" for it (docs/security.md)")  # fmt: skip
 
     def make(name: str, params: dict[str, Any]) -> Worker:
-        return ExternalWorker(name, params, argv=argv, heartbeat_timeout=spec.heartbeat_timeout)
+        return ExternalWorker(name, params, argv=argv, heartbeat_timeout=spec.heartbeat_timeout,
+                              identity=identity, max_proposals=spec.max_proposals,
+                              max_log_lines=spec.max_log_lines,
+                              max_pending_approvals=spec.max_pending_approvals)  # fmt: skip
 
     return make
 
@@ -170,10 +211,12 @@ class Daemon:
 
     async def run(self) -> Scorecard | None:
         cfg = self.config
-        factories = build_factories(cfg)  # config errors before anything is written
+        factories = build_factories(cfg, self.env)  # config errors before anything is written
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if any(s.user for s in cfg.workers):
+                private_state_dir(cfg.state_dir)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}") from None
         system = SystemClock()
@@ -214,6 +257,7 @@ class Daemon:
                     timezone=cfg.timezone)  # fmt: skip
         self.gate = gate
         gate.host = cfg.host_id
+        gate.halt_in_flight = cfg.halt_in_flight
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -425,6 +469,8 @@ class Daemon:
             state = host_switch.read()
             if state != known:
                 known = state
+                # First, before any store write: reach the effects in flight (emergency).
+                self.gate.stop_in_flight("host", "", state.mode)
                 self.gate.switch_moved(self.clock)
                 try:
                     await self._observe_switch(store, state)
@@ -473,6 +519,10 @@ class Daemon:
                 for key, mode in current.items():
                     if known.get(key, "disengaged") != mode and not (first and mode == "disengaged"):
                         row = next(r for r in rows if (r["scope"], r["target"]) == key)
+                        try:
+                            self.gate.stop_in_flight(key[0], key[1], Mode(mode))
+                        except ValueError:
+                            self.gate.stop_in_flight(key[0], key[1], Mode.HALT_ALL)
                         self.gate.switch_moved(self.clock)
                         log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
                                     by=row["changed_by"], reason=row["reason"])  # fmt: skip
@@ -658,7 +708,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self.reload_config()
-            factories = build_factories(new)
+            factories = build_factories(new, self.env)
             if new.fleet != self.config.fleet or new.db_url != self.config.db_url:
                 raise ConfigError("fleet and database cannot change on reload; restart instead")
         except ConfigError as exc:
@@ -668,6 +718,7 @@ class Daemon:
         old_specs = {s.name: s for s in self.config.workers}
         new_specs = {s.name: s for s in new.workers}
         self.gate.policy = new.policy
+        self.gate.halt_in_flight = new.halt_in_flight
         self.gate.approvals.chain = new.approvals
         self.gate.token_budgets = new.token_budgets
         self.gate.models = new.models
@@ -754,6 +805,15 @@ def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:
         return anchor + length
     local_end = anchor.astimezone(tz).replace(tzinfo=None) + length
     return window_at(local_end.replace(tzinfo=tz), profile.window, tz).start
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """Workers that run as another user must find the state directory closed: no group or
+    other access (the database, the switch file and its high-water mark live there)."""
+    mode = state_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        state_dir.chmod(mode & 0o700)
+        log.warning("state_dir.tightened", path=str(state_dir), was=oct(mode), now=oct(mode & 0o700))
 
 
 def killswitch_command_id(fleet: str, scope: str, seq: int | str) -> str:

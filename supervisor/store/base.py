@@ -629,13 +629,28 @@ class Store:
         correlation_id: str | None = None,
         status: str | None = None,
         reason: str | None = None,
-    ) -> None:
-        """The outcome record: action row, budget charge (success) or release, event, ledger."""
+        stop_check: Callable[[list[Row]], str | None] | None = None,
+        fleet: str = "",
+    ) -> str | None:
+        """The outcome record: action row, budget charge (success) or release, event, ledger.
+
+        `stop_check` is asked, inside the transaction and after reading the switches (on
+        Postgres FOR SHARE, so an engage and this outcome serialize), whether a switch now stops
+        effects in flight (emergency). If it says so, the action is recorded in-doubt instead
+        and its verdict is returned: no success lands after such an engage returned."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
         async with self.transaction() as tx:
             now = self.clock.now()
+            if stop_check is not None:
+                problem = stop_check(await tx.fetchall("kill_switches_for_start", fleet))
+                if problem is not None:
+                    await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                            cost=cost, worker=worker, reason="killswitch",
+                                            payload={"stopped_by": problem, "reported": result,
+                                                     "reported_error": error})  # fmt: skip
+                    return problem
             encoded = canonical_json(result) if result is not None else None
             row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
             if row is None:
@@ -658,6 +673,33 @@ class Store:
             )
             stored = {"status": final, "result": result, "error": error}
             await tx.execute("update_command_result", canonical_json(stored), command_id)
+        return None
+
+    async def mark_in_doubt(
+        self, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        """A started action whose outcome is unknown (its effect was stopped mid-way): in-doubt,
+        its reservation released, shown to operators. False when it was not open."""
+        async with self.transaction() as tx:
+            return await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                           cost=cost, worker=worker, reason=reason,
+                                           payload=payload)  # fmt: skip
+
+    async def _in_doubt_in(
+        self, tx: Tx, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        from ..events import ACTION_IN_DOUBT
+
+        if await tx.fetchrow("mark_in_doubt", command_id) is None:
+            return False
+        await tx.execute("release_budget", cost, session_id)
+        await self.append_in(tx, NewEvent(
+            kind=ACTION_IN_DOUBT, session_id=session_id, reason=reason, command_id=command_id,
+            worker=worker, payload=_json_safe(dict(payload)),
+        ))  # fmt: skip
+        return True
 
     async def get_action(self, command_id: str) -> Row | None:
         return await self.fetchrow("get_action", command_id)
@@ -671,6 +713,14 @@ class Store:
 
         _r, fresh = await self.run_command(command_id, f"once:{event.kind}", {}, body)
         return fresh
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        canonical_json(value)
+        return value
+    except Exception:
+        return {k: repr(v) for k, v in value.items()}
 
 
 class _Refused(Exception):

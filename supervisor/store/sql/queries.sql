@@ -336,3 +336,15 @@ ON CONFLICT (fleet, scope, target) DO NOTHING;
 -- name: lock_fleet_switch
 UPDATE kill_switches SET updated_at = updated_at
 WHERE fleet = ? AND scope = 'fleet' AND target = '' RETURNING mode;
+
+-- name: scoped_approvals
+SELECT * FROM approvals
+WHERE session_id = ? AND worker = ? AND action = ? AND scope = 'window' AND status = 'approved'
+ORDER BY decided_at LIMIT 100;
+
+-- name: set_approval_match
+UPDATE approvals SET match_keys = ? WHERE id = ?;
+
+-- name: count_pending_of_worker
+SELECT count(*) AS n FROM approvals
+WHERE fleet = ? AND worker = ? AND status = 'pending' AND idempotency_key <> ?;
