@@ -780,7 +780,7 @@ async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -
         started.set()
         await anyio.sleep(60)
 
-    refused: list[BaseException] = []
+    refused: list[ActionDenied] = []
 
     async def run() -> None:
         try:
