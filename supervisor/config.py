@@ -42,7 +42,7 @@ _WORKER = {
     "name", "class", "command", "replicas", "restart", "schedule", "params", "backoff",
     "stable_after", "max_restarts", "restart_window", "quarantine_for", "heartbeat_timeout",
     "cycle_deadline", "cycle_every", "user", "group", "sandbox", "max_pending_approvals",
-    "max_proposals", "max_log_lines",
+    "max_proposals", "max_log_lines", "writable",
 }  # fmt: skip
 _BACKOFF = {"initial", "max", "multiplier"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,6 +79,7 @@ class WorkerSpec:
     max_pending_approvals: int = 20
     max_proposals: int = 1000
     max_log_lines: int = 1000  # stderr lines and protocol log messages per cycle, together
+    writable: tuple[str, ...] = ()  # directories a bwrap-sandboxed worker may write
 
     def instance_names(self) -> list[str]:
         if self.replicas == 1:
@@ -404,6 +405,11 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 raise c.fail(where, f"{key} must be a user or group name", key)
         if sandbox not in ("none", "bwrap"):
             raise c.fail(where, f"unknown sandbox {sandbox!r} (none, bwrap)", "sandbox")
+        writable = entry.get("writable", [])
+        if not isinstance(writable, list) or not all(
+            isinstance(w, str) and w.startswith("/") for w in writable
+        ):
+            raise c.fail(where, "writable must be a list of absolute paths", "writable")
         if command is None and (user is not None or sandbox != "none"):
             # An in-process worker is the daemon's own code: it cannot run as someone else.
             raise c.fail(where, "user, group and sandbox apply to command workers only", "user")
@@ -434,6 +440,7 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 max_pending_approvals=c.positive_int(entry, "max_pending_approvals", 20, where),
                 max_proposals=c.positive_int(entry, "max_proposals", 1000, where),
                 max_log_lines=c.positive_int(entry, "max_log_lines", 1000, where),
+                writable=tuple(writable),
             )
         )
     return tuple(specs)

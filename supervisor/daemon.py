@@ -118,7 +118,8 @@ def external_factory(
     argv = spec.command
     uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
     identity = Identity(uid=uid, gid=gid, user=spec.user, sandbox="bwrap" if spec.sandbox == "bwrap" else "none",
-                        hidden=hidden_paths(config, env) if config is not None else ())  # fmt: skip
+                        hidden=hidden_paths(config, env) if config is not None else (),
+                        writable=spec.writable)  # fmt: skip
     if spec.sandbox == "bwrap" and shutil.which("bwrap") is None:
         raise ConfigError(f"worker {spec.name!r}: sandbox 'bwrap' needs bubblewrap (bwrap) installed")
     own_user = uid is None or uid == os.geteuid()

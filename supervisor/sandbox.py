@@ -45,6 +45,7 @@ class Identity:
     user: str | None = None
     sandbox: Sandbox = "none"
     hidden: tuple[str, ...] = ()  # paths the sandbox masks (state dir, secret, database)
+    writable: tuple[str, ...] = ()  # the worker's own directories, writable in the sandbox
 
 
 def resolve(user: str | None, group: str | None, where: str) -> tuple[int | None, int | None]:
@@ -84,6 +85,8 @@ def launch_argv(argv: Sequence[str], identity: Identity) -> list[str]:
         if bwrap is None:
             raise ConfigError("sandbox 'bwrap' needs bubblewrap installed (apt install bubblewrap)")
         out += ["--bwrap", bwrap]
+        for path in identity.writable:
+            out += ["--bind", path]
         # Decided here, with the daemon's rights: the dropped launcher may not even stat them.
         for path in identity.hidden:
             p = Path(path)
@@ -101,7 +104,18 @@ def bwrap_args(bwrap: str, hidden: Sequence[tuple[str, str]], argv: Sequence[str
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--new-session", "--chdir", "/"]  # fmt: skip
     for kind, path in hidden:
-        args += ["--tmpfs", path] if kind == "dir" else ["--ro-bind", "/dev/null", path]
+        if kind == "bind":
+            args += ["--bind", path, path]
+            continue
+        if kind == "dir":
+            args += ["--tmpfs", path]
+            continue
+        # A file is covered by an empty one (not /dev/null: device nodes do not open on the
+        # nodev mounts of an unprivileged namespace). bwrap reads its content from a pipe.
+        read, write = os.pipe()
+        os.close(write)
+        os.set_inheritable(read, True)
+        args += ["--ro-bind-data", str(read), path]
     return [*args, "--", *argv]
 
 
@@ -155,6 +169,8 @@ def main(args: Sequence[str]) -> int:
             bwrap = value
         elif flag in ("--hide-dir", "--hide-file"):
             hidden.append((flag[len("--hide-") :], value))
+        elif flag == "--bind":
+            hidden.insert(0, ("bind", value))  # binds first: a mask must win over them
         else:
             print(f"acp-supervisor sandbox: unknown flag {flag!r}", file=sys.stderr)
             return 126

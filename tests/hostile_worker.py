@@ -62,11 +62,18 @@ class Hostile:
             json.dump(done, f)
         os.replace(self.path("done.json.tmp"), self.path("done.json"))
 
-    def steps(self) -> list[tuple[int, str]]:
+    def control(self) -> dict[str, Any]:
         try:
             with open(self.path("control.json")) as f:
-                return [(int(s), str(n)) for s, n in json.load(f)["steps"]]
-        except (OSError, ValueError, KeyError):
+                control: dict[str, Any] = json.load(f)
+                return control
+        except (OSError, ValueError):
+            return {}
+
+    def steps(self) -> list[tuple[int, str]]:
+        try:
+            return [(int(s), str(n)) for s, n in self.control()["steps"]]
+        except (KeyError, TypeError, ValueError):
             return []
 
     # -- the protocol --------------------------------------------------------------------------
@@ -92,7 +99,7 @@ class Hostile:
 
     def files(self) -> None:
         p = self.params
-        daemon = os.getppid()
+        daemon = self.control().get("daemon_pid") or os.getppid()
 
         def read_db() -> str:
             with open(p["db"], "rb") as f:

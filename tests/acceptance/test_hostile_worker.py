@@ -83,7 +83,7 @@ class HostileDaemon(Daemon):
                                        check=False)  # fmt: skip
 
 
-def config(root: Path, user: str, db: str | None) -> str:
+def config(root: Path, user: str, db: str | None, sandbox: str = "none") -> str:
     state = root / "state"
     params = {"seed": SEED, "scratch": str(root / "scratch"), "db": str(state / "supervisor.db"),
               "state_dir": str(state), "switch": str(state / "killswitch.json"),
@@ -114,6 +114,8 @@ outcome = "require_approval"
 name = "hostile"
 command = ["/usr/bin/python3", "{REPO / "tests" / "hostile_worker.py"}"]
 user = "{user}"
+sandbox = "{sandbox}"
+writable = ["{root / "scratch"}"]
 max_pending_approvals = 5
 max_log_lines = 100
 max_proposals = 50
@@ -127,14 +129,15 @@ params = {json.dumps(params).replace('": ', '" = ').replace("{", "{ ").replace("
 class Driver:
     """Writes the worker's control file: the steps it takes, one per cycle, each once."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, daemon_pid: int | None = None) -> None:
         self.scratch = scratch
+        self.daemon_pid = daemon_pid
         self.steps: list[tuple[int, str]] = []
 
     def step(self, name: str) -> None:
         self.steps.append((len(self.steps) + 1, name))
         tmp = self.scratch / "control.json.tmp"
-        tmp.write_text(json.dumps({"steps": self.steps}))
+        tmp.write_text(json.dumps({"steps": self.steps, "daemon_pid": self.daemon_pid}))
         tmp.chmod(0o644)
         tmp.replace(self.scratch / "control.json")
 
@@ -149,12 +152,13 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
     secret.chmod(0o600)
     d = HostileDaemon(root, config(root, user, db), db=db)
     assert d.state_dir.stat().st_mode & 0o777 == 0o755  # open until the daemon closes it
-    drive = Driver(scratch)
     try:
         if db is not None:
             await d.cli_ok("db", "migrate")
         d.start()
         await d.wait_until(d.ready, what="daemon.ready", within=20)
+        assert d.proc is not None
+        drive = Driver(scratch, d.proc.pid)
         await d.cli_ok("killswitch", "engage", "--mode", "halt_noncritical", "--scope", "host",
                        "--reason", "hostile drill", "--by", "test")  # fmt: skip
         switch_before = d.switch_path.read_bytes()
@@ -250,6 +254,58 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
         assert succeeded == [], succeeded
 
         assert d.alive(), "the daemon kept running through all of it"
+        assert await d.stop() == 0
+    finally:
+        d.kill()
+
+
+async def test_hostile_worker_in_a_bwrap_sandbox(agent_user: str, world_dir: Path) -> None:
+    """sandbox = "bwrap": the state directory and the secret are not even there, the system is
+    read-only, /tmp is the sandbox's own; whatever the worker writes stays inside."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    probe = await anyio.run_process(
+        [
+            "su",
+            "-s",
+            "/bin/sh",
+            agent_user,
+            "-c",
+            "bwrap --ro-bind / / --unshare-pid --proc /proc true",
+        ],
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"bwrap cannot make namespaces here: {probe.stderr.decode().strip()}")
+    root, scratch = world_dir, world_dir / "scratch"
+    entry = pwd.getpwnam(agent_user)
+    scratch.mkdir()
+    os.chown(scratch, entry.pw_uid, entry.pw_gid)
+    (root / "killswitch.secret").write_text("hostile-test-secret\n")
+    (root / "killswitch.secret").chmod(0o600)
+    d = HostileDaemon(root, config(root, agent_user, None, sandbox="bwrap"))
+    try:
+        d.start()
+        await d.wait_until(d.ready, what="daemon.ready", within=20)
+        await d.cli_ok("killswitch", "engage", "--mode", "halt_noncritical", "--scope", "host",
+                       "--reason", "hostile drill", "--by", "test")  # fmt: skip
+        switch_before = d.switch_path.read_bytes()
+        assert d.proc is not None
+        Driver(scratch, d.proc.pid).step("files")
+
+        async def reports() -> list[dict[str, Any]]:
+            rows = [r for r in await d.actions() if r["name"] == "hostile.report"]
+            return [json.loads(r["params"]) for r in rows] if len(rows) >= 9 else []
+
+        tried = {t["attempt"]: t for t in await d.wait_until(reports, what="reports", within=20)}
+        for name in ("read_db", "write_db", "read_switch", "delete_switch", "read_daemon_environ"):
+            assert tried[name]["outcome"] == "blocked", tried[name]  # not there at all
+        # An empty tmpfs: at most what the worker itself planted there (the order is seeded).
+        assert tried["list_state_dir"]["detail"] in ("listed 0 entries", "listed 1 entries")
+        assert tried["read_secret"]["detail"] == "read 0 bytes of the secret"  # /dev/null
+        assert d.switch_path.read_bytes() == switch_before
+        assert not (d.state_dir / "planted").exists()
+        assert d.alive()
         assert await d.stop() == 0
     finally:
         d.kill()
