@@ -6,7 +6,7 @@ unprivileged user (`user = "acp-agent"` in its `[[workers]]` entry) and, where t
 bubblewrap, in a sandbox (`sandbox = "bwrap"`): a read-only system, its own /tmp, its own pid
 namespace, and the state directory and secret not mounted at all.
 
-The switch of user happens in a small launcher (`python -m supervisor.sandbox`), not in the
+The switch of user happens in a small launcher (this file, run as a script), not in the
 daemon: the launcher drops the supplementary groups, sets the group and user ids, clears every
 capability set (a daemon started by systemd holds CAP_SETUID/CAP_SETGID as *ambient*
 capabilities, which would otherwise survive the exec), sets no_new_privs, checks that all of it
@@ -25,9 +25,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from .errors import ConfigError
+if TYPE_CHECKING or __package__:
+    # Not when run as the launcher script: it imports nothing of the package (and so none of
+    # its dependencies) while it still holds the daemon's privileges.
+    from .errors import ConfigError
 
 Sandbox = Literal["none", "bwrap"]
 SANDBOXES: tuple[Sandbox, ...] = ("none", "bwrap")
@@ -77,7 +80,7 @@ def launch_argv(argv: Sequence[str], identity: Identity) -> list[str]:
     """The argv that runs `argv` as `identity` (unchanged when there is nothing to switch)."""
     if identity.uid is None and identity.sandbox == "none":
         return list(argv)
-    out = [sys.executable, "-I", "-m", "supervisor.sandbox"]
+    out = [sys.executable, "-I", "-S", str(Path(__file__).resolve())]
     if identity.uid is not None and identity.gid is not None:
         out += ["--uid", str(identity.uid), "--gid", str(identity.gid)]
     if identity.sandbox == "bwrap":
