@@ -382,6 +382,7 @@ class Daemon:
                     self.notifier.status(self._status_line())
                 except StoreError as exc:
                     log.warning("duty.failed", duty="rotation", error=str(exc))
+                    await self._state_write_failed("rotation", exc)
                     boundary = now + timedelta(seconds=self.config.heartbeat)
             if not await self.clock.sleep_until(boundary, self.stopping):
                 return
@@ -396,6 +397,7 @@ class Daemon:
                         await duty(*args)
                 except StoreError as exc:
                     log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
+                    await self._state_write_failed(getattr(duty, "__name__", "?"), exc)
 
     async def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> None:
         """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
@@ -441,6 +443,7 @@ class Daemon:
                         counts = await approvals.escalate_due()
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
+                    await self._state_write_failed("escalation", exc)
                     continue
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
@@ -477,6 +480,7 @@ class Daemon:
                     await self._observe_switch(store, state)
                 except StoreError as exc:  # the gate enforces the switch regardless
                     log.error("killswitch.event_not_recorded", mode=state.mode.value, error=str(exc))
+                    await self._state_write_failed("killswitch", exc)
                     known = None  # try to record it again on the next pass
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
@@ -568,6 +572,12 @@ class Daemon:
         log.warning("killswitch.changed", mode=state.mode.value, by=state.by, reason=state.reason)
         if state.mode == Mode.EMERGENCY:
             await self._safe_snapshot(store, state)
+
+    async def _state_write_failed(self, duty: str, exc: Exception) -> None:
+        """A duty's write failed: the state_write_failed alert (logged and delivered even when
+        the store cannot record it; raise_alert never raises)."""
+        await self.alerts.raise_alert("state_write_failed", session_id=None,
+                                      detail={"duty": duty, "error": str(exc)})  # fmt: skip
 
     async def _safe_snapshot(self, store: Store, state: SwitchState) -> None:
         try:
