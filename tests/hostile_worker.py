@@ -14,6 +14,7 @@ attempts of a step. Every attempt is reported as a proposal, so the store record
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -180,6 +181,28 @@ class Hostile:
         # Critical risk is denied by policy: many cheap proposals, past the per-cycle cap.
         for i in range(int(self.params.get("proposal_flood", 2000))):
             self.propose("hostile.spam", {"i": i}, risk="critical")
+
+    def metrics(self) -> None:
+        # Hold many idle connections to the daemon's metrics listener (each once cost a thread).
+        import socket
+
+        port = int(self.control().get("metrics_port") or 0)
+        held = []
+        for _ in range(int(self.params.get("metrics_flood", 200))):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            except OSError:
+                break
+        time.sleep(1.5)
+        closed = 0
+        for s in held:
+            s.settimeout(0.1)
+            with contextlib.suppress(OSError):
+                closed += s.recv(1) == b""
+            s.close()
+        self.report(
+            "metrics_flood", closed == 0, f"held {len(held)}, {closed} closed by the daemon"
+        )
 
     def in_flight(self) -> None:
         # An approved effect that keeps going, deaf to SIGTERM: an emergency must still end it.

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -88,13 +89,20 @@ def config(root: Path, user: str, db: str | None, sandbox: str = "none") -> str:
     params = {"seed": SEED, "scratch": str(root / "scratch"), "db": str(state / "supervisor.db"),
               "state_dir": str(state), "switch": str(state / "killswitch.json"),
               "secret": str(root / "killswitch.secret"), "approval_flood": 12,
-              "log_flood": 600, "proposal_flood": 80}  # fmt: skip
+              "log_flood": 600, "proposal_flood": 80,
+              "metrics_flood": 200}  # fmt: skip
     db_line = f'db = "{db}"\n' if db else ""
     return (
         BASE_CONFIG.replace("[daemon]\n", f"[daemon]\n{db_line}")
         + f"""
 [killswitch]
 secret_file = "{root / "killswitch.secret"}"
+
+[metrics]
+enabled = true
+port = 0
+max_connections = 4
+read_timeout = "500ms"
 
 [policy]
 # Policy, not the worker, says what is critical: the reports get through halt_noncritical.
@@ -129,15 +137,24 @@ params = {json.dumps(params).replace('": ', '" = ').replace("{", "{ ").replace("
 class Driver:
     """Writes the worker's control file: the steps it takes, one per cycle, each once."""
 
-    def __init__(self, scratch: Path, daemon_pid: int | None = None) -> None:
+    def __init__(self, scratch: Path, daemon_pid: int | None = None, metrics_port: int = 0) -> None:
         self.scratch = scratch
         self.daemon_pid = daemon_pid
+        self.metrics_port = metrics_port
         self.steps: list[tuple[int, str]] = []
 
     def step(self, name: str) -> None:
         self.steps.append((len(self.steps) + 1, name))
         tmp = self.scratch / "control.json.tmp"
-        tmp.write_text(json.dumps({"steps": self.steps, "daemon_pid": self.daemon_pid}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "steps": self.steps,
+                    "daemon_pid": self.daemon_pid,
+                    "metrics_port": self.metrics_port,
+                }
+            )
+        )
         tmp.chmod(0o644)
         tmp.replace(self.scratch / "control.json")
 
@@ -158,7 +175,9 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
         d.start()
         await d.wait_until(d.ready, what="daemon.ready", within=20)
         assert d.proc is not None
-        drive = Driver(scratch, d.proc.pid)
+        serving = [e for e in d.log_events() if e.get("event") == "metrics.serving"]
+        assert serving, d.log()[:3000]
+        drive = Driver(scratch, d.proc.pid, int(serving[0]["port"]))
         await d.cli_ok("killswitch", "engage", "--mode", "halt_noncritical", "--scope", "host",
                        "--reason", "hostile drill", "--by", "test")  # fmt: skip
         switch_before = d.switch_path.read_bytes()
@@ -231,7 +250,32 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
         alerts = await d.events("ALERT", reason="worker_cap")
         assert alerts, "hitting a cap raises the worker_cap alert"
 
-        # 5. an approved effect in flight ends with the emergency
+        # 5. the metrics listener: idle connections are bounded and dropped, it answers after
+        drive.step("metrics")
+
+        async def metrics_report() -> list[dict[str, Any]]:
+            rows = [
+                json.loads(r["params"]) for r in await d.actions() if r["name"] == "hostile.report"
+            ]
+            return [r for r in rows if r["attempt"] == "metrics_flood"]
+
+        (flood,) = await d.wait_until(metrics_report, what="the metrics flood", within=20)
+        assert flood["outcome"] == "blocked", flood  # the daemon closed every idle connection
+        status = await anyio.Path(f"/proc/{d.proc.pid}/status").read_text()
+        threads = int(
+            next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads:"))
+        )
+        assert threads < 40, threads  # not one per held connection
+        health = await anyio.to_thread.run_sync(
+            lambda: (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{drive.metrics_port}/healthz", timeout=5
+                ).status
+            )
+        )
+        assert health == 200
+
+        # 6. an approved effect in flight ends with the emergency
         drive.step("in_flight")
         pid_file = scratch / "effect.pid"
         await d.wait_until(pid_file.exists, what="the slow effect", within=20)
