@@ -101,6 +101,7 @@ from .actions import derive_id
 from .clock import Clock
 from .errors import ConfigError
 from .escalation import array, check_keys, nonempty_str, parse_duration, table, type_name
+from .sandbox import without_capabilities
 from .store import NewEvent, Store, system_stream
 
 log = structlog.get_logger("supervisor.alerts")
@@ -715,7 +716,7 @@ class Alerts:
             return None if 200 <= status < 300 else f"HTTP {status}"
         with anyio.fail_after(sink.timeout):
             done = await anyio.run_process(
-                list(sink.argv), input=body, check=False, env=command_environment()
+                without_capabilities(sink.argv), input=body, check=False, env=command_environment()
             )
         if done.returncode == 0:
             return None

@@ -100,6 +100,13 @@ def launch_argv(argv: Sequence[str], identity: Identity) -> list[str]:
     return [*out, "--", *argv]
 
 
+def without_capabilities(argv: Sequence[str]) -> list[str]:
+    """`argv` run through the launcher with no user switch: every capability the daemon holds
+    (a service's CAP_SETUID/CAP_SETGID/CAP_KILL) cleared and no_new_privs set. For the
+    daemon's other children, such as alert commands."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--", *argv]
+
+
 def bwrap_args(bwrap: str, hidden: Sequence[tuple[str, str]], argv: Sequence[str]) -> list[str]:
     """A read-only system, its own /tmp, /proc and pid namespace; `hidden` paths masked."""
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",

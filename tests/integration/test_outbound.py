@@ -139,11 +139,19 @@ async def test_an_alert_command_gets_a_scrubbed_environment(
     monkeypatch.setenv("PGPASSWORD", "db-password")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-key")
     out = tmp_path / "env.json"
-    script = "import json, os, sys; sys.stdin.read(); json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    script = (
+        "import json, os, sys; sys.stdin.read(); "
+        "caps = [l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapAmb', 'NoNew'))]; "
+        "json.dump({'env': dict(os.environ), 'caps': caps}, open(sys.argv[1], 'w'))"
+    )
     sink = CommandSink(argv=(sys.executable, "-c", script, str(out)), timeout=30.0)
     alerts = await deliver(store, clock, running, sink)
     assert alerts.delivered == 1
-    env = json.loads(out.read_text())
+    seen = json.loads(out.read_text())
+    env = seen["env"]
+    # None of the daemon's capabilities either (a service holds CAP_SETUID, CAP_SETGID, CAP_KILL).
+    caps = dict(line.strip().split(":\t") for line in seen["caps"])
+    assert int(caps["CapEff"], 16) == 0 and int(caps["CapAmb"], 16) == 0 and caps["NoNewPrivs"] == "1"
     assert not [
         k for k in env if k.startswith("ACP_") or k in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY")
     ]
