@@ -797,3 +797,37 @@ async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -
     assert refused and refused[0].reason == "killswitch"
     row = await h.store.get_action("long")
     assert row is not None and row["status"] == "in_doubt"
+
+
+async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminate(h: Harness) -> None:
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    assert h.gate.halt_in_flight == "finish"
+    assert h.gate.stop_in_flight("fleet", "", Mode.HALT_ALL) == 0  # nothing to do by default
+    h.gate.halt_in_flight = "terminate"
+    started = anyio.Event()
+
+    async def effect() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    refused: list[ActionDenied] = []
+
+    async def run() -> None:
+        try:
+            await h.gate.run(Action("test.write", risk="low"), effect, worker="w",
+                             session=h.session, command_id="halted")  # fmt: skip
+        except ActionDenied as exc:
+            refused.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            assert h.gate.stop_in_flight("session", "another-session", Mode.HALT_ALL) == 0
+            assert h.gate.stop_in_flight("session", h.session.id, Mode.HALT_ALL) == 1
+    assert refused and refused[0].reason == "killswitch"
+    row = await h.store.get_action("halted")
+    assert row is not None and row["status"] == "in_doubt"
