@@ -522,8 +522,11 @@ class ExternalWorker(Worker):
     async def _handle_propose(self, ctx: CycleContext, message: Propose) -> None:
         ident = message.id
 
+        approved: list[str] = []
+
         async def effect(command_id: str) -> Any:
             ctx.gate.on_terminate(command_id, self._stop_child)
+            approved.append(command_id)
             try:
                 await self._send({"type": "decision", "id": ident, "decision": "approved",
                                   "command_id": command_id})  # fmt: skip
@@ -561,6 +564,11 @@ class ExternalWorker(Worker):
                 with anyio.CancelScope(shield=True):
                     await self._terminate()
                 raise
+            if approved:
+                # The child was told "approved" and answered; the outcome was then recorded
+                # in-doubt (an emergency landed meanwhile). It gets no second decision.
+                log.warning("worker.outcome_in_doubt", worker=self.name, id=ident, reason=str(exc))
+                return
             await self._decide(ident, "denied", exc.reason, str(exc), command_id=exc.command_id)
             return
         except StoreError:

@@ -831,3 +831,38 @@ async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminat
     assert refused and refused[0].reason == "killswitch"
     row = await h.store.get_action("halted")
     assert row is not None and row["status"] == "in_doubt"
+
+
+LATE_RESULT = """
+c = recv()
+send({"type": "propose", "id": "late", "action": {"name": "test.late", "risk": "low"}})
+d = recv()
+note(os.path.join(HERE, "notes.jsonl"), "effect started")
+while not os.path.exists(os.path.join(HERE, "go")):
+    time.sleep(0.01)
+send({"type": "result", "id": "late", "ok": True, "result": {"done": True}})
+send({"type": "cycle_done", "state": {"finished": True}})
+recv()
+"""
+
+
+async def test_a_result_after_an_unobserved_emergency_is_recorded_in_doubt(h: Harness) -> None:
+    """The watcher has not seen the engage yet (stop_in_flight not called): the outcome check in
+    the outcome transaction still refuses the success, and the child gets no second decision."""
+    worker = h.worker(LATE_RESULT)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.cycle, h.ctx("ext-1", 0))
+            with anyio.fail_after(10):
+                while not h.notes():  # noqa: ASYNC110 - the child writes the file
+                    await anyio.sleep(0.02)
+            await _engage(h, "fleet", "", "emergency")
+            (h.tmp / "go").write_text("")
+        assert worker.snapshot() == {"finished": True}  # the cycle ended normally
+    finally:
+        await worker.close()
+    assert await _events(h, "ACTION_SUCCEEDED") == []
+    rows = await h.store.fetchall("actions_with_status", FLEET, "in_doubt", 10)
+    assert [r["name"] for r in rows] == ["test.late"]
+    (in_doubt,) = await _events(h, "ACTION_IN_DOUBT")
+    assert in_doubt.payload["reported"] == {"done": True}  # what the child said, for the operator
