@@ -95,10 +95,16 @@ def hidden_paths(config: Config, env: Mapping[str, str]) -> tuple[str, ...]:
         paths.append(str(Path(config.killswitch_secret_file).absolute()))
     if env.get("CREDENTIALS_DIRECTORY"):
         paths.append(env["CREDENTIALS_DIRECTORY"])
-    if config.db_url.startswith("sqlite:///"):
-        db = Path(config.db_url.removeprefix("sqlite://").partition("?")[0])
-        paths += [str(db.parent)] if db.parent != config.state_dir else []
+    paths += [str(p) for p in sqlite_files(config)]
     return tuple(paths)
+
+
+def sqlite_files(config: Config) -> list[Path]:
+    """The SQLite database and its WAL files, when the store is SQLite."""
+    if not config.db_url.startswith("sqlite:///"):
+        return []
+    db = Path("/" + config.db_url.removeprefix("sqlite://").partition("?")[0].lstrip("/"))
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
 
 
 def external_factory(
@@ -224,6 +230,8 @@ class Daemon:
         # The embedded SQLite store migrates itself; a shared Postgres is migrated by an operator
         # (`acp-supervisor db migrate`), never by whichever host happens to start first.
         store = await open_store(cfg.db_url, system, migrate=not cfg.db_url.startswith("postgres"))
+        if any(s.user for s in cfg.workers):
+            private_files(sqlite_files(cfg))  # a database outside the state directory too
         try:
             if not self.simulate:
                 self.coordinator = Coordinator(store, fleet=cfg.fleet, host_id=cfg.host_id,
@@ -825,6 +833,19 @@ def private_state_dir(state_dir: Path) -> None:
     if mode & 0o077:
         state_dir.chmod(mode & 0o700)
         log.warning("state_dir.tightened", path=str(state_dir), was=oct(mode), now=oct(mode & 0o700))
+
+
+def private_files(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+                log.warning("store.file_tightened", path=str(path), was=oct(mode), now=oct(mode & 0o700))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("store.file_not_private", path=str(path), error=exc.strerror or str(exc))
 
 
 def killswitch_command_id(fleet: str, scope: str, seq: int | str) -> str:

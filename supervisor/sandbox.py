@@ -91,12 +91,13 @@ def launch_argv(argv: Sequence[str], identity: Identity) -> list[str]:
         for path in identity.writable:
             out += ["--bind", path]
         # Decided here, with the daemon's rights: the dropped launcher may not even stat them.
+        dirs = [Path(p) for p in identity.hidden if Path(p).is_dir()]
         for path in identity.hidden:
             p = Path(path)
             if p.is_dir():
                 out += ["--hide-dir", str(p)]
-            elif p.exists():
-                out += ["--hide-file", str(p)]
+            elif p.exists() and not any(p.is_relative_to(d) for d in dirs):
+                out += ["--hide-file", str(p)]  # (inside a hidden directory it is gone anyway)
     return [*out, "--", *argv]
 
 

@@ -109,3 +109,18 @@ def test_ambient_capabilities_of_a_service_do_not_reach_the_worker() -> None:
     status = dict(line.split(":\t", 1) for line in done.stdout.splitlines() if ":\t" in line)
     for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         assert int(status[caps], 16) == 0, (caps, status[caps])
+
+
+def test_a_database_outside_the_state_dir_is_closed_and_masked(tmp_path: Path) -> None:
+    from supervisor.daemon import hidden_paths, private_files, sqlite_files
+
+    db = tmp_path / "elsewhere" / "acp.db"
+    db.parent.mkdir()
+    db.write_bytes(b"")
+    db.chmod(0o644)
+    path = config(tmp_path, 'user = "nobody"')
+    cfg = load_config(path, env={}, db=f"sqlite:///{db}", state_dir=tmp_path / "state")
+    files = sqlite_files(cfg)
+    assert files[0] == db and str(db) in hidden_paths(cfg, {})
+    private_files(files)  # the -wal and -shm files do not exist yet: skipped
+    assert db.stat().st_mode & 0o777 == 0o600
