@@ -61,11 +61,13 @@ _ACTION_KEYS: Final = frozenset(
 )
 
 # Environment variables of the daemon that a child never inherits: the kill-switch secret and
-# the rest of the daemon's own settings, and the systemd sockets (a child must not notify for
-# the daemon). `env=` can still set any of them explicitly.
-_SCRUB_PREFIXES: Final = ("ACP_",)
+# the rest of the daemon's own settings, the database's connection settings and credentials
+# (libpq's PG*), the systemd sockets (a child must not notify for the daemon) and credentials
+# directory. `env=` can still set any of them explicitly.
+_SCRUB_PREFIXES: Final = ("ACP_", "PG")
 _SCRUB_NAMES: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                                 "LISTEN_PID", "LISTEN_FDNAMES"})  # fmt: skip
+                                 "LISTEN_PID", "LISTEN_FDNAMES", "CREDENTIALS_DIRECTORY",
+                                 "DATABASE_URL"})  # fmt: skip
 
 _CHUNK: Final = 64 * 1024
 _STDERR_LINES_PER_CYCLE: Final = 1000

@@ -133,6 +133,12 @@ class Hostile:
             with open(p["secret"]) as f:
                 return f"read {len(f.read())} bytes of the secret"
 
+        def read_own_environ() -> str:
+            leaked = sorted(k for k in os.environ if k.startswith("ACP_") or k == "PGPASSWORD")
+            if leaked:
+                return f"inherited {', '.join(leaked)}"
+            raise PermissionError("nothing of the daemon's settings or credentials inherited")
+
         def read_daemon_environ() -> str:
             with open(f"/proc/{daemon}/environ", "rb") as f:
                 return f"read {len(f.read())} bytes of the daemon's environment"
@@ -142,7 +148,8 @@ class Hostile:
             return "may signal the daemon"
 
         attempts = [read_db, write_db, list_state_dir, write_state_dir, delete_switch,
-                    read_switch, read_secret, read_daemon_environ, signal_daemon]  # fmt: skip
+                    read_switch, read_secret, read_daemon_environ, signal_daemon,
+                    read_own_environ]  # fmt: skip
         self.rng.shuffle(attempts)
         for attempt in attempts:
             try:

@@ -35,6 +35,12 @@ from tests.acceptance.conftest import BASE_CONFIG, REPO, Daemon, _clean_env
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
 SEED = 1414
+# An alert command that notes each alert with the environment it was given.
+SINK = (
+    "import json, os, sys; body = json.loads(sys.stdin.read()); "
+    "open(sys.argv[1], 'a').write(json.dumps({'condition': body['condition'], "
+    "'env': sorted(os.environ)}) + chr(10))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,9 @@ class HostileDaemon(Daemon):
     def start(self) -> None:
         assert self.proc is None, "already started"
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv("run"), cwd=REPO, env=_clean_env(secret=False),
+        # A credential in the daemon's environment that no child (worker or alert command) sees.
+        env = {**_clean_env(secret=False), "PGPASSWORD": "not-for-children"}
+        self.proc = subprocess.Popen(self.argv("run"), cwd=REPO, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
 
     async def cli(self, *args: str, secret: bool = False) -> subprocess.CompletedProcess[bytes]:
@@ -97,6 +105,10 @@ def config(root: Path, user: str, db: str | None, sandbox: str = "none") -> str:
         + f"""
 [killswitch]
 secret_file = "{root / "killswitch.secret"}"
+
+[[alerts.sinks]]
+type = "command"
+argv = ["/usr/bin/python3", "-c", "{SINK}", "{root / "sink.jsonl"}"]
 
 [metrics]
 enabled = true
@@ -187,12 +199,12 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
 
         async def reports() -> list[dict[str, Any]]:
             rows = [r for r in await d.actions() if r["name"] == "hostile.report"]
-            return [json.loads(r["params"]) for r in rows] if len(rows) >= 9 else []
+            return [json.loads(r["params"]) for r in rows] if len(rows) >= 10 else []
 
-        tried = await d.wait_until(reports, what="nine file-system attempts reported", within=20)
+        tried = await d.wait_until(reports, what="ten file-system attempts reported", within=20)
         assert {t["attempt"] for t in tried} == {
             "read_db", "write_db", "list_state_dir", "write_state_dir", "delete_switch",
-            "read_switch", "read_secret", "read_daemon_environ", "signal_daemon",
+            "read_switch", "read_secret", "read_daemon_environ", "signal_daemon", "read_own_environ",
         }  # fmt: skip
         assert [t for t in tried if t["outcome"] != "blocked"] == [], tried
         assert d.switch_path.read_bytes() == switch_before
@@ -249,6 +261,14 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
         assert len(forwarded) <= 2 * 100  # two cycles of floods, 100 lines each at most
         alerts = await d.events("ALERT", reason="worker_cap")
         assert alerts, "hitting a cap raises the worker_cap alert"
+        sink = root / "sink.jsonl"
+
+        def delivered() -> list[dict[str, Any]]:
+            lines = sink.read_text().splitlines() if sink.exists() else []
+            return [json.loads(x) for x in lines if '"worker_cap"' in x]
+
+        (told, *_) = await d.wait_until(delivered, what="the worker_cap alert at the command sink")
+        assert not [k for k in told["env"] if k.startswith("ACP_") or k == "PGPASSWORD"], told
 
         # 5. the metrics listener: idle connections are bounded and dropped, it answers after
         drive.step("metrics")
@@ -339,7 +359,7 @@ async def test_hostile_worker_in_a_bwrap_sandbox(agent_user: str, world_dir: Pat
 
         async def reports() -> list[dict[str, Any]]:
             rows = [r for r in await d.actions() if r["name"] == "hostile.report"]
-            return [json.loads(r["params"]) for r in rows] if len(rows) >= 9 else []
+            return [json.loads(r["params"]) for r in rows] if len(rows) >= 10 else []
 
         tried = {t["attempt"]: t for t in await d.wait_until(reports, what="reports", within=20)}
         for name in ("read_db", "write_db", "read_switch", "delete_switch", "read_daemon_environ"):
