@@ -151,7 +151,9 @@ async def test_an_alert_command_gets_a_scrubbed_environment(
     env = seen["env"]
     # None of the daemon's capabilities either (a service holds CAP_SETUID, CAP_SETGID, CAP_KILL).
     caps = dict(line.strip().split(":\t") for line in seen["caps"])
-    assert int(caps["CapEff"], 16) == 0 and int(caps["CapAmb"], 16) == 0 and caps["NoNewPrivs"] == "1"
+    assert (
+        int(caps["CapEff"], 16) == 0 and int(caps["CapAmb"], 16) == 0 and caps["NoNewPrivs"] == "1"
+    )
     assert not [
         k for k in env if k.startswith("ACP_") or k in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY")
     ]
