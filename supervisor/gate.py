@@ -512,13 +512,20 @@ class Gate:
         if replay is not None:
             return replay
         assert permit is not None
-        await self.last_look(action, worker=worker, session=session, command_id=command_id)
+        # Tracked from the last look on: an emergency observed while it reads the switches
+        # stops the action before its effect.
+        entry = self.track(command_id, worker, session.id)
+        try:
+            await self.last_look(action, worker=worker, session=session, command_id=command_id,
+                                 entry=entry)  # fmt: skip
+        except BaseException:
+            self.in_flight.pop(command_id, None)
+            raise
         if self.stats.latencies is not None:
             self.stats.latencies.append(time.perf_counter() - t0)
         self.stats.admitted += 1
         if self.observer is not None:
             self.observer.observe_latency(time.perf_counter() - t0)
-        entry = self.track(command_id, worker, session.id)
         result: Any = None
         try:
             with entry.scope:
@@ -555,13 +562,18 @@ class Gate:
         """The host switch's verdict now, as a waiting worker sees it (no store read)."""
         return self._host_verdict(critical)
 
-    async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
+    async def last_look(
+        self, action: Action, *, worker: str, session: Session, command_id: str,
+        entry: InFlight | None = None,
+    ) -> None:  # fmt: skip
         """Every switch read again right before the effect: an engage that landed after the
         started record stops it here, and the record is closed as halted with nothing run."""
         rows = await self.store.fetchall("kill_switches", self.fleet)
         # The host file last: nothing may await between reading it and the effect, or an engage
         # could land and return while this task waits for the store.
         problem = self._verdict(action, rows, worker, session)
+        if problem is None and entry is not None:
+            problem = entry.stopped_by  # an emergency observed while the rows were read
         if problem is None:
             return
         await self.store.finish_action(

@@ -172,9 +172,13 @@ class CycleContext:
         if replay is not None:
             raise ActionAlreadyDone(replay)
         assert permit is not None
-        await self.gate.last_look(action, worker=self.worker, session=self.session,
-                                  command_id=command_id)  # fmt: skip
         entry = self.gate.track(command_id, self.worker, self.session.id)
+        try:
+            await self.gate.last_look(action, worker=self.worker, session=self.session,
+                                      command_id=command_id, entry=entry)  # fmt: skip
+        except BaseException:
+            self.gate.in_flight.pop(command_id, None)
+            raise
         try:
             with entry.scope:  # an emergency cancels the block at its next await
                 yield permit

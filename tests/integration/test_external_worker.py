@@ -866,3 +866,33 @@ async def test_a_result_after_an_unobserved_emergency_is_recorded_in_doubt(h: Ha
     assert [r["name"] for r in rows] == ["test.late"]
     (in_doubt,) = await _events(h, "ACTION_IN_DOUBT")
     assert in_doubt.payload["reported"] == {"done": True}  # what the child said, for the operator
+
+
+async def test_an_emergency_observed_during_the_last_look_stops_the_action_before_its_effect(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    real = h.store.fetchall
+
+    async def fetchall(name: str, *args: Any) -> Any:
+        rows = await real(name, *args)
+        if name == "kill_switches":  # the last look's read: the watcher fires meanwhile
+            h.gate.stop_in_flight("fleet", "", Mode.EMERGENCY)
+        return rows
+
+    monkeypatch.setattr(h.store, "fetchall", fetchall)
+    ran: list[int] = []
+
+    async def effect() -> None:
+        ran.append(1)
+
+    with pytest.raises(ActionDenied) as refused:
+        await h.gate.run(Action("test.write", risk="low"), effect, worker="w", session=h.session,
+                         command_id="raced")  # fmt: skip
+    assert refused.value.reason == "killswitch" and ran == []
+    row = await h.store.get_action("raced")
+    assert row is not None and row["status"] == "halted"
+    assert h.gate.in_flight == {}
