@@ -215,7 +215,8 @@ async def run_hostile(root: Path, user: str, db: str | None) -> None:
         drive.step("claim")
         claims = await d.wait_until(lambda: d.events("WORKER_CLAIM_IGNORED"), what="the claim")
         assert claims[0].payload["action"] == "deploy.push"
-        refused = await d.events("ACTION_DENIED", reason="killswitch")
+        refused = await d.wait_until(lambda: d.events("ACTION_DENIED", reason="killswitch"),
+                                     what="the refusal")  # fmt: skip
         assert [e.payload["action"] for e in refused] == ["deploy.push"]
         assert [r for r in await d.actions() if r["name"] == "deploy.push"] == []
         await d.cli_ok("killswitch", "disengage", "--reason", "drill over", "--by", "test")
