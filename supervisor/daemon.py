@@ -113,7 +113,7 @@ def external_factory(
     import shutil
 
     from .external import ExternalWorker
-    from .sandbox import Identity, resolve
+    from .sandbox import Identity, can_switch_user, resolve
 
     assert spec.command is not None
     env = os.environ if env is None else env
@@ -123,6 +123,10 @@ def external_factory(
         raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
     argv = spec.command
     uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+    if uid is not None and uid != os.geteuid() and not can_switch_user():
+        # Fail at startup (exit 2), not with a launcher that fails at every restart.
+        raise ConfigError(f"worker {spec.name!r}: running as {spec.user!r} needs the daemon to be "
+                          "root or hold CAP_SETUID and CAP_SETGID (the shipped unit grants them)")  # fmt: skip
     identity = Identity(uid=uid, gid=gid, user=spec.user, sandbox="bwrap" if spec.sandbox == "bwrap" else "none",
                         hidden=hidden_paths(config, env) if config is not None else (),
                         writable=spec.writable)  # fmt: skip

@@ -76,6 +76,24 @@ def resolve(user: str | None, group: str | None, where: str) -> tuple[int | None
     return entry.pw_uid, gid
 
 
+_CAP_SETGID, _CAP_SETUID = 6, 7
+
+
+def can_switch_user(status: str | None = None) -> bool:
+    """Whether this process may switch a child to another user: CAP_SETUID and CAP_SETGID in
+    its effective set (root's, or a service's ambient capabilities)."""
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return os.geteuid() == 0
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            caps = int(line.split()[1], 16)
+            return bool(caps >> _CAP_SETUID & 1 and caps >> _CAP_SETGID & 1)
+    return False
+
+
 def launch_argv(argv: Sequence[str], identity: Identity) -> list[str]:
     """The argv that runs `argv` as `identity` (unchanged when there is nothing to switch)."""
     if identity.uid is None and identity.sandbox == "none":

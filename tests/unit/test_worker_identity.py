@@ -124,3 +124,31 @@ def test_a_database_outside_the_state_dir_is_closed_and_masked(tmp_path: Path) -
     assert files[0] == db and str(db) in hidden_paths(cfg, {})
     private_files(files)  # the -wal and -shm files do not exist yet: skipped
     assert db.stat().st_mode & 0o777 == 0o600
+
+
+def test_switching_user_needs_root_or_the_two_capabilities() -> None:
+    from supervisor.sandbox import can_switch_user
+
+    assert can_switch_user("CapEff:\t00000000000000c0\n")  # CAP_SETUID and CAP_SETGID
+    assert not can_switch_user("CapEff:\t0000000000000080\n")  # CAP_SETUID alone
+    assert not can_switch_user("CapEff:\t0000000000000000\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set the scene")
+def test_a_daemon_that_cannot_switch_user_refuses_to_start(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    path = config(tmp_path, 'user = "nobody"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-setuid,-setgid", "--inh-caps=-setuid,-setgid", "--",
+         sys.executable, "-m", "supervisor", "--config", str(path), "--state-dir",
+         str(tmp_path / "state"), "run"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "needs the daemon to be root or hold CAP_SETUID" in lines[0], lines
