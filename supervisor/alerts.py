@@ -79,12 +79,16 @@ Config (section ``[alerts]``, every key optional)::
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -99,6 +103,7 @@ from .actions import derive_id
 from .clock import Clock
 from .errors import ConfigError
 from .escalation import array, check_keys, nonempty_str, parse_duration, table, type_name
+from .sandbox import without_capabilities
 from .schema import keys
 from .store import NewEvent, Store, system_stream
 
@@ -117,6 +122,7 @@ APPROVAL_AGE = "approval_age"
 APPROVAL_BACKLOG = "approval_backlog"
 DENIAL_RATE_CHANGE = "denial_rate_change"
 APPROVAL_RATE_CHANGE = "approval_rate_change"
+WORKER_CAP = "worker_cap"
 CONDITIONS: tuple[str, ...] = (
     BUDGET_EXHAUSTED,
     TOKEN_BUDGET_EXHAUSTED,
@@ -130,6 +136,7 @@ CONDITIONS: tuple[str, ...] = (
     APPROVAL_BACKLOG,
     DENIAL_RATE_CHANGE,
     APPROVAL_RATE_CHANGE,
+    WORKER_CAP,
 )
 
 DEFAULT_QUEUE_SIZE = 1000
@@ -147,7 +154,19 @@ class WebhookSink:
     url: str
     timeout: float = 5.0
     retries: int = 3
+    # HMAC-SHA256 key for the X-ACP-Signature header (read from `signing_secret_file`).
+    signing_secret: bytes | None = field(default=None, repr=False)
     type: ClassVar[str] = "webhook"
+
+    def redact(self, text: str) -> str:
+        """`text` with the URL's credentials, query and fragment taken out (an error message
+        from the HTTP stack may quote the URL)."""
+        parts = urlsplit(self.url)
+        text = text.replace(self.url, self.describe().removeprefix("webhook "))
+        for secret in (parts.password, parts.username, parts.query, parts.fragment):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def describe(self) -> str:
         """The URL without credentials, query or fragment (they may hold a token)."""
@@ -220,7 +239,17 @@ def _sink(raw: object, where: str) -> Sink:
         url = _http_url(entry["url"], f"{where}.url")
         timeout = parse_duration(entry.get("timeout", 5.0), f"{where}.timeout")
         retries = _integer(entry.get("retries", 3), f"{where}.retries", 0)
-        return WebhookSink(url=url, timeout=timeout, retries=retries)
+        signing: bytes | None = None
+        if "signing_secret_file" in entry:
+            path = nonempty_str(entry["signing_secret_file"], f"{where}.signing_secret_file")
+            try:
+                signing = Path(path).read_bytes().rstrip(b"\r\n")
+            except OSError as exc:
+                raise ConfigError(f"{where}.signing_secret_file: cannot read {path}: "
+                                  f"{exc.strerror or exc}") from None  # fmt: skip
+            if not signing:
+                raise ConfigError(f"{where}.signing_secret_file: {path} is empty")
+        return WebhookSink(url=url, timeout=timeout, retries=retries, signing_secret=signing)
     if "argv" not in entry:
         raise ConfigError(f"{where}: missing 'argv'")
     argv = array(entry["argv"], f"{where}.argv")
@@ -297,16 +326,39 @@ def _plain(detail: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _post(url: str, body: bytes, timeout: float) -> int:
-    """One HTTP POST (in a worker thread); the response status, 4xx/5xx included."""
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "acp-supervisor"},
-    )
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the failure it is (its 3xx status): the body and its signature
+    go to the configured receiver or nowhere."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+#: What an alert command inherits of the daemon's environment; nothing else (no ACP_*, no
+#: database or cloud credentials, no systemd sockets).
+_COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def command_environment(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    source = os.environ if source is None else source
+    return {k: source[k] for k in _COMMAND_ENV if k in source}
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The X-ACP-Signature header: `sha256=` and the hex HMAC-SHA256 of the exact body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _post(url: str, body: bytes, timeout: float, secret: bytes | None = None) -> int:
+    """One HTTP POST (in a worker thread); the response status, 3xx/4xx/5xx included."""
+    headers = {"Content-Type": "application/json", "User-Agent": "acp-supervisor"}
+    if secret is not None:
+        headers["X-ACP-Signature"] = signature(secret, body)
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             response.read(65536)
             status: int = response.status
             return status
@@ -651,12 +703,15 @@ class Alerts:
                     sink.url,
                     body,
                     sink.timeout,
+                    sink.signing_secret,
                     abandon_on_cancel=True,
                     limiter=self._limiter,
                 )
             return None if 200 <= status < 300 else f"HTTP {status}"
         with anyio.fail_after(sink.timeout):
-            done = await anyio.run_process(list(sink.argv), input=body, check=False)
+            done = await anyio.run_process(
+                without_capabilities(sink.argv), input=body, check=False, env=command_environment()
+            )
         if done.returncode == 0:
             return None
         tail = (done.stderr or b"").decode(errors="replace").strip()[-_ERROR_TAIL:]
@@ -672,6 +727,8 @@ class Alerts:
                 problem = f"timed out after {sink.timeout:g}s"
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None and isinstance(sink, WebhookSink):
+                problem = sink.redact(problem)  # logged and stored: no credentials in either
             if problem is None:
                 self.delivered += 1
                 log.debug(

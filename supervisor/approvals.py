@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,25 @@ class Permit:
     approved_at: datetime | None
     command_id: str
     rule: str
+
+
+#: How many later actions one `--scope window` grant covers unless the operator says otherwise.
+DEFAULT_WINDOW_USES = 10
+
+
+def grant_covers(grant: Row, action: Action) -> bool:
+    """Whether a window-scoped grant covers `action`: the same params as the request it
+    answered, or the same values for the keys the operator named with --match."""
+    keys = grant.get("match_keys")
+    if not keys:
+        return bool(grant["params_hash"] == params_hash(action.name, action.params))
+    stored = json.loads(grant["params"])
+    for k in json.loads(keys):
+        if (k in stored) != (k in action.params):
+            return False
+        if k in stored and canonical_json(stored[k]) != canonical_json(action.params[k]):
+            return False
+    return True
 
 
 def approval_id_for(key: str, fleet: str | None = None) -> str:
@@ -149,10 +169,15 @@ class Approvals:
         scope: str = "once",
         max_uses: int | None = None,
         max_cost: float | None = None,
+        match: tuple[str, ...] | None = None,
     ) -> Row:
         # NaN compares false with everything: stored as a bound it would never stop anything
         if max_cost is not None and (not math.isfinite(max_cost) or max_cost < 0):
             raise UsageError(f"max cost must be a finite number >= 0, got {max_cost!r}")
+        if scope == "window" and max_uses is None:
+            max_uses = DEFAULT_WINDOW_USES  # a window grant is never unbounded by default
+        if match is not None and scope != "window":
+            raise ApprovalError("--match applies to --scope window only")
         row = await self.store.fetchrow("get_approval", approval_id)
         if row is None or row["fleet"] != self.fleet:
             raise ApprovalError(f"unknown approval {approval_id!r} in fleet {self.fleet!r}")
@@ -176,13 +201,18 @@ class Approvals:
                 if fresh is not None and fresh["status"] == "pending":
                     raise expired
                 raise ApprovalError(f"approval {approval_id} was decided meanwhile")
+            if approve and scope == "window":
+                keys = canonical_json(sorted(match)) if match is not None else None
+                await tx.execute("set_approval_match", keys, approval_id)
             await self.store.append_in(
                 tx,
                 NewEvent(
                     kind=ev.APPROVAL_GRANTED if approve else ev.APPROVAL_DENIED,
                     session_id=row["session_id"],
                     reason=None if approve else "approval_denied",
-                    payload={"approval": approval_id, "by": by, "reason": reason, "scope": scope},
+                    payload={"approval": approval_id, "by": by, "reason": reason, "scope": scope,
+                             **({"max_uses": max_uses, "match": list(match) if match else None}
+                                if scope == "window" else {})},
                     worker=row["worker"],
                 ),
             )

@@ -68,6 +68,23 @@ def _globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(","))
+    if not all(keys):
+        raise argparse.ArgumentTypeError(f"expected comma-separated param names, got {text!r}")
+    return keys
+
+
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON on stdout")
 
@@ -222,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--by", help=_BY_HELP)
     approve.add_argument("--reason")
     approve.add_argument("--scope", choices=["once", "window"], default="once")
-    approve.add_argument("--max-uses", type=int)
+    approve.add_argument("--uses", "--max-uses", dest="max_uses", type=_positive_int,
+                         help="--scope window: at most N later actions (default 10)")  # fmt: skip
     approve.add_argument("--max-cost", type=_budget)
+    approve.add_argument("--match", type=_keys, metavar="KEY[,KEY...]",
+                         help="--scope window: later actions must have the same values for "
+                              "these params (default: all params)")  # fmt: skip
     deny = command("deny", "deny a pending approval", c.approvals_deny, ap)
     deny.add_argument("id")
     deny.add_argument("--by", help=_BY_HELP)

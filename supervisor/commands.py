@@ -268,9 +268,11 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
         await store.close()
     now = SystemClock().now()
     text = tables.table(
-        ["ID", "STATUS", "ACTION", "WORKER", "TIER", "CREATED", "WAIT"],
+        ["ID", "STATUS", "ACTION", "WORKER", "TIER", "CREATED", "WAIT", "PARAMS", "GRANT"],
         ([tables.short(r["id"]), r["status"], r["action"], r["worker"], r["tier"],
-          tables.when(r["created_at"], config.timezone), _approval_wait(r, now)] for r in rows),
+          tables.when(r["created_at"], config.timezone), _approval_wait(r, now),
+          json.dumps(r["params"], sort_keys=True, separators=(",", ":")), _grant_bounds(r)]
+         for r in rows),
         "no approvals")  # fmt: skip
     emit(args, rows, text)
     return 0
@@ -294,6 +296,16 @@ def _params_object(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _grant_bounds(r: dict[str, Any]) -> str:
+    """A window grant's bounds: which params it matches, uses and cost spent of the allowed."""
+    if r.get("scope") != "window":
+        return "-"
+    match = ",".join(json.loads(r["match_keys"])) if r.get("match_keys") else "all params"
+    uses = f"{r['used_count']}/{r['max_uses']}" if r.get("max_uses") is not None else str(r["used_count"])
+    cost = f", cost {r['used_cost']}/{r['max_cost']}" if r.get("max_cost") is not None else ""
+    return f"window: match {match}, uses {uses}{cost}"
+
+
 async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> int:
     store = await _store(config)
     try:
@@ -302,7 +314,7 @@ async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> in
         row = await approvals.decide(
             approval_id, approve=approve, by=args.by, reason=args.reason,
             scope=getattr(args, "scope", "once"), max_uses=getattr(args, "max_uses", None),
-            max_cost=getattr(args, "max_cost", None),
+            max_cost=getattr(args, "max_cost", None), match=getattr(args, "match", None),
         )  # fmt: skip
     finally:
         await store.close()

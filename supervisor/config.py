@@ -63,6 +63,14 @@ class WorkerSpec:
     quarantine_for: float = 600.0
     heartbeat_timeout: float = 120.0
     cycle_deadline: float = 300.0
+    # The trust boundary of an external worker (see docs/security.md).
+    user: str | None = None
+    group: str | None = None
+    sandbox: str = "none"
+    max_pending_approvals: int = 20
+    max_proposals: int = 1000
+    max_log_lines: int = 1000  # stderr lines and protocol log messages per cycle, together
+    writable: tuple[str, ...] = ()  # directories a bwrap-sandboxed worker may write
 
     def instance_names(self) -> list[str]:
         if self.replicas == 1:
@@ -91,6 +99,7 @@ class Config:
     fleet_switch_grace: float
     killswitch_secret_file: str | None
     killswitch_watch_interval: float
+    halt_in_flight: str  # "terminate": halt_all also stops effects in flight (emergency always)
     policy: Policy
     approvals: EscalationChain
     token_budgets: TokenBudgets
@@ -291,6 +300,10 @@ def _build(
     secret_file = ks.get("secret_file")
     if secret_file is not None and not isinstance(secret_file, str):
         raise c.fail("killswitch.secret_file", "must be a path", "secret_file")
+    halt_in_flight = ks.get("halt_in_flight", "finish")
+    if halt_in_flight not in ("finish", "terminate"):
+        raise c.fail("killswitch.halt_in_flight",
+                     f"must be 'finish' or 'terminate', got {halt_in_flight!r}", "halt_in_flight")  # fmt: skip
 
     def section_of(name: str) -> Any:
         try:
@@ -354,6 +367,7 @@ def _build(
         killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
         query_timeout=query_timeout,
         killswitch_store_poll=c.duration(ks, "store_poll", 1.0, "killswitch"),
+        halt_in_flight=str(halt_in_flight),
         policy=policy,
         approvals=approvals,
         token_budgets=token_budgets,
@@ -428,6 +442,20 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
         ):
             raise c.fail(where, "backoff multiplier must be a finite number >= 1", "multiplier")
         cycle_every = entry.get("cycle_every")
+        user, group, sandbox = entry.get("user"), entry.get("group"), entry.get("sandbox", "none")
+        for key, value in (("user", user), ("group", group)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise c.fail(where, f"{key} must be a user or group name", key)
+        if sandbox not in ("none", "bwrap"):
+            raise c.fail(where, f"unknown sandbox {sandbox!r} (none, bwrap)", "sandbox")
+        writable = entry.get("writable", [])
+        if not isinstance(writable, list) or not all(
+            isinstance(w, str) and w.startswith("/") for w in writable
+        ):
+            raise c.fail(where, "writable must be a list of absolute paths", "writable")
+        if command is None and (user is not None or sandbox != "none"):
+            # An in-process worker is the daemon's own code: it cannot run as someone else.
+            raise c.fail(where, "user, group and sandbox apply to command workers only", "user")
         specs.append(
             WorkerSpec(
                 name=name,
@@ -449,6 +477,13 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
                 quarantine_for=c.duration(entry, "quarantine_for", 600.0, where),
                 heartbeat_timeout=c.duration(entry, "heartbeat_timeout", 120.0, where),
                 cycle_deadline=c.duration(entry, "cycle_deadline", 300.0, where),
+                user=user,
+                group=group,
+                sandbox=str(sandbox),
+                max_pending_approvals=c.positive_int(entry, "max_pending_approvals", 20, where),
+                max_proposals=c.positive_int(entry, "max_proposals", 1000, where),
+                max_log_lines=c.positive_int(entry, "max_log_lines", 1000, where),
+                writable=tuple(writable),
             )
         )
 

@@ -68,7 +68,9 @@ class RunPlan:
     resumed: bool
 
 
-def build_factories(config: Config) -> dict[str, WorkerFactory]:
+def build_factories(
+    config: Config, env: Mapping[str, str] | None = None
+) -> dict[str, WorkerFactory]:
     """Every worker's factory, checked before anything is written (ConfigError names the worker)."""
     factories: dict[str, WorkerFactory] = {}
     search = [*([config.path.parent] if config.path is not None else []), Path.cwd()]
@@ -76,24 +78,74 @@ def build_factories(config: Config) -> dict[str, WorkerFactory]:
         if spec.target is not None:
             factories[spec.name] = load_worker_class(spec, search)
         else:
-            factories[spec.name] = external_factory(spec)
+            factories[spec.name] = external_factory(spec, config, env)
     return factories
 
 
-def external_factory(spec: WorkerSpec) -> WorkerFactory:
+_warned_own_user: set[str] = set()
+
+
+def running_as_service(env: Mapping[str, str]) -> bool:
+    """Started by systemd (a unit sets INVOCATION_ID; Type=notify sets NOTIFY_SOCKET)."""
+    return bool(env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"))
+
+
+def hidden_paths(config: Config, env: Mapping[str, str]) -> tuple[str, ...]:
+    """What a sandboxed worker must not see: the state directory, the secret, the database."""
+    paths = [str(config.state_dir)]
+    if config.killswitch_secret_file:
+        paths.append(str(Path(config.killswitch_secret_file).absolute()))
+    if env.get("CREDENTIALS_DIRECTORY"):
+        paths.append(env["CREDENTIALS_DIRECTORY"])
+    paths += [str(p) for p in sqlite_files(config)]
+    return tuple(paths)
+
+
+def sqlite_files(config: Config) -> list[Path]:
+    """The SQLite database and its WAL files, when the store is SQLite."""
+    if not config.db_url.startswith("sqlite:///"):
+        return []
+    db = Path("/" + config.db_url.removeprefix("sqlite://").partition("?")[0].lstrip("/"))
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+
+def external_factory(
+    spec: WorkerSpec, config: Config | None = None, env: Mapping[str, str] | None = None
+) -> WorkerFactory:
     import shutil
 
     from .external import ExternalWorker
+    from .sandbox import Identity, can_switch_user, resolve
 
     assert spec.command is not None
+    env = os.environ if env is None else env
     program = spec.command[0]
     found = shutil.which(program)
     if found is None or not os.access(found, os.X_OK):
         raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
     argv = spec.command
+    uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+    if uid is not None and uid != os.geteuid() and not can_switch_user():
+        # Fail at startup (exit 2), not with a launcher that fails at every restart.
+        raise ConfigError(f"worker {spec.name!r}: running as {spec.user!r} needs the daemon to be "
+                          "root or hold CAP_SETUID and CAP_SETGID (the shipped unit grants them)")  # fmt: skip
+    identity = Identity(uid=uid, gid=gid, user=spec.user, sandbox="bwrap" if spec.sandbox == "bwrap" else "none",
+                        hidden=hidden_paths(config, env) if config is not None else (),
+                        writable=spec.writable)  # fmt: skip
+    if spec.sandbox == "bwrap" and shutil.which("bwrap") is None:
+        raise ConfigError(f"worker {spec.name!r}: sandbox 'bwrap' needs bubblewrap (bwrap) installed")
+    own_user = uid is None or uid == os.geteuid()
+    if own_user and running_as_service(env) and spec.name not in _warned_own_user:
+        _warned_own_user.add(spec.name)
+        # The agent under governance could then read the store and the switch: say so.
+        log.warning("worker.runs_as_daemon_user", worker=spec.name,
+                    hint="set user = \"acp-agent\" for it (docs/security.md)")  # fmt: skip
 
     def make(name: str, params: dict[str, Any]) -> Worker:
-        return ExternalWorker(name, params, argv=argv, heartbeat_timeout=spec.heartbeat_timeout)
+        return ExternalWorker(name, params, argv=argv, heartbeat_timeout=spec.heartbeat_timeout,
+                              identity=identity, max_proposals=spec.max_proposals,
+                              max_log_lines=spec.max_log_lines,
+                              max_pending_approvals=spec.max_pending_approvals)  # fmt: skip
 
     return make
 
@@ -176,13 +228,15 @@ class Daemon:
 
     async def run(self) -> Scorecard | None:
         cfg = self.config
-        factories = build_factories(cfg)  # config errors before anything is written
+        factories = build_factories(cfg, self.env)  # config errors before anything is written
         if not cfg.workers:
             log.warning("config.no_workers", config=str(cfg.path or "built-in"),
                         hint="add [[workers]] tables; nothing will run")  # fmt: skip
         secret = load_secret(self.env, cfg.killswitch_secret_file)
         try:
             make_state_dir(cfg.state_dir)
+            if any(s.user for s in cfg.workers):
+                private_state_dir(cfg.state_dir)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}") from None
         system = SystemClock()
@@ -190,6 +244,8 @@ class Daemon:
         # (`acp-supervisor db migrate`), never by whichever host happens to start first.
         store = await open_store(cfg.db_url, system, migrate=not cfg.db_url.startswith("postgres"),
                                  query_timeout=cfg.query_timeout)  # fmt: skip
+        if any(s.user for s in cfg.workers):
+            private_files(sqlite_files(cfg))  # a database outside the state directory too
         try:
             if not self.simulate:
                 self.coordinator = Coordinator(store, fleet=cfg.fleet, host_id=cfg.host_id,
@@ -229,6 +285,7 @@ class Daemon:
         gate.host = cfg.host_id
         if self.coordinator is not None:
             gate.owner = self.coordinator.instance  # the incarnation in the hosts row
+        gate.halt_in_flight = cfg.halt_in_flight
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -261,7 +318,7 @@ class Daemon:
                                      host_switch=host_switch, by=cfg.host_id,
                                      started_before=started_real, host=cfg.host_id,
                                      live_after=await self._live_after(store),
-                                     owner=gate.owner, in_flight=gate.in_flight)  # fmt: skip
+                                     owner=gate.owner, in_flight=gate.owned)  # fmt: skip
         if report.in_doubt:
             await alerts.raise_alert("recovery_in_doubt", session_id=None,
                                      detail={"in_doubt": report.in_doubt,
@@ -368,6 +425,7 @@ class Daemon:
                     self.notifier.status(self._status_line())
                 except StoreError as exc:
                     log.warning("duty.failed", duty="rotation", error=str(exc))
+                    await self._state_write_failed("rotation", exc)
                     boundary = now + timedelta(seconds=self.config.heartbeat)
             if not await self.clock.sleep_until(boundary, self.stopping):
                 return
@@ -382,6 +440,7 @@ class Daemon:
                         await duty(*args)
                 except StoreError as exc:
                     log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
+                    await self._state_write_failed(getattr(duty, "__name__", "?"), exc)
 
     async def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> None:
         """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
@@ -427,6 +486,7 @@ class Daemon:
                         counts = await approvals.escalate_due()
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
+                    await self._state_write_failed("escalation", exc)
                     continue
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
@@ -452,7 +512,7 @@ class Daemon:
                             started_before=self.clock.now() - timedelta(seconds=longest * 2),
                             host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store),
-                            owner=self.gate.owner, in_flight=self.gate.in_flight)  # fmt: skip
+                            owner=self.gate.owner, in_flight=self.gate.owned)  # fmt: skip
 
     async def _console(self) -> None:
         """The operator console, off the gate's hot path: its own store connection, its own
@@ -480,11 +540,14 @@ class Daemon:
             state = host_switch.read()
             if state != known:
                 known = state
+                # First, before any store write: reach the effects in flight (emergency).
+                self.gate.stop_in_flight("host", "", state.mode)
                 self.gate.switch_moved(self.clock)
                 try:
                     await self._observe_switch(store, state)
                 except StoreError as exc:  # the gate enforces the switch regardless
                     log.error("killswitch.event_not_recorded", mode=state.mode.value, error=str(exc))
+                    await self._state_write_failed("killswitch", exc)
                     known = None  # try to record it again on the next pass
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
@@ -576,6 +639,10 @@ class Daemon:
                 for key, mode in current.items():
                     if known.get(key, "disengaged") != mode and not (first and mode == "disengaged"):
                         row = next(r for r in rows if (r["scope"], r["target"]) == key)
+                        try:
+                            self.gate.stop_in_flight(key[0], key[1], Mode(mode))
+                        except ValueError:
+                            self.gate.stop_in_flight(key[0], key[1], Mode.HALT_ALL)
                         self.gate.switch_moved(self.clock)
                         log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
                                     by=row["changed_by"], reason=row["reason"])  # fmt: skip
@@ -621,6 +688,12 @@ class Daemon:
         log.warning("killswitch.changed", mode=state.mode.value, by=state.by, reason=state.reason)
         if state.mode == Mode.EMERGENCY:
             await self._safe_snapshot(store, state)
+
+    async def _state_write_failed(self, duty: str, exc: Exception) -> None:
+        """A duty's write failed: the state_write_failed alert (logged and delivered even when
+        the store cannot record it; raise_alert never raises)."""
+        await self.alerts.raise_alert("state_write_failed", session_id=None,
+                                      detail={"duty": duty, "error": str(exc)})  # fmt: skip
 
     async def _safe_snapshot(self, store: Store, state: SwitchState) -> None:
         try:
@@ -779,7 +852,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self.reload_config()
-            factories = build_factories(new)
+            factories = build_factories(new, self.env)
             if new.fleet != self.config.fleet or new.db_url != self.config.db_url:
                 raise ConfigError("fleet and database cannot change on reload; restart instead")
         except ConfigError as exc:
@@ -789,6 +862,7 @@ class Daemon:
         old_specs = {s.name: s for s in self.config.workers}
         new_specs = {s.name: s for s in new.workers}
         self.gate.policy = new.policy
+        self.gate.halt_in_flight = new.halt_in_flight
         self.gate.approvals.chain = new.approvals
         self.gate.token_budgets = new.token_budgets
         self.gate.models = new.models
@@ -896,6 +970,28 @@ def run_end(anchor: datetime, profile: HorizonProfile, tz: Any) -> datetime:
         return date_start(local_date + timedelta(days=length // timedelta(days=1)), tz)
     local_end = anchor.astimezone(tz).replace(tzinfo=None) + length
     return window_at(local_end.replace(tzinfo=tz), profile.window, tz).start
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """Workers that run as another user must find the state directory closed: no group or
+    other access (the database, the switch file and its high-water mark live there)."""
+    mode = state_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        state_dir.chmod(mode & 0o700)
+        log.warning("state_dir.tightened", path=str(state_dir), was=oct(mode), now=oct(mode & 0o700))
+
+
+def private_files(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+                log.warning("store.file_tightened", path=str(path), was=oct(mode), now=oct(mode & 0o700))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("store.file_not_private", path=str(path), error=exc.strerror or str(exc))
 
 
 def killswitch_command_id(fleet: str, scope: str, seq: int | str) -> str:

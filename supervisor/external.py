@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -39,8 +40,11 @@ import anyio
 import anyio.abc
 import structlog
 
-from .actions import RISKS, Action
+from . import events as ev
+from .actions import RISKS, Action, derive_id
 from .errors import ActionDenied, ActionExpired, ApprovalPending, StoreError, SupervisorError
+from .sandbox import Identity, launch_argv
+from .store import NewEvent
 from .worker import CycleContext, Worker
 
 log = structlog.get_logger("supervisor.external")
@@ -57,11 +61,13 @@ _ACTION_KEYS: Final = frozenset(
 )
 
 # Environment variables of the daemon that a child never inherits: the kill-switch secret and
-# the rest of the daemon's own settings, and the systemd sockets (a child must not notify for
-# the daemon). `env=` can still set any of them explicitly.
-_SCRUB_PREFIXES: Final = ("ACP_",)
+# the rest of the daemon's own settings, the database's connection settings and credentials
+# (libpq's PG*), the systemd sockets (a child must not notify for the daemon) and credentials
+# directory. `env=` can still set any of them explicitly.
+_SCRUB_PREFIXES: Final = ("ACP_", "PG")
 _SCRUB_NAMES: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                                 "LISTEN_PID", "LISTEN_FDNAMES"})  # fmt: skip
+                                 "LISTEN_PID", "LISTEN_FDNAMES", "CREDENTIALS_DIRECTORY",
+                                 "DATABASE_URL"})  # fmt: skip
 
 _CHUNK: Final = 64 * 1024
 _STDERR_LINES_PER_CYCLE: Final = 1000
@@ -396,6 +402,9 @@ class ExternalWorker(Worker):
         max_messages: int = 10_000,
         max_proposals: int = 1_000,
         cwd: str | os.PathLike[str] | None = None,
+        identity: Identity | None = None,
+        max_log_lines: int = _STDERR_LINES_PER_CYCLE,
+        max_pending_approvals: int = 20,
     ) -> None:
         super().__init__(name, params)
         if not argv:
@@ -410,15 +419,19 @@ class ExternalWorker(Worker):
         self.max_messages = max_messages
         self.max_proposals = max_proposals
         self.cwd = cwd
+        self.identity = identity or Identity()
+        self.max_log_lines = max_log_lines
+        self.max_pending_approvals = max_pending_approvals
         self._state: dict[str, Any] = {}
         self._process: anyio.abc.Process | None = None
         self._stdout: _LineReader | None = None
         self._stderr_buffer = bytearray()
         self._stderr_skipping = False
-        self._stderr_budget = _STDERR_LINES_PER_CYCLE
+        self._stderr_budget = max_log_lines
         self._stderr_dropped = 0
         self._messages = 0
         self._needs_hello = False
+        self._stopping = False
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -446,7 +459,7 @@ class ExternalWorker(Worker):
             process = await self._ensure_started()
             error: Exception | None = None
             self._messages = 0
-            self._stderr_budget = _STDERR_LINES_PER_CYCLE
+            self._stderr_budget = self.max_log_lines
             self._stderr_dropped = 0
             async with anyio.create_task_group() as tg:
                 assert process.stderr is not None
@@ -456,6 +469,9 @@ class ExternalWorker(Worker):
                 except Exception as exc:  # re-raised outside the task group, unwrapped
                     error = exc
                 tg.cancel_scope.cancel()
+            if self._stderr_dropped:
+                await ctx.gate.cap_hit("log_lines", worker=self.name, session=ctx.session,
+                                       limit=self.max_log_lines, dropped=self._stderr_dropped)  # fmt: skip
             self._report_dropped()
             if error is not None:
                 raise error
@@ -490,6 +506,8 @@ class ExternalWorker(Worker):
                     )
                 seen.add(message.id)
                 if len(seen) > self.max_proposals:
+                    await ctx.gate.cap_hit("proposals", worker=self.name, session=ctx.session,
+                                           limit=self.max_proposals)  # fmt: skip
                     raise WorkerProtocolError(
                         f"more than {self.max_proposals} proposals in one cycle", reason="flood"
                     )
@@ -506,7 +524,11 @@ class ExternalWorker(Worker):
     async def _handle_propose(self, ctx: CycleContext, message: Propose) -> None:
         ident = message.id
 
+        approved: list[str] = []
+
         async def effect(command_id: str) -> Any:
+            ctx.gate.on_terminate(command_id, self._stop_child)
+            approved.append(command_id)
             try:
                 await self._send({"type": "decision", "id": ident, "decision": "approved",
                                   "command_id": command_id})  # fmt: skip
@@ -521,8 +543,10 @@ class ExternalWorker(Worker):
         # another worker's idempotency keys. A restarted instance keeps its name, so its retries
         # still find their own outcomes.
         key = f"external:{self.name}:{message.key}" if message.key is not None else None
+        action = await self._without_claims(ctx, message.action)
         try:
-            outcome = await ctx.dispatch(message.action, effect, key=key)
+            outcome = await ctx.dispatch(action, effect, key=key,
+                                         pending_cap=self.max_pending_approvals)  # fmt: skip
         except _Abandon as abandoned:
             raise abandoned.error from None
         except ApprovalPending as exc:
@@ -533,6 +557,20 @@ class ExternalWorker(Worker):
             await self._decide(ident, "expired", exc.reason, str(exc), command_id=exc.command_id)
             return
         except ActionDenied as exc:
+            if self._stopping:
+                # An emergency stopped this child's effect: the child goes (SIGKILL after the
+                # shutdown timeout if SIGTERM is not enough) and the cycle ends governed.
+                self._stopping = False
+                log.error("worker.child_terminated", worker=self.name, pid=self.pid,
+                          reason=str(exc))  # fmt: skip
+                with anyio.CancelScope(shield=True):
+                    await self._terminate()
+                raise
+            if approved:
+                # The child was told "approved" and answered; the outcome was then recorded
+                # in-doubt (an emergency landed meanwhile). It gets no second decision.
+                log.warning("worker.outcome_in_doubt", worker=self.name, id=ident, reason=str(exc))
+                return
             await self._decide(ident, "denied", exc.reason, str(exc), command_id=exc.command_id)
             return
         except StoreError:
@@ -545,6 +583,28 @@ class ExternalWorker(Worker):
                                f"command {outcome.command_id} already {outcome.status}",
                                command_id=outcome.command_id, status=outcome.status,
                                result=outcome.result, error=outcome.error)  # fmt: skip
+
+    def _stop_child(self) -> None:
+        """Called by the gate when a switch stops effects in flight: SIGTERM to the group now."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            self._stopping = True
+            self._signal(process, signal.SIGTERM)
+
+    async def _without_claims(self, ctx: CycleContext, action: Action) -> Action:
+        """`critical` and `safe_to_retry` from a child are claims: policy decides them. A claim
+        is recorded (once per window, worker, action and claim) for audit, and dropped."""
+        claims = {k: True for k in ("critical", "safe_to_retry") if getattr(action, k)}
+        if not claims:
+            return action
+        log.warning("worker.claim_ignored", worker=self.name, action=action.name, claims=claims)
+        await ctx.gate.store.once(
+            derive_id("claim", ctx.session.id, self.name, action.name, *sorted(claims)),
+            NewEvent(kind=ev.WORKER_CLAIM_IGNORED, session_id=ctx.session.id, worker=self.name,
+                     reason="claim", payload={"action": action.name, "claims": claims,
+                                              "decided_by": "policy"}),
+        )  # fmt: skip
+        return dataclasses.replace(action, critical=False, safe_to_retry=False)
 
     async def _decide(
         self, ident: str, decision: str, reason: str, detail: str, **extra: Any
@@ -596,6 +656,12 @@ class ExternalWorker(Worker):
             if isinstance(message, Heartbeat):
                 continue
             if isinstance(message, Log):
+                # Log messages share the stderr lines' budget: a flood of either cannot drown
+                # the daemon's own lines in the journal's rate limit. The rest are counted.
+                if self._stderr_budget <= 0:
+                    self._stderr_dropped += 1
+                    continue
+                self._stderr_budget -= 1
                 getattr(log, message.level)("worker.log", worker=self.name,
                                             message=_printable(message.message))  # fmt: skip
                 continue
@@ -636,7 +702,8 @@ class ExternalWorker(Worker):
             return self._process
         try:
             process = await anyio.open_process(
-                self.argv, env=child_environment(self.env), cwd=self.cwd, start_new_session=True,
+                launch_argv(self.argv, self.identity), env=child_environment(self.env),
+                cwd=self.cwd, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             raise WorkerProtocolError(
@@ -649,7 +716,8 @@ class ExternalWorker(Worker):
         self._stderr_buffer = bytearray()
         self._stderr_skipping = False
         self._needs_hello = True
-        log.info("worker.child_started", worker=self.name, pid=process.pid, argv=self.argv)
+        log.info("worker.child_started", worker=self.name, pid=process.pid, argv=self.argv,
+                 user=self.identity.user, sandbox=self.identity.sandbox)  # fmt: skip
         return process
 
     async def close(self) -> None:
@@ -694,7 +762,7 @@ class ExternalWorker(Worker):
                 self._signal_group_only(process, signal.SIGKILL)
         # What the child said on its way out (a traceback) is worth a log line.
         if process.stderr is not None:
-            self._stderr_budget = _STDERR_LINES_PER_CYCLE  # its last words get their own budget
+            self._stderr_budget = self.max_log_lines  # its last words get their own budget
             with anyio.move_on_after(0.5):
                 await self._pump_stderr(process.stderr)
             self._report_dropped()
@@ -759,7 +827,7 @@ class ExternalWorker(Worker):
     def _report_dropped(self) -> None:
         if self._stderr_dropped:
             log.warning("worker.stderr_dropped", worker=self.name, lines=self._stderr_dropped,
-                        limit=_STDERR_LINES_PER_CYCLE)  # fmt: skip
+                        limit=self.max_log_lines)  # fmt: skip
             self._stderr_dropped = 0
 
 

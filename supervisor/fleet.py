@@ -188,6 +188,16 @@ class Fleet:
                 )  # fmt: skip
         except StateWriteError as exc:
             log.warning("worker.status_write_failed", worker=st.name, error=str(exc))
+            await self.state_write_failed(st.session_id, worker=st.name, error=str(exc))
+
+    async def state_write_failed(self, session_id: str | None, **detail: Any) -> None:
+        """Every failed state write is the `state_write_failed` alert, not only a log line
+        (the alerts module logs and delivers it even when the store cannot record it)."""
+        if self.on_alert is not None:
+            try:
+                await self.on_alert("state_write_failed", session_id, dict(detail))
+            except Exception as exc:  # never let the alert hide the failure it reports
+                log.error("alert.failed", condition="state_write_failed", error=str(exc))
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -383,6 +393,7 @@ class Fleet:
                     # needed it did not run (fail-closed). Supervision survives it: wait, retry.
                     st.last_error = f"store unavailable: {exc}"
                     log.warning("worker.store_unavailable", worker=name, error=str(exc))
+                    await self.state_write_failed(None, worker=name, error=str(exc))
                     delay, backoff = backoff_step(backoff, spec.backoff, jitter)
                     if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay), stop):
                         break
@@ -424,12 +435,11 @@ class Fleet:
                 lost = exc
             elif isinstance(exc, StoreError):
                 error = f"state write failed: {exc}"
+                await self.state_write_failed(session.id, worker=st.name, error=str(exc))
             elif isinstance(exc, UsageError | IdempotencyConflict):
                 # A worker bug (params that do not serialize, a key reused with other params):
                 # a crash, visible and counted, not a governed refusal.
                 error = f"{type(exc).__name__}: {exc}"
-                if self.on_alert is not None:
-                    await self.on_alert("state_write_failed", session.id, {"worker": st.name, "error": str(exc)})
             else:
                 log.debug("cycle.governed", worker=st.name, reason=exc.reason)
         except Exception as exc:
@@ -475,6 +485,8 @@ class Fleet:
             await self.store.append(event)
         except StoreError as exc:
             log.error("worker.event_not_recorded", kind=event.kind, worker=event.worker, error=str(exc))
+            await self.state_write_failed(event.session_id, worker=event.worker, kind=event.kind,
+                                          error=str(exc))  # fmt: skip
 
     async def _checkpoint(
         self, st: WorkerStatus, worker: Worker, cycle: int, session: Session | None,

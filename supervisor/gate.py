@@ -22,7 +22,7 @@ import structlog
 
 from . import events as ev
 from .actions import Action, derive_id
-from .approvals import Approvals, Permit
+from .approvals import Approvals, Permit, grant_covers
 from .errors import ActionDenied, ActionExpired, ApprovalPending, StateWriteError
 from .governance import ModelGovernor, TokenBudgets
 from .killswitch import HostSwitchFile, Mode, permits, strictest
@@ -86,6 +86,17 @@ def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, criti
     return f"{mode.value} ({', '.join(sorted(scopes))})"
 
 
+@dataclass(slots=True)
+class InFlight:
+    """An effect that is running: what an emergency must reach."""
+
+    worker: str
+    session_id: str
+    scope: anyio.CancelScope
+    terminate: Callable[[], None] | None = None  # an external worker's: signal its child's group
+    stopped_by: str | None = None
+
+
 class Gate:
     def __init__(
         self,
@@ -121,9 +132,13 @@ class Gate:
         # command_ids it has between "about to write the started record" and "outcome written
         # or abandoned": the recovery scan never touches those, whatever the wall clock says.
         self.owner: str | None = uuid.uuid4().hex[:12]
-        self.in_flight: set[str] = set()
+        self.owned: set[str] = set()
         # Instance name -> configured name of a replicated worker (for worker-scope switches).
         self.worker_groups: dict[str, str] = {}
+        # Effects in flight by command_id (from the last look on), for an emergency to stop;
+        # "terminate" makes halt_all stop them too.
+        self.in_flight: dict[str, InFlight] = {}
+        self.halt_in_flight = "finish"
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -137,14 +152,97 @@ class Gate:
 
     async def _scoped_approval(self, action: Action, *, worker: str, session: Session) -> Row | None:
         """An approval granted for the rest of this window (`approve --scope window`) covers later
-        actions of the same name by the same worker, within its count and cost limits; each use
-        is counted in one statement, so concurrent uses cannot exceed them."""
-        row = await self.store.fetchrow("scoped_approval", session.id, worker, action.name)
-        if row is None:
-            return None
-        async with self.store.transaction() as tx:
-            used = await tx.fetchrow("use_approval", action.cost, row["id"], action.cost)
-        return row if used is not None else None
+        actions of the same name by the same worker with the same params (or the same values of
+        the keys the operator named), within its count and cost limits; each use is counted in
+        one statement, so concurrent uses cannot exceed them."""
+        for row in await self.store.fetchall("scoped_approvals", session.id, worker, action.name):
+            if not grant_covers(row, action):
+                continue
+            async with self.store.transaction() as tx:
+                used = await tx.fetchrow("use_approval", action.cost, row["id"], action.cost)
+            if used is not None:
+                return row
+        return None
+
+    async def cap_hit(self, cap: str, *, worker: str, session: Session, **detail: Any) -> None:
+        """A worker reached one of its caps: an event and an alert, once per window."""
+        fresh = await self.store.once(
+            derive_id("worker_cap", session.id, worker, cap),
+            NewEvent(kind=ev.WORKER_CAP_HIT, session_id=session.id, worker=worker, reason=cap,
+                     payload={"cap": cap, **detail}),
+        )  # fmt: skip
+        log.warning("worker.cap_hit", worker=worker, cap=cap, **detail)
+        if fresh and self.on_alert is not None:
+            await self.on_alert("worker_cap", {"session": session.id, "worker": worker,
+                                               "cap": cap, **detail})  # fmt: skip
+
+    def _stops(self, mode: Mode) -> bool:
+        """Whether `mode` stops effects already running (not only new ones)."""
+        return mode is Mode.EMERGENCY or (mode is Mode.HALT_ALL and self.halt_in_flight == "terminate")
+
+    def _stop_verdict(self, rows: list[Row], worker: str, session_id: str) -> str | None:
+        """Which switch, if any, stops this worker's effects in flight; None when none does."""
+        if self.fleet_unknown is not None and self._stops(Mode.HALT_ALL):
+            return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
+        state = self.host_switch.read()
+        if self._stops(state.mode):
+            return f"host {state.mode.value}"
+        for row in rows:
+            scope, target = row["scope"], row["target"]
+            if scope == "fleet" or (scope, target) in (("session", session_id), ("worker", worker)):
+                try:
+                    mode = Mode(row["mode"])
+                except ValueError:
+                    mode = Mode.HALT_ALL
+                if self._stops(mode):
+                    return f"{scope} {mode.value}"
+        return None
+
+    def stop_in_flight(self, scope: str, target: str, mode: Mode) -> int:
+        """An engage was observed: stop the effects it reaches (emergency; halt_all when
+        halt_in_flight = "terminate"). External children get SIGTERM on their process group at
+        once; in-process effects are cancelled at their next await. Returns how many."""
+        if not self._stops(mode):
+            return 0
+        stopped = 0
+        for entry in list(self.in_flight.values()):
+            if scope == "session" and entry.session_id != target:
+                continue
+            if scope == "worker" and entry.worker != target:
+                continue
+            if entry.stopped_by is None:
+                entry.stopped_by = f"{scope} {mode.value}"
+                if entry.terminate is not None:
+                    entry.terminate()
+                entry.scope.cancel()
+                stopped += 1
+        if stopped:
+            log.error("killswitch.stopped_in_flight", scope=scope, target=target, mode=mode.value,
+                      effects=stopped)  # fmt: skip
+        return stopped
+
+    def track(self, command_id: str, worker: str, session_id: str) -> InFlight:
+        entry = InFlight(worker, session_id, anyio.CancelScope())
+        self.in_flight[command_id] = entry
+        return entry
+
+    def on_terminate(self, command_id: str, terminate: Callable[[], None]) -> None:
+        """An external worker's effect names how to stop its child (called from the effect)."""
+        entry = self.in_flight.get(command_id)
+        if entry is not None:
+            entry.terminate = terminate
+
+    async def stopped(self, action: Action, entry: InFlight, *, worker: str, session: Session,
+                      command_id: str) -> ActionDenied:  # fmt: skip
+        """The effect was stopped by a switch: recorded in-doubt (it may have half happened)."""
+        with anyio.CancelScope(shield=True):
+            await self.store.mark_in_doubt(
+                command_id=command_id, session_id=session.id, cost=action.cost, worker=worker,
+                reason="killswitch", payload={"action": action.name, "stopped_by": entry.stopped_by,
+                                              "safe_to_retry": action.safe_to_retry},
+            )  # fmt: skip
+        return ActionDenied(f"{action.name}: stopped in flight by the kill switch ({entry.stopped_by})",
+                            reason="killswitch", command_id=command_id)  # fmt: skip
 
     def _verdict(self, action: Action, rows: list[Row], worker: str, session: Session) -> str | None:
         """Every switch at once (host file, then the store's rows); None when all permit."""
@@ -195,6 +293,7 @@ class Gate:
         command_id: str,
         approval_key: str | None = None,
         correlation_id: str | None = None,
+        pending_cap: int | None = None,
     ) -> tuple[Permit | None, Outcome | None]:
         """Run every check up to and including the started record.
 
@@ -202,6 +301,7 @@ class Gate:
         outcome answers the command (a retry). Raises ActionDenied, ApprovalPending, ActionExpired.
         """
         refuse = self.refuse
+        action = self.policy.mark(action)  # critical / safe_to_retry: policy decides
         args: dict[str, Any] = {"worker": worker, "session": session, "command_id": command_id,
                 "correlation_id": correlation_id}  # fmt: skip
 
@@ -261,6 +361,14 @@ class Gate:
                             decision.rule)  # fmt: skip
         elif decision.outcome in ("require_approval", "escalate"):
             key = approval_key or command_id
+            if pending_cap is not None:
+                counted = await self.store.fetchrow("count_pending_of_worker", self.fleet, worker,
+                                                     self.approvals.scoped(key))  # fmt: skip
+                if counted is not None and int(counted["n"]) >= pending_cap:
+                    await self.cap_hit("approval_cap", worker=worker, session=session, limit=pending_cap)
+                    raise await refuse(action, reason="approval_cap",
+                                       detail=f"{pending_cap} approvals of this worker already pending",
+                                       rule=decision.rule, **args)  # fmt: skip
             row = await self.approvals.request(
                 key=key, action=action, worker=worker, session_id=session.id,
                 escalate_now=decision.outcome == "escalate", correlation_id=correlation_id,
@@ -301,13 +409,13 @@ class Gate:
         # 6. budget reservation, store kill switches and the started record: one transaction.
         # In flight from before the record is written: a recovery scan that reads the committed
         # row before this task resumes must already see it as this process's own.
-        claimed = command_id not in self.in_flight
-        self.in_flight.add(command_id)
+        claimed = command_id not in self.owned
+        self.owned.add(command_id)
         try:
             return await self._start(action, permit, decision, operation, stored, rerun, args)
         except BaseException:
             if claimed:
-                self.in_flight.discard(command_id)
+                self.owned.discard(command_id)
             raise
 
     async def _start(
@@ -408,12 +516,15 @@ class Gate:
         command_id: str,
         approval_key: str | None = None,
         correlation_id: str | None = None,
+        pending_cap: int | None = None,
     ) -> Outcome:
         t0 = time.perf_counter()
+        action = self.policy.mark(action)
         with structlog.contextvars.bound_contextvars(command_id=command_id):
             return await self._run(action, effect, worker=worker, session=session,
                                    command_id=command_id, approval_key=approval_key,
-                                   correlation_id=correlation_id, t0=t0)  # fmt: skip
+                                   correlation_id=correlation_id, t0=t0,
+                                   pending_cap=pending_cap)  # fmt: skip
 
     async def _run(
         self,
@@ -426,10 +537,11 @@ class Gate:
         approval_key: str | None,
         correlation_id: str | None,
         t0: float,
+        pending_cap: int | None = None,
     ) -> Outcome:
         permit, replay = await self.admit(
             action, worker=worker, session=session, command_id=command_id,
-            approval_key=approval_key, correlation_id=correlation_id,
+            approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
         )  # fmt: skip
         if replay is not None:
             return replay
@@ -438,25 +550,49 @@ class Gate:
             return await self._effect(action, effect, worker=worker, session=session,
                                       command_id=command_id, correlation_id=correlation_id, t0=t0)  # fmt: skip
         finally:
-            self.in_flight.discard(command_id)  # finished, refused at the last look, or abandoned
+            self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
 
     async def _effect(
         self, action: Action, effect: Effect, *, worker: str, session: Session, command_id: str,
         correlation_id: str | None, t0: float,
     ) -> Outcome:  # fmt: skip
-        await self.last_look(action, worker=worker, session=session, command_id=command_id)
+        # Tracked from the last look on: an emergency observed while it reads the switches
+        # stops the action before its effect.
+        entry = self.track(command_id, worker, session.id)
+        try:
+            await self.last_look(action, worker=worker, session=session, command_id=command_id,
+                                 entry=entry)  # fmt: skip
+        except BaseException:
+            self.in_flight.pop(command_id, None)
+            raise
         if self.stats.latencies is not None:
             self.stats.latencies.append(time.perf_counter() - t0)
         self.stats.admitted += 1
         if self.observer is not None:
             self.observer.observe_latency(time.perf_counter() - t0)
+        result: Any = None
         try:
-            result = await effect()
+            with entry.scope:
+                result = await effect()
         except Exception as exc:
+            if entry.stopped_by is not None:
+                raise await self.stopped(action, entry, worker=worker, session=session,
+                                         command_id=command_id) from None  # fmt: skip
             await self.finish(action, worker=worker, session=session, command_id=command_id,
                               ok=False, error=f"{type(exc).__name__}: {exc}",
                               correlation_id=correlation_id)  # fmt: skip
             return Outcome(command_id, "failed", None, f"{type(exc).__name__}: {exc}", replayed=False)
+        except BaseException as exc:
+            # A stopped external child may be seen to die (EOF) before the cancellation lands.
+            if entry.stopped_by is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise await self.stopped(action, entry, worker=worker, session=session,
+                                         command_id=command_id) from None  # fmt: skip
+            raise
+        finally:
+            self.in_flight.pop(command_id, None)
+        if entry.scope.cancelled_caught or entry.stopped_by is not None:
+            raise await self.stopped(action, entry, worker=worker, session=session,
+                                     command_id=command_id)  # fmt: skip
         await self.finish(action, worker=worker, session=session, command_id=command_id,
                           ok=True, result=result, correlation_id=correlation_id)  # fmt: skip
         return Outcome(command_id, "succeeded", result, None, replayed=False)
@@ -470,13 +606,18 @@ class Gate:
         """The host switch's verdict now, as a waiting worker sees it (no store read)."""
         return self._host_verdict(critical)
 
-    async def last_look(self, action: Action, *, worker: str, session: Session, command_id: str) -> None:
+    async def last_look(
+        self, action: Action, *, worker: str, session: Session, command_id: str,
+        entry: InFlight | None = None,
+    ) -> None:  # fmt: skip
         """Every switch read again right before the effect: an engage that landed after the
         started record stops it here, and the record is closed as halted with nothing run."""
         rows = await self.store.fetchall("kill_switches", self.fleet)
         # The host file last: nothing may await between reading it and the effect, or an engage
         # could land and return while this task waits for the store.
         problem = self._verdict(action, rows, worker, session)
+        if problem is None and entry is not None:
+            problem = entry.stopped_by  # an emergency observed while the rows were read
         if problem is None:
             return
         await self.store.finish_action(
@@ -498,10 +639,19 @@ class Gate:
         error: str | None = None,
         correlation_id: str | None = None,
     ) -> None:
-        await self.store.finish_action(
+        stopped = await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
+            # An emergency engaged while the effect ran: its outcome is not recorded as done.
+            stop_check=(lambda rows: self._stop_verdict(rows, worker, session.id)) if ok else None,
+            fleet=self.fleet,
         )  # fmt: skip
+        if stopped is not None:
+            log.error("action.stopped_in_flight", action=action.name, command_id=command_id,
+                      by=stopped)  # fmt: skip
+            raise ActionDenied(f"{action.name}: outcome not recorded, the kill switch stopped "
+                               f"effects in flight ({stopped})", reason="killswitch",
+                               command_id=command_id)  # fmt: skip
         if self.observer is not None:
             self.observer.observe_action("succeeded" if ok else "failed")
         if ok and action.identity and (action.tokens or action.cost):

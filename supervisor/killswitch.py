@@ -78,8 +78,15 @@ def strictest(*modes: Mode) -> Mode:
     return max(modes, key=_RANK.__getitem__, default=Mode.DISENGAGED)
 
 
+#: The systemd credential the unit loads (`LoadCredential=killswitch.secret:/etc/...`).
+CREDENTIAL_NAME = "killswitch.secret"
+
+
 def load_secret(env: Mapping[str, str], secret_file: str | None) -> bytes | None:
-    """The HMAC key: the environment wins over the file; None when neither is configured.
+    """The HMAC key; None when none is configured. In order: the environment variable (for
+    development: under systemd it logs a warning, since a service's environment is readable by
+    whatever runs as its user), the systemd credential `$CREDENTIALS_DIRECTORY/killswitch.secret`,
+    then `[killswitch] secret_file`.
 
     The secret is deliberately never read from the config file itself.
     """
@@ -87,9 +94,23 @@ def load_secret(env: Mapping[str, str], secret_file: str | None) -> bytes | None
         secret = env[SECRET_ENV].encode()
         if not secret:
             raise ConfigError(f"{SECRET_ENV} is set but empty")
+        if env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"):
+            import structlog
+
+            structlog.get_logger("supervisor.killswitch").warning(
+                "killswitch.secret_in_environment", variable=SECRET_ENV,
+                hint="use LoadCredential=killswitch.secret or [killswitch] secret_file",
+            )  # fmt: skip
         return secret
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL_NAME).exists():
+        return _read_secret(str(Path(credentials) / CREDENTIAL_NAME))
     if secret_file is None:
         return None
+    return _read_secret(secret_file)
+
+
+def _read_secret(secret_file: str) -> bytes:
     try:
         data = Path(secret_file).read_bytes()
     except OSError as exc:

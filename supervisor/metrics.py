@@ -128,6 +128,10 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9464
     stall_after: float = 30.0  # seconds
+    # The listener holds at most this many connections (one thread each); more are closed at
+    # once. A client that sends nothing for read_timeout seconds is dropped.
+    max_connections: int = 16
+    read_timeout: float = 5.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> MetricsConfig:
@@ -149,11 +153,20 @@ class MetricsConfig:
         stall_after = parse_duration(
             section.get("stall_after", d.stall_after), "metrics.stall_after"
         )
-        return cls(enabled=enabled, host=host, port=port, stall_after=stall_after)
+        max_connections = section.get("max_connections", d.max_connections)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigError(f"metrics.max_connections: expected an integer >= 1, got {max_connections!r}")
+        read_timeout = parse_duration(section.get("read_timeout", d.read_timeout), "metrics.read_timeout")
+        return cls(enabled=enabled, host=host, port=port, stall_after=stall_after,
+                   max_connections=max_connections, read_timeout=read_timeout)  # fmt: skip
 
 
 class _QuietHandler(WSGIRequestHandler):
     """No per-request line on stderr (the daemon logs to stdout as JSON)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(getattr(self.server, "read_timeout", 5.0))  # per read
 
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -162,6 +175,29 @@ class _QuietHandler(WSGIRequestHandler):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the listen backlog: a burst is accepted (and refused) at once
+    read_timeout = 5.0
+    slots = threading.BoundedSemaphore(16)
+    refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread per connection, at most `slots`: past that the connection is closed at
+        # once, so idle clients cannot pile up threads.
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         return  # a scraper hanging up mid-answer is not worth a traceback
@@ -380,6 +416,8 @@ class Metrics:
             raise ConfigError(
                 f"metrics: cannot listen on {where}:{self.config.port}: {exc.strerror or exc}"
             ) from None
+        server.read_timeout = self.config.read_timeout
+        server.slots = threading.BoundedSemaphore(self.config.max_connections)
         self._server = server
         self.tick()  # the grace period starts now
         self._thread = threading.Thread(

@@ -18,6 +18,13 @@ Config (section `[policy]`, every key optional)::
     when = [ { param = "target.env", op = "==", value = "prod" } ]
     outcome = "deny"               # required
 
+    critical = ["deploy.rollback", "incident.*"]   # action names that run under halt_noncritical
+    safe_to_retry = ["report.*"]                   # action names re-run after an in-doubt crash
+
+`critical` and `safe_to_retry` are decisions of policy, by action name (fnmatch globs). An
+in-process worker (trusted code) may also mark its own actions; what an external worker says
+about them is a claim, recorded and ignored (docs/security.md).
+
 A rule matches when every matcher it has matches; a rule with none matches every action.
 Conditions read `action.params`; a dotted `param` walks nested tables. A missing param makes
 the condition false (except `exists`), and so does a comparison between different kinds of
@@ -27,6 +34,7 @@ Error messages index rules and conditions from 0, as in `policy.rules[0]`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -167,6 +175,21 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     risk: Mapping[Risk, Outcome] = field(default_factory=lambda: dict(DEFAULT_RISK))
     unmatched: Outcome = DEFAULT_UNMATCHED
+    critical: tuple[str, ...] = ()  # action-name globs policy marks critical
+    safe_to_retry: tuple[str, ...] = ()  # action-name globs policy marks safe to retry
+
+    def marks(self, name: str) -> tuple[bool, bool]:
+        """(critical, safe_to_retry) as policy decides them for an action name."""
+        return (any(fnmatchcase(name, g) for g in self.critical),
+                any(fnmatchcase(name, g) for g in self.safe_to_retry))  # fmt: skip
+
+    def mark(self, action: Action) -> Action:
+        """The action with policy's marks added (a trusted worker's own marks are kept)."""
+        critical, safe = self.marks(action.name)
+        if (critical and not action.critical) or (safe and not action.safe_to_retry):
+            return dataclasses.replace(action, critical=action.critical or critical,
+                                       safe_to_retry=action.safe_to_retry or safe)  # fmt: skip
+        return action
 
     def decide(self, action: Action, worker: str) -> Decision:
         for rule in self.rules:
@@ -190,6 +213,10 @@ class Policy:
             return cls()
         section = table(section, "policy")
         check_keys(section, keys("policy"), "policy")
+        marks: dict[str, tuple[str, ...]] = {}
+        for key in ("critical", "safe_to_retry"):
+            globs = array(section.get(key, []), f"policy.{key}")
+            marks[key] = tuple(nonempty_str(g, f"policy.{key}[{i}]") for i, g in enumerate(globs))
         unmatched = DEFAULT_UNMATCHED
         if "unmatched" in section:
             unmatched = _outcome(section["unmatched"], "policy.unmatched")
@@ -209,7 +236,8 @@ class Policy:
                 )
             seen[rule.name] = i
             rules.append(rule)
-        return cls(rules=tuple(rules), risk=risk, unmatched=unmatched)
+        return cls(rules=tuple(rules), risk=risk, unmatched=unmatched,
+                   critical=marks["critical"], safe_to_retry=marks["safe_to_retry"])  # fmt: skip
 
 
 def _outcome(value: object, where: str) -> Outcome:

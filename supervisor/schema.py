@@ -88,6 +88,8 @@ SECTIONS: tuple[Section, ...] = (
         Key("secret_file", "path", "-", "File holding the signing secret (else env "
             "`ACP_KILLSWITCH_SECRET`)."),
         Key("watch_interval", _DUR, '"50ms"', "How often the switch file is checked."),
+        Key("halt_in_flight", "string", '"finish"', "On halt_all: `finish` lets effects in "
+            "flight finish, `terminate` stops them like emergency does."),
         Key("store_poll", _DUR, '"1s"', "How often the store's switches are re-read beside "
             "LISTEN (Postgres), which is re-established when its connection is lost."),
     )),
@@ -96,6 +98,10 @@ SECTIONS: tuple[Section, ...] = (
             "allow, deny, require_approval, escalate."),
         Key("risk", "table", "see policy.risk", "Outcome per risk."),
         Key("rules", "array of tables", "[]", "Explicit rules (`[[policy.rules]]`)."),
+        Key("critical", "array of globs", "[]", "Action names that run under halt_noncritical; "
+            "a worker's own claim is recorded and ignored."),
+        Key("safe_to_retry", "array of globs", "[]", "Action names an in-doubt recovery may "
+            "re-run; a worker's own claim is recorded and ignored."),
     )),
     Section("policy.risk", "Outcome per risk level.", (
         Key("low", "outcome", '"allow"', "Outcome for low-risk actions."),
@@ -163,6 +169,8 @@ SECTIONS: tuple[Section, ...] = (
         Key("url", "URL", "required", "http:// or https:// URL."),
         Key("timeout", _DUR, '"5s"', "Per attempt."),
         Key("retries", "integer", "3", "Extra attempts after the first."),
+        Key("signing_secret_file", "path", "-", "File with a key: each POST carries "
+            "`X-ACP-Signature`, the HMAC-SHA256 of its body (docs/security.md)."),
     )),
     Section('alerts.sinks[] (type = "command")', "A command given the alert as JSON on stdin.", (
         Key("type", "string", "required", '"command".'),
@@ -176,6 +184,8 @@ SECTIONS: tuple[Section, ...] = (
         Key("port", "integer", "9464", "Listen port (0 picks a free one)."),
         Key("stall_after", _DUR, '"30s"', "/healthz fails when the main loop made no progress "
             "for this long."),
+        Key("max_connections", "integer", "16", "Connections served at once; more are closed."),
+        Key("read_timeout", _DUR, '"5s"', "A client silent this long is dropped."),
     )),
     Section("workers[]", "One supervised worker (`[[workers]]`): give `class` or `command`.", (
         Key("name", "string", "required", "Unique name; replicas are NAME-1, NAME-2, ..."),
@@ -197,6 +207,17 @@ SECTIONS: tuple[Section, ...] = (
         Key("quarantine_for", _DUR, '"10m"', "Cool-down of a quarantined worker."),
         Key("heartbeat_timeout", _DUR, '"2m"', "An external worker silent this long is hung."),
         Key("cycle_deadline", _DUR, '"5m"', "A cycle running longer is a hang."),
+        Key("user", "string", "-", "Command workers: the unprivileged user the child runs as "
+            "(docs/security.md)."),
+        Key("group", "string", "the user's group", "Command workers: the child's group."),
+        Key("sandbox", "string", '"none"', "Command workers: `none` or `bwrap` (bubblewrap)."),
+        Key("writable", "array of paths", "[]", "With `sandbox = \"bwrap\"`: absolute paths "
+            "the child may write."),
+        Key("max_pending_approvals", "integer", "20", "Pending approvals per worker; more are "
+            "refused as `approval_cap`."),
+        Key("max_proposals", "integer", "1000", "Proposals per cycle of a command worker."),
+        Key("max_log_lines", "integer", "1000", "Stderr lines and protocol log messages per "
+            "cycle, together; the rest are counted and dropped."),
     )),
     Section("console", "The operator web console (docs/console.md).", (
         Key("enabled", "boolean", "false", "The daemon serves the console too, on its own "

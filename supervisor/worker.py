@@ -133,8 +133,10 @@ class CycleContext:
         effect: Effect | Callable[[str], Awaitable[Any]] | None = None,
         *,
         key: str | None = None,
+        pending_cap: int | None = None,
     ) -> Outcome:
-        """Run `action` through the gate. Without an effect, the effect is a line in the effect log."""
+        """Run `action` through the gate. Without an effect, the effect is a line in the effect log.
+        `pending_cap`: refuse (reason approval_cap) a new approval past that many pending."""
         command_id = self._command_id(key)
 
         async def default_effect() -> Any:
@@ -143,7 +145,7 @@ class CycleContext:
         run: Effect = default_effect if effect is None else _bind(effect, command_id)
         return await self.gate.run(
             action, run, worker=self.worker, session=self.session, command_id=command_id,
-            correlation_id=self.correlation_id,
+            correlation_id=self.correlation_id, pending_cap=pending_cap,
         )  # fmt: skip
 
     @asynccontextmanager
@@ -161,6 +163,7 @@ class CycleContext:
         if isinstance(action, str):
             action = Action(name=action, params=dict(params or {}), risk=risk, cost=cost,
                             critical=critical, agent_id=agent_id)  # fmt: skip
+        action = self.gate.policy.mark(action)
         command_id = self._command_id(idempotency_key)
         permit, replay = await self.gate.admit(
             action, worker=self.worker, session=self.session, command_id=command_id,
@@ -170,22 +173,35 @@ class CycleContext:
             raise ActionAlreadyDone(replay)
         assert permit is not None
         try:
-            await self.gate.last_look(action, worker=self.worker, session=self.session,
-                                      command_id=command_id)  # fmt: skip
+            entry = self.gate.track(command_id, self.worker, self.session.id)
             try:
-                yield permit
+                await self.gate.last_look(action, worker=self.worker, session=self.session,
+                                          command_id=command_id, entry=entry)  # fmt: skip
+            except BaseException:
+                self.gate.in_flight.pop(command_id, None)
+                raise
+            try:
+                with entry.scope:  # an emergency cancels the block at its next await
+                    yield permit
             except Exception as exc:
+                if entry.stopped_by is not None:
+                    raise await self.gate.stopped(action, entry, worker=self.worker,
+                                                  session=self.session, command_id=command_id) from None  # fmt: skip
                 await self.gate.finish(action, worker=self.worker, session=self.session,
                                        command_id=command_id, ok=False,
                                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
                 raise
-            # Cancellation (BaseException) leaves the started record open: the outcome is
-            # unknown, and the recovery scan marks it in-doubt. Guessing "done" or "failed"
-            # would be a lie.
+            finally:
+                self.gate.in_flight.pop(command_id, None)
+            if entry.scope.cancelled_caught:
+                raise await self.gate.stopped(action, entry, worker=self.worker, session=self.session,
+                                              command_id=command_id)  # fmt: skip
+            # Cancellation (BaseException) leaves the started record open: the outcome is unknown,
+            # and the recovery scan marks it in-doubt. Guessing "done" or "failed" would be a lie.
             await self.gate.finish(action, worker=self.worker, session=self.session,
                                    command_id=command_id, ok=True)  # fmt: skip
         finally:
-            self.gate.in_flight.discard(command_id)  # no longer this process's to finish
+            self.gate.owned.discard(command_id)  # no longer this process's to finish
 
 
 def _bind(effect: Callable[..., Awaitable[Any]], command_id: str) -> Effect:

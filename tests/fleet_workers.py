@@ -156,3 +156,12 @@ class BrokenInit(Worker):
 
     async def cycle(self, ctx: CycleContext) -> None:  # pragma: no cover - never built
         raise AssertionError("unreachable")
+
+
+class DiskFull(Worker):
+    """Every cycle's state write fails, as on a full disk (the store raises StateWriteError)."""
+
+    async def cycle(self, ctx: CycleContext) -> None:
+        from supervisor.errors import StateWriteError
+
+        raise StateWriteError("database or disk is full")

@@ -725,22 +725,43 @@ class Store:
         correlation_id: str | None = None,
         status: str | None = None,
         reason: str | None = None,
-    ) -> None:
-        """The outcome record: action row, budget charge (success) or release, event, ledger."""
+        stop_check: Callable[[list[Row]], str | None] | None = None,
+        fleet: str = "",
+    ) -> str | None:
+        """The outcome record: action row, budget charge (success) or release, event, ledger.
+
+        `stop_check` is asked, inside the transaction and after reading the switches (on
+        Postgres FOR SHARE, so an engage and this outcome serialize), whether a switch now stops
+        effects in flight (emergency). If it says so, the action is recorded in-doubt instead
+        and its verdict is returned: no success lands after such an engage returned."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
 
+        stopped: list[str] = []
+
         async def attempt(n: int) -> None:
             async with self.transaction() as tx:
                 now = self.clock.now()
+                if n > 0:
+                    landed = await tx.fetchrow("get_action", command_id)
+                    if landed is not None and landed["status"] in (final, "in_doubt"):
+                        # The earlier attempt committed before its connection went.
+                        if landed["status"] == "in_doubt" and final != "in_doubt":
+                            stopped.append("killswitch")
+                        return
+                if stop_check is not None:
+                    problem = stop_check(await tx.fetchall("kill_switches_for_start", fleet))
+                    if problem is not None:
+                        await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                                cost=cost, worker=worker, reason="killswitch",
+                                                payload={"stopped_by": problem, "reported": result,
+                                                         "reported_error": error})  # fmt: skip
+                        stopped.append(problem)
+                        return
                 encoded = canonical_json(result) if result is not None else None
                 row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
                 if row is None:
-                    if n > 0:
-                        landed = await tx.fetchrow("get_action", command_id)
-                        if landed is not None and landed["status"] == final:
-                            return  # the earlier attempt committed before its connection went
                     raise StateWriteError(f"action {command_id} has no open started record")
                 if ok:
                     await tx.execute("settle_budget", cost, cost, session_id)
@@ -764,6 +785,33 @@ class Store:
         # The effect has run: its outcome is known, so it is written until it lands. Only a
         # daemon that stops first leaves the started record open (in-doubt after recovery).
         await self.retrying(attempt, what="action.outcome", tries=None, command_id=command_id)
+        return stopped[0] if stopped else None
+
+    async def mark_in_doubt(
+        self, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        """A started action whose outcome is unknown (its effect was stopped mid-way): in-doubt,
+        its reservation released, shown to operators. False when it was not open."""
+        async with self.transaction() as tx:
+            return await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                           cost=cost, worker=worker, reason=reason,
+                                           payload=payload)  # fmt: skip
+
+    async def _in_doubt_in(
+        self, tx: Tx, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        from ..events import ACTION_IN_DOUBT
+
+        if await tx.fetchrow("mark_in_doubt", command_id) is None:
+            return False
+        await tx.execute("release_budget", cost, session_id)
+        await self.append_in(tx, NewEvent(
+            kind=ACTION_IN_DOUBT, session_id=session_id, reason=reason, command_id=command_id,
+            worker=worker, payload=_json_safe(dict(payload)),
+        ))  # fmt: skip
+        return True
 
     async def get_action(self, command_id: str) -> Row | None:
         return await self.fetchrow("get_action", command_id)
@@ -793,6 +841,14 @@ class Store:
     async def raise_host_switch_mark(self, fleet: str, host: str, seq: int) -> None:
         async with self.transaction() as tx:
             await tx.execute("raise_host_switch_mark", fleet, host, seq, self.clock.now())
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        canonical_json(value)
+        return value
+    except Exception:
+        return {k: repr(v) for k, v in value.items()}
 
 
 class _Refused(Exception):

@@ -616,3 +616,283 @@ async def test_the_kill_switch_reaches_the_child_as_a_denial(h: Harness) -> None
     decision = worker.snapshot()
     assert (decision["decision"], decision["reason"]) == ("denied", "killswitch")
     assert await h.store.get_action(decision["command_id"]) is None
+
+
+# -- the trust boundary (docs/security.md) ---------------------------------------------------------
+
+
+async def _engage(h: Harness, scope: str, target: str, mode: str) -> None:
+    async with h.store.transaction() as tx:
+        await tx.execute("upsert_kill_switch", FLEET, scope, target, mode, "test", "op", h.clock.now())
+
+
+async def _events(h: Harness, kind: str) -> list[Any]:
+    return [e for e in await h.store.replay(h.session.id) if e.kind == kind]
+
+
+CLAIMS = """
+c = recv()
+for ident, name in (("a", "test.claimed"), ("b", "test.policy_critical")):
+    send({"type": "propose", "id": ident, "action": {"name": name, "risk": "low",
+          "critical": True, "safe_to_retry": True}})
+    d = recv()
+    note(os.path.join(HERE, "notes.jsonl"), [ident, d["decision"], d.get("reason")])
+    if d["decision"] == "approved":
+        send({"type": "result", "id": ident, "ok": True})
+send({"type": "cycle_done", "state": {}})
+recv()
+"""
+
+
+async def test_critical_and_safe_to_retry_come_from_policy_not_from_the_child(h: Harness) -> None:
+    h.gate.policy = Policy.from_config({**POLICY, "critical": ["test.policy_critical"]})
+    await _engage(h, "worker", "ext-1", "halt_noncritical")
+    worker = h.worker(CLAIMS)
+    try:
+        await worker.cycle(h.ctx("ext-1", 0))
+    finally:
+        await worker.close()
+    # The child's "critical: true" did not carry it through halt_noncritical; policy's did.
+    assert h.notes() == [["a", "denied", "killswitch"], ["b", "approved", None]]
+    claims = await _events(h, "WORKER_CLAIM_IGNORED")
+    assert {e.payload["action"] for e in claims} == {"test.claimed", "test.policy_critical"}
+    assert claims[0].payload["claims"] == {"critical": True, "safe_to_retry": True}
+    rows = await h.store.fetchall("actions_with_status", FLEET, "succeeded", 10)
+    assert [(r["name"], bool(r["critical"]), bool(r["safe_to_retry"])) for r in rows] == [
+        ("test.policy_critical", True, False)
+    ]
+
+
+APPROVAL_FLOOD = """
+c = recv()
+for i in range(8):
+    send({"type": "propose", "id": "p%d" % i, "action": {"name": "test.needs_ok",
+          "params": {"i": i}, "risk": "low"}})
+    d = recv()
+    note(os.path.join(HERE, "notes.jsonl"), [d["decision"], d.get("reason")])
+for i in range(40):
+    send({"type": "log", "level": "info", "message": "log %d" % i})
+    print("stderr %d" % i, file=sys.stderr, flush=True)
+send({"type": "cycle_done", "state": {}})
+recv()
+"""
+
+
+async def test_caps_per_worker_refuse_and_drop_with_an_event_once(h: Harness) -> None:
+    alerts: list[tuple[str, Any]] = []
+
+    async def on_alert(condition: str, detail: Any) -> None:
+        alerts.append((condition, dict(detail)))
+
+    h.gate.on_alert = on_alert
+    worker = h.worker(APPROVAL_FLOOD, max_pending_approvals=5, max_log_lines=30)
+    try:
+        with capture_logs() as logs:
+            await worker.cycle(h.ctx("ext-1", 0))
+    finally:
+        await worker.close()
+    assert h.notes() == [["pending", "approval_pending"]] * 5 + [["denied", "approval_cap"]] * 3
+    pending = await h.store.fetchall("pending_approvals", FLEET, 100)
+    assert len(pending) == 5
+    forwarded = [e for e in logs if e["event"] in ("worker.log", "worker.stderr")]
+    assert len(forwarded) == 30  # log messages and stderr lines share one budget
+    dropped = [e for e in logs if e["event"] == "worker.stderr_dropped"]
+    assert dropped and dropped[0]["lines"] == 50
+    hits = await _events(h, "WORKER_CAP_HIT")
+    assert sorted(e.reason for e in hits) == ["approval_cap", "log_lines"]  # once each per window
+    assert sorted(d["cap"] for c, d in alerts if c == "worker_cap") == ["approval_cap", "log_lines"]
+
+
+SLOW_EFFECT = """
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child that ignores SIGTERM gets SIGKILL
+c = recv()
+send({"type": "propose", "id": "slow", "action": {"name": "test.slow", "risk": "low"}})
+d = recv()
+note(os.path.join(HERE, "notes.jsonl"), "effect started")
+time.sleep(60)
+send({"type": "result", "id": "slow", "ok": True})
+"""
+
+
+async def test_emergency_terminates_the_childs_process_group_and_records_in_doubt(h: Harness) -> None:
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    worker = h.worker(SLOW_EFFECT, shutdown_timeout=0.5)
+    outcome: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await worker.cycle(h.ctx("ext-1", 0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(10):
+                while not h.notes():  # noqa: ASYNC110 - the child writes the file
+                    await anyio.sleep(0.02)
+            pid = h.child_pid()
+            await _engage(h, "fleet", "", "emergency")
+            t0 = time.monotonic()
+            assert h.gate.stop_in_flight("fleet", "", Mode.EMERGENCY) == 1
+    finally:
+        await worker.close()
+    assert isinstance(outcome[0], ActionDenied) and outcome[0].reason == "killswitch", outcome
+    assert time.monotonic() - t0 < 5
+    assert await wait_gone(pid)
+    rows = await h.store.fetchall("actions_with_status", FLEET, "in_doubt", 10)
+    assert [r["name"] for r in rows] == ["test.slow"]
+    assert await _events(h, "ACTION_SUCCEEDED") == []
+    in_doubt = await _events(h, "ACTION_IN_DOUBT")
+    assert in_doubt[0].payload["stopped_by"] == "fleet emergency"
+
+
+async def test_no_success_is_recorded_after_an_emergency_engage_returned(h: Harness) -> None:
+    """The effect finishes after the engage, before any watcher noticed: its outcome is checked
+    against the switches inside the outcome transaction, and recorded in-doubt."""
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+
+    async def effect() -> str:
+        await _engage(h, "fleet", "", "emergency")  # lands while the effect is running
+        return "done"
+
+    with pytest.raises(ActionDenied) as refused:
+        await h.gate.run(Action("test.write", risk="low"), effect, worker="w", session=h.session,
+                         command_id="late")  # fmt: skip
+    assert refused.value.reason == "killswitch"
+    assert await _events(h, "ACTION_SUCCEEDED") == []
+    row = await h.store.get_action("late")
+    assert row is not None and row["status"] == "in_doubt"
+
+
+async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -> None:
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    started = anyio.Event()
+
+    async def effect() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    refused: list[ActionDenied] = []
+
+    async def run() -> None:
+        try:
+            await h.gate.run(Action("test.write", risk="low"), effect, worker="w",
+                             session=h.session, command_id="long")  # fmt: skip
+        except ActionDenied as exc:
+            refused.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            assert h.gate.stop_in_flight("worker", "w", Mode.EMERGENCY) == 1
+    assert refused and refused[0].reason == "killswitch"
+    row = await h.store.get_action("long")
+    assert row is not None and row["status"] == "in_doubt"
+
+
+async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminate(h: Harness) -> None:
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    assert h.gate.halt_in_flight == "finish"
+    assert h.gate.stop_in_flight("fleet", "", Mode.HALT_ALL) == 0  # nothing to do by default
+    h.gate.halt_in_flight = "terminate"
+    started = anyio.Event()
+
+    async def effect() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    refused: list[ActionDenied] = []
+
+    async def run() -> None:
+        try:
+            await h.gate.run(Action("test.write", risk="low"), effect, worker="w",
+                             session=h.session, command_id="halted")  # fmt: skip
+        except ActionDenied as exc:
+            refused.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            assert h.gate.stop_in_flight("session", "another-session", Mode.HALT_ALL) == 0
+            assert h.gate.stop_in_flight("session", h.session.id, Mode.HALT_ALL) == 1
+    assert refused and refused[0].reason == "killswitch"
+    row = await h.store.get_action("halted")
+    assert row is not None and row["status"] == "in_doubt"
+
+
+LATE_RESULT = """
+c = recv()
+send({"type": "propose", "id": "late", "action": {"name": "test.late", "risk": "low"}})
+d = recv()
+note(os.path.join(HERE, "notes.jsonl"), "effect started")
+while not os.path.exists(os.path.join(HERE, "go")):
+    time.sleep(0.01)
+send({"type": "result", "id": "late", "ok": True, "result": {"done": True}})
+send({"type": "cycle_done", "state": {"finished": True}})
+recv()
+"""
+
+
+async def test_a_result_after_an_unobserved_emergency_is_recorded_in_doubt(h: Harness) -> None:
+    """The watcher has not seen the engage yet (stop_in_flight not called): the outcome check in
+    the outcome transaction still refuses the success, and the child gets no second decision."""
+    worker = h.worker(LATE_RESULT)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.cycle, h.ctx("ext-1", 0))
+            with anyio.fail_after(10):
+                while not h.notes():  # noqa: ASYNC110 - the child writes the file
+                    await anyio.sleep(0.02)
+            await _engage(h, "fleet", "", "emergency")
+            (h.tmp / "go").write_text("")
+        assert worker.snapshot() == {"finished": True}  # the cycle ended normally
+    finally:
+        await worker.close()
+    assert await _events(h, "ACTION_SUCCEEDED") == []
+    rows = await h.store.fetchall("actions_with_status", FLEET, "in_doubt", 10)
+    assert [r["name"] for r in rows] == ["test.late"]
+    (in_doubt,) = await _events(h, "ACTION_IN_DOUBT")
+    assert in_doubt.payload["reported"] == {"done": True}  # what the child said, for the operator
+
+
+async def test_an_emergency_observed_during_the_last_look_stops_the_action_before_its_effect(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    real = h.store.fetchall
+
+    async def fetchall(name: str, *args: Any) -> Any:
+        rows = await real(name, *args)
+        if name == "kill_switches":  # the last look's read: the watcher fires meanwhile
+            h.gate.stop_in_flight("fleet", "", Mode.EMERGENCY)
+        return rows
+
+    monkeypatch.setattr(h.store, "fetchall", fetchall)
+    ran: list[int] = []
+
+    async def effect() -> None:
+        ran.append(1)
+
+    with pytest.raises(ActionDenied) as refused:
+        await h.gate.run(Action("test.write", risk="low"), effect, worker="w", session=h.session,
+                         command_id="raced")  # fmt: skip
+    assert refused.value.reason == "killswitch" and ran == []
+    row = await h.store.get_action("raced")
+    assert row is not None and row["status"] == "halted"
+    assert h.gate.in_flight == {}

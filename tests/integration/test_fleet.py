@@ -411,3 +411,15 @@ async def test_a_worker_that_cannot_be_built_is_quarantined_and_the_others_run(t
     assert broken.state == "quarantined" and "cannot connect" in (broken.last_error or "")
     assert broken.restarts >= 3  # tried again after each cool-down over the 2 h run
     assert run.actions("steady"), "one broken worker must not stop the others"
+
+
+@pytest.mark.anyio
+async def test_a_failed_state_write_raises_the_state_write_failed_alert(tmp_path: Path) -> None:
+    """The StoreError path of a cycle is an alert, not only a log line (a disk-full run)."""
+    run = await Run(tmp_path, _worker("full", "tests.fleet_workers:DiskFull", max_restarts=100),
+                    run_length="10m").run()  # fmt: skip
+    alerts = run.query("SELECT reason, payload FROM events WHERE kind = 'ALERT'")
+    raised = [json.loads(a["payload"]) for a in alerts if a["reason"] == "state_write_failed"]
+    assert raised, "no state_write_failed alert"
+    assert raised[0]["worker"] == "full" and "disk is full" in raised[0]["error"]
+    assert run.status("full").last_error.startswith("state write failed")

@@ -250,3 +250,31 @@ def test_docs_metrics_md_is_generated_from_the_table() -> None:
     assert doc.read_text(encoding="utf-8") == metrics_markdown(), (
         "docs/metrics.md is stale: python -m supervisor.docgen"
     )
+
+
+def test_the_listener_holds_a_bounded_number_of_connections_with_read_timeouts() -> None:
+    """Idle connections (sending nothing) cannot pile up threads: at most max_connections are
+    held, each dropped after read_timeout; the listener answers again once they are gone."""
+    import socket
+    import threading
+
+    m = Metrics(MetricsConfig(enabled=True, host="127.0.0.1", port=0, max_connections=4,
+                              read_timeout=0.5))  # fmt: skip
+    port = m.serve()
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        deadline = time.monotonic() + 5
+        while m._server is not None and getattr(m._server, "refused", 0) < 36:
+            assert time.monotonic() < deadline, getattr(m._server, "refused", 0)
+            time.sleep(0.02)
+        assert threading.active_count() - before <= 4
+        for s in idle:  # every one is closed by the daemon: refused at once, or timed out
+            s.settimeout(5)
+            assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+    status, _type, _body = get(port, "/healthz")
+    assert status in (200, 503)
+    m.close()

@@ -366,6 +366,8 @@ def test_child_environment_drops_the_daemons_secrets() -> None:
     base = {
         "PATH": "/bin", "ACP_KILLSWITCH_SECRET": "s3cret", "ACP_DB": "postgresql://x",
         "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1", "HOME": "/root",
+        "PGPASSWORD": "db", "PGPASSFILE": "/etc/acp-supervisor/pgpass",
+        "CREDENTIALS_DIRECTORY": "/run/credentials/acp-supervisor.service",
     }  # fmt: skip
     env = child_environment({"EXAMPLE": "1"}, base)
     assert env == {"PATH": "/bin", "HOME": "/root", "EXAMPLE": "1"}

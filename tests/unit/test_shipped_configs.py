@@ -31,3 +31,10 @@ def test_production_example_is_a_multi_host_postgres_fleet(tmp_path: Path) -> No
     assert config.db_url.startswith("postgresql://") and config.db_explicit
     assert config.lease_ttl > config.heartbeat and config.metrics.enabled
     assert len(config.alerts.sinks) == 1 and config.horizon("week").max_actions == 20000
+
+
+def test_production_example_runs_external_workers_as_their_own_user(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config" / "production.toml", env={}, state_dir=tmp_path)
+    external = [w for w in config.workers if w.command is not None]
+    assert external and all(w.user == "acp-agent" for w in external)
+    assert config.halt_in_flight == "terminate" and config.policy.critical

@@ -72,7 +72,9 @@ def values(unit: str, section: str, key: str) -> list[str]:
         ("Service", "StandardOutput", "journal"),
         ("Service", "NoNewPrivileges", "yes"),
         ("Service", "ProtectSystem", "strict"),
-        ("Service", "CapabilityBoundingSet", ""),
+        ("Service", "CapabilityBoundingSet", "CAP_SETUID CAP_SETGID CAP_KILL"),
+        ("Service", "AmbientCapabilities", "CAP_SETUID CAP_SETGID CAP_KILL"),
+        ("Service", "LoadCredential", "killswitch.secret:/etc/acp-supervisor/killswitch.secret"),
         ("Service", "UMask", "0077"),
         ("Install", "WantedBy", "multi-user.target"),
     ],
@@ -87,6 +89,7 @@ def test_address_families_and_syscalls(unit: str) -> None:
     assert values(unit, "Service", "SystemCallFilter") == [
         "@system-service",
         "~@privileged @resources",
+        "@setuid capset",  # the switch to the workers' user, and dropping every capability
     ]
 
 

@@ -395,3 +395,15 @@ SELECT seq FROM host_switch_marks WHERE fleet = ? AND host = ?;
 INSERT INTO host_switch_marks (fleet, host, seq, updated_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (fleet, host) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
 WHERE host_switch_marks.seq < excluded.seq;
+
+-- name: scoped_approvals
+SELECT * FROM approvals
+WHERE session_id = ? AND worker = ? AND action = ? AND scope = 'window' AND status = 'approved'
+ORDER BY decided_at LIMIT 100;
+
+-- name: set_approval_match
+UPDATE approvals SET match_keys = ? WHERE id = ?;
+
+-- name: count_pending_of_worker
+SELECT count(*) AS n FROM approvals
+WHERE fleet = ? AND worker = ? AND status = 'pending' AND idempotency_key <> ?;
