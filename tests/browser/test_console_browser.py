@@ -146,9 +146,9 @@ async def test_trends_of_a_simulated_month(
     daemon: Any, browser: Any, consoles: list[Console]
 ) -> None:
     d: Daemon = daemon(workers=MONTH_WORKERS, start=False)
-    await d.cli_ok("run", "--horizon", "month", "--simulate", "--start", "2026-10-01T00:00:00Z",
-                   "--seed", "5")  # fmt: skip
-    sim_db = f"sqlite:///{d.state_dir / 'simulate.db'}"
+    sim_db = f"sqlite:///{d.state_dir / 'month.db'}"  # a simulated run of its own, named
+    await d.cli_ok("--db", sim_db, "run", "--horizon", "month", "--simulate", "--start",
+                   "2026-10-01T00:00:00Z", "--seed", "5")  # fmt: skip
     store = await open_store(sim_db, SystemClock())
     try:
         windows = await store_reads.windows(store, "acceptance")

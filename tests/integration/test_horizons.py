@@ -506,7 +506,8 @@ def test_day_run_where_midnight_is_skipped_opens_23_windows(
     config.write_text(default_config_text().replace('timezone = "UTC"', f'timezone = "{zone}"'))
     cli("--config", str(config), "run", "--horizon", "day", "--simulate", "--start", start,
         "--json", with_db=False)  # fmt: skip
-    sessions = cli("--config", str(config), "sessions", "list", "--json")
+    sessions = cli("--config", str(config), "--run", "latest", "sessions", "list", "--json",
+                   with_db=False)  # fmt: skip
     tz = ZoneInfo(zone)
     starts = sorted(datetime.fromisoformat(s["starts_at"]) for s in sessions)
     assert len(sessions) == 23, [s["window_key"] for s in sessions]

@@ -101,10 +101,13 @@ def test_read_commands_take_run_id_prefix_or_latest(tmp_path: Path) -> None:
     assert "--run and --db" in both
 
 
-def test_the_end_of_run_text_names_the_run(tmp_path: Path) -> None:
-    printed = ok(tmp_path, "run", "--horizon", "hour", "--simulate", "--start", START)
+def test_the_end_of_run_names_the_run(tmp_path: Path) -> None:
+    done = acp(tmp_path, "run", "--horizon", "hour", "--simulate", "--start", START, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
     (only,) = runs(tmp_path)
-    assert f"--run {only.name}" in printed
+    assert json.loads(done.stdout)["run"] == only.name
+    logged = [json.loads(line) for line in done.stderr.splitlines() if '"run.simulation"' in line]
+    assert [e["run"] for e in logged] == [only.name]  # the log names it too, for journald
 
 
 def test_a_read_of_a_missing_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
