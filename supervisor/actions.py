@@ -52,3 +52,16 @@ class Action:
         if self.cost < 0 or self.tokens < 0:
             raise UsageError(f"action {self.name!r}: cost and tokens must be >= 0", reason="params")
         canonical_json(self.params)
+
+
+def proposal_fields(action: Action) -> dict[str, Any]:
+    """What a policy decides on, as recorded with denials and approval requests so that
+    `policy replay` can decide the same proposal again (the action row keeps the same fields)."""
+    return {
+        "risk": action.risk,
+        "params": action.params,
+        "cost": action.cost,
+        "tokens": action.tokens,
+        "model": action.model,
+        "identity": action.identity,
+    }

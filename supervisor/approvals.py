@@ -10,9 +10,10 @@ from typing import Any
 import anyio
 
 from . import events as ev
-from .actions import Action, canonical_json, derive_id, params_hash
+from .actions import Action, canonical_json, derive_id, params_hash, proposal_fields
 from .errors import ApprovalError, IdempotencyConflict
 from .escalation import EscalationChain
+from .policy import Decision
 from .store import NewEvent, Store
 from .store.base import Row, Tx
 
@@ -26,6 +27,14 @@ class Permit:
     approved_at: datetime | None
     command_id: str
     rule: str
+
+
+def _decided(action: Action, decision: Decision | None, command_id: str | None) -> dict[str, Any]:
+    """The rule that asked for this approval, its reason, and the proposal (for replay)."""
+    if decision is None:
+        return {}
+    return {**proposal_fields(action), "rule": decision.rule, "why": decision.detail,
+            "decision": decision.outcome, "command_id": command_id}  # fmt: skip
 
 
 def approval_id_for(key: str) -> str:
@@ -76,6 +85,8 @@ class Approvals:
         session_id: str,
         escalate_now: bool,
         correlation_id: str | None,
+        decision: Decision | None = None,
+        command_id: str | None = None,
     ) -> Row:
         """The approval for `key`, created pending if new. Same key, other params: conflict."""
         digest = params_hash(action.name, action.params)
@@ -98,7 +109,8 @@ class Approvals:
                         kind=ev.APPROVAL_REQUESTED,
                         session_id=session_id,
                         payload={"approval": approval_id, "action": action.name, "tier": tier,
-                                 "deadline": self.chain.deadline(now).isoformat()},
+                                 "deadline": self.chain.deadline(now).isoformat(),
+                                 **_decided(action, decision, command_id)},
                         worker=worker,
                         agent_id=action.agent_id,
                         correlation_id=correlation_id,

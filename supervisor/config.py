@@ -106,6 +106,7 @@ class Config:
     workers: tuple[WorkerSpec, ...]
     alerts: AlertConfig
     metrics: MetricsConfig
+    policy_shadow: Path | None = None  # [policy] shadow: a candidate evaluated beside the policy
 
     def horizon(self, name: str) -> HorizonProfile:
         return self.horizons[name]
@@ -270,16 +271,11 @@ def _build(
         except ConfigError as exc:  # pragma: no cover - get() does not raise
             raise c.fail(name, str(exc)) from None
 
+    policy_section, shadow = _shadow_of(c, section_of("policy")[1], file)
     try:
-        policy = Policy.from_config(section_of("policy")[1])
+        policy = Policy.from_config(policy_section)
         approvals = EscalationChain.from_config(section_of("approvals")[1])
-        tokens = data.get("tokens") or {}
-        if not isinstance(tokens, dict):
-            raise ConfigError("tokens: must be a table")
-        unknown_tokens = set(tokens) - {"budgets"}
-        if unknown_tokens:
-            raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
-        token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
+        token_budgets = _token_budgets(data)
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))
         metrics = MetricsConfig.from_config(data.get("metrics"))
@@ -323,7 +319,85 @@ def _build(
         workers=workers,
         alerts=alerts,
         metrics=metrics,
+        policy_shadow=shadow,
     )
+
+
+def _token_budgets(data: Mapping[str, Any]) -> TokenBudgets:
+    tokens = data.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ConfigError("tokens: must be a table")
+    unknown_tokens = set(tokens) - {"budgets"}
+    if unknown_tokens:
+        raise ConfigError(f"tokens: unknown key {sorted(unknown_tokens)[0]!r}")
+    return TokenBudgets.from_config(tokens.get("budgets"))
+
+
+def _shadow_of(c: _Checker, section: Any, file: Path | None) -> tuple[Any, Path | None]:
+    """`[policy] shadow = "candidate.toml"`: taken out of the section the policy parses. A path
+    in the file is relative to the file. The candidate itself is read by the daemon, which never
+    lets it stop or block anything (see replay.ShadowPolicy)."""
+    if not isinstance(section, dict) or "shadow" not in section:
+        return section, None
+    rest = {k: v for k, v in section.items() if k != "shadow"}
+    raw = section["shadow"]
+    if not isinstance(raw, str) or not raw.strip():
+        raise c.fail(
+            "policy.shadow", f"must be the path of a candidate policy file, got {raw!r}", "shadow"
+        )
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and file is not None:
+        path = file.parent / path
+    return rest, path.absolute()
+
+
+# What a candidate policy file may hold: the sections that decide an action.
+CANDIDATE_SECTIONS = ("policy", "tokens", "models")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A policy to try against history (replay) or beside the live one (shadow). Sections the
+    file leaves out are the live config's."""
+
+    source: str
+    policy: Policy
+    models: ModelGovernor
+    token_budgets: TokenBudgets
+
+
+def load_candidate(path: str | Path, base: Config) -> Candidate:
+    """Read and check a candidate file; every problem is one ConfigError naming file, line, key."""
+    file = Path(path)
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read candidate policy file {file}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc.reason}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    c = _Checker(source, text)
+    for key in data:
+        if key not in CANDIDATE_SECTIONS:
+            raise c.fail(
+                "top level",
+                f"unknown key {key!r} (a candidate holds {', '.join(CANDIDATE_SECTIONS)})",
+                key,
+            )
+    try:
+        policy = Policy.from_config(data["policy"]) if "policy" in data else base.policy
+        tokens = _token_budgets(data) if "tokens" in data else base.token_budgets
+        models = ModelGovernor.from_config(data["models"]) if "models" in data else base.models
+    except ConfigError as exc:
+        bad = _unknown_key(exc)
+        raise ConfigError(f"{source}{_line_of(text, bad) if bad else ''}: {exc}") from None
+    return Candidate(source, policy, models, tokens)
 
 
 def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:

@@ -38,6 +38,7 @@ from .horizons import HorizonProfile
 from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
 from .leases import Coordinator
 from .metrics import Metrics
+from .replay import shadow_for
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .store import NewEvent, Store, open_store, system_stream
@@ -217,6 +218,7 @@ class Daemon:
                     timezone=cfg.timezone)  # fmt: skip
         self.gate = gate
         gate.host = cfg.host_id
+        gate.shadow = shadow_for(cfg)  # a broken candidate is logged; it never stops the daemon
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -675,6 +677,7 @@ class Daemon:
         self.gate.approvals.chain = new.approvals
         self.gate.token_budgets = new.token_budgets
         self.gate.models = new.models
+        self.gate.shadow = shadow_for(new)
         profile = new.horizon(self.horizon or new.profile)
         self.windows.max_cost, self.windows.max_actions = profile.max_cost, profile.max_actions
         self._factories.update(factories)

@@ -118,6 +118,14 @@ class Condition:
             return bool(a < b)
         return bool(a <= b)
 
+    def miss(self, params: Mapping[str, Any]) -> str | None:
+        """None when the condition holds, else why not (for the explanation)."""
+        if self.test(params):
+            return None
+        found = _lookup(params, self.path)
+        shown = "missing" if found is _MISSING else repr(found)
+        return f"{self.describe()} is false ({self.param} is {shown})"
+
     def describe(self) -> str:
         if self.op == "exists":
             return f"{self.param} exists"
@@ -134,13 +142,21 @@ class Rule:
     when: tuple[Condition, ...] = ()
 
     def matches(self, action: Action, worker: str) -> bool:
+        return self.miss(action, worker) is None
+
+    def miss(self, action: Action, worker: str) -> str | None:
+        """None when the rule matches, else the first matcher that does not, and why."""
         if self.action is not None and not fnmatchcase(action.name, self.action):
-            return False
+            return f"action {action.name!r} does not match {self.action!r}"
         if self.risks is not None and action.risk not in self.risks:
-            return False
+            return f"risk {action.risk} is not " + "|".join(r for r in RISKS if r in self.risks)
         if self.worker is not None and not fnmatchcase(worker, self.worker):
-            return False
-        return all(c.test(action.params) for c in self.when)
+            return f"worker {worker!r} does not match {self.worker!r}"
+        for condition in self.when:
+            why = condition.miss(action.params)
+            if why is not None:
+                return why
+        return None
 
     def describe(self) -> str:
         parts: list[str] = []
@@ -155,10 +171,40 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """One stage the decision went through: a rule, the risk table, or the fallback."""
+
+    kind: Literal["rule", "risk", "unmatched"]
+    name: str  # the rule's name, "risk:<risk>", or "unmatched"
+    matched: bool
+    why: str
+    outcome: Outcome | None = None  # what this stage decides, when it matched
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "matched": self.matched,
+                "why": self.why, "outcome": self.outcome}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """What the policy decided and the path that led there. The gate acts on `outcome`; `path`
+    is the explanation, built by the same pass, so the two cannot disagree."""
+
     outcome: Outcome
     rule: str  # the rule's name, "risk:<risk>", or "unmatched"
-    detail: str
+    detail: str  # the short reason stored with denials and approval requests
+    path: tuple[Step, ...] = field(default=(), compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "rule": self.rule, "reason": self.detail,
+                "path": [step.as_dict() for step in self.path]}  # fmt: skip
+
+    def render(self) -> str:
+        lines = [f"decision: {self.outcome} (rule {self.rule})", f"reason:   {self.detail}"]
+        for i, step in enumerate(self.path, 1):
+            verdict = f"match -> {step.outcome}" if step.matched else "no match"
+            lines.append(f"  {i}. {step.kind} {step.name!r}: {verdict}: {step.why}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,19 +214,30 @@ class Policy:
     unmatched: Outcome = DEFAULT_UNMATCHED
 
     def decide(self, action: Action, worker: str) -> Decision:
+        """The one decision procedure: the gate, `policy explain`, shadow mode and replay all
+        call this, and every stage it passes is in the returned path."""
+        path: list[Step] = []
         for rule in self.rules:
-            if rule.matches(action, worker):
-                detail = f"rule {rule.name!r} ({rule.describe()}): {rule.outcome}"
-                return Decision(rule.outcome, rule.name, detail)
+            miss = rule.miss(action, worker)
+            if miss is None:
+                described = rule.describe()
+                path.append(Step("rule", rule.name, True, f"matches {described}", rule.outcome))
+                detail = f"rule {rule.name!r} ({described}): {rule.outcome}"
+                return Decision(rule.outcome, rule.name, detail, tuple(path))
+            path.append(Step("rule", rule.name, False, miss))
+        risk_name = f"risk:{action.risk}"
         outcome = self.risk.get(action.risk)
         if outcome is not None:
-            return Decision(
-                outcome, f"risk:{action.risk}", f"no rule matched; risk {action.risk}: {outcome}"
-            )
+            path.append(Step("risk", risk_name, True, f"risk {action.risk}: {outcome}", outcome))
+            detail = f"no rule matched; risk {action.risk}: {outcome}"
+            return Decision(outcome, risk_name, detail, tuple(path))
+        path.append(Step("risk", risk_name, False, f"risk {action.risk} has no entry"))
+        path.append(Step("unmatched", "unmatched", True, "the fallback", self.unmatched))
         return Decision(
             self.unmatched,
             "unmatched",
             f"no rule matched and risk {action.risk} has no entry: {self.unmatched}",
+            tuple(path),
         )
 
     @classmethod

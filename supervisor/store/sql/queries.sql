@@ -74,8 +74,9 @@ WHERE id = ?;
 
 -- name: insert_action
 INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
-                     safe_to_retry, status, rule, started_at, host)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?);
+                     safe_to_retry, status, rule, started_at, host, identity, model, tokens,
+                     decision)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?, ?, ?);
 
 -- name: get_action
 SELECT * FROM actions WHERE command_id = ?;
@@ -347,3 +348,14 @@ SELECT id FROM approvals WHERE fleet = ? AND substr(id, 1, ?) = ? ORDER BY id LI
 -- name: action_ids_by_prefix
 SELECT command_id AS id FROM actions WHERE fleet = ? AND substr(command_id, 1, ?) = ?
 ORDER BY command_id LIMIT 21;
+
+-- name: replay_actions
+-- The proposals a window admitted, as `policy replay` decides them again (read-only).
+SELECT command_id, session_id, worker, name, params, risk, cost, identity, model, tokens,
+       decision, rule, status, started_at AS seen_at
+FROM actions WHERE session_id = ?;
+
+-- name: replay_refusals
+-- Denials and approval requests of a window: the proposals that did not start at once.
+SELECT command_id, session_id, kind, reason, payload, worker, created_at AS seen_at
+FROM events WHERE session_id = ? AND kind IN ('ACTION_DENIED', 'APPROVAL_REQUESTED');
