@@ -203,7 +203,11 @@ class Decision:
         lines = [f"decision: {self.outcome} (rule {self.rule})", f"reason:   {self.detail}"]
         for i, step in enumerate(self.path, 1):
             verdict = f"match -> {step.outcome}" if step.matched else "no match"
-            lines.append(f"  {i}. {step.kind} {step.name!r}: {verdict}: {step.why}")
+            label = {"rule": f"rule {step.name!r}", "risk": "risk default",
+                     "unmatched": "unmatched fallback"}[step.kind]  # fmt: skip
+            lines.append(f"  {i}. {label}: {verdict}: {step.why}")
+        if self.path and self.path[-1].kind == "rule":
+            lines.append("  (later rules, the risk defaults and the unmatched fallback not reached)")
         return "\n".join(lines)
 
 
