@@ -125,7 +125,7 @@ def _unknown_key(exc: ConfigError) -> str | None:
 def _line_of(text: str, key: str) -> str:
     # `key = ...`, `[key]`, `[[key]]` or a dotted table header ending in it: `[horizons.key]`
     pattern = re.compile(
-        rf"^\s*(\[+\s*([\w\"-]+\.)*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE
+        rf"^[ \t]*(\[+\s*([\w\"-]+\.)*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE
     )
     match = pattern.search(text)
     return f", line {text.count(chr(10), 0, match.start()) + 1}" if match else ""

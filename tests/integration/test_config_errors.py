@@ -172,3 +172,14 @@ def test_a_state_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path: Path) -> N
                            "db", "migrate"], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "state directory" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_line_of_a_table_after_a_blank_line_is_its_own(tmp_path: Path) -> None:
+    # The line finder once counted the blank line before a table header as the header's line.
+    result = run_with(tmp_path, '[daemon]\nfleet = "a"\n\n[nonsense]\nx = 1\n')
+    assert_refused(tmp_path, result, "'nonsense'", "bad.toml", "line 4")
+
+
+def test_policy_shadow_must_be_a_path(tmp_path: Path) -> None:
+    result = run_with(tmp_path, "[policy]\nunmatched = 'deny'\nshadow = 5\n")
+    assert_refused(tmp_path, result, "policy.shadow", "bad.toml", "line 3")
