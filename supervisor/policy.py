@@ -27,11 +27,12 @@ Error messages index rules and conditions from 0, as in `policy.rules[0]`.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any, Literal, cast, get_args
 
 from .actions import RISKS, Action, Risk
@@ -132,6 +133,14 @@ class Condition:
         return f"{self.param} {self.op} {self.value!r}"
 
 
+_MATCH = -1  # Rule.first_miss: every matcher matched
+
+
+def _glob(pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled form of an fnmatch glob: what `fnmatchcase` matches, without its cache."""
+    return re.compile(fnmatch.translate(pattern)) if pattern is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
@@ -140,25 +149,51 @@ class Rule:
     risks: frozenset[Risk] | None = None
     worker: str | None = None
     when: tuple[Condition, ...] = ()
+    _action_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _worker_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _described: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_action_re", _glob(self.action))
+        object.__setattr__(self, "_worker_re", _glob(self.worker))
+        object.__setattr__(self, "_described", self._describe())
 
     def matches(self, action: Action, worker: str) -> bool:
-        return self.miss(action, worker) is None
+        return self.first_miss(action, worker) == _MATCH
+
+    def first_miss(self, action: Action, worker: str) -> int:
+        """Which matcher fails first: 0 action, 1 risk, 2 worker, 3 + j condition j; or _MATCH.
+        A number, not words, so the gate's pass allocates nothing; `why_not` says it in words."""
+        if self._action_re is not None and self._action_re.match(action.name) is None:
+            return 0
+        if self.risks is not None and action.risk not in self.risks:
+            return 1
+        if self._worker_re is not None and self._worker_re.match(worker) is None:
+            return 2
+        for j, condition in enumerate(self.when):
+            if not condition.test(action.params):
+                return 3 + j
+        return _MATCH
+
+    def why_not(self, code: int, action: Action, worker: str) -> str:
+        if code == 0:
+            return f"action {action.name!r} does not match {self.action!r}"
+        if code == 1:
+            assert self.risks is not None
+            return f"risk {action.risk} is not " + "|".join(r for r in RISKS if r in self.risks)
+        if code == 2:
+            return f"worker {worker!r} does not match {self.worker!r}"
+        return self.when[code - 3].miss(action.params) or "condition false"
 
     def miss(self, action: Action, worker: str) -> str | None:
         """None when the rule matches, else the first matcher that does not, and why."""
-        if self.action is not None and not fnmatchcase(action.name, self.action):
-            return f"action {action.name!r} does not match {self.action!r}"
-        if self.risks is not None and action.risk not in self.risks:
-            return f"risk {action.risk} is not " + "|".join(r for r in RISKS if r in self.risks)
-        if self.worker is not None and not fnmatchcase(worker, self.worker):
-            return f"worker {worker!r} does not match {self.worker!r}"
-        for condition in self.when:
-            why = condition.miss(action.params)
-            if why is not None:
-                return why
-        return None
+        code = self.first_miss(action, worker)
+        return None if code == _MATCH else self.why_not(code, action, worker)
 
     def describe(self) -> str:
+        return self._described
+
+    def _describe(self) -> str:
         parts: list[str] = []
         if self.action is not None:
             parts.append(f"action {self.action!r}")
@@ -193,7 +228,12 @@ class Decision:
     outcome: Outcome
     rule: str  # the rule's name, "risk:<risk>", or "unmatched"
     detail: str  # the short reason stored with denials and approval requests
-    path: tuple[Step, ...] = field(default=(), compare=False)
+    trail: _Trail | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def path(self) -> tuple[Step, ...]:
+        """Every stage considered, in order; the last one decided."""
+        return self.trail.steps(self.outcome) if self.trail is not None else ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "rule": self.rule, "reason": self.detail,
@@ -211,6 +251,32 @@ class Decision:
         return "\n".join(lines)
 
 
+class _Trail:
+    """What one pass of `Policy.decide` went through: for each rule it passed, the code of the
+    matcher that failed; and where it stopped. Put into words only when someone asks."""
+
+    __slots__ = ("action", "misses", "policy", "stop", "worker")
+
+    def __init__(self, policy: Policy, action: Action, worker: str, misses: list[int],
+                 stop: Literal["rule", "risk", "unmatched"]) -> None:  # fmt: skip
+        self.policy, self.action, self.worker = policy, action, worker
+        self.misses, self.stop = misses, stop
+
+    def steps(self, outcome: Outcome) -> tuple[Step, ...]:
+        rules, action, risk = self.policy.rules, self.action, self.action.risk
+        path = [Step("rule", rules[i].name, False, rules[i].why_not(code, action, self.worker))
+                for i, code in enumerate(self.misses)]  # fmt: skip
+        if self.stop == "rule":
+            rule = rules[len(self.misses)]
+            path.append(Step("rule", rule.name, True, f"matches {rule.describe()}", outcome))
+        elif self.stop == "risk":
+            path.append(Step("risk", f"risk:{risk}", True, f"risk {risk}: {outcome}", outcome))
+        else:
+            path.append(Step("risk", f"risk:{risk}", False, f"risk {risk} has no entry"))
+            path.append(Step("unmatched", "unmatched", True, "the fallback", outcome))
+        return tuple(path)
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...] = ()
@@ -220,28 +286,24 @@ class Policy:
     def decide(self, action: Action, worker: str) -> Decision:
         """The one decision procedure: the gate, `policy explain`, shadow mode and replay all
         call this, and every stage it passes is in the returned path."""
-        path: list[Step] = []
+        misses: list[int] = []
         for rule in self.rules:
-            miss = rule.miss(action, worker)
-            if miss is None:
-                described = rule.describe()
-                path.append(Step("rule", rule.name, True, f"matches {described}", rule.outcome))
-                detail = f"rule {rule.name!r} ({described}): {rule.outcome}"
-                return Decision(rule.outcome, rule.name, detail, tuple(path))
-            path.append(Step("rule", rule.name, False, miss))
-        risk_name = f"risk:{action.risk}"
+            code = rule.first_miss(action, worker)
+            if code == _MATCH:
+                detail = f"rule {rule.name!r} ({rule.describe()}): {rule.outcome}"
+                trail = _Trail(self, action, worker, misses, "rule")
+                return Decision(rule.outcome, rule.name, detail, trail)
+            misses.append(code)
         outcome = self.risk.get(action.risk)
         if outcome is not None:
-            path.append(Step("risk", risk_name, True, f"risk {action.risk}: {outcome}", outcome))
             detail = f"no rule matched; risk {action.risk}: {outcome}"
-            return Decision(outcome, risk_name, detail, tuple(path))
-        path.append(Step("risk", risk_name, False, f"risk {action.risk} has no entry"))
-        path.append(Step("unmatched", "unmatched", True, "the fallback", self.unmatched))
+            trail = _Trail(self, action, worker, misses, "risk")
+            return Decision(outcome, f"risk:{action.risk}", detail, trail)
         return Decision(
             self.unmatched,
             "unmatched",
             f"no rule matched and risk {action.risk} has no entry: {self.unmatched}",
-            tuple(path),
+            _Trail(self, action, worker, misses, "unmatched"),
         )
 
     @classmethod

@@ -131,15 +131,15 @@ class Proposal:
     """One recorded proposal, as governance saw it."""
 
     command_id: str
-    session_id: str
     at: datetime
     worker: str
     action: Action
     decision: str  # the recorded governance decision (an Outcome), or "unknown" before it was kept
-    rule: str | None
 
 
 def _identity(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
     if isinstance(value, str):
         value = json.loads(value)
     if not isinstance(value, Mapping):
@@ -152,18 +152,22 @@ def proposals_of(actions: Iterable[Mapping[str, Any]], refusals: Iterable[Mappin
     """One window's proposals in time order, once per command_id; unreadable rows are counted
     in `counts["unreadable"]`, refusals the policy never saw in `counts["not_decided"]`."""
     found: list[Proposal] = []
+    identities: dict[str | None, dict[str, str]] = {}  # the same few identities, parsed once
     for row in actions:
         try:
-            action = Action(
-                name=row["name"], params=json.loads(row["params"]), risk=row["risk"],
-                cost=float(row["cost"]), model=row["model"], tokens=int(row["tokens"] or 0),
-                identity=_identity(row["identity"]),
+            text = row["identity"]
+            identity = identities.get(text)
+            if identity is None:
+                identity = identities[text] = _identity(text)
+            action = Action.recorded(
+                row["name"], json.loads(row["params"]), row["risk"], float(row["cost"]),
+                row["model"], int(row["tokens"] or 0), identity,
             )  # fmt: skip
         except (SupervisorError, ValueError, TypeError, KeyError):
             counts["unreadable"] += 1
             continue
-        found.append(Proposal(row["command_id"], row["session_id"], row["seen_at"], row["worker"],
-                              action, row["decision"] or "unknown", row["rule"]))  # fmt: skip
+        found.append(Proposal(row["command_id"], row["seen_at"], row["worker"], action,
+                              row["decision"] or "unknown"))  # fmt: skip
     for row in refusals:
         try:
             payload = json.loads(row["payload"])
@@ -171,11 +175,10 @@ def proposals_of(actions: Iterable[Mapping[str, Any]], refusals: Iterable[Mappin
                 counts["not_decided"] += 1
                 continue
             command_id = row["command_id"] or payload.get("command_id")
-            action = Action(
-                name=payload["action"], params=payload.get("params") or {},
-                risk=payload.get("risk", "low"), cost=float(payload.get("cost") or 0),
-                model=payload.get("model"), tokens=int(payload.get("tokens") or 0),
-                identity=_identity(payload.get("identity")),
+            action = Action.recorded(
+                payload["action"], payload.get("params") or {}, payload.get("risk", "low"),
+                float(payload.get("cost") or 0), payload.get("model"),
+                int(payload.get("tokens") or 0), _identity(payload.get("identity")),
             )  # fmt: skip
         except (SupervisorError, ValueError, TypeError, KeyError, AttributeError):
             counts["unreadable"] += 1
@@ -183,8 +186,8 @@ def proposals_of(actions: Iterable[Mapping[str, Any]], refusals: Iterable[Mappin
         if not command_id:
             counts["unreadable"] += 1
             continue
-        found.append(Proposal(command_id, row["session_id"], row["seen_at"], row["worker"] or "",
-                              action, str(payload["decision"]), payload.get("rule")))  # fmt: skip
+        found.append(Proposal(command_id, row["seen_at"], row["worker"] or "", action,
+                              str(payload["decision"])))  # fmt: skip
     found.sort(key=lambda p: p.at)
     seen: set[str] = set()
     unique: list[Proposal] = []
@@ -380,15 +383,55 @@ class _TokenLedger:
         return verdict
 
 
+class _Memo:
+    """`govern` is pure in what it reads: the action's name and risk, the worker, the params at
+    the paths the candidate's conditions name, the model and the identity. Proposals that agree
+    on all of those get the same verdict, computed once (a week repeats the same few shapes)."""
+
+    def __init__(self, candidate: Candidate) -> None:
+        self.candidate = candidate
+        self.paths = sorted({c.path for rule in candidate.policy.rules for c in rule.when})
+        self.verdicts: dict[tuple[Any, ...], Verdict] = {}
+
+    def key(self, action: Action, worker: str) -> tuple[Any, ...] | None:
+        values: list[Any] = []
+        for path in self.paths:
+            node: Any = action.params
+            for part in path:
+                if not isinstance(node, Mapping) or part not in node:
+                    values.append(_ABSENT)
+                    break
+                node = node[part]
+            else:
+                if not isinstance(node, str | int | float | bool | None):
+                    return None  # a table or a list: decided without the memo
+                values.append((type(node), node))  # True and 1 differ to a condition
+        identity = tuple(sorted(action.identity.items()))
+        return (action.name, action.risk, worker, action.model, identity, *values)
+
+    def decide(self, action: Action, worker: str) -> Verdict:
+        key = self.key(action, worker)
+        if key is None:
+            return govern(self.candidate, action, worker)
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            verdict = self.verdicts[key] = govern(self.candidate, action, worker)
+        return verdict
+
+
+_ABSENT = ("absent",)  # a param the action does not have (hashable, unlike a bare object())
+
+
 def replay(candidate: Candidate, windows: Sequence[tuple[Session, list[Proposal]]],
            tz: ZoneInfo) -> Report:  # fmt: skip
     """Decide every proposal again with the candidate and count what changes."""
     report = Report(candidate.source)
     ledger = _TokenLedger(candidate, tz)
+    memo = _Memo(candidate)
     for session, proposals in windows:
         w = WindowReport(session.id, session.window_key)
         for p in proposals:
-            verdict = ledger.check(p, govern(candidate, p.action, p.worker))
+            verdict = ledger.check(p, memo.decide(p.action, p.worker))
             before, after = p.decision, verdict.outcome
             w.proposals += 1
             w.recorded.add(before, p.action)

@@ -351,11 +351,11 @@ ORDER BY command_id LIMIT 21;
 
 -- name: replay_actions
 -- The proposals a window admitted, as `policy replay` decides them again (read-only).
-SELECT command_id, session_id, worker, name, params, risk, cost, identity, model, tokens,
-       decision, rule, status, started_at AS seen_at
+SELECT command_id, worker, name, params, risk, cost, identity, model, tokens, decision,
+       started_at AS seen_at
 FROM actions WHERE session_id = ?;
 
 -- name: replay_refusals
 -- Denials and approval requests of a window: the proposals that did not start at once.
-SELECT command_id, session_id, kind, reason, payload, worker, created_at AS seen_at
+SELECT command_id, payload, worker, created_at AS seen_at
 FROM events WHERE session_id = ? AND kind IN ('ACTION_DENIED', 'APPROVAL_REQUESTED');
