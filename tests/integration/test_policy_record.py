@@ -198,3 +198,25 @@ async def test_an_empty_window_has_no_proposal_rows(store: Store, clock: Virtual
                                          ends_at=now + timedelta(hours=1), max_cost=None,
                                          max_actions=None, by="pytest")  # fmt: skip
     assert await store.proposal_rows(session.id) == ([], [])
+
+
+async def test_rows_from_before_the_migration_replay_as_unknown(store: Store) -> None:
+    # An action row written without the fields migration 0004 added (as every row before it):
+    # replay still decides it, and says the recorded decision is unknown rather than guess.
+    now = store.clock.now()
+    session, _ = await store.open_window(fleet=FLEET, key="old", starts_at=now,
+                                         ends_at=now + timedelta(hours=1), max_cost=None,
+                                         max_actions=None, by="pytest")  # fmt: skip
+    status, _ = await store.begin_action(
+        command_id="old-1", operation="action:a.x", params={"n": 1}, fleet=FLEET,
+        session_id=session.id, worker="w1", name="a.x", risk="high", cost=0.5, critical=False,
+        safe_to_retry=False, rule="risk:high", correlation_id=None, agent_id=None,
+        kill_switch_check=lambda _rows: None,
+    )  # fmt: skip
+    assert status == "started"
+    actions, refusals = await store.proposal_rows(session.id)
+    counts: Counter[str] = Counter()
+    [old] = proposals_of(actions, refusals, counts)
+    assert (old.decision, old.action.tokens, old.action.identity, old.action.model) == (
+        "unknown", 0, {}, None)  # fmt: skip
+    assert old.action.risk == "high" and old.action.cost == 0.5
