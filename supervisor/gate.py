@@ -363,7 +363,7 @@ class Gate:
         try:
             live = decision.outcome if model_allowed else "deny"
             seen = shadow.decide(action, worker)
-            if seen.outcome == live:
+            if seen.outcome == live or not shadow.first_report(command_id):
                 return
             shadow.disagreements += 1
             self.store.buffer_telemetry(NewEvent(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,6 +39,7 @@ from .store import Session, Store
 log = structlog.get_logger("supervisor.replay")
 
 APPROVALS: frozenset[str] = frozenset({"require_approval", "escalate"})
+REPORTED_MAX = 10_000  # command ids a shadow remembers having reported
 FAIL_ON = ("deny-increase", "approval-increase", "allow-increase", "spend-increase", "any-change")
 
 
@@ -83,7 +84,19 @@ class ShadowPolicy:
         self._candidate: Candidate | None = None
         self._problem = "not loaded"
         self._logged: str | None = None
+        # Commands already reported: a retried proposal (a pending approval asked again every
+        # cycle) is one disagreement, not one per retry. Bounded: the oldest are forgotten.
+        self._reported: OrderedDict[str, None] = OrderedDict()
         self._refresh()
+
+    def first_report(self, command_id: str) -> bool:
+        """True the first time a disagreement on `command_id` is reported (recently)."""
+        if command_id in self._reported:
+            return False
+        self._reported[command_id] = None
+        if len(self._reported) > REPORTED_MAX:
+            self._reported.popitem(last=False)
+        return True
 
     def _refresh(self) -> None:
         try:

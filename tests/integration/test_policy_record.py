@@ -152,6 +152,18 @@ async def test_shadow_records_disagreements_only(store: Store, tmp_path: Path) -
     assert gate.shadow.disagreements == 1 and gate.shadow.errors == 0
 
 
+async def test_a_retried_proposal_is_one_disagreement(store: Store, tmp_path: Path) -> None:
+    # A pending approval is asked again on every retry; the shadow reports its command once.
+    gate, session = await make_gate(store, tmp_path)
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text("[policy]\nunmatched = 'deny'\n[policy.risk]\nhigh = 'deny'\n")
+    gate.shadow = ShadowPolicy(candidate, load_config(None))
+    for _ in range(3):
+        assert await run(gate, session, act("ops.restart", risk="high"), "op") == "pending"
+    shadows = await events(store, session, ev.POLICY_SHADOW)
+    assert [(e.command_id, e.reason) for e in shadows] == [("op", "require_approval->deny")]
+
+
 @pytest.mark.parametrize(
     "broken", ["[policy.risk\n", "[policy.risk]\nmedium = 'sometimes'\n", None]
 )
