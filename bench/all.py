@@ -33,6 +33,8 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("recovery scan", "bench/recovery.py", [], ["--events", "100000"]),
     ("fleet on Postgres", "bench/fleet_pg.py", ["--seconds", "10"], ["--seconds", "3"]),
     ("soak", "bench/soak.py", [], ["--horizon", "week", "--workers", "10", "--kills", "2"]),
+    ("policy replay", "bench/replay.py", [], ["--events", "100000"]),
+    ("shadow policy", "bench/shadow.py", [], ["--actions", "300", "--rounds", "3"]),
 ]
 
 

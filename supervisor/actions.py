@@ -52,3 +52,38 @@ class Action:
         if self.cost < 0 or self.tokens < 0:
             raise UsageError(f"action {self.name!r}: cost and tokens must be >= 0", reason="params")
         canonical_json(self.params)
+
+    @classmethod
+    def recorded(
+        cls,
+        name: str,
+        params: dict[str, Any],
+        risk: str,
+        cost: float,
+        model: str | None,
+        tokens: int,
+        identity: dict[str, str],
+    ) -> Action:
+        """An action read back from the store (policy replay, a million at a time). Its params
+        were parsed from JSON, so they serialize: only that check of __init__ is skipped."""
+        if risk not in RISKS or cost < 0 or tokens < 0 or not isinstance(params, dict):
+            raise UsageError(f"recorded action {name!r}: bad risk, cost, tokens or params")
+        action = object.__new__(cls)
+        for key, value in (("name", name), ("params", params), ("risk", risk), ("cost", cost),
+                           ("critical", False), ("safe_to_retry", False), ("model", model),
+                           ("tokens", tokens), ("identity", identity), ("agent_id", None)):  # fmt: skip
+            object.__setattr__(action, key, value)
+        return action
+
+
+def proposal_fields(action: Action) -> dict[str, Any]:
+    """What a policy decides on, as recorded with denials and approval requests so that
+    `policy replay` can decide the same proposal again (the action row keeps the same fields)."""
+    return {
+        "risk": action.risk,
+        "params": action.params,
+        "cost": action.cost,
+        "tokens": action.tokens,
+        "model": action.model,
+        "identity": action.identity,
+    }

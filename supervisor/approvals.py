@@ -12,9 +12,10 @@ from typing import Any
 import anyio
 
 from . import events as ev
-from .actions import Action, canonical_json, derive_id, params_hash
+from .actions import Action, canonical_json, derive_id, params_hash, proposal_fields
 from .errors import ApprovalError, IdempotencyConflict, UsageError
 from .escalation import EscalationChain
+from .policy import Decision
 from .store import NewEvent, Store
 from .store.base import Row, Tx
 
@@ -47,6 +48,14 @@ def grant_covers(grant: Row, action: Action) -> bool:
         if k in stored and canonical_json(stored[k]) != canonical_json(action.params[k]):
             return False
     return True
+
+
+def _decided(action: Action, decision: Decision | None, command_id: str | None) -> dict[str, Any]:
+    """The rule that asked for this approval, its reason, and the proposal (for replay)."""
+    if decision is None:
+        return {}
+    return {**proposal_fields(action), "rule": decision.rule, "why": decision.detail,
+            "decision": decision.outcome, "command_id": command_id}  # fmt: skip
 
 
 def approval_id_for(key: str, fleet: str | None = None) -> str:
@@ -103,6 +112,8 @@ class Approvals:
         session_id: str,
         escalate_now: bool,
         correlation_id: str | None,
+        decision: Decision | None = None,
+        command_id: str | None = None,
     ) -> Row:
         """The approval for `key`, created pending if new. Same key, other params: conflict."""
         digest = params_hash(action.name, action.params)
@@ -128,7 +139,8 @@ class Approvals:
                         kind=ev.APPROVAL_REQUESTED,
                         session_id=session_id,
                         payload={"approval": approval_id, "action": action.name, "tier": tier,
-                                 "deadline": self.chain.deadline(now).isoformat()},
+                                 "deadline": self.chain.deadline(now).isoformat(),
+                                 **_decided(action, decision, command_id)},
                         worker=worker,
                         agent_id=action.agent_id,
                         correlation_id=correlation_id,

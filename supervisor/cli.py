@@ -199,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="begin a new store where a deleted or replaced one was")  # fmt: skip
 
     _json_flag(command("status", "workers, windows, kill switch and approvals", c.status))
-    _json_flag(command("scorecard", "the run's scorecard from the store", c.scorecard))
+    card = command("scorecard", "the run's scorecard from the store", c.scorecard)
+    card.add_argument("--shadow", action="store_true",
+                      help="where the shadow policy disagreed with the live one, per window")  # fmt: skip
+    _json_flag(card)
 
     sessions = sub.add_parser("sessions", help="governance windows").add_subparsers(
         dest="sessions_command", metavar="ACTION", parser_class=_Parser
@@ -328,7 +331,39 @@ def build_parser() -> argparse.ArgumentParser:
                      console_c.console_add_operator, con_sub)  # fmt: skip
     add_op.add_argument("name")
     add_op.add_argument("--role", required=True, choices=["viewer", "approver", "admin"])
+
+    _policy_commands(sub, command, c)
     return parser
+
+
+def _policy_commands(sub: Any, command: Callable[..., argparse.ArgumentParser], c: Any) -> None:
+    """`policy explain` and `policy replay`: tuning the policy from its decisions."""
+    from .replay import FAIL_ON
+
+    pol = sub.add_parser("policy", help="explain and replay policy decisions").add_subparsers(
+        dest="policy_command", metavar="ACTION", parser_class=_Parser
+    )
+    pol.required = True
+    ex = command("explain", "the decision the policy gives an action, and why", c.policy_explain, pol)
+    ex.add_argument("--action", required=True, metavar="NAME")
+    ex.add_argument("--worker", default="", metavar="W")
+    ex.add_argument("--risk", choices=["low", "medium", "high", "critical"], default="low")
+    ex.add_argument("--params", default="{}", metavar="JSON", help="the action's params object")
+    ex.add_argument("--model", help="also check model access for this model")
+    ex.add_argument("--identity", action="append", default=[], metavar="SCOPE:NAME",
+                    help="who asks, for the model check (repeatable: user:alice team:support)")  # fmt: skip
+    _json_flag(ex)
+    rp = command("replay", "decide recorded proposals again with a candidate policy", c.policy_replay, pol)
+    rp.add_argument("--candidate", required=True, metavar="FILE",
+                    help="TOML with [policy], [tokens], [models]; absent sections are the config's")  # fmt: skip
+    which = rp.add_mutually_exclusive_group()
+    which.add_argument("--since", metavar="DURATION",
+                       help="windows ending within this of the newest window's end (default 7d)")  # fmt: skip
+    which.add_argument("--window", action="append", default=[], metavar="ID",
+                       help="a window (session) id or unique prefix; repeatable")  # fmt: skip
+    rp.add_argument("--fail-on", action="append", default=[], choices=FAIL_ON,
+                    help="exit 3 when the candidate does this (repeatable)")  # fmt: skip
+    _json_flag(rp)
 
 
 def _nonempty(args: argparse.Namespace) -> None:

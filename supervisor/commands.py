@@ -172,6 +172,15 @@ async def status(args: argparse.Namespace, config: Config) -> int:
 
 async def scorecard(args: argparse.Namespace, config: Config) -> int:
     store = await _store(config)
+    if args.shadow:
+        from .scorecard import render_shadow, shadow
+
+        try:
+            data = await shadow(store, config.fleet)
+        finally:
+            await store.close()
+        emit(args, data, render_shadow(data))
+        return 0
     try:
         card = await compute(store, config.fleet)
     finally:
@@ -595,3 +604,52 @@ async def drill_approval_backlog(args: argparse.Namespace, config: Config) -> in
     report = await approval_backlog_drill(config, count=args.count)
     emit(args, report.as_dict(), report.render())
     return 0 if report.passed else 1
+
+
+async def policy_explain(args: argparse.Namespace, config: Config) -> int:
+    from .actions import Action
+    from .governance import parse_identity_key
+
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--params is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise UsageError(f"--params must be a JSON object, got {type(params).__name__}")
+    identity: dict[str, str] = {}
+    for text in args.identity:
+        scope, name = parse_identity_key(text, "--identity")
+        identity[scope] = name
+    action = Action(name=args.action, params=params, risk=args.risk, model=args.model,
+                    identity=identity)  # fmt: skip
+    decision = config.policy.decide(action, args.worker)
+    data = {"action": args.action, "worker": args.worker, "risk": args.risk, **decision.as_dict()}
+    text = decision.render()
+    if args.model is not None and decision.outcome != "deny":
+        allowed, detail = config.models.check(args.model, identity)
+        data["model"] = {"model": args.model, "allowed": allowed, "detail": detail}
+        text += f"\nmodel:    {'allowed' if allowed else 'denied (the gate denies)'}: {detail}"
+    emit(args, data, text)
+    return 0
+
+
+async def policy_replay(args: argparse.Namespace, config: Config) -> int:
+    import sys
+
+    from .config import load_candidate
+    from .escalation import parse_duration
+    from .replay import run_replay
+
+    # Everything the user gave is checked before the store is opened; nothing is ever written.
+    candidate = load_candidate(args.candidate, config)
+    since = parse_duration(args.since, "--since") if args.since is not None else None
+    store = await _store(config)
+    try:
+        report = await run_replay(store, config, candidate, ids=args.window, since=since)
+    finally:
+        await store.close()
+    emit(args, report.as_dict(), report.render())
+    failures = report.failures(args.fail_on)
+    for line in failures:
+        print(f"acp-supervisor: policy replay: {line}", file=sys.stderr)
+    return 3 if failures else 0

@@ -109,6 +109,7 @@ class Config:
     metrics: MetricsConfig
     query_timeout: float  # on a networked store; shorter than the lease (see load_config)
     killswitch_store_poll: float  # while LISTEN works, the switches are re-read this often too
+    policy_shadow: Path | None = None  # [policy] shadow: a candidate evaluated beside the policy
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def horizon(self, name: str) -> HorizonProfile:
@@ -128,7 +129,7 @@ def _unknown_key(exc: ConfigError) -> str | None:
 def _line_of(text: str, key: str) -> str:
     # `key = ...`, `[key]`, `[[key]]` or a dotted table header ending in it: `[horizons.key]`
     pattern = re.compile(
-        rf"^\s*(\[+\s*([\w\"-]+\.)*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE
+        rf"^[ \t]*(\[+\s*([\w\"-]+\.)*)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.MULTILINE
     )
     match = pattern.search(text)
     return f", line {text.count(chr(10), 0, match.start()) + 1}" if match else ""
@@ -311,14 +312,11 @@ def _build(
         except ConfigError as exc:  # pragma: no cover - get() does not raise
             raise c.fail(name, str(exc)) from None
 
+    policy_section, shadow = _shadow_of(c, section_of("policy")[1], file)
     try:
-        policy = Policy.from_config(section_of("policy")[1])
+        policy = Policy.from_config(policy_section)
         approvals = EscalationChain.from_config(section_of("approvals")[1])
-        tokens = data.get("tokens") or {}
-        if not isinstance(tokens, dict):
-            raise ConfigError("tokens: must be a table")
-        check_keys(tokens, keys("tokens"), "tokens")
-        token_budgets = TokenBudgets.from_config(tokens.get("budgets"))
+        token_budgets = _token_budgets(data)
         models = ModelGovernor.from_config(data.get("models"))
         alerts = AlertConfig.from_config(data.get("alerts"))
         metrics = MetricsConfig.from_config(data.get("metrics"))
@@ -376,7 +374,83 @@ def _build(
         alerts=alerts,
         metrics=metrics,
         console=console,
+        policy_shadow=shadow,
     )
+
+
+def _token_budgets(data: Mapping[str, Any]) -> TokenBudgets:
+    tokens = data.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ConfigError("tokens: must be a table")
+    check_keys(tokens, keys("tokens"), "tokens")
+    return TokenBudgets.from_config(tokens.get("budgets"))
+
+
+def _shadow_of(c: _Checker, section: Any, file: Path | None) -> tuple[Any, Path | None]:
+    """`[policy] shadow = "candidate.toml"`: taken out of the section the policy parses. A path
+    in the file is relative to the file. The candidate itself is read by the daemon, which never
+    lets it stop or block anything (see replay.ShadowPolicy)."""
+    if not isinstance(section, dict) or "shadow" not in section:
+        return section, None
+    rest = {k: v for k, v in section.items() if k != "shadow"}
+    raw = section["shadow"]
+    if not isinstance(raw, str) or not raw.strip():
+        raise c.fail(
+            "policy.shadow", f"must be the path of a candidate policy file, got {raw!r}", "shadow"
+        )
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and file is not None:
+        path = file.parent / path
+    return rest, path.absolute()
+
+
+# What a candidate policy file may hold: the sections that decide an action.
+CANDIDATE_SECTIONS = ("policy", "tokens", "models")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A policy to try against history (replay) or beside the live one (shadow). Sections the
+    file leaves out are the live config's."""
+
+    source: str
+    policy: Policy
+    models: ModelGovernor
+    token_budgets: TokenBudgets
+
+
+def load_candidate(path: str | Path, base: Config) -> Candidate:
+    """Read and check a candidate file; every problem is one ConfigError naming file, line, key."""
+    file = Path(path)
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read candidate policy file {file}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc.reason}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    c = _Checker(source, text)
+    for key in data:
+        if key not in CANDIDATE_SECTIONS:
+            raise c.fail(
+                "top level",
+                f"unknown key {key!r} (a candidate holds {', '.join(CANDIDATE_SECTIONS)})",
+                key,
+            )
+    try:
+        policy = Policy.from_config(data["policy"]) if "policy" in data else base.policy
+        tokens = _token_budgets(data) if "tokens" in data else base.token_budgets
+        models = ModelGovernor.from_config(data["models"]) if "models" in data else base.models
+    except ConfigError as exc:
+        bad = _unknown_key(exc)
+        raise ConfigError(f"{source}{_line_of(text, bad) if bad else ''}: {exc}") from None
+    return Candidate(source, policy, models, tokens)
 
 
 def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:

@@ -38,6 +38,7 @@ from .horizons import HorizonProfile
 from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
 from .leases import Coordinator
 from .metrics import Metrics
+from .replay import shadow_for
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .statedir import make_state_dir
@@ -286,6 +287,7 @@ class Daemon:
         if self.coordinator is not None:
             gate.owner = self.coordinator.instance  # the incarnation in the hosts row
         gate.halt_in_flight = cfg.halt_in_flight
+        gate.shadow = shadow_for(cfg)  # a broken candidate is logged; it never stops the daemon
         windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
                                 tz=cfg.timezone, max_cost=plan.profile.max_cost,
                                 max_actions=plan.profile.max_actions, by=cfg.host_id,
@@ -866,6 +868,7 @@ class Daemon:
         self.gate.approvals.chain = new.approvals
         self.gate.token_budgets = new.token_budgets
         self.gate.models = new.models
+        self.gate.shadow = shadow_for(new)
         profile = new.horizon(self.horizon or new.profile)
         self.windows.max_cost, self.windows.max_actions = profile.max_cost, profile.max_actions
         self._factories.update(factories)

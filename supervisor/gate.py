@@ -14,14 +14,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
 import anyio
 import structlog
 
 from . import events as ev
-from .actions import Action, derive_id
+from .actions import Action, derive_id, proposal_fields
 from .approvals import Approvals, Permit, grant_covers
 from .errors import ActionDenied, ActionExpired, ApprovalPending, StateWriteError
 from .governance import ModelGovernor, TokenBudgets
@@ -29,6 +29,9 @@ from .killswitch import HostSwitchFile, Mode, permits, strictest
 from .policy import Decision, Policy
 from .store import NewEvent, Session, Store
 from .store.base import Row
+
+if TYPE_CHECKING:
+    from .replay import ShadowPolicy
 
 log = structlog.get_logger("supervisor.gate")
 
@@ -139,6 +142,8 @@ class Gate:
         # "terminate" makes halt_all stop them too.
         self.in_flight: dict[str, InFlight] = {}
         self.halt_in_flight = "finish"
+        # [policy] shadow: a candidate decided beside the live policy; it never stops an action.
+        self.shadow: ShadowPolicy | None = None
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -262,17 +267,28 @@ class Gate:
         detail: str,
         rule: str | None = None,
         correlation_id: str | None = None,
+        decision: Decision | None = None,
     ) -> ActionDenied:
         self.stats.refused += 1
         if self.observer is not None:
             self.observer.observe_action("denied", reason)
+        payload: dict[str, Any] = {"action": action.name, "detail": detail, "risk": action.risk}
+        if decision is None:
+            # Refused before the policy spoke: the gate's own check is the rule.
+            payload.update(rule=rule or reason, why=detail)
+        else:
+            # Refused after it: the rule that decided, its reason, and the whole proposal, so
+            # `policy replay` can decide it again; `decision` is what governance said of it.
+            verdict = "deny" if reason in _GOVERNANCE_DENIALS else decision.outcome
+            payload.update(proposal_fields(action), rule=rule or decision.rule,
+                           why=decision.detail, decision=verdict)  # fmt: skip
         await self.store.once(
             derive_id("refusal", command_id, reason),
             NewEvent(
                 kind=ev.ACTION_DENIED,
                 session_id=session.id,
                 reason=reason,
-                payload={"action": action.name, "detail": detail, "rule": rule, "risk": action.risk},
+                payload=payload,
                 command_id=command_id,
                 correlation_id=correlation_id,
                 worker=worker,
@@ -340,9 +356,14 @@ class Gate:
 
         # 3. policy, then model access
         decision = self.policy.decide(action, worker)
+        args["decision"] = decision  # every later refusal records the decision and the proposal
+        allowed, detail = True, ""
+        if decision.outcome != "deny":
+            allowed, detail = self.models.check(action.model, action.identity)
+        if self.shadow is not None:
+            self._shadow(action, worker, session, command_id, decision, allowed)
         if decision.outcome == "deny":
             raise await refuse(action, reason="policy", detail=decision.detail, rule=decision.rule, **args)
-        allowed, detail = self.models.check(action.model, action.identity)
         if not allowed:
             await self.store.once(
                 derive_id("model_denied", session.id, worker, action.model or ""),
@@ -372,6 +393,7 @@ class Gate:
             row = await self.approvals.request(
                 key=key, action=action, worker=worker, session_id=session.id,
                 escalate_now=decision.outcome == "escalate", correlation_id=correlation_id,
+                decision=decision, command_id=command_id,
             )  # fmt: skip
             status = row["status"]
             if status == "pending":
@@ -442,6 +464,8 @@ class Gate:
             # action waited for the store must not leave a started record after it returned.
             host=self.host, owner=self.owner,
             kill_switch_check=lambda rows: self._verdict(action, rows, worker, session),
+            identity=action.identity, model=action.model, tokens=action.tokens,
+            decision=decision.outcome,
         )  # fmt: skip
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
@@ -462,6 +486,35 @@ class Gate:
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
         return permit, None
+
+    def _shadow(
+        self,
+        action: Action,
+        worker: str,
+        session: Session,
+        command_id: str,
+        decision: Decision,
+        model_allowed: bool,
+    ) -> None:
+        """Decide with the shadow candidate too and queue a POLICY_SHADOW telemetry event where
+        it disagrees. Synchronous and never raising: it cannot block or delay the action."""
+        shadow = self.shadow
+        assert shadow is not None
+        try:
+            live = decision.outcome if model_allowed else "deny"
+            seen = shadow.decide(action, worker)
+            if seen.outcome == live or not shadow.first_report(command_id):
+                return
+            shadow.disagreements += 1
+            self.store.buffer_telemetry(NewEvent(
+                kind=ev.POLICY_SHADOW, session_id=session.id, state_bearing=False,
+                reason=f"{live}->{seen.outcome}", command_id=command_id, worker=worker,
+                payload={"action": action.name, "risk": action.risk, "live": live,
+                         "live_rule": decision.rule if model_allowed else "model_access",
+                         "shadow": seen.outcome, "shadow_rule": seen.rule, "why": seen.detail},
+            ))  # fmt: skip
+        except Exception as exc:  # a shadow's failure is counted and logged, never raised
+            shadow.failed(exc)
 
     async def _restart(
         self,
@@ -663,6 +716,10 @@ class Gate:
                 for budget in self.token_budgets.applicable(action.identity):
                     await tx.execute("add_token_usage", budget.scope, budget.identity,
                                      budget.period_key(now, self.timezone), tokens, action.cost)  # fmt: skip
+
+
+# Refusals where governance itself said no (the rest refuse what governance let through).
+_GOVERNANCE_DENIALS = frozenset({"policy", "model_access", "token_budget"})
 
 
 class _Rollback(Exception):

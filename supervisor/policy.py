@@ -35,11 +35,12 @@ Error messages index rules and conditions from 0, as in `policy.rules[0]`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any, Literal, cast, get_args
 
 from .actions import RISKS, Action, Risk
@@ -127,10 +128,26 @@ class Condition:
             return bool(a < b)
         return bool(a <= b)
 
+    def miss(self, params: Mapping[str, Any]) -> str | None:
+        """None when the condition holds, else why not (for the explanation)."""
+        if self.test(params):
+            return None
+        found = _lookup(params, self.path)
+        shown = "missing" if found is _MISSING else repr(found)
+        return f"{self.describe()} is false ({self.param} is {shown})"
+
     def describe(self) -> str:
         if self.op == "exists":
             return f"{self.param} exists"
         return f"{self.param} {self.op} {self.value!r}"
+
+
+_MATCH = -1  # Rule.first_miss: every matcher matched
+
+
+def _glob(pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled form of an fnmatch glob: what `fnmatchcase` matches, without its cache."""
+    return re.compile(fnmatch.translate(pattern)) if pattern is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +158,51 @@ class Rule:
     risks: frozenset[Risk] | None = None
     worker: str | None = None
     when: tuple[Condition, ...] = ()
+    _action_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _worker_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _described: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_action_re", _glob(self.action))
+        object.__setattr__(self, "_worker_re", _glob(self.worker))
+        object.__setattr__(self, "_described", self._describe())
 
     def matches(self, action: Action, worker: str) -> bool:
-        if self.action is not None and not fnmatchcase(action.name, self.action):
-            return False
+        return self.first_miss(action, worker) == _MATCH
+
+    def first_miss(self, action: Action, worker: str) -> int:
+        """Which matcher fails first: 0 action, 1 risk, 2 worker, 3 + j condition j; or _MATCH.
+        A number, not words, so the gate's pass allocates nothing; `why_not` says it in words."""
+        if self._action_re is not None and self._action_re.match(action.name) is None:
+            return 0
         if self.risks is not None and action.risk not in self.risks:
-            return False
-        if self.worker is not None and not fnmatchcase(worker, self.worker):
-            return False
-        return all(c.test(action.params) for c in self.when)
+            return 1
+        if self._worker_re is not None and self._worker_re.match(worker) is None:
+            return 2
+        for j, condition in enumerate(self.when):
+            if not condition.test(action.params):
+                return 3 + j
+        return _MATCH
+
+    def why_not(self, code: int, action: Action, worker: str) -> str:
+        if code == 0:
+            return f"action {action.name!r} does not match {self.action!r}"
+        if code == 1:
+            assert self.risks is not None
+            return f"risk {action.risk} is not " + "|".join(r for r in RISKS if r in self.risks)
+        if code == 2:
+            return f"worker {worker!r} does not match {self.worker!r}"
+        return self.when[code - 3].miss(action.params) or "condition false"
+
+    def miss(self, action: Action, worker: str) -> str | None:
+        """None when the rule matches, else the first matcher that does not, and why."""
+        code = self.first_miss(action, worker)
+        return None if code == _MATCH else self.why_not(code, action, worker)
 
     def describe(self) -> str:
+        return self._described
+
+    def _describe(self) -> str:
         parts: list[str] = []
         if self.action is not None:
             parts.append(f"action {self.action!r}")
@@ -164,10 +215,75 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """One stage the decision went through: a rule, the risk table, or the fallback."""
+
+    kind: Literal["rule", "risk", "unmatched"]
+    name: str  # the rule's name, "risk:<risk>", or "unmatched"
+    matched: bool
+    why: str
+    outcome: Outcome | None = None  # what this stage decides, when it matched
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "matched": self.matched,
+                "why": self.why, "outcome": self.outcome}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """What the policy decided and the path that led there. The gate acts on `outcome`; `path`
+    is the explanation, built by the same pass, so the two cannot disagree."""
+
     outcome: Outcome
     rule: str  # the rule's name, "risk:<risk>", or "unmatched"
-    detail: str
+    detail: str  # the short reason stored with denials and approval requests
+    trail: _Trail | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def path(self) -> tuple[Step, ...]:
+        """Every stage considered, in order; the last one decided."""
+        return self.trail.steps(self.outcome) if self.trail is not None else ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "rule": self.rule, "reason": self.detail,
+                "path": [step.as_dict() for step in self.path]}  # fmt: skip
+
+    def render(self) -> str:
+        lines = [f"decision: {self.outcome} (rule {self.rule})", f"reason:   {self.detail}"]
+        for i, step in enumerate(self.path, 1):
+            verdict = f"match -> {step.outcome}" if step.matched else "no match"
+            label = {"rule": f"rule {step.name!r}", "risk": "risk default",
+                     "unmatched": "unmatched fallback"}[step.kind]  # fmt: skip
+            lines.append(f"  {i}. {label}: {verdict}: {step.why}")
+        if self.path and self.path[-1].kind == "rule":
+            lines.append("  (later rules, the risk defaults and the unmatched fallback not reached)")
+        return "\n".join(lines)
+
+
+class _Trail:
+    """What one pass of `Policy.decide` went through: for each rule it passed, the code of the
+    matcher that failed; and where it stopped. Put into words only when someone asks."""
+
+    __slots__ = ("action", "misses", "policy", "stop", "worker")
+
+    def __init__(self, policy: Policy, action: Action, worker: str, misses: list[int],
+                 stop: Literal["rule", "risk", "unmatched"]) -> None:  # fmt: skip
+        self.policy, self.action, self.worker = policy, action, worker
+        self.misses, self.stop = misses, stop
+
+    def steps(self, outcome: Outcome) -> tuple[Step, ...]:
+        rules, action, risk = self.policy.rules, self.action, self.action.risk
+        path = [Step("rule", rules[i].name, False, rules[i].why_not(code, action, self.worker))
+                for i, code in enumerate(self.misses)]  # fmt: skip
+        if self.stop == "rule":
+            rule = rules[len(self.misses)]
+            path.append(Step("rule", rule.name, True, f"matches {rule.describe()}", outcome))
+        elif self.stop == "risk":
+            path.append(Step("risk", f"risk:{risk}", True, f"risk {risk}: {outcome}", outcome))
+        else:
+            path.append(Step("risk", f"risk:{risk}", False, f"risk {risk} has no entry"))
+            path.append(Step("unmatched", "unmatched", True, "the fallback", outcome))
+        return tuple(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +296,8 @@ class Policy:
 
     def marks(self, name: str) -> tuple[bool, bool]:
         """(critical, safe_to_retry) as policy decides them for an action name."""
-        return (any(fnmatchcase(name, g) for g in self.critical),
-                any(fnmatchcase(name, g) for g in self.safe_to_retry))  # fmt: skip
+        return (any(fnmatch.fnmatchcase(name, g) for g in self.critical),
+                any(fnmatch.fnmatchcase(name, g) for g in self.safe_to_retry))  # fmt: skip
 
     def mark(self, action: Action) -> Action:
         """The action with policy's marks added (a trusted worker's own marks are kept)."""
@@ -192,19 +308,26 @@ class Policy:
         return action
 
     def decide(self, action: Action, worker: str) -> Decision:
+        """The one decision procedure: the gate, `policy explain`, shadow mode and replay all
+        call this, and every stage it passes is in the returned path."""
+        misses: list[int] = []
         for rule in self.rules:
-            if rule.matches(action, worker):
+            code = rule.first_miss(action, worker)
+            if code == _MATCH:
                 detail = f"rule {rule.name!r} ({rule.describe()}): {rule.outcome}"
-                return Decision(rule.outcome, rule.name, detail)
+                trail = _Trail(self, action, worker, misses, "rule")
+                return Decision(rule.outcome, rule.name, detail, trail)
+            misses.append(code)
         outcome = self.risk.get(action.risk)
         if outcome is not None:
-            return Decision(
-                outcome, f"risk:{action.risk}", f"no rule matched; risk {action.risk}: {outcome}"
-            )
+            detail = f"no rule matched; risk {action.risk}: {outcome}"
+            trail = _Trail(self, action, worker, misses, "risk")
+            return Decision(outcome, f"risk:{action.risk}", detail, trail)
         return Decision(
             self.unmatched,
             "unmatched",
             f"no rule matched and risk {action.risk} has no entry: {self.unmatched}",
+            _Trail(self, action, worker, misses, "unmatched"),
         )
 
     @classmethod
@@ -212,7 +335,8 @@ class Policy:
         if section is None:
             return cls()
         section = table(section, "policy")
-        check_keys(section, keys("policy"), "policy")
+        # `shadow` names a file; config.py takes it out before the policy is parsed.
+        check_keys(section, tuple(k for k in keys("policy") if k != "shadow"), "policy")
         marks: dict[str, tuple[str, ...]] = {}
         for key in ("critical", "safe_to_retry"):
             globs = array(section.get(key, []), f"policy.{key}")

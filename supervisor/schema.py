@@ -102,6 +102,8 @@ SECTIONS: tuple[Section, ...] = (
             "a worker's own claim is recorded and ignored."),
         Key("safe_to_retry", "array of globs", "[]", "Action names an in-doubt recovery may "
             "re-run; a worker's own claim is recorded and ignored."),
+        Key("shadow", "path", "-", "A candidate policy file decided beside the live one; "
+            "disagreements are POLICY_SHADOW events (docs/policy.md). Relative to this file."),
     )),
     Section("policy.risk", "Outcome per risk level.", (
         Key("low", "outcome", '"allow"', "Outcome for low-risk actions."),

@@ -38,6 +38,7 @@ FIELDS: dict[str, str] = {
     "windows_missed": ev.WINDOW_MISSED,
     "checkpoints": ev.CHECKPOINT,
     "alerts": ev.ALERT,
+    "shadow_disagreements": ev.POLICY_SHADOW,
 }
 
 
@@ -116,3 +117,46 @@ async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Score
                 **_fields(s_kinds), "denials_by_reason": dict(s_reasons),
             })  # fmt: skip
     return card
+
+
+async def shadow(store: Store, fleet: str) -> dict[str, Any]:
+    """`scorecard --shadow`: per window, the proposals the live policy decided (actions started
+    and denied) and where the shadow candidate disagreed, by transition ("allow->deny")."""
+    await store.flush_telemetry()
+    rows = await store.fetchall("event_counts", fleet)
+    decided: Counter[str] = Counter()
+    disagreed: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        if row["kind"] in (ev.ACTION_STARTED, ev.ACTION_DENIED):
+            decided[row["session_id"]] += int(row["n"])
+        elif row["kind"] == ev.POLICY_SHADOW:
+            disagreed[row["session_id"]][row["reason"] or "unknown"] += int(row["n"])
+    windows: list[dict[str, Any]] = []
+    total: Counter[str] = Counter()
+    for session in sorted(await store.list_sessions(fleet, 100_000), key=lambda s: s.starts_at):
+        moves = disagreed.get(session.id, Counter())
+        total.update(moves)
+        windows.append({
+            "session_id": session.id, "window": session.window_key, "status": session.status,
+            "decided": decided.get(session.id, 0), "disagreements": sum(moves.values()),
+            "by_transition": dict(sorted(moves.items())),
+        })  # fmt: skip
+    return {"fleet": fleet, "disagreements": sum(total.values()),
+            "by_transition": dict(sorted(total.items())), "windows": windows}  # fmt: skip
+
+
+def render_shadow(data: dict[str, Any]) -> str:
+    from . import tables
+
+    head = (
+        f"shadow policy for fleet {data['fleet']}: {data['disagreements']} disagreements"
+        + "".join(f", {k} {v}" for k, v in data["by_transition"].items())
+    )
+    body = tables.table(
+        ["WINDOW", "STATUS", "DECIDED", "DISAGREED", "BY TRANSITION"],
+        ([w["window"], w["status"], w["decided"], w["disagreements"],
+          ", ".join(f"{k} {v}" for k, v in w["by_transition"].items()) or "-"]
+         for w in data["windows"]),
+        "no windows",
+    )  # fmt: skip
+    return f"{head}\n{body}"

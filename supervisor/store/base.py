@@ -662,6 +662,10 @@ class Store:
         kill_switch_check: Callable[[list[Row]], str | None],
         host: str | None = None,
         owner: str | None = None,
+        identity: Mapping[str, str] | None = None,
+        model: str | None = None,
+        tokens: int = 0,
+        decision: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The durable "started" record, the budget reservation and the fleet/session/worker
         kill-switch check, in one transaction. Returns (status, stored or new result) where status
@@ -691,6 +695,7 @@ class Store:
                 "insert_action", command_id, fleet, session_id, worker, name,
                 canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now, host,
                 owner,
+                canonical_json(dict(identity)) if identity else None, model, tokens, decision,
             )  # fmt: skip
             await self.append_in(
                 tx,
@@ -815,6 +820,19 @@ class Store:
 
     async def get_action(self, command_id: str) -> Row | None:
         return await self.fetchrow("get_action", command_id)
+
+    async def proposal_rows(self, session_id: str) -> tuple[list[Row], list[Row]]:
+        """What `policy replay` reads of one window, in one read-only snapshot: its action rows
+        and its ACTION_DENIED and APPROVAL_REQUESTED events (payloads still JSON text)."""
+        async with self.backend.reader() as tx:
+            actions = await tx.fetchall("replay_actions", session_id)
+            refusals = await tx.fetchall("replay_refusals", session_id)
+        return actions, refusals
+
+    def buffer_telemetry(self, event: NewEvent) -> None:
+        """Queue a telemetry event without writing or awaiting: the periodic flush writes it.
+        For callers on the gate's path that must never wait for the store (shadow policy)."""
+        self._buffer(event)
 
     async def once(self, command_id: str, event: NewEvent) -> bool:
         """Append `event` exactly once for this command_id (alerts, exhaustion notices)."""

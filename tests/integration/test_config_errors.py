@@ -207,3 +207,14 @@ def test_a_non_finite_max_cost_on_the_command_line_is_refused(tmp_path: Path, va
 def test_a_backoff_multiplier_must_be_finite_and_at_least_1(tmp_path: Path, value: str) -> None:
     result = run_with(tmp_path, SUPPORT + f"backoff = {{ multiplier = {value} }}\n")
     assert_refused(tmp_path, result, "bad.toml", "'support'", "multiplier", "finite")
+
+
+def test_the_line_of_a_table_after_a_blank_line_is_its_own(tmp_path: Path) -> None:
+    # The line finder once counted the blank line before a table header as the header's line.
+    result = run_with(tmp_path, '[daemon]\nfleet = "a"\n\n[nonsense]\nx = 1\n')
+    assert_refused(tmp_path, result, "'nonsense'", "bad.toml", "line 4")
+
+
+def test_policy_shadow_must_be_a_path(tmp_path: Path) -> None:
+    result = run_with(tmp_path, "[policy]\nunmatched = 'deny'\nshadow = 5\n")
+    assert_refused(tmp_path, result, "policy.shadow", "bad.toml", "line 3")

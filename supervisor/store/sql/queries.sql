@@ -74,8 +74,9 @@ WHERE id = ?;
 
 -- name: insert_action
 INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
-                     safe_to_retry, status, rule, started_at, host, owner)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?);
+                     safe_to_retry, status, rule, started_at, host, owner, identity, model,
+                     tokens, decision)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: get_action
 SELECT * FROM actions WHERE command_id = ?;
@@ -407,3 +408,14 @@ UPDATE approvals SET match_keys = ? WHERE id = ?;
 -- name: count_pending_of_worker
 SELECT count(*) AS n FROM approvals
 WHERE fleet = ? AND worker = ? AND status = 'pending' AND idempotency_key <> ?;
+
+-- name: replay_actions
+-- The proposals a window admitted, as `policy replay` decides them again (read-only).
+SELECT command_id, worker, name, params, risk, cost, identity, model, tokens, decision,
+       started_at AS seen_at
+FROM actions WHERE session_id = ?;
+
+-- name: replay_refusals
+-- Denials and approval requests of a window: the proposals that did not start at once.
+SELECT command_id, payload, worker, created_at AS seen_at
+FROM events WHERE session_id = ? AND kind IN ('ACTION_DENIED', 'APPROVAL_REQUESTED');
