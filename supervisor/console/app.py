@@ -283,8 +283,9 @@ class Console:
             raise ConsoleError(400, f"{scope} scope and emergency mode need confirm = the fleet "
                                     f"name ({self.fleet!r})")  # fmt: skip
         try:
+            # `force`: a worker or session this config does not know yet (the CLI's --force).
             await set_switch(self.config, scope=scope, target=target, mode=mode,
-                             reason=reason, by=caller.name)  # fmt: skip
+                             reason=reason, by=caller.name, force=data.get("force") is True)  # fmt: skip
         except SupervisorError as exc:
             raise ConsoleError(409 if exc.exit_code != 2 else 400, str(exc)) from None
         log.info("console.killswitch", scope=scope, target=target, mode=mode.value, by=caller.name)

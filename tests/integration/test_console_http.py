@@ -327,6 +327,10 @@ async def test_killswitch_at_each_scope(env: Env) -> None:
         h = {"X-CSRF-Token": await env.login(c, "approver")}
         r = await c.post("/api/v1/killswitch", headers=h, json={
             "scope": "worker", "target": "refunder-1", "mode": "halt_all", "reason": "looping"})  # fmt: skip
+        assert r.status_code == 400 and "unknown worker 'refunder-1'" in r.json()["error"], r.text
+        r = await c.post("/api/v1/killswitch", headers=h, json={
+            "scope": "worker", "target": "refunder-1", "mode": "halt_all", "reason": "looping",
+            "force": True})  # fmt: skip
         assert r.status_code == 200, r.text
         r = await c.post("/api/v1/killswitch", headers=h,
                          json={"scope": "worker", "mode": "halt_all", "reason": "x"})  # fmt: skip
