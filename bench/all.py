@@ -36,7 +36,9 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("fleet on Postgres", "bench/fleet_pg.py", ["--seconds", "10"], ["--seconds", "3"]),
     ("soak", "bench/soak.py", [], ["--horizon", "week", "--workers", "10", "--kills", "2"]),
     ("policy replay", "bench/replay.py", [], ["--events", "100000"]),
-    ("loop lag", "bench/loop_lag.py", [], ["--quick"]),
+    ("loop lag, SQLite", "bench/loop_lag.py", [], ["--quick"]),
+    ("loop lag, Postgres", "bench/loop_lag.py", ["--backend", "postgres"],
+     ["--quick", "--backend", "postgres"]),
     ("shadow policy", "bench/shadow.py", [], ["--actions", "300", "--rounds", "3"]),
 ]
 # fmt: on
@@ -51,7 +53,7 @@ KEEP: dict[str, str] = {
     "month simulation": r"rows\[\d+\]\.(wall_s|cycles|actions|cycles_per_s)$",
     "recovery scan": r"results\[\w+\]\.(events|empty_ms|full_ms|history_ratio|under_1s|all_indexed)$",
     "fleet on Postgres": r".",
-    "loop lag": r"^(events|worst_lag_ms|worst_engage_to_wake_ms)$|phases\[[^\]]+\]\.(worst_lag_ms|pass_ms_median|engage_to_wake_ms)$",
+    "loop lag": r"^(events|worst_lag_ms|worst_engage_to_wake_ms)$|phases\[[^\]]+\]\.(worst_lag_ms|engage_to_wake_ms|call_to_wake_ms)$|phases\[(?!baseline)[^\]]+\]\.pass_ms_median$",
     "soak": r"^(pass|horizon|workers|kills|seconds)$|checks\[[^\]]+\]\.(pass|checked|first_week_median_mb|last_week_median_mb)$",
 }
 

@@ -2,13 +2,14 @@
 kill-switch engage made during them takes to reach idle workers.
 
     .venv/bin/python bench/loop_lag.py [--events 1000000] [--big-session 100000] [--rounds 3]
-                                       [--quick] [--json]
+                                       [--backend sqlite|postgres] [--quick] [--json]
 
-A SQLite store (a temporary file, the store's own settings, synchronous=full) is seeded with
+A store (SQLite: a temporary file, the store's own settings, synchronous=full; Postgres: a
+temporary database at ACP_TEST_PG, created and dropped) is seeded with
 `--events` events: the history of bench/recovery.py (hourly windows of about 120 events, actions,
 the command ledger, approvals, a few crash leftovers) plus one big session, the current window,
-holding `--big-session` of them. Seeding is one executemany transaction straight into the tables:
-setup, not what is measured.
+holding `--big-session` of them. Seeding is one transaction straight into the tables (executemany
+on SQLite, COPY on Postgres): setup, not what is measured.
 
 Then, in one event loop, as the daemon has them: the store opened the daemon's way, the
 kill-switch watcher polling the host switch file every `killswitch.watch_interval` (the default
@@ -30,7 +31,9 @@ loop and store connection, as a separate `acp-supervisor killswitch engage` proc
 it is disengaged (and the watcher has seen that) before the next read. The four phases run
 `--rounds` times (`--quick`: once, still on 1M events; the seeding takes most of its minute).
 Printed: per phase, over its rounds, the worst and p99 lag of the ticker, the time per pass, whether the engage returned while a pass was
-running, and engage-to-wake: from the engage's return to the last idle worker woken.
+running, and engage-to-wake: from the engage's return to the last idle worker woken (negative
+when the watcher saw the switch file before the CLI had recorded its event and returned), and
+call-to-wake, from the engage's start.
 The aims (issue 16): worst lag at most 50 ms and engage-to-wake at most 100 ms at 1M events.
 The figures move with the machine's load; the script stops by itself.
 """
@@ -78,6 +81,7 @@ TICK = 0.005
 ENGAGE_AFTER = 0.05  # seconds after a heavy read starts
 PAGE = 10_000  # `events replay` reads one page of this many
 PHASE_LIMIT = 120.0  # a phase that takes longer is reported as a failure, not waited for
+PG_ADMIN = os.environ.get("ACP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _load_history() -> ModuleType:
@@ -98,10 +102,12 @@ HOST: str = HISTORY.HOST
 # --- seeding ----------------------------------------------------------------------------------
 
 
-async def seed(path: Path, total: int, big: int, now: datetime) -> str:
-    """`total` events, `big` of them in the current window; returns that window's session id."""
-    store = await open_store(f"sqlite:///{path}", SystemClock(), migrate=True)
-    await store.close()
+Plan = tuple[str, Iterator[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]
+
+
+def plan(total: int, big: int, now: datetime) -> Plan:
+    """`total` events, `big` of them in the current window: (that window's session id, the event
+    rows in insertion order, the other tables' rows, complete once the events are consumed)."""
     shape = HISTORY.Shape.of(max(total - big, 1000))
     tables, _expect = HISTORY.history(shape, now)
     big_sid: str = HISTORY._sid(shape.sessions)  # the current (open) window
@@ -120,13 +126,21 @@ async def seed(path: Path, total: int, big: int, now: datetime) -> str:
         tables["streams"] = [(sid, seq + big if sid == big_sid else seq)
                              for sid, seq in tables["streams"]]  # fmt: skip
 
+    return big_sid, rows(), tables
+
+
+async def seed_sqlite(path: Path, total: int, big: int, now: datetime) -> str:
+    """One executemany transaction straight into the tables; the big session's id."""
+    store = await open_store(f"sqlite:///{path}", SystemClock(), migrate=True)
+    await store.close()
+    big_sid, rows, tables = plan(total, big, now)
     value = HISTORY._sqlite_value
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("BEGIN")
         conn.executemany(HISTORY._insert_sql("events", "qmark"),
-                         (tuple(value(v) for v in r) for r in rows()))  # fmt: skip
+                         (tuple(value(v) for v in r) for r in rows))  # fmt: skip
         for table, table_rows in tables.items():
             conn.executemany(HISTORY._insert_sql(table, "qmark"),
                              (tuple(value(v) for v in r) for r in table_rows))  # fmt: skip
@@ -135,6 +149,59 @@ async def seed(path: Path, total: int, big: int, now: datetime) -> str:
     finally:
         conn.close()
     return big_sid
+
+
+async def seed_postgres(url: str, total: int, big: int, now: datetime) -> str:
+    """COPY in one transaction straight into the tables, then ANALYZE; the big session's id."""
+    import asyncpg
+
+    store = await open_store(url, SystemClock(), migrate=True)
+    await store.close()
+    big_sid, rows, tables = plan(total, big, now)
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table("events", records=rows,
+                                             columns=list(HISTORY.COLUMNS["events"]))  # fmt: skip
+            for table, table_rows in tables.items():
+                await conn.copy_records_to_table(table, records=table_rows,
+                                                 columns=list(HISTORY.COLUMNS[table]))  # fmt: skip
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    return big_sid
+
+
+async def count_events(url: str, big_sid: str) -> tuple[int, int]:
+    """(events in the store, events in the big session), straight from the driver."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            big = conn.execute("SELECT count(*) FROM events WHERE session_id = ?",
+                               (big_sid,)).fetchone()[0]  # fmt: skip
+        return int(total), int(big)
+    import asyncpg
+
+    pg = await asyncpg.connect(url)
+    try:
+        total = await pg.fetchval("SELECT count(*) FROM events")
+        big = await pg.fetchval("SELECT count(*) FROM events WHERE session_id = $1", big_sid)
+    finally:
+        await pg.close()
+    return int(total), int(big)
+
+
+async def admin(statement: str) -> None:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SystemExit(f"loop_lag: PostgreSQL at {PG_ADMIN} is unreachable: {exc}") from None
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -149,6 +216,7 @@ class Phase:
     engage_ms: float = 0.0  # the engage call itself (CLI path, on its thread)
     engaged_during_pass: bool = False
     wake_ms: float = 0.0  # engage returned -> the last idle worker woken
+    call_wake_ms: float = 0.0  # engage called -> the last idle worker woken
 
     def merge(self, other: Phase) -> None:
         """Another round of the same phase: worst figures kept, samples pooled."""
@@ -158,6 +226,7 @@ class Phase:
         self.engage_ms = max(self.engage_ms, other.engage_ms)
         self.engaged_during_pass = self.engaged_during_pass and other.engaged_during_pass
         self.wake_ms = max(self.wake_ms, other.wake_ms)
+        self.call_wake_ms = max(self.call_wake_ms, other.call_wake_ms)
 
     def summary(self) -> dict[str, Any]:
         lags = sorted(self.lags_ms) or [0.0]
@@ -172,6 +241,7 @@ class Phase:
             "engage_call_ms": round(self.engage_ms, 1),
             "engaged_during_pass": self.engaged_during_pass,
             "engage_to_wake_ms": round(self.wake_ms, 1),
+            "call_to_wake_ms": round(self.call_wake_ms, 1),
         }
 
 
@@ -250,6 +320,7 @@ async def phase(loop: Loop, name: str, work: Callable[[], Awaitable[object]] | N
     result.engage_ms = (engaged["return"] - engaged["call"]) * 1000
     result.engaged_during_pass = any(a <= engaged["return"] <= b for a, b in running)
     result.wake_ms = (max(woke) - engaged["return"]) * 1000
+    result.call_wake_ms = (max(woke) - engaged["call"]) * 1000
 
     # Disengage, and wait until the watcher has seen it, before the next phase.
     seen = anyio.Event()
@@ -269,63 +340,74 @@ async def phase(loop: Loop, name: str, work: Callable[[], Awaitable[object]] | N
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="acp-bench-lag-") as tmp:
-        folder = Path(tmp)
-        path = folder / "lag.db"
-        now = datetime.now(UTC)
-        t0 = time.perf_counter()
-        big_sid = await seed(path, args.events, args.big_session, now)
-        seed_s = time.perf_counter() - t0
-        os.environ.setdefault(SECRET_ENV, "bench-secret")
-        config = load_config(None, db=f"sqlite:///{path}", state_dir=folder, env={})
-        store = await open_store(config.db_url, SystemClock())
-        with sqlite3.connect(path) as check:
-            stored = check.execute("SELECT count(*) FROM events").fetchone()[0]
-            in_big = check.execute("SELECT count(*) FROM events WHERE session_id = ?",
-                                   (big_sid,)).fetchone()[0]  # fmt: skip
-        switch = HostSwitchFile(host_switch_path(config.state_dir), load_secret(os.environ, None))
-        loop = Loop(store, config, SwitchWatcher(switch), args.waiters)
-        approvals = Approvals(store, config.approvals, FLEET)
-
-        async def scorecard() -> None:
-            await compute(store, FLEET)
-
-        async def replay() -> None:
-            after = 0
-            while True:
-                page = await store.replay(big_sid, after, PAGE)
-                if not page:
-                    return
-                after = page[-1].seq
-
-        async def scan() -> None:
-            # the daemon's scheduled scan (Daemon._recovery_duty)
-            clock_now = store.clock.now()
-            await recovery.scan(store, fleet=FLEET, approvals=approvals, host_switch=switch,
-                                by=HOST, started_before=clock_now - timedelta(minutes=10),
-                                host=HOST, approvals_due=False,
-                                live_after=clock_now - timedelta(seconds=HISTORY.LEASE_TTL),
-                                owner="bench-owner", in_flight=())  # fmt: skip
-
-        phases: dict[str, Phase] = {}
+        if args.backend == "sqlite":
+            return await measure(args, Path(tmp), f"sqlite:///{Path(tmp) / 'lag.db'}")
+        name = f"acp_bench_lag_{os.getpid()}"
+        await admin(f'CREATE DATABASE "{name}"')
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(loop.watcher.run, config.killswitch_watch_interval)
-                tg.start_soon(ticker, loop)
-                await anyio.sleep(0.2)
-                for _ in range(args.rounds):
-                    for name, work in (("baseline", None), ("scorecard", scorecard),
-                                       ("events replay", replay), ("recovery scan", scan)):  # fmt: skip
-                        measured = await phase(loop, name, work)
-                        if name in phases:
-                            phases[name].merge(measured)
-                        else:
-                            phases[name] = measured
-                loop.stop = True
-                tg.cancel_scope.cancel()
+            return await measure(args, Path(tmp), f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}")
         finally:
-            await store.close()
+            await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    t0 = time.perf_counter()
+    if args.backend == "sqlite":
+        big_sid = await seed_sqlite(Path(url.removeprefix("sqlite:///")), args.events,
+                                    args.big_session, now)  # fmt: skip
+    else:
+        big_sid = await seed_postgres(url, args.events, args.big_session, now)
+    seed_s = time.perf_counter() - t0
+    stored, in_big = await count_events(url, big_sid)
+    os.environ.setdefault(SECRET_ENV, "bench-secret")
+    config = load_config(None, db=url, state_dir=folder, env={})
+    store = await open_store(config.db_url, SystemClock())
+    switch = HostSwitchFile(host_switch_path(config.state_dir), load_secret(os.environ, None))
+    loop = Loop(store, config, SwitchWatcher(switch), args.waiters)
+    approvals = Approvals(store, config.approvals, FLEET)
+
+    async def scorecard() -> None:
+        await compute(store, FLEET)
+
+    async def replay() -> None:
+        after = 0
+        while True:
+            page = await store.replay(big_sid, after, PAGE)
+            if not page:
+                return
+            after = page[-1].seq
+
+    async def scan() -> None:
+        # the daemon's scheduled scan (Daemon._recovery_duty)
+        clock_now = store.clock.now()
+        await recovery.scan(store, fleet=FLEET, approvals=approvals, host_switch=switch,
+                            by=HOST, started_before=clock_now - timedelta(minutes=10),
+                            host=HOST, approvals_due=False,
+                            live_after=clock_now - timedelta(seconds=HISTORY.LEASE_TTL),
+                            owner="bench-owner", in_flight=())  # fmt: skip
+
+    phases: dict[str, Phase] = {}
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.watcher.run, config.killswitch_watch_interval)
+            tg.start_soon(ticker, loop)
+            await anyio.sleep(0.2)
+            for _ in range(args.rounds):
+                for name, work in (("baseline", None), ("scorecard", scorecard),
+                                   ("events replay", replay), ("recovery scan", scan)):  # fmt: skip
+                    measured = await phase(loop, name, work)
+                    if name in phases:
+                        phases[name].merge(measured)
+                    else:
+                        phases[name] = measured
+            loop.stop = True
+            tg.cancel_scope.cancel()
+    finally:
+        await store.close()
     heavy = [p for p in phases.values() if p.name != "baseline"]
     return {
+        "backend": args.backend,
         "events": stored,
         "big_session_events": in_big,
         "seed_s": round(seed_s, 1),
@@ -341,18 +423,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     lines = [
-        f"loop lag: {r['events']:,} events ({r['big_session_events']:,} in the replayed session), "
+        f"loop lag, {r['backend']}: {r['events']:,} events "
+        f"({r['big_session_events']:,} in the replayed session), "
         f"seeded in {r['seed_s']} s; ticker every {r['tick_ms']:g} ms, {r['idle_workers']} idle "
         f"workers, switch watched every {r['watch_interval_ms']:g} ms, {r['rounds']} round(s)",
         f"{'phase':<14} {'passes':>6} {'pass ms':>9} {'worst lag ms':>12} {'p99 lag ms':>10} "
-        f"{'engage in pass':>14} {'engage->wake ms':>15}",
+        f"{'engage in pass':>14} {'engage->wake ms':>15} {'call->wake ms':>13}",
     ]
     for p in r["phases"]:
         pass_ms = "-" if p["pass_ms_median"] is None else f"{p['pass_ms_median']:.1f}"
         during = "-" if p["name"] == "baseline" else ("yes" if p["engaged_during_pass"] else "no")
         lines.append(
             f"{p['name']:<14} {p['passes']:>6} {pass_ms:>9} {p['worst_lag_ms']:>12.1f} "
-            f"{p['p99_lag_ms']:>10.1f} {during:>14} {p['engage_to_wake_ms']:>15.1f}"
+            f"{p['p99_lag_ms']:>10.1f} {during:>14} {p['engage_to_wake_ms']:>15.1f} "
+            f"{p['call_to_wake_ms']:>13.1f}"
         )
     lines.append(
         f"worst lag {r['worst_lag_ms']:.1f} ms (aim: at most 50), worst engage-to-wake "
@@ -368,6 +452,8 @@ def main() -> int:
                         help="of which in the session that is replayed")  # fmt: skip
     parser.add_argument("--waiters", type=int, default=10, help="idle workers")
     parser.add_argument("--rounds", type=int, default=3, help="times each phase runs")
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
+                        help="the store (postgres: a temporary database at ACP_TEST_PG)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="one round (about a minute)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
