@@ -1,29 +1,45 @@
-"""Fleet throughput: N in-process workers on one daemon, every action through the full gate.
+"""Fleet throughput: N in-process workers on one daemon, every action through the full gate,
+beside the raw single-row commit rate of the same database measured in the same run.
 
-    .venv/bin/python bench/fleet.py [--seconds 10] [--sizes 1,50,1000] [--cycle-every 10ms]
-                                    [--synchronous full|normal] [--json]
+    .venv/bin/python bench/fleet.py [--seconds 10] [--sizes 1,50,1000] [--cadence 0]
+                                    [--synchronous full|normal] [--backend sqlite|postgres]
+                                    [--raw-seconds 4] [--json]
 
-For each fleet size, in a child process of its own (so memory figures do not mix), one Daemon in
-continuous mode on the real SystemClock and SQLite (a temporary file, WAL, the store's own
-durability settings) runs N replicas of a worker that dispatches one no-op, low-risk action per
-cycle: kill switch, idempotency, policy, approval (auto-allowed), budget, the durable started
-record, the last look at the switch, the (empty) effect, the outcome record. The horizon's
-`cycle_every` is tiny, so the fleet is saturated and the figures are the gate's capacity, not the
-cadence. Budgets are set far above what the run can spend. Measured over `--seconds` after every
-worker is running:
+For each fleet size, in a child process of its own (so memory figures do not mix):
+
+1. raw commits (first half of `--raw-seconds`): a loop of single-row INSERT+COMMIT transactions,
+   nothing else, on the same kind of database as the daemon's. SQLite: one connection to a
+   separate file in the daemon's directory, WAL, the same `synchronous` (one writer at a time is
+   all SQLite allows, so one connection whatever the fleet size). Postgres: asyncpg, one loop per
+   connection over as many connections as there are workers (at most `--raw-connections`), each
+   transaction BEGIN, INSERT, COMMIT, into a table of the daemon's own temporary database.
+2. the gate (`--seconds`): one Daemon in continuous mode on the real SystemClock and that store
+   (SQLite: a temporary file with the store's own settings; Postgres: a temporary database at
+   ACP_TEST_PG) runs N replicas of a worker whose every cycle dispatches one no-op, low-risk action
+   through the whole gate: kill switch, idempotency, policy, approval (auto-allowed), budget, the
+   durable started record, the last look at the switch, the (empty) effect, the outcome record;
+   a checkpoint every `--checkpoint-every` cycles. Budgets are far above what the run can spend.
+   `--cadence 0` (the default) means no cadence: the horizon's cycle_every is set to 1 us, so the
+   next slot is always due and each worker dispatches back to back; the figures are then the
+   gate's capacity. A real cadence (`--cadence 10ms`) caps each worker at 1/cadence actions/s.
+3. raw commits again (second half): the load of the machine moves during a run; the raw rate is
+   the mean of both halves (both are in the JSON).
+
+Printed per fleet size, over the measured window after every worker is running:
 
 - actions/s: dispatches that returned per second (the effect ran and its outcome is recorded);
+- raw commits/s and ratio: the raw loop's commits per second and actions/s divided by it (each
+  governed action makes two or more commits, so the gate's ceiling today is under 1);
 - admit p50/p99: `Gate.stats.latencies`, from the gate's first check to the moment the effect may
   run (what an action waits before its side effect, queueing for the store included);
 - dispatch p50/p99: the whole `ctx.dispatch` round trip seen by the worker, outcome record
   included;
+- CPU: the child process's user+system time over the window, in % of one core and per action;
 - RSS: the daemon process's resident set at the end of the window (VmRSS) and its peak.
 
-Numbers depend on the machine and its disk; the point is how they move with the fleet size.
-With the store's default `synchronous=full`, every commit waits for the disk (2-3 commits per
-action), so throughput is the disk's commit rate whatever the fleet size and latency grows with the
-queue; `--synchronous normal` (WAL without a sync per commit: a power loss may lose the last
-commits, never corrupt) shows what the gate costs in CPU.
+Numbers depend on the machine, its load and its disk; the ratio to the raw rate of the same run
+is what carries from one machine to another. `--synchronous normal` (WAL without a sync per
+commit: a power loss may lose the last commits, never corrupt) shows what the gate costs in CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import sqlite3
 import statistics
@@ -136,11 +153,75 @@ async def _pg(sql: str, url: str = PG_ADMIN) -> list[Any]:
         await conn.close()
 
 
+# `--cadence 0`: the smallest cadence the config accepts (durations must be positive), so each
+# worker's next slot is already due when its cycle ends and it dispatches back to back.
+NO_CADENCE = "0.001ms"
+RAW_NOTE = "x" * 64  # about the size of a started record's payload
+
+
+def no_cadence(value: str) -> bool:
+    return re.fullmatch(r"\s*0*\.?0*\s*(ms|s)?\s*", value) is not None and "0" in value
+
+
+def sqlite_raw_rate(path: Path, synchronous: str, seconds: float) -> tuple[float, int]:
+    """Single-row INSERT+COMMIT transactions back to back on one connection: (commits/s, n)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("CREATE TABLE IF NOT EXISTS raw_commits "
+                     "(id INTEGER PRIMARY KEY, at REAL NOT NULL, note TEXT NOT NULL)")  # fmt: skip
+        n = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO raw_commits (at, note) VALUES (?, ?)", (time.time(), RAW_NOTE)
+            )
+            conn.execute("COMMIT")
+            n += 1
+        return n / (time.perf_counter() - t0), n
+    finally:
+        conn.close()
+
+
+async def pg_raw_rate(url: str, connections: int, seconds: float) -> tuple[float, int]:
+    """Single-row INSERT transactions, one loop per asyncpg connection: (commits/s, n)."""
+    import asyncpg
+
+    conns = [await asyncpg.connect(url, timeout=10) for _ in range(connections)]
+    try:
+        await conns[0].execute("CREATE TABLE IF NOT EXISTS raw_commits "
+                               "(id bigserial PRIMARY KEY, at double precision NOT NULL, "
+                               "note text NOT NULL)")  # fmt: skip
+        n = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+
+        async def loop(conn: Any) -> None:
+            nonlocal n
+            while time.perf_counter() < deadline:
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO raw_commits (at, note) VALUES ($1, $2)",
+                                       time.time(), RAW_NOTE)  # fmt: skip
+                n += 1
+
+        async with anyio.create_task_group() as tg:
+            for conn in conns:
+                tg.start_soon(loop, conn)
+        return n / (time.perf_counter() - t0), n
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 async def measure(
     workers: int, seconds: float, cycle_every: str, checkpoint_every: int, synchronous: str,
-    backend: str = "sqlite",
+    backend: str = "sqlite", raw_seconds: float = 4.0, raw_connections: int = 50,
 ) -> dict[str, Any]:  # fmt: skip
-    """One daemon with `workers` replicas, measured for `seconds` once they all run."""
+    """One daemon with `workers` replicas, measured for `seconds` once they all run, between two
+    halves of the raw commit loop on the same kind of database."""
     global RECORDING
     from supervisor.config import load_config
     from supervisor.daemon import Daemon
@@ -149,7 +230,7 @@ async def measure(
         folder = Path(tmp)
         path = folder / "bench.toml"
         text = CONFIG.format(
-            cycle_every=cycle_every,
+            cycle_every=NO_CADENCE if no_cadence(cycle_every) else cycle_every,
             checkpoint_every=checkpoint_every,
             target=f"{__name__}:NoopWorker",
             workers=workers,
@@ -164,6 +245,14 @@ async def measure(
             await _pg(f'CREATE DATABASE "{pg_name}"')
             db = f"{PG_ADMIN.rsplit('/', 1)[0]}/{pg_name}"
             await (await open_store(db, SystemClock(), migrate=True)).close()
+        pg_conns = max(1, min(workers, raw_connections))
+
+        async def raw(span: float) -> tuple[float, int]:
+            if backend == "postgres":
+                return await pg_raw_rate(db, pg_conns, span)
+            return sqlite_raw_rate(folder / "raw.db", synchronous, span)
+
+        raw_before = await raw(raw_seconds / 2)
         config = load_config(path, env={}, db=db, state_dir=folder)
         daemon = Daemon(config, env={}, install_signals=False)
         rss_before = rss_kib()
@@ -217,6 +306,15 @@ async def measure(
             t_stop = time.perf_counter()
             daemon.clock.ring(daemon.stopping)
         result["shutdown_s"] = round(time.perf_counter() - t_stop, 3)
+        raw_after = await raw(raw_seconds / 2)
+        raw_rate = (raw_before[1] + raw_after[1]) / (raw_seconds or 1.0)
+        result.update(
+            raw_commits_per_s=round(raw_rate, 1),
+            raw_before_per_s=round(raw_before[0], 1),
+            raw_after_per_s=round(raw_after[0], 1),
+            raw_connections=pg_conns if backend == "postgres" else 1,
+            ratio_to_raw=round(result["actions_per_s"] / raw_rate, 4) if raw_rate else None,
+        )
         # cross-check: every action the workers saw succeed has its outcome in the store
         query = "SELECT status, count(*) FROM actions GROUP BY status"
         if backend == "postgres":
@@ -237,8 +335,9 @@ def child(args: argparse.Namespace) -> int:
     from supervisor.logging import configure
 
     configure(level="error", stream=sys.stderr, json=True)
-    result = anyio.run(measure, args.only, args.seconds, args.cycle_every, args.checkpoint_every,
-                       args.synchronous, args.backend)  # fmt: skip
+    result = anyio.run(measure, args.only, args.seconds, args.cadence, args.checkpoint_every,
+                       args.synchronous, args.backend, args.raw_seconds,
+                       args.raw_connections)  # fmt: skip
     print(json.dumps(result))
     return 0
 
@@ -246,6 +345,9 @@ def child(args: argparse.Namespace) -> int:
 COLUMNS = [
     ("workers", "workers", "{:>7}"),
     ("actions/s", "actions_per_s", "{:>9.1f}"),
+    ("raw commits/s", "raw_commits_per_s", "{:>13.1f}"),
+    ("ratio", "ratio_to_raw", "{:>6.3f}"),
+    ("raw conns", "raw_connections", "{:>9}"),
     ("admit p50 ms", "admit_p50_ms", "{:>12.3f}"),
     ("admit p99 ms", "admit_p99_ms", "{:>12.3f}"),
     ("dispatch p50 ms", "dispatch_p50_ms", "{:>15.3f}"),
@@ -258,11 +360,20 @@ COLUMNS = [
 ]
 
 
+def store_label(args: argparse.Namespace) -> str:
+    if args.backend == "sqlite":
+        return f"SQLite synchronous={args.synchronous}"
+    return "Postgres (synchronous_commit as the server has it)"
+
+
 def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    cadence = "none (back to back)" if no_cadence(args.cadence) else args.cadence
     lines = [
-        f"fleet bench: {args.seconds:g} s per fleet size, cycle_every {args.cycle_every}, "
-        (f"SQLite synchronous={args.synchronous}" if args.backend == "sqlite" else "Postgres")
+        f"fleet bench: {args.seconds:g} s per fleet size, cadence {cadence}, "
+        + store_label(args)
         + ", no-op low-risk actions through the full gate",
+        "raw commits/s: single-row INSERT+COMMIT loop on the same kind of database in the same "
+        "run; ratio = actions/s / raw commits/s",
         "  ".join(f"{title:>{len(fmt.format(0))}}" for title, _, fmt in COLUMNS),
     ]
     lines += ["  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) for row in rows]
@@ -292,7 +403,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per fleet size")
     parser.add_argument("--sizes", default="1,50,1000", help="fleet sizes, comma-separated")
-    parser.add_argument("--cycle-every", default="10ms", help="the horizon's cycle cadence")
+    parser.add_argument("--cadence", "--cycle-every", dest="cadence", default="0",
+                        help="the horizon's cycle cadence; 0 (default): none, back to back")  # fmt: skip
+    parser.add_argument("--raw-seconds", type=float, default=4.0,
+                        help="raw commit loop time per fleet size, half before, half after")  # fmt: skip
+    parser.add_argument("--raw-connections", type=int, default=50,
+                        help="Postgres: at most this many connections for the raw loop")  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=100, help="cycles per checkpoint")
     parser.add_argument(
         "--synchronous",
@@ -307,6 +423,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
+    if args.raw_seconds <= 0:
+        parser.error("--raw-seconds must be > 0")
+    if args.raw_connections < 1:
+        parser.error("--raw-connections must be >= 1")
     if args.only is not None:
         return child(args)
 
@@ -314,7 +434,9 @@ def main() -> int:
     rows = []
     for n in sizes:
         argv = [sys.executable, str(Path(__file__).resolve()), "--only", str(n),
-                "--seconds", str(args.seconds), "--cycle-every", args.cycle_every,
+                "--seconds", str(args.seconds), "--cadence", args.cadence,
+                "--raw-seconds", str(args.raw_seconds),
+                "--raw-connections", str(args.raw_connections),
                 "--checkpoint-every", str(args.checkpoint_every),
                 "--synchronous", args.synchronous, "--backend", args.backend]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
@@ -326,7 +448,7 @@ def main() -> int:
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.json:
-        print(json.dumps({"seconds": args.seconds, "cycle_every": args.cycle_every,
+        print(json.dumps({"seconds": args.seconds, "cadence": args.cadence,
                           "store": f"sqlite synchronous={args.synchronous}" if args.backend == "sqlite"
                           else "postgres (synchronous_commit=on)",
                           "results": rows}, indent=2))  # fmt: skip
