@@ -40,6 +40,9 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("loop lag, Postgres", "bench/loop_lag.py", ["--backend", "postgres"],
      ["--quick", "--backend", "postgres"]),
     ("shadow policy", "bench/shadow.py", [], ["--actions", "300", "--rounds", "3"]),
+    ("console pages, SQLite", "bench/console.py", [], ["--events", "100000"]),
+    ("console pages, Postgres", "bench/console.py", ["--backend", "postgres"],
+     ["--backend", "postgres", "--events", "100000"]),
 ]
 # fmt: on
 
