@@ -943,3 +943,27 @@ async def test_an_emergency_on_a_replicated_workers_name_stops_its_replicas_in_f
     for command_id in ("long", "late"):
         row = await h.store.get_action(command_id)
         assert row is not None and row["status"] == "in_doubt", command_id
+
+
+async def test_a_lone_surrogate_or_an_infinite_number_is_a_protocol_violation(h: Harness) -> None:
+    """`"\\ud800"` and `1e400` are valid JSON that the store cannot take: they are refused as
+    protocol errors (the child is killed and restarted), not raised from inside the gate as a
+    UnicodeEncodeError or a checkpoint that can never be saved."""
+    worker = h.worker(r"""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        raw(b'{"type":"result","id":"a","ok":false,"error":"bad \\ud800"}\n')
+        recv()
+    """)
+    with pytest.raises(WorkerProtocolError, match="lone surrogate") as violation:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert violation.value.reason == "malformed" and not worker.running
+    worker = h.worker(r"""
+        c = recv()
+        raw(b'{"type":"cycle_done","state":{"n":1e400}}\n')
+        recv()
+    """)
+    with pytest.raises(WorkerProtocolError, match="out of range"):
+        await worker.cycle(h.ctx("ext-1", 1))
+    assert worker.snapshot() == {}
