@@ -126,6 +126,10 @@ def external_factory(
         raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
     argv = spec.command
     uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+    if uid is not None and uid != os.geteuid() and gid == os.getegid():
+        # The service's group may read the secret file and the config (a database password).
+        raise ConfigError(f"worker {spec.name!r}: runs in the daemon's own group (gid {gid}), "
+                          "which may read its secret and config; give it a group of its own")  # fmt: skip
     if uid is not None and uid != os.geteuid() and not can_switch_user():
         # Fail at startup (exit 2), not with a launcher that fails at every restart.
         raise ConfigError(f"worker {spec.name!r}: running as {spec.user!r} needs the daemon to be "

@@ -152,3 +152,20 @@ def test_a_daemon_that_cannot_switch_user_refuses_to_start(tmp_path: Path) -> No
     assert done.returncode == 2, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "needs the daemon to be root or hold CAP_SETUID" in lines[0], lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_worker_in_the_daemons_own_group_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's group may read its secret file (root:acp-supervisor 0640) and its config
+    (with the database's password): a worker running in that group could read them too."""
+    import grp
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    cfg = load_config(config(tmp_path, 'user = "nobody"\ngroup = "nogroup"'), env={},
+                      state_dir=tmp_path)  # fmt: skip
+    assert build_factories(cfg, {})  # another group than the daemon's: fine
+    monkeypatch.setattr(os, "getegid", lambda: gid)  # as if the daemon ran in group nogroup
+    with pytest.raises(ConfigError, match="daemon's own group"):
+        build_factories(cfg, {})
