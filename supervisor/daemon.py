@@ -80,7 +80,30 @@ def build_factories(
             factories[spec.name] = load_worker_class(spec, search)
         else:
             factories[spec.name] = external_factory(spec, config, env)
+    _refuse_shared_users(config)
     return factories
+
+
+def _refuse_shared_users(config: Config) -> None:
+    """Two command workers outside a sandbox as one user can reach each other's processes (same
+    uid: ptrace, pidfd_getfd on the protocol pipes, kill): one could speak, and be recorded, as
+    the other, under the other's policy and switches. Each needs a user of its own (replicas of
+    one worker share theirs) or sandbox = "bwrap" (a pid namespace of its own)."""
+    from .sandbox import resolve
+
+    seen: dict[int, WorkerSpec] = {}
+    for spec in config.workers:
+        if spec.command is None or spec.user is None:
+            continue
+        uid, _ = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+        assert uid is not None
+        first = seen.setdefault(uid, spec)
+        # Two sandboxes are two pid namespaces; one worker outside sees into the other's.
+        if first is not spec and "none" in (first.sandbox, spec.sandbox):
+            other = first.name
+            raise ConfigError(f"workers {other!r} and {spec.name!r} both run as user "
+                              f"{spec.user!r} outside a sandbox, so each could act in the "
+                              "other's name; give each its own user, or sandbox = \"bwrap\"")  # fmt: skip
 
 
 _warned_own_user: set[str] = set()

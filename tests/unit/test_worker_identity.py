@@ -169,3 +169,21 @@ def test_a_worker_in_the_daemons_own_group_is_refused(
     monkeypatch.setattr(os, "getegid", lambda: gid)  # as if the daemon ran in group nogroup
     with pytest.raises(ConfigError, match="daemon's own group"):
         build_factories(cfg, {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_two_workers_sharing_one_user_outside_a_sandbox_are_refused(tmp_path: Path) -> None:
+    """As one uid, a child can take the other worker's protocol pipe (pidfd_getfd, ptrace) and
+    propose, or report results, in its name. Replicas of one worker may share their user."""
+    import shutil
+
+    second = f'user = "nobody"\n\n[[workers]]\nname = "other"\ncommand = ["{sys.executable}"]\n'
+    path = config(tmp_path, second + 'user = "nobody"')
+    with pytest.raises(ConfigError, match="'agent' and 'other' both run as user 'nobody'"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    path = config(tmp_path, 'user = "nobody"\nreplicas = 2')
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    if shutil.which("bwrap") is not None:  # one sandboxed, the other not: still refused
+        path = config(tmp_path, second + 'user = "nobody"\nsandbox = "bwrap"')
+        with pytest.raises(ConfigError, match="both run as user 'nobody'"):
+            build_factories(load_config(path, env={}, state_dir=tmp_path), {})
