@@ -81,7 +81,29 @@ def build_factories(
         else:
             factories[spec.name] = external_factory(spec, config, env)
     _refuse_shared_users(config)
+    _refuse_readable_secrets(config)
     return factories
+
+
+def _refuse_readable_secrets(config: Config) -> None:
+    """A worker that runs as another user is kept from the secret by file modes alone (outside
+    a sandbox): a secret file, or a config holding the database's password, that every user
+    may read is open to it."""
+    from urllib.parse import urlsplit
+
+    if not any(spec.command is not None and spec.user is not None for spec in config.workers):
+        return
+    paths = [config.killswitch_secret_file] if config.killswitch_secret_file else []
+    if config.path is not None and "://" in config.db_url and urlsplit(config.db_url).password:
+        paths.append(str(config.path))
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # reported where it is read
+        if mode & 0o004:
+            raise ConfigError(f"{path} is readable by every user (mode {oct(mode & 0o777)}), "
+                              "the workers' users too; chmod o-r it (docs/deploy.md)")  # fmt: skip
 
 
 def _refuse_shared_users(config: Config) -> None:

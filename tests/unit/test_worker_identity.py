@@ -187,3 +187,25 @@ def test_two_workers_sharing_one_user_outside_a_sandbox_are_refused(tmp_path: Pa
         path = config(tmp_path, second + 'user = "nobody"\nsandbox = "bwrap"')
         with pytest.raises(ConfigError, match="both run as user 'nobody'"):
             build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_secret_every_user_may_read_is_refused_when_a_worker_runs_as_another_user(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "killswitch.secret"
+    secret.write_text("s3cret")
+    path = config(tmp_path, 'user = "nobody"')
+    path.write_text(f'[killswitch]\nsecret_file = "{secret}"\n\n' + path.read_text())
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by every user"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    secret.chmod(0o640)
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    # A password in the database URL makes the config file a secret too.
+    path.write_text('[daemon]\ndb = "postgresql://acp:pw@127.0.0.1/acp"\n\n' + path.read_text())
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"{path} is readable by every user"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    path.chmod(0o640)
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
