@@ -221,6 +221,10 @@ def _parse_action(raw: Mapping[str, Any]) -> tuple[Action, str | None]:
         raise _bad(kind, "name", "a non-empty string", name)
     if len(name) > 200:
         raise WorkerProtocolError(f"{kind}: name is longer than 200 characters")
+    if not name.isprintable():
+        # A name is shown to the operator who approves it: no terminal escapes, carriage
+        # returns or bidi overrides that could make `approvals list` show another action.
+        raise WorkerProtocolError(f"{kind}: name holds a control or format character")
     params = _object(kind, raw, "params", required=False)
     risk = raw.get("risk")
     if not isinstance(risk, str) or risk not in RISKS:

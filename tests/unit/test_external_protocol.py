@@ -139,6 +139,9 @@ def test_a_line_exactly_at_the_limit_is_accepted() -> None:
         (b'{"type":"propose","id":"a","action":[]}', "invalid", "got array"),
         (propose(name=""), "invalid", "name must be a non-empty string"),
         (propose(name=None), "invalid", "name must be"),
+        (propose(name="deploy.prod\r\x1b[Kdocs.read"), "invalid", "control or format character"),
+        (propose(name="docs.\u202edaer"), "invalid", "control or format character"),
+        (propose(name="docs.read\n"), "invalid", "control or format character"),
         (propose(risk="extreme"), "invalid", "risk must be one of"),
         (propose(risk=None), "invalid", "risk must be one of"),
         (propose(params=[1]), "invalid", "params must be an object"),
@@ -316,7 +319,9 @@ def test_fuzz_valid_proposals_round_trip(
     try:
         msg = parse_message(raw, MAX)
     except WorkerProtocolError:
-        assert not name.strip()  # the only way a well-typed proposal is refused
+        # the only ways a well-typed proposal is refused: a blank name, or one that would
+        # not show as itself to an operator (control or format characters)
+        assert not name.strip() or not name.isprintable()
         return
     assert isinstance(msg, Propose)
     assert (msg.action.name, msg.action.risk, msg.action.params) == (name, risk, params)
