@@ -126,8 +126,11 @@ def test_a_line_exactly_at_the_limit_is_accepted() -> None:
         (b'{"type":"cycle_done","state":{"x":-1e400}}', "malformed", "out of range"),
         (b'{"type":"log","message":"a\\ud800"}', "malformed", "lone surrogate"),
         (b'{"type":"result","id":"a","ok":false,"error":"\\udfff"}', "malformed", "surrogate"),
-        (b'{"type":"propose","id":"a","action":{"name":"x.\\ud800","risk":"low"}}', "malformed",
-         "surrogate"),
+        (
+            b'{"type":"propose","id":"a","action":{"name":"x.\\ud800","risk":"low"}}',
+            "malformed",
+            "surrogate",
+        ),
         (b'{"type":"reboot"}', "unknown_type", "unknown message type 'reboot'"),
         (b'{"type":"hello","state":{}}', "unknown_type", "unknown message type"),
         (b'{"type":"decision","id":"a"}', "unknown_type", "unknown message type"),
