@@ -195,6 +195,15 @@ class Approvals:
             raise ApprovalError(f"unknown approval {approval_id!r} in fleet {self.fleet!r}")
         if row["status"] != "pending":
             raise ApprovalError(f"approval {approval_id} is already {row['status']}")
+        if match is not None:
+            # A key the request lacks compares nothing: the grant would cover any params.
+            asked = json.loads(row["params"])
+            unknown = sorted(set(match) - set(asked))
+            if unknown:
+                raise ApprovalError(
+                    f"--match {','.join(unknown)}: not a param of approval {approval_id} "
+                    f"(its params: {', '.join(sorted(asked)) or 'none'})"
+                )
         status = "approved" if approve else "denied"
         now = await self.store.deadline_now()
         expired = ApprovalError(

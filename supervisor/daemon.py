@@ -80,7 +80,52 @@ def build_factories(
             factories[spec.name] = load_worker_class(spec, search)
         else:
             factories[spec.name] = external_factory(spec, config, env)
+    _refuse_shared_users(config)
+    _refuse_readable_secrets(config)
     return factories
+
+
+def _refuse_readable_secrets(config: Config) -> None:
+    """A worker that runs as another user is kept from the secret by file modes alone (outside
+    a sandbox): a secret file, or a config holding the database's password, that every user
+    may read is open to it."""
+    from urllib.parse import urlsplit
+
+    if not any(spec.command is not None and spec.user is not None for spec in config.workers):
+        return
+    paths = [config.killswitch_secret_file] if config.killswitch_secret_file else []
+    if config.path is not None and "://" in config.db_url and urlsplit(config.db_url).password:
+        paths.append(str(config.path))
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # reported where it is read
+        if mode & 0o004:
+            raise ConfigError(f"{path} is readable by every user (mode {oct(mode & 0o777)}), "
+                              "the workers' users too; chmod o-r it (docs/deploy.md)")  # fmt: skip
+
+
+def _refuse_shared_users(config: Config) -> None:
+    """Two command workers outside a sandbox as one user can reach each other's processes (same
+    uid: ptrace, pidfd_getfd on the protocol pipes, kill): one could speak, and be recorded, as
+    the other, under the other's policy and switches. Each needs a user of its own (replicas of
+    one worker share theirs) or sandbox = "bwrap" (a pid namespace of its own)."""
+    from .sandbox import resolve
+
+    seen: dict[int, WorkerSpec] = {}
+    for spec in config.workers:
+        if spec.command is None or spec.user is None:
+            continue
+        uid, _ = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+        assert uid is not None
+        first = seen.setdefault(uid, spec)
+        # Two sandboxes are two pid namespaces; one worker outside sees into the other's.
+        if first is not spec and "none" in (first.sandbox, spec.sandbox):
+            other = first.name
+            raise ConfigError(f"workers {other!r} and {spec.name!r} both run as user "
+                              f"{spec.user!r} outside a sandbox, so each could act in the "
+                              "other's name; give each its own user, or sandbox = \"bwrap\"")  # fmt: skip
 
 
 _warned_own_user: set[str] = set()
@@ -126,6 +171,10 @@ def external_factory(
         raise ConfigError(f"worker {spec.name!r}: command {program!r} is not an executable")
     argv = spec.command
     uid, gid = resolve(spec.user, spec.group, f"worker {spec.name!r}")
+    if uid is not None and uid != os.geteuid() and gid == os.getegid():
+        # The service's group may read the secret file and the config (a database password).
+        raise ConfigError(f"worker {spec.name!r}: runs in the daemon's own group (gid {gid}), "
+                          "which may read its secret and config; give it a group of its own")  # fmt: skip
     if uid is not None and uid != os.geteuid() and not can_switch_user():
         # Fail at startup (exit 2), not with a launcher that fails at every restart.
         raise ConfigError(f"worker {spec.name!r}: running as {spec.user!r} needs the daemon to be "

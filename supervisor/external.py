@@ -137,6 +137,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf, which no store or encoder accepts
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -214,6 +221,10 @@ def _parse_action(raw: Mapping[str, Any]) -> tuple[Action, str | None]:
         raise _bad(kind, "name", "a non-empty string", name)
     if len(name) > 200:
         raise WorkerProtocolError(f"{kind}: name is longer than 200 characters")
+    if not name.isprintable():
+        # A name is shown to the operator who approves it: no terminal escapes, carriage
+        # returns or bidi overrides that could make `approvals list` show another action.
+        raise WorkerProtocolError(f"{kind}: name holds a control or format character")
     params = _object(kind, raw, "params", required=False)
     risk = raw.get("risk")
     if not isinstance(risk, str) or risk not in RISKS:
@@ -256,7 +267,15 @@ def parse_message(line: bytes, max_line: int) -> Message:
             f"not UTF-8: {exc.reason} at byte {exc.start}", reason="malformed"
         ) from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                          parse_float=_finite)  # fmt: skip
+        if "\\u" in text:
+            # A lone surrogate escape (\ud800) is valid JSON but no UTF-8 text: the store and
+            # the log would fail on it later, outside the protocol's error handling.
+            json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise WorkerProtocolError("a string holds a lone surrogate (\\ud800-\\udfff)",
+                                  reason="malformed") from None  # fmt: skip
     except RecursionError:
         raise WorkerProtocolError("JSON nested too deeply", reason="malformed") from None
     except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN, huge integers

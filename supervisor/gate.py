@@ -192,9 +192,11 @@ class Gate:
         state = self.host_switch.read()
         if self._stops(state.mode):
             return f"host {state.mode.value}"
+        group = self.worker_groups.get(worker)
         for row in rows:
             scope, target = row["scope"], row["target"]
-            if scope == "fleet" or (scope, target) in (("session", session_id), ("worker", worker)):
+            if scope == "fleet" or (scope, target) in (("session", session_id), ("worker", worker),
+                                                       ("worker", group)):  # fmt: skip
                 try:
                     mode = Mode(row["mode"])
                 except ValueError:
@@ -213,7 +215,8 @@ class Gate:
         for entry in list(self.in_flight.values()):
             if scope == "session" and entry.session_id != target:
                 continue
-            if scope == "worker" and entry.worker != target:
+            group = self.worker_groups.get(entry.worker)  # a replicated worker's name: all
+            if scope == "worker" and target not in (entry.worker, group):
                 continue
             if entry.stopped_by is None:
                 entry.stopped_by = f"{scope} {mode.value}"

@@ -26,6 +26,7 @@ Config (section ``[metrics]``, every key optional)::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -187,17 +188,43 @@ class _Server(ThreadingMixIn, WSGIServer):
             self.refused += 1
             self.shutdown_request(request)
             return
+        # read_timeout bounds each read, and the whole connection too: a client sending a byte
+        # just under the timeout each time would otherwise hold its slot for ever.
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + self.read_timeout
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._done(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self.slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever at each poll: cut the connections past their deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [r for r, deadline in self._deadlines.items() if deadline <= now]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.__dict__.setdefault("_lock_", threading.Lock())  # type: ignore[no-any-return]
+
+    @property
+    def _deadlines(self) -> dict[Any, float]:
+        return self.__dict__.setdefault("_deadlines_", {})  # type: ignore[no-any-return]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         return  # a scraper hanging up mid-answer is not worth a traceback

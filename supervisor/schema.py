@@ -187,7 +187,7 @@ SECTIONS: tuple[Section, ...] = (
         Key("stall_after", _DUR, '"30s"', "/healthz fails when the main loop made no progress "
             "for this long."),
         Key("max_connections", "integer", "16", "Connections served at once; more are closed."),
-        Key("read_timeout", _DUR, '"5s"', "A client silent this long is dropped."),
+        Key("read_timeout", _DUR, '"5s"', "A client silent this long is dropped; no connection is held longer."),
     )),
     Section("workers[]", "One supervised worker (`[[workers]]`): give `class` or `command`.", (
         Key("name", "string", "required", "Unique name; replicas are NAME-1, NAME-2, ..."),

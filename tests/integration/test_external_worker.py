@@ -896,3 +896,74 @@ async def test_an_emergency_observed_during_the_last_look_stops_the_action_befor
     row = await h.store.get_action("raced")
     assert row is not None and row["status"] == "halted"
     assert h.gate.in_flight == {}
+
+
+async def test_an_emergency_on_a_replicated_workers_name_stops_its_replicas_in_flight(
+    h: Harness,
+) -> None:
+    """`--scope worker rep` names every replica (rep-1, rep-2): an emergency on it reaches their
+    effects in flight, and an outcome reported after it is not recorded as a success."""
+    from supervisor.actions import Action
+    from supervisor.errors import ActionDenied
+    from supervisor.killswitch import Mode
+
+    h.gate.worker_groups = {"rep-1": "rep", "rep-2": "rep"}
+    started = anyio.Event()
+
+    async def long_effect() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    refused: list[ActionDenied] = []
+
+    async def run() -> None:
+        try:
+            await h.gate.run(Action("test.write", risk="low"), long_effect, worker="rep-1",
+                             session=h.session, command_id="long")  # fmt: skip
+        except ActionDenied as exc:
+            refused.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            assert h.gate.stop_in_flight("worker", "other", Mode.EMERGENCY) == 0
+            assert h.gate.stop_in_flight("worker", "rep", Mode.EMERGENCY) == 1
+    assert refused and refused[0].reason == "killswitch"
+
+    async def late_effect() -> str:
+        await _engage(h, "worker", "rep", "emergency")  # lands while the effect runs, unobserved
+        return "done"
+
+    with pytest.raises(ActionDenied) as late:
+        await h.gate.run(Action("test.write", risk="low"), late_effect, worker="rep-2",
+                         session=h.session, command_id="late")  # fmt: skip
+    assert late.value.reason == "killswitch"
+    assert await _events(h, "ACTION_SUCCEEDED") == []
+    for command_id in ("long", "late"):
+        row = await h.store.get_action(command_id)
+        assert row is not None and row["status"] == "in_doubt", command_id
+
+
+async def test_a_lone_surrogate_or_an_infinite_number_is_a_protocol_violation(h: Harness) -> None:
+    """`"\\ud800"` and `1e400` are valid JSON that the store cannot take: they are refused as
+    protocol errors (the child is killed and restarted), not raised from inside the gate as a
+    UnicodeEncodeError or a checkpoint that can never be saved."""
+    worker = h.worker(r"""
+        c = recv()
+        send({"type": "propose", "id": "a", "action": {"name": "test.write", "risk": "low"}})
+        d = recv()
+        raw(b'{"type":"result","id":"a","ok":false,"error":"bad \\ud800"}\n')
+        recv()
+    """)
+    with pytest.raises(WorkerProtocolError, match="lone surrogate") as violation:
+        await worker.cycle(h.ctx("ext-1", 0))
+    assert violation.value.reason == "malformed" and not worker.running
+    worker = h.worker(r"""
+        c = recv()
+        raw(b'{"type":"cycle_done","state":{"n":1e400}}\n')
+        recv()
+    """)
+    with pytest.raises(WorkerProtocolError, match="out of range"):
+        await worker.cycle(h.ctx("ext-1", 1))
+    assert worker.snapshot() == {}

@@ -278,3 +278,53 @@ def test_the_listener_holds_a_bounded_number_of_connections_with_read_timeouts()
     status, _type, _body = get(port, "/healthz")
     assert status in (200, 503)
     m.close()
+
+
+def test_a_client_trickling_its_request_is_dropped_after_read_timeout_in_all() -> None:
+    """A byte every so often keeps each read under read_timeout: without a bound on the whole
+    request, a few such clients (a worker on the same host) held every slot, and /healthz never
+    answered again."""
+    import contextlib
+    import socket
+    import threading
+
+    m = Metrics(MetricsConfig(enabled=True, host="127.0.0.1", port=0, max_connections=2,
+                              read_timeout=0.5))  # fmt: skip
+    port = m.serve()
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for s in slow:
+                with contextlib.suppress(OSError):
+                    s.send(b"X")
+            stop.wait(0.2)
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        for s in slow:  # each is cut once read_timeout has passed since it connected
+            s.settimeout(5)
+            started = time.monotonic()
+            try:
+                while s.recv(64):
+                    pass
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - started < 3
+        deadline = time.monotonic() + 3  # their threads end and give the slots back
+        while True:
+            try:
+                status, _type, _body = get(port, "/healthz")
+                break
+            except OSError:  # refused while the slots are still taken
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert status in (200, 503)
+    finally:
+        stop.set()
+        feeder.join(2)
+        for s in slow:
+            s.close()
+        m.close()

@@ -121,6 +121,16 @@ def test_a_line_exactly_at_the_limit_is_accepted() -> None:
         (b'{"type":"log","message":"x","n":NaN}', "malformed", "not valid JSON"),
         (b'{"type":"log","message":"x","n":Infinity}', "malformed", "not valid JSON"),
         (b'{"type":"log","message":"x","n":' + b"9" * 5000 + b"}", "malformed", "JSON"),
+        # valid JSON that no store or encoder takes: refused here, not later in the gate
+        (b'{"type":"cycle_done","state":{"x":1e400}}', "malformed", "out of range"),
+        (b'{"type":"cycle_done","state":{"x":-1e400}}', "malformed", "out of range"),
+        (b'{"type":"log","message":"a\\ud800"}', "malformed", "lone surrogate"),
+        (b'{"type":"result","id":"a","ok":false,"error":"\\udfff"}', "malformed", "surrogate"),
+        (
+            b'{"type":"propose","id":"a","action":{"name":"x.\\ud800","risk":"low"}}',
+            "malformed",
+            "surrogate",
+        ),
         (b'{"type":"reboot"}', "unknown_type", "unknown message type 'reboot'"),
         (b'{"type":"hello","state":{}}', "unknown_type", "unknown message type"),
         (b'{"type":"decision","id":"a"}', "unknown_type", "unknown message type"),
@@ -132,6 +142,9 @@ def test_a_line_exactly_at_the_limit_is_accepted() -> None:
         (b'{"type":"propose","id":"a","action":[]}', "invalid", "got array"),
         (propose(name=""), "invalid", "name must be a non-empty string"),
         (propose(name=None), "invalid", "name must be"),
+        (propose(name="deploy.prod\r\x1b[Kdocs.read"), "invalid", "control or format character"),
+        (propose(name="docs.\u202edaer"), "invalid", "control or format character"),
+        (propose(name="docs.read\n"), "invalid", "control or format character"),
         (propose(risk="extreme"), "invalid", "risk must be one of"),
         (propose(risk=None), "invalid", "risk must be one of"),
         (propose(params=[1]), "invalid", "params must be an object"),
@@ -167,6 +180,11 @@ def test_invalid_lines_are_refused_with_a_reason(raw: bytes, reason: str, words:
     assert error.reason == reason
     assert words in str(error)
     assert "\n" not in str(error)
+
+
+def test_escaped_surrogate_pairs_and_big_finite_numbers_are_fine() -> None:
+    raw = b'{"type":"log","message":"\\ud83d\\ude00 1e308","n":1e308}'
+    assert parse_message(raw, MAX) == Log(level="info", message="\U0001f600 1e308")
 
 
 def test_oversized_line() -> None:
@@ -304,7 +322,9 @@ def test_fuzz_valid_proposals_round_trip(
     try:
         msg = parse_message(raw, MAX)
     except WorkerProtocolError:
-        assert not name.strip()  # the only way a well-typed proposal is refused
+        # the only ways a well-typed proposal is refused: a blank name, or one that would
+        # not show as itself to an operator (control or format characters)
+        assert not name.strip() or not name.isprintable()
         return
     assert isinstance(msg, Propose)
     assert (msg.action.name, msg.action.risk, msg.action.params) == (name, risk, params)

@@ -152,3 +152,60 @@ def test_a_daemon_that_cannot_switch_user_refuses_to_start(tmp_path: Path) -> No
     assert done.returncode == 2, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "needs the daemon to be root or hold CAP_SETUID" in lines[0], lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_worker_in_the_daemons_own_group_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's group may read its secret file (root:acp-supervisor 0640) and its config
+    (with the database's password): a worker running in that group could read them too."""
+    import grp
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    cfg = load_config(config(tmp_path, 'user = "nobody"\ngroup = "nogroup"'), env={},
+                      state_dir=tmp_path)  # fmt: skip
+    assert build_factories(cfg, {})  # another group than the daemon's: fine
+    monkeypatch.setattr(os, "getegid", lambda: gid)  # as if the daemon ran in group nogroup
+    with pytest.raises(ConfigError, match="daemon's own group"):
+        build_factories(cfg, {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_two_workers_sharing_one_user_outside_a_sandbox_are_refused(tmp_path: Path) -> None:
+    """As one uid, a child can take the other worker's protocol pipe (pidfd_getfd, ptrace) and
+    propose, or report results, in its name. Replicas of one worker may share their user."""
+    import shutil
+
+    second = f'user = "nobody"\n\n[[workers]]\nname = "other"\ncommand = ["{sys.executable}"]\n'
+    path = config(tmp_path, second + 'user = "nobody"')
+    with pytest.raises(ConfigError, match="'agent' and 'other' both run as user 'nobody'"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    path = config(tmp_path, 'user = "nobody"\nreplicas = 2')
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    if shutil.which("bwrap") is not None:  # one sandboxed, the other not: still refused
+        path = config(tmp_path, second + 'user = "nobody"\nsandbox = "bwrap"')
+        with pytest.raises(ConfigError, match="both run as user 'nobody'"):
+            build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_secret_every_user_may_read_is_refused_when_a_worker_runs_as_another_user(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "killswitch.secret"
+    secret.write_text("s3cret")
+    path = config(tmp_path, 'user = "nobody"')
+    path.write_text(f'[killswitch]\nsecret_file = "{secret}"\n\n' + path.read_text())
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by every user"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    secret.chmod(0o640)
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    # A password in the database URL makes the config file a secret too.
+    path.write_text('[daemon]\ndb = "postgresql://acp:pw@127.0.0.1/acp"\n\n' + path.read_text())
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"{path} is readable by every user"):
+        build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+    path.chmod(0o640)
+    assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
