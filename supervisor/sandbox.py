@@ -126,12 +126,21 @@ def without_capabilities(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--", *argv]
 
 
+_MASKED = ("/tmp/", "/var/tmp/", "/run/")  # tmpfs in the sandbox
+
+
 def bwrap_args(bwrap: str, hidden: Sequence[tuple[str, str]], argv: Sequence[str]) -> list[str]:
     """A read-only system, its own /tmp, /proc and pid namespace; `hidden` paths masked."""
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--new-session", "--chdir", "/"]  # fmt: skip
+    # The worker's own program files under a directory the sandbox replaces with a tmpfs (a
+    # checkout in /tmp) are bound back read-only, or the command could not start; the hidden
+    # paths come after, so they stay masked whatever the command names.
+    for word in argv:
+        if word.startswith(_MASKED) and os.path.isfile(word):
+            args += ["--ro-bind", word, word]
     for kind, path in hidden:
         if kind == "bind":
             args += ["--bind", path, path]

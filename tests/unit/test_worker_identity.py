@@ -209,3 +209,28 @@ def test_a_secret_every_user_may_read_is_refused_when_a_worker_runs_as_another_u
         build_factories(load_config(path, env={}, state_dir=tmp_path), {})
     path.chmod(0o640)
     assert build_factories(load_config(path, env={}, state_dir=tmp_path), {})
+
+
+def test_a_worker_program_under_tmp_is_bound_back_read_only_and_hidden_paths_stay_masked(
+    tmp_path: Path,
+) -> None:
+    """The sandbox's /tmp is its own tmpfs: a worker script in a checkout under /tmp must be bound
+    back (read-only) or the command cannot start; a hidden path named in argv stays masked."""
+    from supervisor.sandbox import bwrap_args
+
+    script = tmp_path / "worker.py"
+    script.write_text("print('hi')\n")
+    secret = tmp_path / "secret"
+    secret.write_text("s\n")
+    assert str(script).startswith("/tmp/")
+    args = bwrap_args("/usr/bin/bwrap", [("dir", str(tmp_path / "state"))],
+                      ["/usr/bin/python3", str(script), str(tmp_path / "missing.py")])  # fmt: skip
+    sep = args.index("--")
+    mounts = args[:sep]
+    at = mounts.index(str(script))
+    assert mounts[at - 1] == "--ro-bind" and mounts[at + 1] == str(script)
+    assert mounts.index("--ro-bind", 3) > mounts.index("/tmp")  # after the tmpfs that hides it
+    assert mounts.index(str(tmp_path / "state")) > at  # hidden paths are masked after it
+    assert str(tmp_path / "missing.py") not in mounts  # only files that exist are bound
+    assert "/usr/bin/python3" not in mounts[3:]  # not under a masked directory: already visible
+    assert args[sep + 1 :] == ["/usr/bin/python3", str(script), str(tmp_path / "missing.py")]
