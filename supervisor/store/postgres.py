@@ -63,6 +63,12 @@ def _store_error(write: bool, message: str, exc: BaseException | None = None) ->
     return error
 
 
+# Statements allowed to wait longer than the query timeout. An engage locks the fleet row,
+# which every start and outcome in flight holds FOR SHARE; under a steady stream of them (several
+# hosts) taking it can outlast a few seconds, and an operator's halt must not fail for that.
+_LOCK_WAITS = {"lock_fleet_switch": 30.0}
+
+
 class _PgTx:
     def __init__(
         self,
@@ -85,7 +91,7 @@ class _PgTx:
         if isinstance(exc, asyncpg.UniqueViolationError):
             return UniqueViolation(f"{name}: {exc}")
         if isinstance(exc, TimeoutError):
-            message = f"postgres {name} timed out after {self._timeout:g}s"
+            message = f"postgres {name} timed out after {self._wait(name):g}s"
             return _store_error(self._write, message, exc)
         if isinstance(exc, _CONNECTION_ERRORS):
             return _store_error(self._write, f"postgres connection lost during {name}: {exc}", exc)
@@ -96,7 +102,8 @@ class _PgTx:
         retries = 0 if self._backend is None else self._backend.fresh_tries
         while True:
             try:
-                return await getattr(self._conn, method)(self._q[name], *args)
+                return await getattr(self._conn, method)(self._q[name], *args,
+                                                         timeout=self._wait(name))  # fmt: skip
             except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
                 if _lost(exc):
                     self.broken = True
@@ -110,6 +117,9 @@ class _PgTx:
             await self._backend.release(conn, broken=True)
             self._conn = await self._backend.acquire(write=False)
             self.broken = False
+
+    def _wait(self, name: str) -> float:
+        return max(self._timeout, _LOCK_WAITS.get(name, 0.0))
 
     async def execute(self, name: str, *args: Any) -> int:
         status: str = await self._call("execute", name, args)
