@@ -99,7 +99,17 @@ def place(tmp_path: Path) -> tuple[Place, dict[str, str]]:
 HEADERS = {
     ("status",): ["WORKER", "STATE", "CYCLE", "RESTARTS", "UPDATED", "LAST ERROR"],
     ("sessions", "list"): ["ID", "WINDOW", "STATUS", "STARTS", "ENDS", "ACTIONS", "COST"],
-    ("approvals", "list"): ["ID", "STATUS", "ACTION", "WORKER", "TIER", "CREATED", "WAIT"],
+    ("approvals", "list"): [
+        "ID",
+        "STATUS",
+        "ACTION",
+        "WORKER",
+        "TIER",
+        "CREATED",
+        "WAIT",
+        "PARAMS",
+        "GRANT",
+    ],
     ("checkpoints", "list"): ["ID", "WORKER", "CYCLE", "CREATED", "AGE"],
     ("actions", "in-doubt"): ["COMMAND ID", "NAME", "WORKER", "STARTED", "AGE", "SAFE TO RETRY"],
     ("killswitch", "status"): ["SCOPE", "TARGET", "MODE", "SINCE", "BY", "REASON"],
