@@ -326,8 +326,11 @@ async def test_killswitch_at_each_scope(env: Env) -> None:
     async with env.client() as c:
         h = {"X-CSRF-Token": await env.login(c, "approver")}
         r = await c.post("/api/v1/killswitch", headers=h, json={
-            "scope": "worker", "target": "refunder-1", "mode": "halt_all", "reason": "looping"})  # fmt: skip
+            "scope": "worker", "target": "support", "mode": "halt_all", "reason": "looping"})  # fmt: skip
         assert r.status_code == 200, r.text
+        r = await c.post("/api/v1/killswitch", headers=h, json={
+            "scope": "worker", "target": "refunder-1", "mode": "halt_all", "reason": "x"})  # fmt: skip
+        assert r.status_code == 400 and "unknown worker 'refunder-1'" in r.json()["error"]
         r = await c.post("/api/v1/killswitch", headers=h,
                          json={"scope": "worker", "mode": "halt_all", "reason": "x"})  # fmt: skip
         assert r.status_code == 400 and "needs a target" in r.json()["error"]
@@ -351,7 +354,7 @@ async def test_killswitch_at_each_scope(env: Env) -> None:
         status = (await c.get("/api/v1/killswitch")).json()
         modes = {(s["scope"], s["target"]): s["mode"] for s in status["switches"]}
         assert modes == {("host", ""): "halt_all", ("fleet", ""): "halt_all",
-                         ("worker", "refunder-1"): "halt_all"}  # fmt: skip
+                         ("worker", "support"): "halt_all"}  # fmt: skip
         assert [e["payload"]["by"] for e in status["history"]] == ["admin", "admin", "approver"]
         r = await c.post("/api/v1/killswitch", headers=h,
                          json={"scope": "host", "mode": "disengaged", "reason": "fixed"})  # fmt: skip
@@ -366,7 +369,7 @@ async def test_killswitch_at_each_scope(env: Env) -> None:
     )
     rows = {(r["scope"], r["target"]): r for r in await env.store.fetchall("kill_switches", FLEET)}
     assert (rows[("fleet", "")]["mode"], rows[("fleet", "")]["changed_by"]) == ("halt_all", "admin")
-    worker = rows[("worker", "refunder-1")]
+    worker = rows[("worker", "support")]
     assert (worker["mode"], worker["changed_by"], worker["reason"]) == (
         "halt_all",
         "approver",
