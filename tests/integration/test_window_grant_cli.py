@@ -71,8 +71,11 @@ async def test_match_names_the_params_a_window_grant_compares(tmp_path: Path) ->
                    "--match", "service", "--uses", "2", "--by", "op", "--reason", "api day")  # fmt: skip
         assert done.returncode == 0, done.stderr
         listed = cli(tmp_path, "approvals", "list")
-        assert 'params {"build":1,"service":"api"}' in listed.stdout
-        assert "window grant: match service, uses 0/2" in listed.stdout
+        # the table's PARAMS and GRANT columns, on the approval's row
+        [row] = [line for line in listed.stdout.splitlines()
+                 if line.startswith(asked.value.approval_id[:8])]  # fmt: skip
+        assert '{"build":1,"service":"api"}' in row
+        assert row.endswith("window: match service, uses 0/2")
         # Another build of api is covered, twice; web is not, whatever its build.
         for n in (2, 3):
             out = await gate.run(deploy("api", n), effect, worker="ops", session=session,
