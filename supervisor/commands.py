@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
                     effects_dir=sim.path if sim else None)  # fmt: skip
     card = await daemon.run()
     if sim is not None and daemon.finished:
-        simruns.finish(sim, SystemClock().now())
+        simruns.finish(sim, SystemClock().now(), clock=daemon.clock.now())
     # The daemon logged the scorecard (`run.scorecard`); stdout gets it only when asked for JSON
     # or when a person is watching, so a pipe or the journal never mixes text into the log stream.
     if card is not None and (args.json or sys.stdout.isatty()):
@@ -101,6 +101,11 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             text += f"\nsimulated run {sim.id}: read it again with --run {sim.id} (or --run latest)"
         emit(args, data, text)
     return 0
+
+
+def _reading_now(config: Config) -> datetime:
+    """What ages in a table count from: now, or a finished simulated run's clock at its end."""
+    return simruns.clock_at_end(config.db_url) or SystemClock().now()
 
 
 async def db_migrate(args: argparse.Namespace, config: Config) -> int:
@@ -145,7 +150,7 @@ async def status(args: argparse.Namespace, config: Config) -> int:
             "pending_approvals": int(pending["n"]) if pending else 0,
             "oldest_pending_at": pending["oldest_at"].isoformat() if pending and pending["oldest_at"] else None,
             "actions": actions, "killswitch": switches}  # fmt: skip
-    tz, now = config.timezone, SystemClock().now()
+    tz, now = config.timezone, _reading_now(config)
     oldest = pending["oldest_at"] if pending else None
     lines = [
         f"fleet {config.fleet}",
@@ -244,7 +249,7 @@ async def checkpoints_list(args: argparse.Namespace, config: Config) -> int:
     finally:
         await store.close()
     rows = [c.as_dict() for c in cps]
-    now = SystemClock().now()
+    now = _reading_now(config)
     emit(args, rows, tables.table(
         ["ID", "WORKER", "CYCLE", "CREATED", "AGE"],
         ([c["id"], c["worker"], c["cycle"], tables.when(c["created_at"], config.timezone),
@@ -275,7 +280,7 @@ async def approvals_list(args: argparse.Namespace, config: Config) -> int:
         ]
     finally:
         await store.close()
-    now = SystemClock().now()
+    now = _reading_now(config)
     text = tables.table(
         ["ID", "STATUS", "ACTION", "WORKER", "TIER", "CREATED", "WAIT", "PARAMS", "GRANT"],
         ([tables.short(r["id"]), r["status"], r["action"], r["worker"], r["tier"],
@@ -544,7 +549,7 @@ async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
         ]
     finally:
         await store.close()
-    now = SystemClock().now()
+    now = _reading_now(config)
     emit(args, rows, tables.table(
         ["COMMAND ID", "NAME", "WORKER", "STARTED", "AGE", "SAFE TO RETRY"],
         ([tables.short(r["command_id"]), r["name"], r["worker"],

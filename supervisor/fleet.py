@@ -9,6 +9,7 @@ import importlib
 import math
 import random
 import sys
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ def load_worker_class(spec: WorkerSpec, search: Iterable[Path] = ()) -> WorkerFa
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"worker {spec.name!r}: cannot import {module_name!r}: {exc}") from None
+    except SyntaxError as exc:  # a typo in the worker's file: its line, not a traceback
+        raise ConfigError(f"worker {spec.name!r}: cannot import {module_name!r}: {exc.msg} "
+                          f"({exc.filename}, line {exc.lineno})") from None  # fmt: skip
+    except Exception as exc:  # the module's own code raised while it was imported
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(f"worker {spec.name!r}: importing {module_name!r} raised "
+                          f"{type(exc).__name__}: {exc} ({frame.filename}, line {frame.lineno})"
+                          ) from None  # fmt: skip
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"worker {spec.name!r}: {module_name!r} has no class {class_name!r}")

@@ -99,8 +99,32 @@ def begin(
     return SimRun(run_id, path, meta), False
 
 
-def finish(run: SimRun, now: datetime) -> None:
-    _write(run.path, {**run.meta, "finished_at": now.astimezone(UTC).isoformat()})
+def finish(run: SimRun, now: datetime, clock: datetime | None = None) -> None:
+    """Mark the run done; `clock` is the simulated clock at its end, the "now" its ages are read
+    against (see `clock_at_end`)."""
+    meta = {**run.meta, "finished_at": now.astimezone(UTC).isoformat()}
+    if clock is not None:
+        meta["clock_end"] = clock.astimezone(UTC).isoformat()
+    _write(run.path, meta)
+
+
+def clock_at_end(db_url: str) -> datetime | None:
+    """The simulated clock at the end of the run whose database `db_url` names, if it is one.
+
+    Its times lie in simulated time, hours or months away from the wall clock: ages shown
+    against the wall clock would read `in 22h` for a checkpoint of its past.
+    """
+    if not db_url.startswith("sqlite:///"):
+        return None
+    path = Path(db_url.removeprefix("sqlite:///").split("?", 1)[0])
+    if path.name != DB_FILE:
+        return None
+    run = _read(path.parent)
+    stamp = run.meta.get("clock_end") if run else None
+    try:
+        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
 
 
 def _write(path: Path, meta: dict[str, Any]) -> None:

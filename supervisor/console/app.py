@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import events as ev
+from .. import tables
 from ..approvals import Approvals
 from ..checkpoints import Checkpoints
 from ..clock import SystemClock
@@ -97,6 +98,8 @@ class Console:
             autoescape=select_autoescape(["html", "svg"]),
         )
         self.templates.filters["age"] = _age
+        # instants as the CLI's tables show them: the configured zone, to the second
+        self.templates.filters["when"] = lambda v: tables.when(v, config.timezone)
         self.templates.filters["json"] = lambda v: json.dumps(v, sort_keys=True)
 
     @property

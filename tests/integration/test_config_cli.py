@@ -172,3 +172,23 @@ def test_check_reads_the_database_url_as_run_would(tmp_path: Path) -> None:
     done = acp(tmp_path, "config", "check", ACP_DB=f"sqlite:///{tmp_path}/ok.db")
     assert (done.returncode, done.stdout) == (0, "ok\n"), done
     assert not (tmp_path / "ok.db").exists()
+
+
+def test_a_worker_file_that_fails_to_import_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # A new user's first worker: a missing colon, or code that raises when the module loads.
+    (tmp_path / "typo_w.py").write_text("from supervisor import Worker\nclass A(Worker)\n")
+    (tmp_path / "boom_w.py").write_text("x = 1\nraise RuntimeError('no API key')\n")
+    (tmp_path / "w.toml").write_text('[[workers]]\nname = "typo"\nclass = "typo_w:A"\n\n'
+                                     '[[workers]]\nname = "boom"\nclass = "boom_w:B"\n')  # fmt: skip
+    done = acp(tmp_path, "--config", "w.toml", "config", "check")
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        f"worker 'typo': cannot import 'typo_w': expected ':' ({tmp_path / 'typo_w.py'}, line 2)",
+        f"worker 'boom': importing 'boom_w' raised RuntimeError: no API key "
+        f"({tmp_path / 'boom_w.py'}, line 2)",
+    ]
+    run = acp(tmp_path, "--config", "w.toml", "run", "--horizon", "hour", "--simulate")
+    assert run.returncode == 2, run
+    assert run.stderr.splitlines() == [f"acp-supervisor: error: {done.stdout.splitlines()[0]}"]
+    assert not (tmp_path / "state").exists()  # refused before a run's folder is made

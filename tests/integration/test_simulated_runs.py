@@ -131,3 +131,16 @@ def test_start_without_offset_is_read_in_the_configured_zone(tmp_path: Path) -> 
                     "--json")  # fmt: skip
     assert session["starts_at"] == "2026-11-01T00:00:00+00:00"  # 09:00 in Tokyo
     assert "configured time zone" in ok(tmp_path, "run", "--help").replace("\n", " ")
+
+
+def test_ages_of_a_simulated_run_count_from_its_clock_not_the_wall_clock(tmp_path: Path) -> None:
+    # A day far from today: against the wall clock every age would read `in 72y...`.
+    ok(tmp_path, "run", "--horizon", "day", "--simulate", "--start", "2099-01-01T00:00:00Z")
+    rows = ok(tmp_path, "checkpoints", "list", "--run", "latest").strip().splitlines()[1:]
+    assert rows, "the day made no checkpoint"
+    ages = [row.rsplit("  ", 1)[1].strip() for row in rows]
+    assert all(age.endswith(" ago") and "d" not in age for age in ages), ages
+    approvals = ok(tmp_path, "approvals", "list", "--run", "latest").strip().splitlines()[1:]
+    assert approvals, "the day raised no approval"
+    assert all("expired by deadline" in row and " ago" in row for row in approvals), approvals
+    assert not any(" in " in row for row in approvals), approvals
