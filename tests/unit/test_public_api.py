@@ -43,3 +43,48 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="NoSuchThing"):
         supervisor.NoSuchThing  # noqa: B018
+
+
+# The public API, pinned: adding, removing or renaming a public name is a deliberate edit here.
+PUBLIC_API = [
+    "Action",
+    "ActionAlreadyDone",
+    "ActionDenied",
+    "ActionExpired",
+    "ApprovalError",
+    "ApprovalPending",
+    "Clock",
+    "Config",
+    "ConfigError",
+    "CycleContext",
+    "Daemon",
+    "Event",
+    "Gate",
+    "IdempotencyConflict",
+    "Mode",
+    "NewEvent",
+    "Outcome",
+    "Permit",
+    "SchemaTooNew",
+    "Scorecard",
+    "Session",
+    "StateWriteError",
+    "Store",
+    "StoreError",
+    "SupervisorError",
+    "SystemClock",
+    "UsageError",
+    "VirtualClock",
+    "Worker",
+    "WorkerSpec",
+    "load_config",
+    "open_store",
+]
+
+
+def test_the_public_api_is_pinned() -> None:
+    import supervisor
+
+    assert sorted(supervisor.__all__) == PUBLIC_API
+    assert len(set(supervisor.__all__)) == len(supervisor.__all__), "no name listed twice"
+    assert sorted(supervisor._HOMES) == PUBLIC_API, "every public name, and only those, is lazy"
