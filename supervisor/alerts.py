@@ -432,7 +432,10 @@ class Alerts:
                                   "detail": payload, "recorded": recorded}  # fmt: skip
         if error is not None:
             fields["error"] = f"{type(error).__name__}: {error}"
-        (log.warning if state == "raised" else log.info)(f"alert.{state}", **fields)
+        if state == "raised":  # each event name literal, so a search finds it
+            log.warning("alert.raised", **fields)
+        else:
+            log.info("alert.resolved", **fields)
         self._enqueue(condition, state, session_id, stream, payload)
 
     async def _record(

@@ -23,6 +23,23 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEMPLATE = f"acp_tpl_{uuid.uuid4().hex[:8]}"
 
 
+def _uses_postgres(item: pytest.Item) -> bool:
+    """Whether a test needs the Postgres server: it asks for `pg_url` (directly or through
+    another fixture), or a backend fixture such as `store_url` is parametrized to Postgres."""
+    if "pg_template" in getattr(item, "fixturenames", ()):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgres" in callspec.params.values()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every Postgres test carries the `postgres` marker: `-m "not postgres"` runs SQLite only."""
+    for item in items:
+        if _uses_postgres(item):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
