@@ -553,14 +553,15 @@ class Alerts:
             session = await self.store.get_session(session_id)
             if session is None:
                 return
-            now_rows = await self.store.fetchall("alert_window_counts", session_id, *_RATE_KINDS)
-            trailing_rows = await self.store.fetchall(
-                "alert_trailing_counts",
-                self.fleet,
-                session.starts_at,
-                cfg.trailing_windows,
-                *_RATE_KINDS,
-            )
+            # Counts over the closed window's and the trailing windows' events: off the loop.
+            now_rows, trailing_rows = await self.store.read_off_loop(
+                [
+                    ("alert_window_counts", (session_id, *_RATE_KINDS)),
+                    ("alert_trailing_counts", (self.fleet, session.starts_at,
+                                               cfg.trailing_windows, *_RATE_KINDS)),
+                ],
+                tuple,
+            )  # fmt: skip
         except Exception as exc:
             log.warning(
                 "alerts.rates_failed", session_id=session_id, error=f"{type(exc).__name__}: {exc}"

@@ -1,6 +1,8 @@
 """The scorecard: per window and in total, from grouped counts over the events index.
 
 Nothing here replays events: one GROUP BY over (session_id, kind, reason) plus the system stream.
+Its cost still grows with the event log, so the reads and the tallying run off the event loop
+(Store.read_off_loop): a scorecard at a run's end never holds up the kill switch or the gate.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import events as ev
-from .store import Store, system_stream
+from .store import Session, Store, system_stream
+from .store.base import Row
 
 # scorecard field -> event kind it counts
 FIELDS: dict[str, str] = {
@@ -95,13 +98,27 @@ def _fields(kinds: Counter[str]) -> dict[str, int]:
 
 async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Scorecard:
     await store.flush_telemetry()
-    rows = await store.fetchall("event_counts", fleet)
-    rows += await store.fetchall("stream_counts", system_stream(fleet))
+    reads: list[tuple[str, tuple[Any, ...]]] = [
+        ("event_counts", (fleet,)),
+        ("stream_counts", (system_stream(fleet),)),
+        ("count_pending_approvals", (fleet,)),
+    ]
+    if per_window:
+        reads.append(("list_sessions", (fleet, 100_000)))
+
+    def build(results: list[list[Row]]) -> Scorecard:
+        return _card(fleet, results, per_window=per_window)
+
+    return await store.read_off_loop(reads, build)
+
+
+def _card(fleet: str, results: list[list[Row]], *, per_window: bool) -> Scorecard:
+    rows = results[0] + results[1]
     by_session: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_session[row["session_id"]].append(row)
     kinds, reasons = _tally(rows)
-    pending_row = await store.fetchrow("count_pending_approvals", fleet)
+    pending_row = results[2][0] if results[2] else None
     card = Scorecard(
         fleet=fleet,
         total=_fields(kinds),
@@ -109,7 +126,8 @@ async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Score
         pending=int(pending_row["n"]) if pending_row else 0,
     )
     if per_window:
-        for session in sorted(await store.list_sessions(fleet, 100_000), key=lambda s: s.starts_at):
+        sessions = [Session.from_row(r) for r in results[3]]
+        for session in sorted(sessions, key=lambda s: s.starts_at):
             s_kinds, s_reasons = _tally(by_session.get(session.id, []))
             card.windows.append({
                 "session_id": session.id, "window": session.window_key, "status": session.status,
@@ -123,7 +141,9 @@ async def shadow(store: Store, fleet: str) -> dict[str, Any]:
     """`scorecard --shadow`: per window, the proposals the live policy decided (actions started
     and denied) and where the shadow candidate disagreed, by transition ("allow->deny")."""
     await store.flush_telemetry()
-    rows = await store.fetchall("event_counts", fleet)
+    rows, session_rows = await store.read_off_loop(
+        [("event_counts", (fleet,)), ("list_sessions", (fleet, 100_000))], tuple
+    )
     decided: Counter[str] = Counter()
     disagreed: dict[str, Counter[str]] = defaultdict(Counter)
     for row in rows:
@@ -133,7 +153,8 @@ async def shadow(store: Store, fleet: str) -> dict[str, Any]:
             disagreed[row["session_id"]][row["reason"] or "unknown"] += int(row["n"])
     windows: list[dict[str, Any]] = []
     total: Counter[str] = Counter()
-    for session in sorted(await store.list_sessions(fleet, 100_000), key=lambda s: s.starts_at):
+    sessions = [Session.from_row(r) for r in session_rows]
+    for session in sorted(sessions, key=lambda s: s.starts_at):
         moves = disagreed.get(session.id, Counter())
         total.update(moves)
         windows.append({

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.to_thread
 import structlog
 
 from ..actions import canonical_json, params_hash
@@ -33,6 +34,8 @@ log = structlog.get_logger("supervisor.store")
 
 Row = dict[str, Any]
 T = TypeVar("T")
+# Named reads (query name, arguments) run together by read_off_loop.
+Reads = Sequence[tuple[str, Sequence[Any]]]
 
 # How many telemetry events wait in memory before they are written in one transaction.
 TELEMETRY_BATCH = 256
@@ -133,6 +136,17 @@ class Backend(ABC):
 
     async def notify_in(self, tx: Tx, channel: str, payload: str) -> None:  # noqa: B027
         """Send a notification when `tx` commits (no-op where there are no notifications)."""
+
+    async def read_off_loop(self, reads: Reads, then: Callable[[list[list[Row]]], T]) -> T:
+        """Run `reads` (one list of rows each) and `then` over their rows, leaving the event loop
+        free for the whole of it: what scans the event log (the scorecard, a replay) goes here.
+
+        This default reads through reader() on the loop, where the driver waits on its socket
+        without blocking it (Postgres), and runs `then`, the Python-side work, in a thread. A
+        backend whose driver blocks (SQLite) runs both in a thread on a connection of its own."""
+        async with self.reader() as tx:
+            rows = [await tx.fetchall(name, *args) for name, args in reads]
+        return await anyio.to_thread.run_sync(then, rows)
 
     def lost(self) -> str | None:
         """Why the database under this backend is gone (its file deleted or replaced), or None.
@@ -496,9 +510,11 @@ class Store:
         return len(batch)
 
     async def replay(self, session_id: str, after: int = 0, limit: int = 10_000) -> list[Event]:
-        async with self.backend.reader() as tx:
-            rows = await tx.fetchall("replay", session_id, after, limit)
-        return [Event.from_row(r) for r in rows]
+        """A page of a stream's events, read and decoded off the event loop (a page is large)."""
+        return await self.read_off_loop(
+            [("replay", (session_id, after, limit))],
+            lambda rows: [Event.from_row(r) for r in rows[0]],
+        )
 
     async def events_for_command(self, command_id: str) -> list[Event]:
         async with self.backend.reader() as tx:
@@ -506,6 +522,12 @@ class Store:
         return [Event.from_row(r) for r in rows]
 
     # -- plain reads --------------------------------------------------------------------------
+
+    async def read_off_loop(self, reads: Reads, then: Callable[[list[list[Row]]], T]) -> T:
+        """Named reads, then `then(rows)` (rows: one list per read), off the event loop: for scans
+        whose cost grows with the event log, so the loop (kill switch, heartbeats, the gate)
+        never waits for them. On SQLite the reads share one snapshot; see Backend.read_off_loop."""
+        return await self.backend.read_off_loop(reads, then)
 
     async def fetchrow(self, name: str, *args: Any) -> Row | None:
         async with self.backend.reader() as tx:
@@ -824,10 +846,10 @@ class Store:
     async def proposal_rows(self, session_id: str) -> tuple[list[Row], list[Row]]:
         """What `policy replay` reads of one window, in one read-only snapshot: its action rows
         and its ACTION_DENIED and APPROVAL_REQUESTED events (payloads still JSON text)."""
-        async with self.backend.reader() as tx:
-            actions = await tx.fetchall("replay_actions", session_id)
-            refusals = await tx.fetchall("replay_refusals", session_id)
-        return actions, refusals
+        rows = await self.read_off_loop(
+            [("replay_actions", (session_id,)), ("replay_refusals", (session_id,))], list
+        )
+        return rows[0], rows[1]
 
     def buffer_telemetry(self, event: NewEvent) -> None:
         """Queue a telemetry event without writing or awaiting: the periodic flush writes it.

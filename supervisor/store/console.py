@@ -140,13 +140,18 @@ async def windows(store: Store, fleet: str, limit: int = 60) -> list[dict[str, A
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     reasons: dict[str, Counter[str]] = defaultdict(Counter)
     kinds = list(TREND_KINDS.values())
-    for row in await store.fetchall("console_window_counts", fleet, limit, *kinds):
+    # Counts over the windows' events and the system stream: off the loop (they grow with it).
+    window_rows, system = await store.read_off_loop(
+        [("console_window_counts", (fleet, limit, *kinds)),
+         ("console_stream_kinds", (system_stream(fleet), *SYSTEM_TREND_KINDS.values(),
+                                   ev.RECOVERY, 100_000))],
+        tuple,
+    )  # fmt: skip
+    for row in window_rows:
         n = int(row["n"])
         counts[row["session_id"]][row["kind"]] += n
         if row["kind"] == ev.ACTION_DENIED:
             reasons[row["session_id"]][row["reason"] or "unknown"] += n
-    system = await store.fetchall("console_stream_kinds", system_stream(fleet),
-                                  *SYSTEM_TREND_KINDS.values(), ev.RECOVERY, 100_000)  # fmt: skip
     by_window: dict[str, Counter[str]] = defaultdict(Counter)
     for row in system:
         for s in sessions:

@@ -14,14 +14,15 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 import asyncpg
 import structlog
 
 from ..errors import StateWriteError, StoreConfigError, StoreError, StoreUnavailable
-from .base import DEFAULT_QUERY_TIMEOUT, Backend, Row, UniqueViolation
+from .base import DEFAULT_QUERY_TIMEOUT, Backend, Reads, Row, UniqueViolation
 from .queries import load_queries
 
 log = structlog.get_logger("supervisor.store")
@@ -41,6 +42,12 @@ _MIGRATION_LOCK = zlib.crc32(b"acp-supervisor:migrate")
 # DDL and the wait for another host's migration may take longer than a query timeout.
 _MIGRATION_TIMEOUT = 600.0
 APPLICATION_NAME = "acp-supervisor"
+# read_off_loop fetches a scan this many rows at a time: asyncpg decodes a result on the event
+# loop, and a whole scorecard or replay page at once stalled it (measured: 185-250 ms at 1M
+# events); a page of this size is about a millisecond of decoding.
+_SCAN_PAGE = 1000
+
+T = TypeVar("T")
 LISTEN_APPLICATION_NAME = "acp-supervisor:listen"
 
 
@@ -311,6 +318,39 @@ class PostgresBackend(Backend):
             raise
         finally:
             await self.release(tx._conn, broken=tx.broken)
+
+    async def read_off_loop(self, reads: Reads, then: Callable[[list[list[Row]]], T]) -> T:
+        """The reads in one read-only snapshot, fetched through a cursor a page at a time (the
+        loop runs between pages); `then` runs in a worker thread."""
+        for attempt in range(self.fresh_tries):
+            records: list[list[Row]] = []
+            conn = await self.acquire(write=False)
+            broken = False
+            name = "begin"
+            try:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    for name, args in reads:
+                        cursor = conn.cursor(self._queries[name], *args, prefetch=_SCAN_PAGE,
+                                             timeout=self.query_timeout)  # fmt: skip
+                        # A dict per row as it comes: a dict of plain values is not tracked
+                        # by the garbage collector, a Record is (measured: held Records made
+                        # full collections of 70-90 ms, which stall the loop as much as a scan).
+                        records.append([dict(r) async for r in cursor])
+                break
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                broken = _lost(exc)
+                tx = _PgTx(None, self._queries, write=False, timeout=self.query_timeout)
+                # A stale pooled connection: the whole read again on the next one (not a timeout).
+                if not broken or isinstance(exc, TimeoutError) or attempt == self.fresh_tries - 1:
+                    raise tx._translate(name, exc) from exc
+                log.info("store.reconnect", error=str(exc))
+            except BaseException:
+                broken = True  # cancelled mid-fetch: the connection's state is unknown
+                raise
+            finally:
+                await self.release(conn, broken=broken)
+
+        return await anyio.to_thread.run_sync(then, records)
 
     async def schema_versions(self) -> list[int] | None:
         async with self.reader() as tx:

@@ -5,6 +5,10 @@ aiosqlite round trip costs about 75 us, and a governed action takes a dozen stat
 statements run on the event loop (microseconds each on a page-cached WAL database) and only the
 calls that can wait on the disk or another process's lock, BEGIN IMMEDIATE and COMMIT (the fsync),
 go to a worker thread. See docs/design.md.
+
+Scans whose cost grows with the event log (the scorecard, a replay page) are the exception: they
+run in a worker thread on read-only connections of their own (read_off_loop), so the loop never
+waits for them; WAL lets them read a snapshot while the main connection writes.
 """
 
 from __future__ import annotations
@@ -13,23 +17,34 @@ import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
 import anyio
 import anyio.to_thread
 
 from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError, StoreLost
-from .base import Backend, Row, UniqueViolation
+from .base import Backend, Reads, Row, UniqueViolation
 from .queries import load_queries
 
 _BOOL_COLUMNS = frozenset({"state_bearing", "critical", "safe_to_retry", "simulated"})
 _WRITE_WAIT = 30.0  # seconds a write waits for another process holding the lock
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
+# A store of a million events is some 500 MB. SQLite's default page cache (2 MB per connection)
+# holds little more than the indexes' upper levels, so every scan and many point reads went to
+# the OS for pages. 64 MB keeps the hot pages (recent events, sessions, actions, the ledger's
+# index) in the connection; memory-mapped reads (256 MB) let the scans read the file through the
+# OS page cache without copying each page into SQLite's, shared by all our connections.
+_CACHE_KIB = 64 * 1024
+_MMAP_BYTES = 256 * 1024 * 1024
+_IDLE_READERS = 2  # read-only connections kept open for read_off_loop (the machine's cores)
+_READ_WAIT = 5.0  # seconds a reader in its thread waits on a busy database (WAL recovery)
+
+T = TypeVar("T")
 
 
 def _encode(value: Any) -> Any:
@@ -50,6 +65,11 @@ def _decode(row: sqlite3.Row) -> Row:
             value = bool(value)
         out[key] = value
     return out
+
+
+def _size_cache(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+    conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
 
 
 def parse_sqlite_url(url: str) -> tuple[Path, str]:
@@ -110,6 +130,7 @@ class SQLiteBackend(Backend):
         self._commit_inline = self._sync == "NORMAL"
         self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
+        self._readers: list[sqlite3.Connection] = []  # idle read-only connections
 
     @property
     def identity_path(self) -> Path:
@@ -243,6 +264,7 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
             conn.execute("PRAGMA foreign_keys=ON")
+            _size_cache(conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn
@@ -256,6 +278,9 @@ class SQLiteBackend(Backend):
         self._watch_file(self.path.with_name(self.path.name + "-wal"))
 
     async def close(self) -> None:
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
         watched, self._watched = self._watched, {}
         for fd, _ident in watched.values():
             with contextlib.suppress(OSError):
@@ -328,6 +353,60 @@ class SQLiteBackend(Backend):
         conn = self._require()
         async with self._lock:
             yield _SQLiteTx(conn, self._queries, write=False)
+
+    def _open_reader(self) -> sqlite3.Connection:
+        """A read-only connection (in a worker thread: opening reads the file)."""
+        plain = str(self.path)
+        plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain
+        try:
+            # It waits for a busy database in its thread (the loop is not waiting on it).
+            conn = sqlite3.connect(f"file:{quote(plain)}?mode=ro", uri=True, timeout=_READ_WAIT,
+                                   isolation_level=None, check_same_thread=False)  # fmt: skip
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            _size_cache(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite cannot open a reader on {self.path}: {exc}") from exc
+        return conn
+
+    def _read_in_thread(
+        self, conn: sqlite3.Connection | None, reads: Reads, then: Callable[[list[list[Row]]], T]
+    ) -> tuple[sqlite3.Connection, T]:
+        conn = conn or self._open_reader()
+        results: list[list[Row]] = []
+        name = "begin"
+        try:
+            conn.execute("BEGIN")  # one snapshot for every read of the batch
+            try:
+                for name, args in reads:
+                    cursor = conn.execute(self._queries[name], tuple(_encode(a) for a in args))
+                    results.append([_decode(r) for r in cursor])
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"sqlite {name}: {exc}") from exc
+        try:
+            return conn, then(results)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def read_off_loop(self, reads: Reads, then: Callable[[list[list[Row]]], T]) -> T:
+        """The reads and `then` in a worker thread, on an idle read-only connection (a new one
+        when none is idle), so scans run side by side and beside the loop's writes."""
+        self._require()
+        lost = self.lost(quick=True)
+        if lost is not None:
+            raise StoreLost(lost)  # a path that names another file now: do not read that one
+        idle = self._readers.pop() if self._readers else None
+        # Not abandoned on cancellation: the connection is in use until the thread returns.
+        conn, result = await anyio.to_thread.run_sync(self._read_in_thread, idle, reads, then)
+        if self._conn is not None and len(self._readers) < _IDLE_READERS:
+            self._readers.append(conn)
+        else:
+            conn.close()  # closed meanwhile, or enough idle ones
+        return result
 
     async def schema_versions(self) -> list[int] | None:
         conn = self._require()
