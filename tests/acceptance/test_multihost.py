@@ -52,7 +52,8 @@ def cli(args: list[str], db: str, state: Path, **extra: Any) -> subprocess.Compl
 class Fleet:
     def __init__(self, tmp: Path, db: str, max_actions: int = 1_000_000) -> None:
         self.tmp, self.db, self.max_actions = tmp, db, max_actions
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # the latest process per host
+        self.started: list[subprocess.Popen[bytes]] = []  # every one, twins included
 
     def start(self, host: str) -> subprocess.Popen[bytes]:
         cfg = self.tmp / f"{host}.toml"
@@ -67,6 +68,7 @@ class Fleet:
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
         self.procs[host] = proc
+        self.started.append(proc)
         return proc
 
     def log(self, host: str) -> bytes:
@@ -74,10 +76,12 @@ class Fleet:
         return path.read_bytes() if path.exists() else b""
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
+        # Every process started, not only the latest per host: a twin started under the same
+        # host id replaced the first in `procs`, which then outlived the test.
+        for proc in self.started:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
+        for proc in self.started:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -255,13 +259,18 @@ def test_bad_multihost_input(tmp_path: Path, pg_url: str) -> None:
         query(admin, f'DROP DATABASE IF EXISTS "{bare}" WITH (FORCE)')
     fleet = Fleet(tmp_path, pg_url)
     # the same host id twice
-    fleet.start("h1")
-    wait_until(
-        lambda: bool(query(pg_url, "SELECT 1 FROM hosts WHERE host_id = 'h1'")), 20, "h1 registered"
-    )
-    twin = fleet.start("h1")
-    assert twin.wait(timeout=30) == 2
-    assert b"already running" in fleet.log("h1")
+    first_h1 = fleet.start("h1")
+    try:
+        wait_until(
+            lambda: bool(query(pg_url, "SELECT 1 FROM hosts WHERE host_id = 'h1'")), 20,
+            "h1 registered",
+        )  # fmt: skip
+        twin = fleet.start("h1")
+        assert twin.wait(timeout=30) == 2
+        assert b"already running" in fleet.log("h1")
+    finally:
+        fleet.stop_all()
+    assert first_h1.poll() is not None  # the first h1 is stopped with the fleet, not left running
     # a lease time not longer than the heartbeat
     cfg = tmp_path / "bad.toml"
     cfg.write_text(
