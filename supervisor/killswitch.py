@@ -19,13 +19,11 @@ file is read, without blocking; any content gives a verdict, never an exception.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,7 +35,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .errors import ConfigError, KillSwitchError
-from .statedir import make_state_dir
+from .statedir import atomic_write, make_state_dir
 
 SECRET_ENV = "ACP_KILLSWITCH_SECRET"
 NO_SECRET_MESSAGE = (
@@ -265,34 +263,10 @@ def _parse_at(value: str) -> datetime | None:
     return when
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename into place, fsync the directory.
-
-    A crash leaves either the old file or the new one, never a torn one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # Not secret (the signature protects it): the owner's group (operators' tools) may read
-        # it; nobody else, whatever the umask.
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    # Not secret (the signature protects it): the owner's group (operators' tools) may read it;
+    # nobody else, whatever the umask.
+    atomic_write(path, data, mode=0o640)
 
 
 class HostSwitchFile:

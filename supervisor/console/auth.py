@@ -16,14 +16,11 @@ check, which also slows down online guessing before the rate limiter steps in.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UsageError
+from ..statedir import atomic_write
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -160,20 +158,10 @@ class OperatorsFile:
         body = json.dumps({"operators": [op.as_json() for op in operators.values()]}, indent=2)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            # 0600: the hashes are not for other users to try offline.
+            atomic_write(self.path, (body + "\n").encode(), mode=0o600)
         except OSError as exc:
             raise ConfigError(f"cannot write operators file {self.path}: {exc.strerror}") from None
-        try:
-            os.fchmod(fd, 0o600)  # the hashes are not for other users to try offline
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(body + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         self._key = None
 
 

@@ -28,6 +28,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError, StoreLost
+from ..statedir import atomic_write
 from .base import Backend, Reads, Row, UniqueViolation
 from .queries import load_queries
 
@@ -199,20 +200,10 @@ class SQLiteBackend(Backend):
                 f"says store {recorded} lived there: the database was replaced; restore it, or "
                 f"run `{self._migrate_new}` to adopt this one"
             )
-        tmp = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.tmp")
-        try:
-            # Not secret, and readable by whichever user runs the CLI or the daemon next.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(identity + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.identity_path)
-        except OSError:
-            # A read-only directory: the database still opens; only the protection is missing.
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        # Not secret, and readable by whichever user runs the CLI or the daemon next. In a
+        # read-only directory the database still opens; only the protection is missing.
+        with contextlib.suppress(OSError):
+            atomic_write(self.identity_path, (identity + "\n").encode(), mode=0o644)
 
     def _watch_file(self, path: Path) -> None:
         with contextlib.suppress(OSError):
