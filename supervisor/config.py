@@ -185,7 +185,7 @@ def load_config(
     env = os.environ if env is None else env
     file, text, source = read_config_text(path)
     data = parse_config_text(text, source)
-    return _build(data, text, source, file, env, db, state_dir)
+    return build_config(data, text, source, file, env, db, state_dir)
 
 
 def read_config_text(path: str | Path | None) -> tuple[Path | None, str, str]:
@@ -223,18 +223,6 @@ def build_config(
     state_dir: str | Path | None = None,
 ) -> Config:
     """A Config from parsed file data (`text` is kept to name lines in errors)."""
-    return _build(data, text, source, file, env, db, state_dir)
-
-
-def _build(
-    data: dict[str, Any],
-    text: str,
-    source: str,
-    file: Path | None,
-    env: Mapping[str, str],
-    db: str | None,
-    state_dir: str | Path | None,
-) -> Config:
     c = _Checker(source, text)
     c.known(data, _TOP, "top level")
     daemon = c.table(data, "daemon", "daemon")
