@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+from tests.acceptance.workers_fixture import refund_workers
+
 if TYPE_CHECKING:
     from tests.acceptance.conftest import Daemon
 
@@ -19,20 +21,6 @@ pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
 DaemonFactory = Callable[..., "Daemon"]
 RETRIES = 0.6  # seconds of further retries (about 6 per worker) before counting effects
-
-
-def refund_workers(replicas: int) -> str:
-    return f"""
-[[policy.rules]]
-name = "refunds-need-approval"
-action = "support.*"
-outcome = "require_approval"
-
-[[workers]]
-name = "refunder"
-class = "tests.acceptance.workers_fixture:RetryingWorker"
-replicas = {replicas}
-"""
 
 
 def pending_rows(d: Daemon, n: int) -> Callable[[], Any]:

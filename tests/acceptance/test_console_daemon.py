@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from supervisor.console.auth import OperatorsFile
+from tests.acceptance.workers_fixture import refund_workers
 
 if TYPE_CHECKING:
     from tests.acceptance.conftest import Daemon
@@ -29,17 +30,7 @@ pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
 DaemonFactory = Callable[..., "Daemon"]
 
-REFUNDER = """
-[[policy.rules]]
-name = "refunds-need-approval"
-action = "support.*"
-outcome = "require_approval"
-
-[[workers]]
-name = "refunder"
-class = "tests.acceptance.workers_fixture:RetryingWorker"
-replicas = 1
-"""
+REFUNDER = refund_workers(1)
 
 
 async def test_add_operator_writes_a_private_file_and_prints_the_secret_once(

@@ -7,6 +7,21 @@ from supervisor.errors import ActionDenied, ApprovalPending
 from supervisor.worker import ActionAlreadyDone, CycleContext, Worker
 
 
+def refund_workers(replicas: int) -> str:
+    """Config for `replicas` RetryingWorkers whose support.* actions need an approval."""
+    return f"""
+[[policy.rules]]
+name = "refunds-need-approval"
+action = "support.*"
+outcome = "require_approval"
+
+[[workers]]
+name = "refunder"
+class = "tests.acceptance.workers_fixture:RetryingWorker"
+replicas = {replicas}
+"""
+
+
 class RetryingWorker(Worker):
     """Every cycle, asks for the same guarded action under one idempotency key per instance, the
     way a real agent retries a job until it is approved, refused or done. The effect is one line

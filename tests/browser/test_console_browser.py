@@ -14,6 +14,7 @@ from supervisor.clock import SystemClock
 from supervisor.console.charts import rate_changes
 from supervisor.store import console as store_reads
 from supervisor.store import open_store
+from tests.acceptance.workers_fixture import refund_workers
 from tests.browser.conftest import (
     DESKTOP,
     PHONE,
@@ -27,17 +28,7 @@ from tests.browser.conftest import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.acceptance, pytest.mark.anyio]
 
-REFUNDER = """
-[[policy.rules]]
-name = "refunds-need-approval"
-action = "support.*"
-outcome = "require_approval"
-
-[[workers]]
-name = "refunder"
-class = "tests.acceptance.workers_fixture:RetryingWorker"
-replicas = 1
-"""
+REFUNDER = refund_workers(1)
 
 
 async def no_horizontal_scroll(page: Any) -> None:
