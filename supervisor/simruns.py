@@ -10,7 +10,6 @@ the same command after a kill resumes its unfinished run instead of starting a n
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NotFound, UsageError
+from .statedir import atomic_write
 from .tables import resolve_prefix
 
 FOLDER = "simulations"
@@ -128,9 +128,8 @@ def clock_at_end(db_url: str) -> datetime | None:
 
 
 def _write(path: Path, meta: dict[str, Any]) -> None:
-    tmp = path / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path / META_FILE)
+    body = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / META_FILE, body.encode("utf-8"), mode=0o644)
 
 
 def find(state_dir: Path, ref: str) -> SimRun:
