@@ -239,23 +239,35 @@ class SQLiteBackend(Backend):
             raise StoreConfigError(f"sqlite database directory {self.path.parent} does not exist")
         self._refuse_fresh_over_history()
         existed = self.path.exists()
-        try:
-            # busy_timeout 0: a statement on the event loop never waits for another process;
-            # the one place that may wait (BEGIN IMMEDIATE) does so in a thread, see _begin.
-            # mode=rw: no file is created when it vanished since the check above (and `plain`:
-            # a leading // would be a URI authority)
-            target = self.path if self.create else f"file:{quote(plain)}?mode=rw"
+        # busy_timeout 0: a statement on the event loop never waits for another process; the
+        # places that may wait do so in a thread: BEGIN IMMEDIATE (see _begin) and this open,
+        # whose first statements need a lock another process may hold for a moment (a CLI
+        # reading while the WAL index is rebuilt after a crash, a migrate switching to WAL).
+        # mode=rw: no file is created when it vanished since the check above (and `plain`:
+        # a leading // would be a URI authority)
+        target = self.path if self.create else f"file:{quote(plain)}?mode=rw"
+
+        def open_connection() -> sqlite3.Connection:
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
-                                   timeout=0.0, uri=not self.create)  # fmt: skip
-            if not existed:
-                # Before the WAL and shared-memory files exist: SQLite gives them the database
-                # file's mode. Owner only, whatever the umask.
-                os.chmod(self.path, 0o600)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._sync}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            _size_cache(conn)
+                                   timeout=self.write_wait, uri=not self.create)  # fmt: skip
+            try:
+                if not existed:
+                    # Before the WAL and shared-memory files exist: SQLite gives them the
+                    # database file's mode. Owner only, whatever the umask.
+                    os.chmod(self.path, 0o600)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self._sync}")
+                conn.execute("PRAGMA foreign_keys=ON")
+                _size_cache(conn)
+                conn.execute("PRAGMA busy_timeout=0")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await anyio.to_thread.run_sync(open_connection)
         except (sqlite3.Error, OSError) as exc:
             raise StoreConfigError(f"cannot open sqlite database {self.path}: {exc}") from exc
         self._conn = conn

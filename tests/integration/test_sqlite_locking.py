@@ -45,3 +45,35 @@ async def test_a_write_waits_for_another_process_then_commits(sqlite_url: str) -
         release.join()
         other.close()
         await store.close()
+
+
+async def test_opening_waits_for_a_lock_another_process_holds_for_a_moment(sqlite_url: str) -> None:
+    """A daemon restarted after a crash opens the database while a CLI read or another open
+    holds a lock for a moment (rebuilding the WAL index, switching to WAL): it waits, in a
+    thread, instead of exiting with "database is locked"."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    await store.append(NewEvent(kind="X", session_id="s"))
+    await store.close()
+    other = sqlite3.connect(parse_sqlite_url(sqlite_url)[0], isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")  # holds the file against every reader
+    other.execute("BEGIN EXCLUSIVE")
+    other.execute("SELECT count(*) FROM events").fetchall()
+
+    def let_go() -> None:
+        other.execute("COMMIT")
+        other.close()  # an exclusive-mode connection lets go of the file when it closes
+
+    release = threading.Timer(0.4, let_go)
+    release.start()
+    try:
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            reopened = await open_store(sqlite_url, SystemClock())
+        try:
+            assert time.monotonic() - started >= 0.3
+            assert [e.kind for e in await reopened.replay("s")] == ["X"]
+        finally:
+            await reopened.close()
+    finally:
+        release.join()
+        other.close()
