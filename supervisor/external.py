@@ -70,6 +70,7 @@ _SCRUB_NAMES: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID
                                  "DATABASE_URL"})  # fmt: skip
 
 _CHUNK: Final = 64 * 1024
+_STDERR_DRAIN_READS: Final = 16  # at most 1 MiB read at a cycle's end
 _STDERR_LINES_PER_CYCLE: Final = 1000
 
 
@@ -448,6 +449,8 @@ class ExternalWorker(Worker):
         self._stderr_skipping = False
         self._stderr_budget = max_log_lines
         self._stderr_dropped = 0
+        self._stderr_fd: int | None = None
+        self._stderr_eof = False
         self._messages = 0
         self._needs_hello = False
         self._stopping = False
@@ -481,13 +484,15 @@ class ExternalWorker(Worker):
             self._stderr_budget = self.max_log_lines
             self._stderr_dropped = 0
             async with anyio.create_task_group() as tg:
-                assert process.stderr is not None
-                tg.start_soon(self._pump_stderr, process.stderr, name=f"{self.name}.stderr")
+                tg.start_soon(self._pump_stderr, name=f"{self.name}.stderr")
                 try:
                     await self._converse(ctx)
                 except Exception as exc:  # re-raised outside the task group, unwrapped
                     error = exc
                 tg.cancel_scope.cancel()
+            # What the child wrote to stderr before it ended its cycle is in the pipe by now:
+            # it belongs to this cycle's budget, however far behind the pump was.
+            self._drain_stderr()
             if self._stderr_dropped:
                 await ctx.gate.cap_hit("log_lines", worker=self.name, session=ctx.session,
                                        limit=self.max_log_lines, dropped=self._stderr_dropped)  # fmt: skip
@@ -719,16 +724,25 @@ class ExternalWorker(Worker):
     async def _ensure_started(self) -> anyio.abc.Process:
         if self._process is not None:
             return self._process
+        # The child's stderr is a pipe we read by descriptor: at the end of a cycle, what it
+        # wrote before its cycle_done is read at once, not when the loop gets round to it.
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
         try:
             process = await anyio.open_process(
                 launch_argv(self.argv, self.identity), env=child_environment(self.env),
-                cwd=self.cwd, start_new_session=True,
+                cwd=self.cwd, start_new_session=True, stderr=write_end,
             )  # fmt: skip
         except OSError as exc:
+            os.close(read_end)
             raise WorkerProtocolError(
                 f"worker {self.name}: cannot start {self.argv[0]!r}: {exc.strerror or exc}",
                 reason="start_failed",
             ) from None
+        finally:
+            os.close(write_end)
+        self._stderr_fd = read_end
+        self._stderr_eof = False
         assert process.stdout is not None
         self._process = process
         self._stdout = _LineReader(process.stdout, self.max_line)
@@ -780,11 +794,15 @@ class ExternalWorker(Worker):
                 # been reused by a stranger's group, which must never get our SIGKILL.
                 self._signal_group_only(process, signal.SIGKILL)
         # What the child said on its way out (a traceback) is worth a log line.
-        if process.stderr is not None:
+        if self._stderr_fd is not None:
             self._stderr_budget = self.max_log_lines  # its last words get their own budget
             with anyio.move_on_after(0.5):
-                await self._pump_stderr(process.stderr)
+                await self._pump_stderr()
+            self._drain_stderr()
             self._report_dropped()
+            fd, self._stderr_fd = self._stderr_fd, None
+            anyio.notify_closing(fd)
+            os.close(fd)
         if process.returncode is not None:
             with anyio.move_on_after(1.0):
                 await process.aclose()
@@ -798,16 +816,37 @@ class ExternalWorker(Worker):
 
     # -- stderr ------------------------------------------------------------------------------------
 
-    async def _pump_stderr(self, stream: anyio.abc.ByteReceiveStream) -> None:
+    async def _pump_stderr(self) -> None:
         """Forward stderr line by line until it ends; bounded per line and per cycle."""
-        while True:
+        fd = self._stderr_fd
+        while fd is not None and not self._stderr_eof:
             try:
-                chunk = await stream.receive(_CHUNK)
-            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await anyio.wait_readable(fd)
+            except (anyio.ClosedResourceError, anyio.BusyResourceError, OSError):
                 break
+            self._drain_stderr(reads=1)
+        self._end_stderr_line()
+
+    def _drain_stderr(self, reads: int = _STDERR_DRAIN_READS) -> None:
+        """Read what the pipe holds now, without waiting (bounded: a child writing as fast as
+        we read cannot keep us here; its lines are over budget anyway)."""
+        fd = self._stderr_fd
+        for _ in range(reads):
+            if fd is None or self._stderr_eof:
+                return
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                break
+                chunk = b""
+            if not chunk:
+                self._stderr_eof = True
+                self._end_stderr_line()
+                return
             self._stderr_feed(chunk)
+
+    def _end_stderr_line(self) -> None:
         if self._stderr_buffer and not self._stderr_skipping:
             self._stderr_line(bytes(self._stderr_buffer))
         self._stderr_buffer.clear()

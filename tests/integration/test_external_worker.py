@@ -703,6 +703,32 @@ async def test_caps_per_worker_refuse_and_drop_with_an_event_once(h: Harness) ->
     assert sorted(d["cap"] for c, d in alerts if c == "worker_cap") == ["approval_cap", "log_lines"]
 
 
+STDERR_THEN_DONE = """
+c = recv()
+for i in range(3000):  # about 180 KB: more than one pipe's worth and one read's worth
+    print("line %04d " % i + "x" * 50, file=sys.stderr)
+sys.stderr.flush()
+send({"type": "cycle_done", "state": {}})
+recv()
+"""
+
+
+async def test_stderr_written_before_cycle_done_counts_in_that_cycle(h: Harness) -> None:
+    """The child's stderr and its cycle_done arrive on two pipes. Whatever it wrote to stderr
+    before ending its cycle is counted in that cycle, however far behind the reader was when
+    cycle_done arrived: never carried into the next cycle's budget or its exit."""
+    worker = h.worker(STDERR_THEN_DONE, max_log_lines=30)
+    try:
+        with capture_logs() as logs:
+            await worker.cycle(h.ctx("ext-1", 0))
+    finally:
+        await worker.close()
+    lines = [e["line"] for e in logs if e["event"] == "worker.stderr"]
+    assert [line[:9] for line in lines] == [f"line {i:04d}" for i in range(30)]
+    dropped = [e for e in logs if e["event"] == "worker.stderr_dropped"]
+    assert [d["lines"] for d in dropped] == [2970]
+
+
 SLOW_EFFECT = """
 import signal
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child that ignores SIGTERM gets SIGKILL
