@@ -88,6 +88,19 @@ def parse_sqlite_url(url: str) -> tuple[Path, str]:
     return Path(path_part), _SYNC_MODES[sync]
 
 
+class _Batch:
+    """Transactions sharing one COMMIT. `error` is what every member raises, None when the
+    COMMIT returned."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+    def settle(self, error: Exception | None) -> None:
+        self.error = error
+        self.done.set()
+
+
 class _SQLiteTx:
     def __init__(self, conn: sqlite3.Connection, queries: dict[str, str], write: bool) -> None:
         self._conn = conn
@@ -132,6 +145,7 @@ class SQLiteBackend(Backend):
         self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
         self._readers: list[sqlite3.Connection] = []  # idle read-only connections
+        self._batch: _Batch | None = None  # the write transaction open for group commit
 
     @property
     def identity_path(self) -> Path:
@@ -289,8 +303,8 @@ class SQLiteBackend(Backend):
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self._conn is not None:
-            conn, self._conn = self._conn, None
-            async with self._lock:
+            async with self._idle_connection() as conn:
+                self._conn = None
                 conn.close()
 
     def _require(self) -> sqlite3.Connection:
@@ -322,39 +336,94 @@ class SQLiteBackend(Backend):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SQLiteTx]:
+        """Group commit. Each transaction's body runs in a SAVEPOINT of the open batch; the
+        batch's first member (its leader) queues for the connection again and commits every
+        body that ran meanwhile with one COMMIT (one fsync). Nobody leaves this block before
+        the COMMIT holding their writes has returned; when it fails, every member fails closed.
+        A lone writer queues behind nobody, so it commits at once."""
+        conn = self._require()
+        batch: _Batch | None = None
+        leader = joined = False
+        try:
+            async with self._lock:
+                if self._batch is None:
+                    await self._begin(conn)
+                    self._batch, leader = _Batch(), True
+                batch = self._batch
+                conn.execute("SAVEPOINT tx")
+                try:
+                    yield _SQLiteTx(conn, self._queries, write=True)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK TO tx")
+                        conn.execute("RELEASE tx")
+                    else:  # SQLite rolled the whole batch back (an I/O error, a full disk)
+                        self._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
+                    raise
+                conn.execute("RELEASE tx")
+                joined = True
+        finally:
+            if leader and batch is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._lead(batch)
+        if joined and batch is not None:
+            with anyio.CancelScope(shield=True):  # the outcome is learnt, whatever cancels us
+                await batch.done.wait()
+            if batch.error is not None:
+                error = batch.error
+                raise type(error)(*error.args) from error  # each member its own exception
+
+    async def _lead(self, batch: _Batch) -> None:
+        """Behind every body queued meanwhile (the lock is fair), commit the batch, unless a
+        reader or a failure has settled it already."""
+        async with self._lock:
+            if self._batch is batch:
+                await self._commit_batch()
+
+    async def _commit_batch(self) -> None:
+        """With the lock held: COMMIT the open batch and release its members."""
+        conn = self._require()
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        lost = self.lost(quick=True)
+        if lost is not None:
+            # Committing into a deleted inode would "succeed" and be lost: fail closed.
+            conn.execute("ROLLBACK")
+            batch.settle(StoreLost(lost))
+            return
+        try:
+            if self._commit_inline:
+                conn.execute("COMMIT")
+            else:
+                await anyio.to_thread.run_sync(conn.execute, "COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            batch.settle(StateWriteError(f"sqlite commit failed: {exc}"))
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            return
+        batch.settle(None)
+
+    def _fail_batch(self, error: Exception) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.settle(error)
+
+    @asynccontextmanager
+    async def _idle_connection(self) -> AsyncIterator[sqlite3.Connection]:
+        """The connection with no batch open: reads on it see committed rows only."""
         conn = self._require()
         async with self._lock:
-            await self._begin(conn)
-            try:
-                yield _SQLiteTx(conn, self._queries, write=True)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            lost = self.lost(quick=True)
-            if lost is not None:
-                # Committing into a deleted inode would "succeed" and be lost: fail closed.
-                conn.execute("ROLLBACK")
-                raise StoreLost(lost)
-            try:
-                if self._commit_inline:
-                    conn.execute("COMMIT")
-                else:
-                    await anyio.to_thread.run_sync(conn.execute, "COMMIT")
-            except BaseException as exc:
-                # Also on cancellation (a cycle deadline, shutdown): run_sync's checkpoint raises
-                # before COMMIT runs, and a transaction left open would make every later BEGIN on
-                # this connection fail ("cannot start a transaction within a transaction").
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StateWriteError(f"sqlite commit failed: {exc}") from exc
-                raise
+            if self._batch is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._commit_batch()
+            yield conn
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[_SQLiteTx]:
-        conn = self._require()
-        async with self._lock:
+        async with self._idle_connection() as conn:
             yield _SQLiteTx(conn, self._queries, write=False)
 
     def _open_reader(self) -> sqlite3.Connection:
@@ -412,8 +481,7 @@ class SQLiteBackend(Backend):
         return result
 
     async def schema_versions(self) -> list[int] | None:
-        conn = self._require()
-        async with self._lock:
+        async with self._idle_connection() as conn:
             try:
                 exists = conn.execute(
                     "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"

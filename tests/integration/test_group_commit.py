@@ -1,0 +1,251 @@
+"""Group commit: concurrent write transactions share one COMMIT on SQLite, and nobody is told
+their write is durable before the COMMIT that holds it has returned (promise 2). The crash test
+runs on both backends: whatever a writer was told is durable survives a SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from supervisor.clock import SystemClock
+from supervisor.errors import StateWriteError
+from supervisor.store import NewEvent, Store, open_store
+from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _backend(store: Store) -> SQLiteBackend:
+    backend = store.backend
+    assert isinstance(backend, SQLiteBackend)
+    return backend
+
+
+class _FailingCommit:
+    """The store's own connection, except that the next COMMIT fails as a full disk would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.armed = False
+        self.commits = 0
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.commits += 1
+            if self.armed:
+                self.armed = False
+                raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _committed(url: str) -> set[tuple[str, int]]:
+    path = "/" + str(parse_sqlite_url(url)[0]).lstrip("/")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {(s, int(q)) for s, q in conn.execute("SELECT session_id, seq FROM events")}
+    finally:
+        conn.close()
+
+
+async def _write_all(store: Store, writers: int) -> list[tuple[str, int | None, str | None]]:
+    """One state-bearing event per writer, all at once: (session, seq or None, error)."""
+    results: list[tuple[str, int | None, str | None]] = []
+
+    async def one(i: int) -> None:
+        session = f"s{i}"
+        try:
+            seq = await store.append(NewEvent(kind="X", session_id=session))
+        except StateWriteError as exc:
+            results.append((session, None, str(exc)))
+        else:
+            results.append((session, seq, None))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(writers):
+            tg.start_soon(one, i)
+    return results
+
+
+async def test_concurrent_writers_share_commits_and_each_is_durable_when_told(sqlite_url: str) -> None:
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    commits: list[str] = []
+    backend = _backend(store)
+    conn = backend._require()
+    conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        results = await _write_all(store, 50)
+    finally:
+        conn.set_trace_callback(None)
+        await store.close()
+    assert all(error is None for _s, _q, error in results), results
+    assert {(s, q) for s, q, _e in results} == _committed(sqlite_url)
+    assert len(results) == 50
+    assert 1 <= len(commits) < 50, f"{len(commits)} COMMITs for 50 concurrent transactions"
+
+
+async def test_a_lone_writer_commits_at_once(sqlite_url: str) -> None:
+    """One writer waits for nobody: each of its transactions is its own COMMIT, committed
+    before the call returns."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    try:
+        for i in range(5):
+            seq = await store.append(NewEvent(kind="X", session_id="alone"))
+            assert seq == i + 1
+            assert ("alone", seq) in _committed(sqlite_url)
+    finally:
+        await store.close()
+
+
+async def test_a_failed_commit_fails_every_member_of_its_batch_closed(sqlite_url: str) -> None:
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    failing = _FailingCommit(backend._require())
+    backend._conn = failing  # type: ignore[assignment]
+    try:
+        failing.armed = True
+        results = await _write_all(store, 20)
+        failed = [s for s, _q, error in results if error is not None]
+        told_durable = {(s, q) for s, q, error in results if error is None and q is not None}
+        committed = _committed(sqlite_url)
+        assert len(failed) >= 2, "the failed COMMIT held one transaction only"
+        assert all("sqlite commit failed" in str(e) for _s, _q, e in results if e is not None)
+        assert told_durable == committed, "a writer was told durable for a write not committed"
+        assert not any(s in failed for s, _q in committed)
+        # The store goes on: the next write commits.
+        assert await store.append(NewEvent(kind="X", session_id="after")) == 1
+        assert ("after", 1) in _committed(sqlite_url)
+    finally:
+        backend._conn = failing._conn
+        await store.close()
+
+
+async def test_a_transaction_that_raises_leaves_the_rest_of_its_batch_alone(sqlite_url: str) -> None:
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    outcomes: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        try:
+            async with store.transaction() as tx:
+                await store.append_in(tx, NewEvent(kind="X", session_id=f"s{i}"))
+                if i % 3 == 0:
+                    raise RuntimeError("the caller changed its mind")
+        except RuntimeError:
+            outcomes[i] = "raised"
+        else:
+            outcomes[i] = "committed"
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(one, i)
+    finally:
+        await store.close()
+    committed = {s for s, _q in _committed(sqlite_url)}
+    assert committed == {f"s{i}" for i, o in outcomes.items() if o == "committed"}
+    assert len(committed) == 20
+
+
+async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) -> None:
+    """A read on the store's connection while a batch is open commits that batch first, so
+    what it returns is on disk."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    seen: list[int] = []
+
+    async def reader() -> None:
+        for _ in range(40):
+            async with store.backend.reader() as tx:
+                row = await tx.fetchrow("stream_seq", "s0")
+            if row is not None and row["last_seq"]:
+                seen.append(int(row["last_seq"]))
+                assert ("s0", seen[-1]) in _committed(sqlite_url), "a read saw an uncommitted row"
+            await anyio.lowlevel.checkpoint()
+
+    async def writer() -> None:
+        for _ in range(20):
+            await store.append(NewEvent(kind="X", session_id="s0"))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            tg.start_soon(reader)
+    finally:
+        await store.close()
+    assert seen
+
+
+CHILD = """
+import sys
+import anyio
+from supervisor.clock import SystemClock
+from supervisor.store import NewEvent, open_store
+
+async def main(url):
+    store = await open_store(url, SystemClock(), migrate=True)
+
+    async def writer(i):
+        while True:
+            seq = await store.append(NewEvent(kind="X", session_id="w%d" % i))
+            sys.stdout.write("w%d %d\\n" % (i, seq))
+            sys.stdout.flush()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(writer, i)
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_a_crash_mid_batch_loses_only_what_nobody_was_told_was_durable(
+    store_url: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "writers.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Blocking reads on purpose: nothing else runs on this test's loop.
+    proc = subprocess.Popen([sys.executable, str(script), store_url], stdout=subprocess.PIPE,  # noqa: ASYNC220
+                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    assert proc.stdout is not None
+    told: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(told) < 2000 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            name, seq = line.decode().split()
+            told.append((name, int(seq)))
+    finally:
+        proc.send_signal(signal.SIGKILL)  # mid-batch: writers are always in flight
+        rest, err = proc.communicate(timeout=30)
+    assert len(told) >= 2000, err.decode()[-2000:]
+    for line in rest.decode().splitlines():  # told before the kill, read after it
+        name, seq = line.split()
+        told.append((name, int(seq)))
+    store = await open_store(store_url, SystemClock())
+    try:
+        missing = []
+        for name, seq in told:
+            events = await store.replay(name, after=seq - 1, limit=1)
+            if not events or events[0].seq != seq:
+                missing.append((name, seq))
+    finally:
+        await store.close()
+    assert not missing, f"{len(missing)} writes were reported durable and are not: {missing[:5]}"
