@@ -478,7 +478,7 @@ class ExternalWorker(Worker):
     async def cycle(self, ctx: CycleContext) -> None:
         completed = False
         try:
-            process = await self._ensure_started()
+            await self._ensure_started()
             error: Exception | None = None
             self._messages = 0
             self._stderr_budget = self.max_log_lines
