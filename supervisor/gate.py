@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,6 +52,17 @@ class GateObserver(Protocol):
     def observe_action(self, outcome: str, reason: str = "") -> None: ...
 
     def observe_latency(self, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One action going through `Gate.attempt`: what its block sees and sets."""
+
+    command_id: str
+    permit: Permit | None  # None when `replay` answers the command
+    replay: Outcome | None
+    result: Any = None  # what the effect returned, recorded with the outcome
+    outcome: Outcome | None = None  # the recorded outcome, once there is one
 
 
 @dataclass(slots=True)
@@ -451,25 +463,28 @@ class Gate:
         refuse = self.refuse
         worker, session, command_id = args["worker"], args["session"], args["command_id"]
         correlation_id = args["correlation_id"]
+        # The host file again, inside the transaction: an engage that landed while this action
+        # waited for the store must not leave a started record after it returned.
+        def switches(rows: list[Row]) -> str | None:
+            return self._verdict(action, rows, worker, session)
+
         if rerun:
-            refusal = await self._restart(action, worker=worker, session=session,
-                                          command_id=command_id, rule=decision.rule,
-                                          correlation_id=correlation_id)  # fmt: skip
-            if refusal is not None:
-                raise await refuse(action, reason=refusal[0], detail=refusal[1], **args)
-            return permit, None
-        status, info = await self.store.begin_action(
-            command_id=command_id, operation=operation, params=action.params, fleet=self.fleet,
-            session_id=session.id, worker=worker, name=action.name, risk=action.risk,
-            cost=action.cost, critical=action.critical, safe_to_retry=action.safe_to_retry,
-            rule=decision.rule, correlation_id=correlation_id, agent_id=action.agent_id,
-            # The host file again, inside the transaction: an engage that landed while this
-            # action waited for the store must not leave a started record after it returned.
-            host=self.host, owner=self.owner,
-            kill_switch_check=lambda rows: self._verdict(action, rows, worker, session),
-            identity=action.identity, model=action.model, tokens=action.tokens,
-            decision=decision.outcome,
-        )  # fmt: skip
+            status, info = await self.store.restart_action(
+                command_id=command_id, fleet=self.fleet, session_id=session.id, worker=worker,
+                name=action.name, risk=action.risk, cost=action.cost, rule=decision.rule,
+                correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
+                owner=self.owner, kill_switch_check=switches,
+            )  # fmt: skip
+        else:
+            status, info = await self.store.begin_action(
+                command_id=command_id, operation=operation, params=action.params,
+                fleet=self.fleet, session_id=session.id, worker=worker, name=action.name,
+                risk=action.risk, cost=action.cost, critical=action.critical,
+                safe_to_retry=action.safe_to_retry, rule=decision.rule,
+                correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
+                owner=self.owner, kill_switch_check=switches, identity=action.identity,
+                model=action.model, tokens=action.tokens, decision=decision.outcome,
+            )  # fmt: skip
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
         if status == "no_window":
@@ -484,7 +499,7 @@ class Gate:
                 await self.on_alert("budget_exhausted", {"session": session.id})
             raise await refuse(action, reason="budget", detail="window budget spent", **args)
         if status == "replay":
-            # A racing twin wrote the started record first: it owns the effect.
+            # A racing twin wrote the started record (or the re-run's) first: it owns the effect.
             raise await refuse(action, reason="in_doubt", detail="started by a concurrent retry", **args)
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
@@ -519,48 +534,44 @@ class Gate:
         except Exception as exc:  # a shadow's failure is counted and logged, never raised
             shadow.failed(exc)
 
-    async def _restart(
+    @asynccontextmanager
+    async def attempt(
         self,
         action: Action,
         *,
         worker: str,
         session: Session,
         command_id: str,
-        rule: str,
-        correlation_id: str | None,
-    ) -> tuple[str, str] | None:
-        """Re-run an in-doubt action declared safe to retry, under its command_id. Marking it
-        in-doubt released its reservation, so the re-run passes the switches, reserves again in
-        the current window and writes a new started record, in one transaction.
-        Returns None when it may run, else (reason, detail) of the refusal."""
-        refusal: list[tuple[str, str]] = []
-        try:
-            async with self.store.transaction() as tx:
-                rows = await tx.fetchall("kill_switches_for_start", self.fleet)
-                problem = self._verdict(action, rows, worker, session)
-                if problem is not None:
-                    refusal.append(("killswitch", problem))
-                elif not await tx.fetchrow("reserve_budget", action.cost, session.id, action.cost,
-                                           self.store.clock.now()):  # fmt: skip
-                    row = await tx.fetchrow("get_session", session.id)
-                    if row is not None and row["status"] == "open" and row["ends_at"] > self.store.clock.now():
-                        refusal.append(("budget", "window budget spent"))
-                    else:
-                        refusal.append(("no_window", "window closed meanwhile"))
-                elif await tx.fetchrow("restart_action", self.store.clock.now(), session.id,
-                                       self.host, self.owner, command_id) is None:  # fmt: skip
-                    refusal.append(("in_doubt", "re-run started by a concurrent retry"))
-                if refusal:
-                    raise _Rollback()
-                await self.store.append_in(tx, NewEvent(
-                    kind=ev.ACTION_STARTED, session_id=session.id, command_id=command_id,
-                    payload={"action": action.name, "risk": action.risk, "cost": action.cost,
-                             "rule": rule, "rerun": True},
-                    correlation_id=correlation_id, worker=worker, agent_id=action.agent_id,
-                ))  # fmt: skip
-        except _Rollback:
-            return refusal[0]
-        return None
+        approval_key: str | None = None,
+        correlation_id: str | None = None,
+        pending_cap: int | None = None,
+    ) -> AsyncIterator[Attempt]:
+        """The one path of an action's life: admit (every check, the started record), the last
+        look, the block (the effect), the outcome record. `ctx.dispatch`, `ctx.guard` and the
+        external worker's proposals all come through here; nothing else writes an outcome.
+
+        The block sees `attempt.replay` set when a stored outcome answers the command (nothing
+        may run), else `attempt.permit`; it may set `attempt.result`. A block that raises is
+        recorded failed and the exception goes on; cancellation leaves the started record open
+        (the outcome is unknown: the recovery scan marks it in-doubt, guessing would be a lie)."""
+        t0 = time.perf_counter()
+        action = self.policy.mark(action)
+        with structlog.contextvars.bound_contextvars(command_id=command_id):
+            permit, replay = await self.admit(
+                action, worker=worker, session=session, command_id=command_id,
+                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
+            )  # fmt: skip
+            if replay is not None:
+                yield Attempt(command_id, None, replay)
+                return
+            assert permit is not None
+            attempt = Attempt(command_id, permit, None)
+            try:
+                async with self._effect(action, attempt, worker=worker, session=session,
+                                        correlation_id=correlation_id, t0=t0):  # fmt: skip
+                    yield attempt
+            finally:
+                self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
 
     async def run(
         self,
@@ -574,44 +585,29 @@ class Gate:
         correlation_id: str | None = None,
         pending_cap: int | None = None,
     ) -> Outcome:
-        t0 = time.perf_counter()
-        action = self.policy.mark(action)
-        with structlog.contextvars.bound_contextvars(command_id=command_id):
-            return await self._run(action, effect, worker=worker, session=session,
-                                   command_id=command_id, approval_key=approval_key,
-                                   correlation_id=correlation_id, t0=t0,
-                                   pending_cap=pending_cap)  # fmt: skip
-
-    async def _run(
-        self,
-        action: Action,
-        effect: Effect,
-        *,
-        worker: str,
-        session: Session,
-        command_id: str,
-        approval_key: str | None,
-        correlation_id: str | None,
-        t0: float,
-        pending_cap: int | None = None,
-    ) -> Outcome:
-        permit, replay = await self.admit(
-            action, worker=worker, session=session, command_id=command_id,
-            approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
-        )  # fmt: skip
-        if replay is not None:
-            return replay
-        assert permit is not None
+        """`attempt` around `effect`: its Outcome, a failed effect included (not raised)."""
+        attempt: Attempt | None = None
         try:
-            return await self._effect(action, effect, worker=worker, session=session,
-                                      command_id=command_id, correlation_id=correlation_id, t0=t0)  # fmt: skip
-        finally:
-            self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
+            async with self.attempt(
+                action, worker=worker, session=session, command_id=command_id,
+                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
+            ) as attempt:  # fmt: skip
+                if attempt.replay is not None:
+                    return attempt.replay
+                attempt.result = await effect()
+        except Exception:
+            if attempt is not None and attempt.outcome is not None:
+                return attempt.outcome  # the effect failed, and that is recorded
+            raise
+        assert attempt.outcome is not None
+        return attempt.outcome
 
+    @asynccontextmanager
     async def _effect(
-        self, action: Action, effect: Effect, *, worker: str, session: Session, command_id: str,
+        self, action: Action, attempt: Attempt, *, worker: str, session: Session,
         correlation_id: str | None, t0: float,
-    ) -> Outcome:  # fmt: skip
+    ) -> AsyncIterator[None]:  # fmt: skip
+        command_id = attempt.command_id
         # Tracked from the last look on: an emergency observed while it reads the switches
         # stops the action before its effect.
         entry = self.track(command_id, worker, session.id)
@@ -626,18 +622,18 @@ class Gate:
         self.stats.admitted += 1
         if self.observer is not None:
             self.observer.observe_latency(time.perf_counter() - t0)
-        result: Any = None
         try:
-            with entry.scope:
-                result = await effect()
+            with entry.scope:  # an emergency cancels the block at its next await
+                yield
         except Exception as exc:
             if entry.stopped_by is not None:
                 raise await self.stopped(action, entry, worker=worker, session=session,
                                          command_id=command_id) from None  # fmt: skip
+            error = f"{type(exc).__name__}: {exc}"
             await self.finish(action, worker=worker, session=session, command_id=command_id,
-                              ok=False, error=f"{type(exc).__name__}: {exc}",
-                              correlation_id=correlation_id)  # fmt: skip
-            return Outcome(command_id, "failed", None, f"{type(exc).__name__}: {exc}", replayed=False)
+                              ok=False, error=error, correlation_id=correlation_id)  # fmt: skip
+            attempt.outcome = Outcome(command_id, "failed", None, error, replayed=False)
+            raise
         except BaseException as exc:
             # A stopped external child may be seen to die (EOF) before the cancellation lands.
             if entry.stopped_by is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -650,8 +646,8 @@ class Gate:
             raise await self.stopped(action, entry, worker=worker, session=session,
                                      command_id=command_id)  # fmt: skip
         await self.finish(action, worker=worker, session=session, command_id=command_id,
-                          ok=True, result=result, correlation_id=correlation_id)  # fmt: skip
-        return Outcome(command_id, "succeeded", result, None, replayed=False)
+                          ok=True, result=attempt.result, correlation_id=correlation_id)  # fmt: skip
+        attempt.outcome = Outcome(command_id, "succeeded", attempt.result, None, replayed=False)
 
     def switch_moved(self, clock: Any) -> None:
         """A switch changed (the daemon's watchers call this): wake everyone waiting on it."""
@@ -723,10 +719,6 @@ class Gate:
 
 # Refusals where governance itself said no (the rest refuse what governance let through).
 _GOVERNANCE_DENIALS = frozenset({"policy", "model_access", "token_budget"})
-
-
-class _Rollback(Exception):
-    """Internal: undo a re-run's transaction that must not start."""
 
 
 def _jsonable(value: Any) -> Any:

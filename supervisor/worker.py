@@ -163,45 +163,15 @@ class CycleContext:
         if isinstance(action, str):
             action = Action(name=action, params=dict(params or {}), risk=risk, cost=cost,
                             critical=critical, agent_id=agent_id)  # fmt: skip
-        action = self.gate.policy.mark(action)
         command_id = self._command_id(idempotency_key)
-        permit, replay = await self.gate.admit(
+        async with self.gate.attempt(
             action, worker=self.worker, session=self.session, command_id=command_id,
             approval_key=idempotency_key, correlation_id=self.correlation_id,
-        )  # fmt: skip
-        if replay is not None:
-            raise ActionAlreadyDone(replay)
-        assert permit is not None
-        try:
-            entry = self.gate.track(command_id, self.worker, self.session.id)
-            try:
-                await self.gate.last_look(action, worker=self.worker, session=self.session,
-                                          command_id=command_id, entry=entry)  # fmt: skip
-            except BaseException:
-                self.gate.in_flight.pop(command_id, None)
-                raise
-            try:
-                with entry.scope:  # an emergency cancels the block at its next await
-                    yield permit
-            except Exception as exc:
-                if entry.stopped_by is not None:
-                    raise await self.gate.stopped(action, entry, worker=self.worker,
-                                                  session=self.session, command_id=command_id) from None  # fmt: skip
-                await self.gate.finish(action, worker=self.worker, session=self.session,
-                                       command_id=command_id, ok=False,
-                                       error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-                raise
-            finally:
-                self.gate.in_flight.pop(command_id, None)
-            if entry.scope.cancelled_caught:
-                raise await self.gate.stopped(action, entry, worker=self.worker, session=self.session,
-                                              command_id=command_id)  # fmt: skip
-            # Cancellation (BaseException) leaves the started record open: the outcome is unknown,
-            # and the recovery scan marks it in-doubt. Guessing "done" or "failed" would be a lie.
-            await self.gate.finish(action, worker=self.worker, session=self.session,
-                                   command_id=command_id, ok=True)  # fmt: skip
-        finally:
-            self.gate.owned.discard(command_id)  # no longer this process's to finish
+        ) as attempt:  # fmt: skip
+            if attempt.replay is not None:
+                raise ActionAlreadyDone(attempt.replay)
+            assert attempt.permit is not None
+            yield attempt.permit
 
 
 def _bind(effect: Callable[..., Awaitable[Any]], command_id: str) -> Effect:

@@ -697,21 +697,8 @@ class Store:
         refused: dict[str, str] = {}
 
         async def body(tx: Tx) -> dict[str, Any]:
-            switches = await tx.fetchall("kill_switches_for_start", fleet)
-            problem = kill_switch_check(switches)
-            if problem is not None:
-                refused["reason"] = "killswitch"
-                refused["detail"] = problem
-                raise _Refused()
-            if await tx.fetchrow("reserve_budget", cost, session_id, cost, self.clock.now()) is None:
-                session = await tx.fetchrow("get_session", session_id)
-                window_open = (
-                    session is not None
-                    and session["status"] == "open"
-                    and session["ends_at"] > self.clock.now()
-                )
-                refused["reason"] = "budget" if window_open else "no_window"
-                raise _Refused()
+            await self._may_start_in(tx, fleet=fleet, session_id=session_id, cost=cost,
+                                     kill_switch_check=kill_switch_check, refused=refused)  # fmt: skip
             now = self.clock.now()
             await tx.execute(
                 "insert_action", command_id, fleet, session_id, worker, name,
@@ -738,6 +725,68 @@ class Store:
         except _Refused:
             return refused["reason"], dict(refused)
         return ("started" if fresh else "replay"), result
+
+    async def _may_start_in(
+        self, tx: Tx, *, fleet: str, session_id: str, cost: float,
+        kill_switch_check: Callable[[list[Row]], str | None], refused: dict[str, str],
+    ) -> None:  # fmt: skip
+        """What a started record needs, checked where it is written: the store's switches and a
+        reservation in an open window. Raises _Refused with the reason in `refused`."""
+        problem = kill_switch_check(await tx.fetchall("kill_switches_for_start", fleet))
+        if problem is not None:
+            refused.update(reason="killswitch", detail=problem)
+            raise _Refused()
+        if await tx.fetchrow("reserve_budget", cost, session_id, cost, self.clock.now()) is None:
+            session = await tx.fetchrow("get_session", session_id)
+            window_open = (
+                session is not None
+                and session["status"] == "open"
+                and session["ends_at"] > self.clock.now()
+            )
+            refused["reason"] = "budget" if window_open else "no_window"
+            raise _Refused()
+
+    async def restart_action(
+        self,
+        *,
+        command_id: str,
+        fleet: str,
+        session_id: str,
+        worker: str,
+        name: str,
+        risk: str,
+        cost: float,
+        rule: str,
+        correlation_id: str | None,
+        agent_id: str | None,
+        kill_switch_check: Callable[[list[Row]], str | None],
+        host: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A new started record for an action that was halted, or in-doubt and safe to retry,
+        under its command_id: the same checks as `begin_action` (marking it in-doubt released
+        its reservation, so it reserves again in the current window), the same statuses, one
+        transaction. "replay" when a concurrent re-run started it first."""
+        from ..events import ACTION_STARTED
+
+        refused: dict[str, str] = {}
+        try:
+            async with self.transaction() as tx:
+                await self._may_start_in(tx, fleet=fleet, session_id=session_id, cost=cost,
+                                         kill_switch_check=kill_switch_check, refused=refused)  # fmt: skip
+                if await tx.fetchrow("restart_action", self.clock.now(), session_id, host, owner,
+                                     command_id) is None:  # fmt: skip
+                    refused["reason"] = "replay"
+                    raise _Refused()
+                await self.append_in(tx, NewEvent(
+                    kind=ACTION_STARTED, session_id=session_id, command_id=command_id,
+                    payload={"action": name, "risk": risk, "cost": cost, "rule": rule,
+                             "rerun": True},
+                    correlation_id=correlation_id, worker=worker, agent_id=agent_id,
+                ))  # fmt: skip
+        except _Refused:
+            return refused["reason"], dict(refused)
+        return "started", {"status": "started"}
 
     async def finish_action(
         self,

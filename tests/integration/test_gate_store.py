@@ -599,3 +599,46 @@ async def test_engage_while_waiting_for_the_store_leaves_no_started_record(
     assert await rig.events(ev.ACTION_STARTED) == []
     row = await rig.store.fetchrow("get_session", rig.session.id)
     assert row is not None and row["reserved_actions"] == 0
+
+
+# --- one attempt path: dispatch and guard record alike -------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["dispatch", "guard", "guard-fails"])
+async def test_a_guarded_action_is_recorded_like_a_dispatched_one(rig: Rig, tmp_path: Path, way: str) -> None:
+    """`ctx.guard` and `ctx.dispatch` go through `Gate.attempt`: the outcome carries the
+    cycle's correlation id, and the action counts as admitted with its latency observed (a
+    guarded one used to be recorded with no correlation id and counted nowhere)."""
+    import random
+
+    from supervisor.worker import CycleContext, EffectLog
+
+    seen: list[float] = []
+
+    class Observer:
+        def observe_action(self, outcome: str, reason: str = "") -> None:
+            pass
+
+        def observe_latency(self, seconds: float) -> None:
+            seen.append(seconds)
+
+    rig.gate.observer = Observer()
+    rig.gate.stats.latencies = []
+    ctx = CycleContext(fleet=FLEET, worker="w1", cycle=3, session=rig.session, gate=rig.gate,
+                       clock=rig.clock, rng=random.Random(3),
+                       effects=EffectLog(tmp_path / "effects.jsonl"), correlation_id="corr-3")  # fmt: skip
+    if way == "dispatch":
+        await ctx.dispatch(act("demo.rotate"))
+    elif way == "guard":
+        async with ctx.guard("demo.rotate", params={"n": 1}, risk="low"):
+            pass
+    else:
+        with pytest.raises(RuntimeError):
+            async with ctx.guard("demo.rotate", params={"n": 1}, risk="low"):
+                raise RuntimeError("rotation failed")
+    kind = ev.ACTION_FAILED if way == "guard-fails" else ev.ACTION_SUCCEEDED
+    started, done = await rig.events(ev.ACTION_STARTED), await rig.events(kind)
+    assert len(started) == len(done) == 1
+    assert started[0].correlation_id == done[0].correlation_id == "corr-3"
+    assert rig.gate.stats.admitted == 1
+    assert len(rig.gate.stats.latencies) == 1 and len(seen) == 1

@@ -211,6 +211,32 @@ async def test_safe_rerun_respects_the_budget_of_its_window(rig: Rig) -> None:
         2.0, 0.0, 0)  # fmt: skip
 
 
+async def test_a_rerun_refused_for_budget_is_announced_like_a_fresh_attempt(rig: Rig) -> None:
+    """A re-run and a fresh attempt start through one store call: a budget refusal of either
+    writes BUDGET_EXHAUSTED once and raises the alert (the re-run's used to do neither)."""
+    alerts: list[tuple[str, Any]] = []
+
+    async def on_alert(condition: str, detail: Any) -> None:
+        alerts.append((condition, dict(detail)))
+
+    rig.gate.on_alert = on_alert
+    session = await rig.window(rig.clock.now(), max_cost=3.0)
+    action = act(safe=True, cost=2.0)
+    await rig.begin(session, "cmd-safe", action)
+    rig.clock.advance(timedelta(minutes=1))
+    await rig.scan()
+    await rig.run(act("demo.fill", cost=2.0), "cmd-fill", session)
+
+    with pytest.raises(ActionDenied) as refused:
+        await rig.run(action, "cmd-safe", session)
+    assert refused.value.reason == "budget"
+    exhausted = await rig.events(session.id, ev.BUDGET_EXHAUSTED)
+    assert len(exhausted) == 1 and exhausted[0].reason == "budget"
+    assert alerts == [("budget_exhausted", {"session": session.id})]
+    denials = await rig.events(session.id, ev.ACTION_DENIED)
+    assert [(e.reason, e.command_id) for e in denials] == [("budget", "cmd-safe")]
+
+
 async def test_not_safe_in_doubt_action_is_refused_not_rerun(rig: Rig) -> None:
     session = await rig.window(rig.clock.now())
     action = act(safe=False)
