@@ -427,7 +427,7 @@ def plan_args(now: datetime) -> list[tuple[str, tuple[Any, ...]]]:
         ("close_session", ("recovered", HOST, now, "x")),
         ("decide_approval", ("expired", "deadline", now, "r", "once", None, None, "x")),
         ("escalate_approval", ("oncall", now, "x")),
-        ("next_seq", ("x",)),
+        ("stream_seq", ("x",)),
     ]
     return out
 

@@ -343,23 +343,19 @@ class Gate:
 
         # 2. idempotency: a stored outcome answers; the same id with other params is a conflict
         operation = f"action:{action.name}"
-        stored = await self.store.lookup_command(command_id, operation, action.params)
+        stored = await self.store.lookup_action(command_id, operation, action.params)
         rerun = False
         if stored is not None:
-            if stored.get("status") in ("succeeded", "failed"):
-                return None, Outcome(command_id, stored["status"], stored.get("result"),
-                                     stored.get("error"), replayed=True)  # fmt: skip
-            row = await self.store.get_action(command_id)
-            if row is not None and (
-                row["status"] == "halted"  # stopped at the last look: nothing ran, so it may run
-                or (row["status"] == "in_doubt" and row["safe_to_retry"])
-            ):
-                rerun = True
+            if stored.status in ("succeeded", "failed"):
+                return None, Outcome(command_id, stored.status, stored.result, stored.error,
+                                     replayed=True)  # fmt: skip
+            if stored.status == "halted" or (stored.status == "in_doubt" and stored.safe_to_retry):
+                rerun = True  # halted at the last look: nothing ran, so it may run
             else:
-                status = row["status"] if row else "unknown"
                 raise await refuse(
                     action, reason="in_doubt",
-                    detail=f"started before without an outcome (status {status}); not re-run",
+                    detail=f"started before without an outcome (status {stored.status or 'unknown'}); "
+                    "not re-run",
                     **args,
                 )  # fmt: skip
 

@@ -169,8 +169,3 @@ async def resolve_in_doubt(store: Store, command_id: str, *, done: bool, by: str
                      payload={"as": "done" if done else "failed", "by": by},
                      command_id=command_id, worker=row["worker"]),
         )  # fmt: skip
-        stored = {"status": "succeeded" if done else "failed", "result": None,
-                  "error": None if done else f"resolved as failed by {by}"}  # fmt: skip
-        from .actions import canonical_json
-
-        await tx.execute("update_command_result", canonical_json(stored), command_id)

@@ -62,6 +62,16 @@ class FenceLost(StateWriteError):
 
 
 @dataclass(frozen=True, slots=True)
+class ActionRecord:
+    """An action as its retry sees it: status None when the ledger names no action row."""
+
+    status: str | None  # started | succeeded | failed | halted | in_doubt
+    result: Any
+    error: str | None
+    safe_to_retry: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Fence:
     """The lease a singleton duty holds; every write it makes checks it in the same transaction."""
 
@@ -354,15 +364,21 @@ class Store:
     # -- commands and events ------------------------------------------------------------------
 
     async def run_command(
-        self, command_id: str, operation: str, params: Any, body: CommandBody
-    ) -> tuple[dict[str, Any], bool]:
+        self, command_id: str, operation: str, params: Any, body: CommandBody,
+        *, claim: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
         """Run `body` once per command_id, in one transaction with its ledger row.
 
+        `claim`: the result `body` returns, known in advance. The ledger row is then written
+        first, so a racing twin waits on it (Postgres) and comes back as a replay, and a fresh
+        command costs one ledger statement instead of a read and a write.
         Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
         """
         digest = params_hash(operation, params)
 
         async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
+            if claim is not None:
+                return await self._claim_command_once(command_id, operation, digest, body, claim)
             return await self._run_command_once(command_id, operation, digest, body)
 
         # A retry after a lost connection is safe: an earlier attempt that did commit left its
@@ -425,8 +441,25 @@ class Store:
             raise StateWriteError(f"command {command_id}: write conflict without a stored result")
         return self._stored(command_id, stored, operation, digest), False
 
+    async def _claim_command_once(
+        self, command_id: str, operation: str, digest: str, body: CommandBody,
+        claim: dict[str, Any],
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        async with self.transaction() as tx:
+            claimed = await tx.fetchrow("claim_command", command_id, operation, digest,
+                                        canonical_json(claim), self.clock.now())  # fmt: skip
+            if claimed is None:
+                stored = await tx.fetchrow("get_command", command_id)
+                if stored is None:
+                    raise StateWriteError(f"command {command_id}: claimed, but no stored result")
+                return self._stored(command_id, stored, operation, digest), False
+            result = await body(tx)
+            if result != claim:
+                raise StateWriteError(f"command {command_id}: ran to {result}, claimed {claim}")
+        return result, True
+
     @staticmethod
-    def _stored(command_id: str, stored: Row, operation: str, digest: str) -> dict[str, Any]:
+    def _same_command(command_id: str, stored: Row, operation: str, digest: str) -> None:
         if stored["operation"] != operation or stored["params_hash"] != digest:
             raise IdempotencyConflict(
                 command_id,
@@ -435,8 +468,31 @@ class Store:
                 operation=operation,
                 params_hash=digest,
             )
+
+    @classmethod
+    def _stored(cls, command_id: str, stored: Row, operation: str, digest: str) -> dict[str, Any]:
+        cls._same_command(command_id, stored, operation, digest)
         result: dict[str, Any] = json.loads(stored["result"])
         return result
+
+    async def lookup_action(
+        self, command_id: str, operation: str, params: Any
+    ) -> ActionRecord | None:
+        """Where an action's command_id stands, in one read of its ledger row and action row;
+        None if unknown; IdempotencyConflict if the id was used for something else. An action's
+        outcome lives in its action row only: the ledger row holds the claim."""
+        async with self.backend.reader() as tx:
+            row = await tx.fetchrow("lookup_action", command_id)
+        if row is None:
+            return None
+        self._same_command(command_id, row, operation, params_hash(operation, params))
+        status, error = row["status"], row["error"]
+        if status == "resolved_done":
+            status = "succeeded"
+        elif status == "resolved_failed":
+            status, error = "failed", f"resolved as failed by {row['resolved_by']}"
+        result = json.loads(row["result"]) if row["result"] is not None else None
+        return ActionRecord(status, result, error, bool(row["safe_to_retry"]))
 
     async def lookup_command(
         self, command_id: str, operation: str, params: Any
@@ -450,16 +506,9 @@ class Store:
 
     async def append_in(self, tx: Tx, event: NewEvent, at: datetime | None = None) -> int:
         """Append inside an open transaction; returns the seq."""
-        row = await tx.fetchrow("next_seq", event.session_id)
-        if row is None:
-            await tx.execute("ensure_stream", event.session_id)
-            row = await tx.fetchrow("next_seq", event.session_id)
-            assert row is not None
-        seq = int(row["last_seq"])
-        await tx.execute(
+        row = await tx.fetchrow(
             "insert_event",
             event.session_id,
-            seq,
             event.kind,
             event.reason,
             canonical_json(dict(event.payload)),
@@ -470,6 +519,8 @@ class Store:
             event.agent_id,
             at or self.clock.now(),
         )
+        assert row is not None
+        seq = int(row["seq"])
         return seq
 
     async def append(self, event: NewEvent) -> int | None:
@@ -721,7 +772,8 @@ class Store:
             return {"status": "started"}
 
         try:
-            result, fresh = await self.run_command(command_id, operation, params, body)
+            result, fresh = await self.run_command(command_id, operation, params, body,
+                                                   claim={"status": "started"})  # fmt: skip
         except _Refused:
             return refused["reason"], dict(refused)
         return ("started" if fresh else "replay"), result
@@ -855,8 +907,6 @@ class Store:
                         worker=worker,
                     ),
                 )
-                stored = {"status": final, "result": result, "error": error}
-                await tx.execute("update_command_result", canonical_json(stored), command_id)
 
         # The effect has run: its outcome is known, so it is written until it lands. Only a
         # daemon that stops first leaves the started record open (in-doubt after recovery).

@@ -642,3 +642,40 @@ async def test_a_guarded_action_is_recorded_like_a_dispatched_one(rig: Rig, tmp_
     assert started[0].correlation_id == done[0].correlation_id == "corr-3"
     assert rig.gate.stats.admitted == 1
     assert len(rig.gate.stats.latencies) == 1 and len(seen) == 1
+
+
+# --- the hot path's statements ------------------------------------------------------------------
+
+#: Named statements of one governed, auto-approved action, from the ledger lookup to the outcome:
+#: lookup_action; claim_command, kill_switches_for_start, reserve_budget, insert_action,
+#: insert_event (started); kill_switches (last look); kill_switches_for_start, finish_action,
+#: settle_budget, insert_event (outcome). It was 17 with the sequence number read apart from
+#: each event, the ledger read twice, written apart from its claim and again with the outcome.
+HOT_PATH_STATEMENTS = 11
+
+
+async def test_a_governed_action_costs_at_most_its_statement_budget(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.store.postgres import _PgTx
+    from supervisor.store.sqlite import _SQLiteTx
+
+    ran: list[str] = []
+    for tx_class in (_SQLiteTx, _PgTx):
+        for method in ("execute", "fetchrow", "fetchall"):
+            original = getattr(tx_class, method)
+
+            def counting(original: Any) -> Any:
+                async def call(self: Any, name: str, *args: Any) -> Any:
+                    ran.append(name)
+                    return await original(self, name, *args)
+
+                return call
+
+            monkeypatch.setattr(tx_class, method, counting(original))
+    await rig.run(act(), "cmd-warm")  # the stream's first event and other first-time work
+    ran.clear()
+    outcome = await rig.run(act(params={"n": 2}), "cmd-counted")
+    assert outcome.status == "succeeded"
+    assert len(ran) <= HOT_PATH_STATEMENTS, f"{len(ran)} statements: {ran}"
+    assert ran.count("lookup_action") <= 1 and ran.count("kill_switches") <= 1, ran

@@ -134,8 +134,8 @@ async def test_an_outcome_cut_by_a_lost_connection_is_written_on_reconnect(
     assert kinds.count(ev.ACTION_STARTED) == 1 and kinds.count(ev.ACTION_SUCCEEDED) == 1
     session = await rig.reload_session()
     assert session.used_actions == 1, "charged once"
-    stored = await rig.store.lookup_command("cut-1", "action:demo.do", {"n": 1})
-    assert stored is not None and stored["status"] == "succeeded"
+    stored = await rig.store.lookup_action("cut-1", "action:demo.do", {"n": 1})
+    assert stored is not None and stored.status == "succeeded"
 
 
 async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twice(

@@ -310,6 +310,17 @@ async def test_concurrent_twins_of_one_command_take_effect_once(store: Store) ->
     assert len(calls) >= 1  # rolled-back twins may have run the body; none committed it
 
 
+async def test_racing_twins_of_a_start_replay_even_when_the_window_is_full(store: Store) -> None:
+    """The ledger row is claimed first: a twin that loses the race comes back as a replay, never
+    as a budget refusal because it saw the winner's reservation first (Postgres used to)."""
+    session, _ = await open_window(store, max_actions=1)
+    statuses = await concurrently(30, lambda _i: begin(store, session.id, "cmd-twin", 1.0))
+    assert Counter(statuses) == Counter({"started": 1, "replay": 29})
+    row = await budget_row(store, session.id)
+    assert (row["reserved_actions"], row["reserved_cost"]) == (1, 1.0)
+    assert (await kinds(store, session.id))[ACTION_STARTED] == 1
+
+
 # --- 5. budgets ---------------------------------------------------------------------------------
 
 

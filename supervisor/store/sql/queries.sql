@@ -8,19 +8,17 @@ SELECT operation, params_hash, result FROM commands WHERE command_id = ?;
 -- name: insert_command
 INSERT INTO commands (command_id, operation, params_hash, result, created_at) VALUES (?, ?, ?, ?, ?);
 
--- name: update_command_result
-UPDATE commands SET result = ? WHERE command_id = ?;
+-- name: claim_command
+-- The ledger row first: a racing twin's claim waits for this transaction and then finds it.
+INSERT INTO commands (command_id, operation, params_hash, result, created_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (command_id) DO NOTHING
+RETURNING command_id;
 
 -- name: ensure_stream
 INSERT INTO streams (id, last_seq) VALUES (?, 0) ON CONFLICT (id) DO NOTHING;
 
--- name: next_seq
-UPDATE streams SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq;
-
--- name: insert_event
-INSERT INTO events (session_id, seq, kind, reason, payload, state_bearing, command_id,
-                    correlation_id, worker, agent_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+-- insert_event (the event and its sequence number in one statement) differs by dialect: see
+-- sql/<dialect>/queries.sql.
 
 -- name: replay
 SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?;
@@ -77,6 +75,11 @@ INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, 
                      safe_to_retry, status, rule, started_at, host, owner, identity, model,
                      tokens, decision)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: lookup_action
+SELECT c.operation, c.params_hash, a.status, a.result, a.error, a.safe_to_retry, a.resolved_by
+FROM commands c LEFT JOIN actions a ON a.command_id = c.command_id
+WHERE c.command_id = ?;
 
 -- name: get_action
 SELECT * FROM actions WHERE command_id = ?;

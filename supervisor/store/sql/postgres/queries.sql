@@ -23,3 +23,16 @@ SET status = ?, decided_by = ?, decided_at = ?, reason = ?, next_check_at = NULL
     scope = ?, max_uses = ?, max_cost = ?
 WHERE id = ? AND fleet = ? AND status = 'pending' AND deadline > COALESCE(?::timestamptz, now())
 RETURNING id;
+
+-- name: insert_event
+-- The stream's next sequence number and the event in one statement: the upsert locks the
+-- stream's row, so concurrent appends to one stream take consecutive numbers.
+WITH s AS (
+    INSERT INTO streams (id, last_seq) VALUES (?, 1)
+    ON CONFLICT (id) DO UPDATE SET last_seq = streams.last_seq + 1
+    RETURNING id, last_seq
+)
+INSERT INTO events (session_id, seq, kind, reason, payload, state_bearing, command_id,
+                    correlation_id, worker, agent_id, created_at)
+SELECT s.id, s.last_seq, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM s
+RETURNING seq;
