@@ -8,6 +8,7 @@ test:
 
 lint:
 	.venv/bin/ruff check supervisor workers tests bench
+	.venv/bin/ruff format --check supervisor workers tests bench
 	.venv/bin/mypy
 
 # docs/config.md and docs/metrics.md, generated from the config schema and the metrics table.

@@ -172,7 +172,9 @@ def history(shape: Shape, now: datetime) -> tuple[dict[str, list[tuple[Any, ...]
             status = ("started" if orphan else "in_doubt" if in_doubt else
                       "succeeded" if j % 10 else "failed")  # fmt: skip
             params = canonical_json({"case": f"{i}-{j}", "risk": "low"})
-            finished = None if status in ("started", "in_doubt") else at + timedelta(milliseconds=40)
+            finished = (
+                None if status in ("started", "in_doubt") else at + timedelta(milliseconds=40)
+            )
             tables["actions"].append((
                 cid, FLEET, sid, f"support-{j % 10}", "support.resolve_case", params, "low", 0.05,
                 False, False, status, "risk:low", at, finished,

@@ -467,7 +467,9 @@ class Alerts:
             if key in self._unrecorded:
                 return False
             self._unrecorded.add(key)
-            self._announce("raised", condition, session_id, stream, payload, recorded=False, error=exc)
+            self._announce(
+                "raised", condition, session_id, stream, payload, recorded=False, error=exc
+            )
             return False
         if not fresh:
             return False
@@ -492,7 +494,9 @@ class Alerts:
         except Exception as exc:
             if key in self._unrecorded:
                 self._unrecorded.discard(key)
-                self._announce("resolved", condition, session_id, stream, payload, recorded=False, error=exc)
+                self._announce(
+                    "resolved", condition, session_id, stream, payload, recorded=False, error=exc
+                )
             return False
         if raised <= resolved:
             if key in self._unrecorded:  # raised while the store failed: tell the sinks it is over
@@ -506,7 +510,9 @@ class Alerts:
         except Exception as exc:
             if resolve_id not in self._unrecorded_resolves:
                 self._unrecorded_resolves.add(resolve_id)
-                self._announce("resolved", condition, session_id, stream, payload, recorded=False, error=exc)
+                self._announce(
+                    "resolved", condition, session_id, stream, payload, recorded=False, error=exc
+                )
             return False
         self._unrecorded.discard(key)
         if not fresh:

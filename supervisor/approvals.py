@@ -231,9 +231,17 @@ class Approvals:
                     kind=ev.APPROVAL_GRANTED if approve else ev.APPROVAL_DENIED,
                     session_id=row["session_id"],
                     reason=None if approve else "approval_denied",
-                    payload={"approval": approval_id, "by": by, "reason": reason, "scope": scope,
-                             **({"max_uses": max_uses, "match": list(match) if match else None}
-                                if scope == "window" else {})},
+                    payload={
+                        "approval": approval_id,
+                        "by": by,
+                        "reason": reason,
+                        "scope": scope,
+                        **(
+                            {"max_uses": max_uses, "match": list(match) if match else None}
+                            if scope == "window"
+                            else {}
+                        ),
+                    },
                     worker=row["worker"],
                 ),
             )

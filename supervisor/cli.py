@@ -283,11 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="drill_command", metavar="DRILL", parser_class=_Parser
     )
     drills.required = True
-    ksd = command("killswitch", "halt a drill fleet, verify nothing ran after, resume", c.drill_killswitch, drills)
+    ksd = command(
+        "killswitch",
+        "halt a drill fleet, verify nothing ran after, resume",
+        c.drill_killswitch,
+        drills,
+    )
     ksd.add_argument("--workers", type=int, default=10)
     ksd.add_argument("--seconds", type=float, default=2.0, help="how long to watch the halt")
     _json_flag(ksd)
-    abd = command("approval-backlog", "verify escalation and deny-by-default on time", c.drill_approval_backlog, drills)
+    abd = command(
+        "approval-backlog",
+        "verify escalation and deny-by-default on time",
+        c.drill_approval_backlog,
+        drills,
+    )
     abd.add_argument("--count", type=int, default=100)
     _json_flag(abd)
 
@@ -344,7 +354,9 @@ def _policy_commands(sub: Any, command: Callable[..., argparse.ArgumentParser], 
         dest="policy_command", metavar="ACTION", parser_class=_Parser
     )
     pol.required = True
-    ex = command("explain", "the decision the policy gives an action, and why", c.policy_explain, pol)
+    ex = command(
+        "explain", "the decision the policy gives an action, and why", c.policy_explain, pol
+    )
     ex.add_argument("--action", required=True, metavar="NAME")
     ex.add_argument("--worker", default="", metavar="W")
     ex.add_argument("--risk", choices=["low", "medium", "high", "critical"], default="low")
@@ -353,7 +365,9 @@ def _policy_commands(sub: Any, command: Callable[..., argparse.ArgumentParser], 
     ex.add_argument("--identity", action="append", default=[], metavar="SCOPE:NAME",
                     help="who asks, for the model check (repeatable: user:alice team:support)")  # fmt: skip
     _json_flag(ex)
-    rp = command("replay", "decide recorded proposals again with a candidate policy", c.policy_replay, pol)
+    rp = command(
+        "replay", "decide recorded proposals again with a candidate policy", c.policy_replay, pol
+    )
     rp.add_argument("--candidate", required=True, metavar="FILE",
                     help="TOML with [policy], [tokens], [models]; absent sections are the config's")  # fmt: skip
     which = rp.add_mutually_exclusive_group()

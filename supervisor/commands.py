@@ -35,7 +35,9 @@ def ensure_state_dir(config: Config) -> None:
     try:
         make_state_dir(config.state_dir)
     except OSError as exc:
-        raise StoreConfigError(f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}") from None
+        raise StoreConfigError(
+            f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 async def _store(config: Config) -> Store:
@@ -47,8 +49,6 @@ async def _store(config: Config) -> Store:
             "(read one with --run ID|latest); `acp-supervisor db migrate` creates a fleet's database",
             exc.path,
         ) from None
-
-
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
@@ -315,7 +315,11 @@ def _grant_bounds(r: dict[str, Any]) -> str:
     if r.get("scope") != "window":
         return "-"
     match = ",".join(json.loads(r["match_keys"])) if r.get("match_keys") else "all params"
-    uses = f"{r['used_count']}/{r['max_uses']}" if r.get("max_uses") is not None else str(r["used_count"])
+    uses = (
+        f"{r['used_count']}/{r['max_uses']}"
+        if r.get("max_uses") is not None
+        else str(r["used_count"])
+    )
     cost = f", cost {r['used_cost']}/{r['max_cost']}" if r.get("max_cost") is not None else ""
     return f"window: match {match}, uses {uses}{cost}"
 
@@ -365,7 +369,13 @@ async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> i
 
 
 async def set_switch(
-    config: Config, *, scope: str, target: str, mode: Mode, reason: str, by: str,
+    config: Config,
+    *,
+    scope: str,
+    target: str,
+    mode: Mode,
+    reason: str,
+    by: str,
     force: bool = False,
 ) -> SwitchState | None:
     """Engage or disengage one scope and record who and why: the CLI's and the console's one

@@ -183,7 +183,9 @@ def external_factory(
                         hidden=hidden_paths(config, env) if config is not None else (),
                         writable=spec.writable)  # fmt: skip
     if spec.sandbox == "bwrap" and shutil.which("bwrap") is None:
-        raise ConfigError(f"worker {spec.name!r}: sandbox 'bwrap' needs bubblewrap (bwrap) installed")
+        raise ConfigError(
+            f"worker {spec.name!r}: sandbox 'bwrap' needs bubblewrap (bwrap) installed"
+        )
     own_user = uid is None or uid == os.geteuid()
     if own_user and running_as_service(env) and spec.name not in _warned_own_user:
         _warned_own_user.add(spec.name)
@@ -250,13 +252,20 @@ class Daemon:
         profile = cfg.horizon(self.horizon)
         row = await store.fetchrow("unfinished_run", cfg.fleet, self.horizon, self.simulate)
         if row is not None:
-            log.info("run.resumed", run=row["id"], horizon=self.horizon, start=row["starts_at"].isoformat())
+            log.info(
+                "run.resumed",
+                run=row["id"],
+                horizon=self.horizon,
+                start=row["starts_at"].isoformat(),
+            )
             return RunPlan(self.horizon, profile, row["starts_at"], row["ends_at"], row["id"], True)
         start = self.start or now
         if self.simulate and self.start is None:
             last = await store.fetchrow("last_run", cfg.fleet, True)
             if last is not None and last["ends_at"] > start:
-                start = last["ends_at"]  # windows are governed once: a new run starts after the last
+                start = last[
+                    "ends_at"
+                ]  # windows are governed once: a new run starts after the last
         anchor = window_at(start, profile.window, cfg.timezone).start
         end = run_end(anchor, profile, cfg.timezone)
         run_id = derive_id("run", cfg.fleet, self.horizon, str(self.simulate), anchor.isoformat())
@@ -288,7 +297,9 @@ class Daemon:
             if any(s.user for s in cfg.workers):
                 private_state_dir(cfg.state_dir)
         except OSError as exc:
-            raise ConfigError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"cannot create the state directory {cfg.state_dir}: {exc.strerror or exc}"
+            ) from None
         system = SystemClock()
         # The embedded SQLite store migrates itself; a shared Postgres is migrated by an operator
         # (`acp-supervisor db migrate`), never by whichever host happens to start first.
@@ -354,7 +365,9 @@ class Daemon:
         async def on_gate_alert(condition: str, detail: Mapping[str, Any]) -> None:
             await alerts.raise_alert(condition, session_id=detail.get("session"), detail=detail)
 
-        async def on_fleet_alert(condition: str, session_id: str | None, detail: dict[str, Any]) -> None:
+        async def on_fleet_alert(
+            condition: str, session_id: str | None, detail: dict[str, Any]
+        ) -> None:
             await alerts.raise_alert(condition, session_id=session_id, detail=detail)
 
         gate.on_alert = on_gate_alert
@@ -483,7 +496,9 @@ class Daemon:
 
     async def _every(self, seconds: float, duty: Any, *args: Any) -> None:
         while not self.stopping.is_set():
-            if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=seconds), self.stopping):
+            if not await self.clock.sleep_until(
+                self.clock.now() + timedelta(seconds=seconds), self.stopping
+            ):
                 return
             if self._leading():
                 try:
@@ -531,7 +546,9 @@ class Daemon:
                 approvals.changed = anyio.Event()
             if not self._leading():
                 continue
-            if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(approvals):
+            if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(
+                approvals
+            ):
                 try:
                     with self._fenced():
                         counts = await approvals.escalate_due()
@@ -556,7 +573,9 @@ class Daemon:
             log.warning("duty.failed", duty="escalation", error=str(exc))
             return self.clock.now()
 
-    async def _recover(self, store: Store, approvals: Approvals, host_switch: HostSwitchFile) -> None:
+    async def _recover(
+        self, store: Store, approvals: Approvals, host_switch: HostSwitchFile
+    ) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
@@ -597,7 +616,9 @@ class Daemon:
                 try:
                     await self._observe_switch(store, state)
                 except StoreError as exc:  # the gate enforces the switch regardless
-                    log.error("killswitch.event_not_recorded", mode=state.mode.value, error=str(exc))
+                    log.error(
+                        "killswitch.event_not_recorded", mode=state.mode.value, error=str(exc)
+                    )
                     await self._state_write_failed("killswitch", exc)
                     known = None  # try to record it again on the next pass
             if now - last_flush >= self.config.flush_every:
@@ -688,7 +709,9 @@ class Daemon:
                     continue  # the coordination loop reports an unreachable store
                 current = {(r["scope"], r["target"]): r["mode"] for r in rows}
                 for key, mode in current.items():
-                    if known.get(key, "disengaged") != mode and not (first and mode == "disengaged"):
+                    if known.get(key, "disengaged") != mode and not (
+                        first and mode == "disengaged"
+                    ):
                         row = next(r for r in rows if (r["scope"], r["target"]) == key)
                         try:
                             self.gate.stop_in_flight(key[0], key[1], Mode(mode))
@@ -783,7 +806,9 @@ class Daemon:
         self.fleet.add_instance(name, spec)
         scope = anyio.CancelScope()
         self._scopes[name] = scope
-        self.clock.spawn(self._tg, self._supervise, name, scope, self._factories[spec.name], name=name)
+        self.clock.spawn(
+            self._tg, self._supervise, name, scope, self._factories[spec.name], name=name
+        )
 
     async def _supervise(self, name: str, scope: anyio.CancelScope, factory: WorkerFactory) -> None:
         assert self.fleet is not None
@@ -874,7 +899,9 @@ class Daemon:
                 if now - unreachable_since >= self.config.fleet_switch_grace:
                     if self.gate.fleet_unknown is None:
                         log.error("killswitch.fleet_unknown", treated_as="halt_all", error=str(exc))
-                    self.gate.fleet_unknown = f"store unreachable for {now - unreachable_since:.0f}s"
+                    self.gate.fleet_unknown = (
+                        f"store unreachable for {now - unreachable_since:.0f}s"
+                    )
                     self.coordinator.leader = None  # no singleton work without a renewed lease
                 else:
                     log.warning("lease.heartbeat_failed", error=str(exc))
@@ -1002,8 +1029,16 @@ class Daemon:
             self.metrics.set_approvals(int(row["n"] or 0), row["oldest_at"])
 
     def _status_line(self) -> str:
-        window = self.windows.current.window_key if getattr(self, "windows", None) and self.windows.current else "-"
-        states = ", ".join(f"{k} {v}" for k, v in sorted(self.fleet.by_state().items())) if self.fleet else ""
+        window = (
+            self.windows.current.window_key
+            if getattr(self, "windows", None) and self.windows.current
+            else "-"
+        )
+        states = (
+            ", ".join(f"{k} {v}" for k, v in sorted(self.fleet.by_state().items()))
+            if self.fleet
+            else ""
+        )
         fleet_switch = getattr(getattr(self, "gate", None), "fleet_unknown", None)
         unknown = f"; fleet switch unknown ({fleet_switch}): halted" if fleet_switch else ""
         return f"horizon {self.horizon or 'continuous'}; window {window}; workers {states or 'starting'}{unknown}"
@@ -1030,7 +1065,9 @@ def private_state_dir(state_dir: Path) -> None:
     mode = state_dir.stat().st_mode & 0o777
     if mode & 0o077:
         state_dir.chmod(mode & 0o700)
-        log.warning("state_dir.tightened", path=str(state_dir), was=oct(mode), now=oct(mode & 0o700))
+        log.warning(
+            "state_dir.tightened", path=str(state_dir), was=oct(mode), now=oct(mode & 0o700)
+        )
 
 
 def private_files(paths: list[Path]) -> None:
@@ -1039,7 +1076,9 @@ def private_files(paths: list[Path]) -> None:
             mode = path.stat().st_mode & 0o777
             if mode & 0o077:
                 path.chmod(mode & 0o700)
-                log.warning("store.file_tightened", path=str(path), was=oct(mode), now=oct(mode & 0o700))
+                log.warning(
+                    "store.file_tightened", path=str(path), was=oct(mode), now=oct(mode & 0o700)
+                )
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -1055,4 +1094,3 @@ def host_switch_mtime(state_dir: Path) -> int:
         return host_switch_path(state_dir).stat().st_mtime_ns
     except OSError:
         return 0
-

@@ -56,6 +56,7 @@ DRILL_WORKER = "drill-support"
 
 _WALL = SystemClock()  # a drill measures a real fleet in real time
 
+
 @dataclasses.dataclass
 class DrillReport:
     """A drill's verdict: passed when every check passed (and there was at least one)."""

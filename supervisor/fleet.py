@@ -295,7 +295,9 @@ class Fleet:
             if checkpoint.counters.get("last_run"):
                 last_run = datetime.fromisoformat(checkpoint.counters["last_run"])
             await self.checkpoints.consumed(name, checkpoint.id)
-            log.info("worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle)
+            log.info(
+                "worker.resumed", worker=name, checkpoint=checkpoint.id, cycle=checkpoint.cycle
+            )
         skipped = 0
         if not self.clock.virtual and spec.schedule is None:
             # After downtime the slots that passed are skipped, not replayed in a burst.
@@ -355,7 +357,10 @@ class Fleet:
                         counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
                                     "run": self.run_key, "run_base": base,
                                     "slot_at": slot_at.isoformat()}  # fmt: skip
-                        if cycle % self.profile.checkpoint_every == self.profile.checkpoint_every - 1:
+                        if (
+                            cycle % self.profile.checkpoint_every
+                            == self.profile.checkpoint_every - 1
+                        ):
                             await self._checkpoint(st, worker, cycle, session, counters)
                             since_checkpoint = 0
                         continue
@@ -404,7 +409,9 @@ class Fleet:
                     log.warning("worker.store_unavailable", worker=name, error=str(exc))
                     await self.state_write_failed(None, worker=name, error=str(exc))
                     delay, backoff = backoff_step(backoff, spec.backoff, jitter)
-                    if not await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay), stop):
+                    if not await self.clock.sleep_until(
+                        self.clock.now() + timedelta(seconds=delay), stop
+                    ):
                         break
         finally:
             with anyio.CancelScope(shield=True):
@@ -412,7 +419,9 @@ class Fleet:
                 await _close(worker)
                 self.stop_events.pop(name, None)
 
-    async def _run_cycle(self, st: WorkerStatus, worker: Worker, cycle: int, session: Session) -> bool:
+    async def _run_cycle(
+        self, st: WorkerStatus, worker: Worker, cycle: int, session: Session
+    ) -> bool:
         ctx = CycleContext(
             fleet=self.fleet, worker=st.name, cycle=cycle, session=session, gate=self.gate,
             clock=self.clock, rng=random.Random(f"{self.seed}:{st.name}:{cycle}"),
@@ -493,7 +502,9 @@ class Fleet:
         try:
             await self.store.append(event)
         except StoreError as exc:
-            log.error("worker.event_not_recorded", kind=event.kind, worker=event.worker, error=str(exc))
+            log.error(
+                "worker.event_not_recorded", kind=event.kind, worker=event.worker, error=str(exc)
+            )
             await self.state_write_failed(event.session_id, worker=event.worker, kind=event.kind,
                                           error=str(exc))  # fmt: skip
 

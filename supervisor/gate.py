@@ -167,7 +167,9 @@ class Gate:
             return None
         return f"host {state.mode.value}" + (f": {state.problem}" if state.problem else "")
 
-    async def _scoped_approval(self, action: Action, *, worker: str, session: Session) -> Row | None:
+    async def _scoped_approval(
+        self, action: Action, *, worker: str, session: Session
+    ) -> Row | None:
         """An approval granted for the rest of this window (`approve --scope window`) covers later
         actions of the same name by the same worker with the same params (or the same values of
         the keys the operator named), within its count and cost limits; each use is counted in
@@ -195,7 +197,9 @@ class Gate:
 
     def _stops(self, mode: Mode) -> bool:
         """Whether `mode` stops effects already running (not only new ones)."""
-        return mode is Mode.EMERGENCY or (mode is Mode.HALT_ALL and self.halt_in_flight == "terminate")
+        return mode is Mode.EMERGENCY or (
+            mode is Mode.HALT_ALL and self.halt_in_flight == "terminate"
+        )
 
     def _stop_verdict(self, rows: list[Row], worker: str, session_id: str) -> str | None:
         """Which switch, if any, stops this worker's effects in flight; None when none does."""
@@ -264,10 +268,15 @@ class Gate:
         return ActionDenied(f"{action.name}: stopped in flight by the kill switch ({entry.stopped_by})",
                             reason="killswitch", command_id=command_id)  # fmt: skip
 
-    def _verdict(self, action: Action, rows: list[Row], worker: str, session: Session) -> str | None:
+    def _verdict(
+        self, action: Action, rows: list[Row], worker: str, session: Session
+    ) -> str | None:
         """Every switch at once (host file, then the store's rows); None when all permit."""
         return self._host_verdict(action.critical) or store_switch_verdict(
-            rows, worker=worker, session_id=session.id, critical=action.critical,
+            rows,
+            worker=worker,
+            session_id=session.id,
+            critical=action.critical,
             group=self.worker_groups.get(worker),
         )
 
@@ -308,11 +317,15 @@ class Gate:
                 correlation_id=correlation_id,
                 worker=worker,
                 agent_id=action.agent_id,
-            )
+            ),
         )
-        log.info("action.denied", action=action.name, reason=reason, detail=detail, command_id=command_id)
+        log.info(
+            "action.denied", action=action.name, reason=reason, detail=detail, command_id=command_id
+        )
         if reason == "killswitch":
-            return ActionDenied(f"{action.name}: kill switch: {detail}", reason=reason, command_id=command_id)
+            return ActionDenied(
+                f"{action.name}: kill switch: {detail}", reason=reason, command_id=command_id
+            )
         return ActionDenied(f"{action.name}: {detail}", reason=reason, command_id=command_id)
 
     async def admit(
@@ -374,7 +387,9 @@ class Gate:
         if self.shadow is not None:
             self._shadow(action, worker, session, command_id, decision, allowed)
         if decision.outcome == "deny":
-            raise await refuse(action, reason="policy", detail=decision.detail, rule=decision.rule, **args)
+            raise await refuse(
+                action, reason="policy", detail=decision.detail, rule=decision.rule, **args
+            )
         if not allowed:
             await self.store.once(
                 derive_id("model_denied", session.id, worker, action.model or ""),
@@ -397,7 +412,9 @@ class Gate:
                 counted = await self.store.fetchrow("count_pending_of_worker", self.fleet, worker,
                                                      self.approvals.scoped(key))  # fmt: skip
                 if counted is not None and int(counted["n"]) >= pending_cap:
-                    await self.cap_hit("approval_cap", worker=worker, session=session, limit=pending_cap)
+                    await self.cap_hit(
+                        "approval_cap", worker=worker, session=session, limit=pending_cap
+                    )
                     raise await refuse(action, reason="approval_cap",
                                        detail=f"{pending_cap} approvals of this worker already pending",
                                        rule=decision.rule, **args)  # fmt: skip
@@ -416,14 +433,20 @@ class Gate:
             if status == "expired":
                 await self.refuse(action, reason="approval_expired",
                                   detail="approval deadline passed", rule=decision.rule, **args)  # fmt: skip
-                raise ActionExpired(f"{action.name}: approval {row['id']} expired", command_id=command_id)
-            permit = Permit(row["id"], row["decided_by"], row["decided_at"], command_id, decision.rule)
+                raise ActionExpired(
+                    f"{action.name}: approval {row['id']} expired", command_id=command_id
+                )
+            permit = Permit(
+                row["id"], row["decided_by"], row["decided_at"], command_id, decision.rule
+            )
 
         # 5. token budgets: the estimate must fit every applicable budget
         if action.tokens or action.cost:
             for budget in self.token_budgets.applicable(action.identity):
                 key_ = budget.period_key(now, self.timezone)
-                used = await self.store.fetchrow("get_token_usage", budget.scope, budget.identity, key_)
+                used = await self.store.fetchrow(
+                    "get_token_usage", budget.scope, budget.identity, key_
+                )
                 tokens = int(used["tokens"]) if used else 0
                 cost = float(used["cost"]) if used else 0.0
                 over_tokens = tokens + action.tokens > budget.max_tokens
@@ -459,6 +482,7 @@ class Gate:
         refuse = self.refuse
         worker, session, command_id = args["worker"], args["session"], args["command_id"]
         correlation_id = args["correlation_id"]
+
         # The host file again, inside the transaction: an engage that landed while this action
         # waited for the store must not leave a started record after it returned.
         def switches(rows: list[Row]) -> str | None:
@@ -496,7 +520,9 @@ class Gate:
             raise await refuse(action, reason="budget", detail="window budget spent", **args)
         if status == "replay":
             # A racing twin wrote the started record (or the re-run's) first: it owns the effect.
-            raise await refuse(action, reason="in_doubt", detail="started by a concurrent retry", **args)
+            raise await refuse(
+                action, reason="in_doubt", detail="started by a concurrent retry", **args
+            )
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
         return permit, None
@@ -632,7 +658,9 @@ class Gate:
             raise
         except BaseException as exc:
             # A stopped external child may be seen to die (EOF) before the cancellation lands.
-            if entry.stopped_by is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+            if entry.stopped_by is not None and not isinstance(
+                exc, anyio.get_cancelled_exc_class()
+            ):
                 raise await self.stopped(action, entry, worker=worker, session=session,
                                          command_id=command_id) from None  # fmt: skip
             raise

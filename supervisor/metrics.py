@@ -155,9 +155,17 @@ class MetricsConfig:
             section.get("stall_after", d.stall_after), "metrics.stall_after"
         )
         max_connections = section.get("max_connections", d.max_connections)
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-            raise ConfigError(f"metrics.max_connections: expected an integer >= 1, got {max_connections!r}")
-        read_timeout = parse_duration(section.get("read_timeout", d.read_timeout), "metrics.read_timeout")
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ConfigError(
+                f"metrics.max_connections: expected an integer >= 1, got {max_connections!r}"
+            )
+        read_timeout = parse_duration(
+            section.get("read_timeout", d.read_timeout), "metrics.read_timeout"
+        )
         return cls(enabled=enabled, host=host, port=port, stall_after=stall_after,
                    max_connections=max_connections, read_timeout=read_timeout)  # fmt: skip
 

@@ -256,7 +256,9 @@ class Decision:
                      "unmatched": "unmatched fallback"}[step.kind]  # fmt: skip
             lines.append(f"  {i}. {label}: {verdict}: {step.why}")
         if self.path and self.path[-1].kind == "rule":
-            lines.append("  (later rules, the risk defaults and the unmatched fallback not reached)")
+            lines.append(
+                "  (later rules, the risk defaults and the unmatched fallback not reached)"
+            )
         return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ async def console_serve(args: argparse.Namespace, config: Config) -> int:
     require_extra()
     if args.listen is not None:
         parse_listen(args.listen, "--listen")  # a bad address is the one line, before any warning
+
     class Listening:
         """serve() reports here once it listens: only then the warnings, so a console that
         cannot start says one line."""

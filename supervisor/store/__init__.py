@@ -29,7 +29,11 @@ def make_backend(url: str, *, query_timeout: float = DEFAULT_QUERY_TIMEOUT) -> B
 
 
 async def open_store(
-    url: str, clock: Clock, *, migrate: bool = False, new: bool = False,
+    url: str,
+    clock: Clock,
+    *,
+    migrate: bool = False,
+    new: bool = False,
     query_timeout: float = DEFAULT_QUERY_TIMEOUT,
 ) -> Store:
     """Connect; with migrate=True bring the schema up to date, else require it to be current.

@@ -204,9 +204,13 @@ class PostgresBackend(Backend):
                                  "idle_in_transaction_session_timeout": str(idle_ms)},
             )  # fmt: skip
         except asyncpg.InvalidCatalogNameError as exc:
-            raise StoreConfigError(f"postgres database does not exist ({_safe(self.url)}): {exc}") from exc
+            raise StoreConfigError(
+                f"postgres database does not exist ({_safe(self.url)}): {exc}"
+            ) from exc
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
-            raise StoreConfigError(f"postgres refused the login ({_safe(self.url)}): {exc}") from exc
+            raise StoreConfigError(
+                f"postgres refused the login ({_safe(self.url)}): {exc}"
+            ) from exc
         except (ValueError, asyncpg.ClientConfigurationError) as exc:
             raise StoreConfigError(f"malformed postgres URL {_safe(self.url)}: {exc}") from exc
         except _CONNECTION_ERRORS as exc:  # OSError covers TimeoutError

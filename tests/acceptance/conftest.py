@@ -209,8 +209,11 @@ class Daemon:
     async def actions(self) -> list[Row]:
         async with self.store() as store:
             statuses = [r["status"] for r in await store.fetchall("count_actions_by_status", FLEET)]
-            return [row for status in statuses for row in
-                    await store.fetchall("actions_with_status", FLEET, status, 1_000_000)]
+            return [
+                row
+                for status in statuses
+                for row in await store.fetchall("actions_with_status", FLEET, status, 1_000_000)
+            ]
 
     async def approvals(self) -> list[Row]:
         async with self.store() as store:

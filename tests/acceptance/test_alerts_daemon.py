@@ -76,7 +76,15 @@ def test_webhook_alert_and_metrics_from_the_real_daemon(tmp_path: Path, webhook:
     cfg.write_text(CONFIG.format(port=webhook))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
     env.update(ACP_KILLSWITCH_SECRET=SECRET, PYTHONPATH=str(ROOT))
-    base = [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
+    base = [
+        sys.executable,
+        "-m",
+        "supervisor",
+        "--config",
+        str(cfg),
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
     proc = subprocess.Popen(
         [*base, "run"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -231,8 +231,10 @@ def test_metrics_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "config.toml"
-        config.write_text(f'[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n'
-                          '[[workers]]\nname = "support"\nclass = "workers.support:SupportAgent"\n')
+        config.write_text(
+            f'[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n'
+            '[[workers]]\nname = "support"\nclass = "workers.support:SupportAgent"\n'
+        )
         done = cli(tmp_path, "--config", str(config), "run")
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stdout == ""

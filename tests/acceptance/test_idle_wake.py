@@ -34,7 +34,15 @@ def test_long_wait_is_cut_short_by_a_halt(tmp_path: Path) -> None:
     cfg.write_text(CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
     env.update(ACP_KILLSWITCH_SECRET="idle-secret", PYTHONPATH=str(ROOT))
-    base = [sys.executable, "-m", "supervisor", "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
+    base = [
+        sys.executable,
+        "-m",
+        "supervisor",
+        "--config",
+        str(cfg),
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
     proc = subprocess.Popen(
         [*base, "run"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

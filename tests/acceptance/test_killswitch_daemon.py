@@ -165,17 +165,42 @@ async def test_engage_without_secret_is_a_usage_error(daemon: DaemonFactory) -> 
     ("args", "fragment"),
     [
         (engage_args("pause"), "--mode"),
-        (["killswitch", "engage", "--mode", "halt_all", "--scope", "planet", "--reason", "r",
-          "--by", "b"], "unknown scope"),
-        (["killswitch", "engage", "--mode", "halt_all", "--scope", "worker", "--reason", "r",
-          "--by", "b"], "unknown scope"),
+        (
+            [
+                "killswitch",
+                "engage",
+                "--mode",
+                "halt_all",
+                "--scope",
+                "planet",
+                "--reason",
+                "r",
+                "--by",
+                "b",
+            ],
+            "unknown scope",
+        ),
+        (
+            [
+                "killswitch",
+                "engage",
+                "--mode",
+                "halt_all",
+                "--scope",
+                "worker",
+                "--reason",
+                "r",
+                "--by",
+                "b",
+            ],
+            "unknown scope",
+        ),
         (["killswitch", "engage", "--mode", "halt_all", "--by", "b"], "--reason"),
         (["killswitch", "engage", "--mode", "halt_all", "--reason", "r", "--by", " "], "--by"),
         (["killswitch", "disengage", "--by", "b"], "--reason"),
     ],
     # (no --by is not an error: it defaults to the invoking user, tests/integration/test_cli_tables)
-    ids=["mode", "scope", "worker-without-name", "no-reason", "blank-by",
-         "disengage-no-reason"],
+    ids=["mode", "scope", "worker-without-name", "no-reason", "blank-by", "disengage-no-reason"],
 )
 async def test_bad_killswitch_arguments_exit_2(
     daemon: DaemonFactory, args: list[str], fragment: str

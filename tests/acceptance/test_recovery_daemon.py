@@ -31,7 +31,9 @@ shutdown_timeout = "5s"
 cycle_every = "200ms"
 """
 
-APPROVAL_CONFIG = BASE + """
+APPROVAL_CONFIG = (
+    BASE
+    + """
 [approvals]
 timeout = "3s"
 [[workers]]
@@ -41,8 +43,11 @@ class = "tests.recovery_workers:ApprovalWorker"
 name = "ticker"
 class = "tests.recovery_workers:TickWorker"
 """
+)
 
-SLOW_CONFIG = BASE + """
+SLOW_CONFIG = (
+    BASE
+    + """
 [[workers]]
 name = "slow"
 class = "tests.recovery_workers:SlowJobWorker"
@@ -51,6 +56,7 @@ params = {{ marker = "{marker}", sleep = 60 }}
 name = "ticker"
 class = "tests.recovery_workers:TickWorker"
 """
+)
 
 
 class Fleet:

@@ -153,12 +153,14 @@ def test_the_same_harness_runs_a_valid_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "named"),
     [
-        ('state_dir = 5', "daemon.state_dir"),
+        ("state_dir = 5", "daemon.state_dir"),
         ('db = "mysql://db/x"', "daemon.db"),
-        ('fleet = 7', "daemon.fleet"),
+        ("fleet = 7", "daemon.fleet"),
     ],
 )
-def test_daemon_values_of_the_wrong_kind_name_the_key(tmp_path: Path, line: str, named: str) -> None:
+def test_daemon_values_of_the_wrong_kind_name_the_key(
+    tmp_path: Path, line: str, named: str
+) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text(f"[daemon]\n{line}\n")
     done = subprocess.run([sys.executable, "-m", "supervisor", "--config", str(cfg), "db", "migrate"],

@@ -72,7 +72,9 @@ async def test_killswitch_drill_fails_on_a_worker_that_bypasses_the_gate(
     assert not report.passed
     assert failed(report) == {"no effect after the engage"}, report.render()
     assert report.figures["effects_after_engage"] > 0
-    assert "rogue.write" in dict((c, d) for c, _ok, d in report.checks)["no effect after the engage"]
+    assert (
+        "rogue.write" in dict((c, d) for c, _ok, d in report.checks)["no effect after the engage"]
+    )
     assert "FAIL" in report.render()
 
 

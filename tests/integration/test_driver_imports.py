@@ -24,4 +24,6 @@ def test_a_sqlite_run_never_imports_asyncpg(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     loaded_asyncpg, loaded_prometheus = done.stdout.strip().splitlines()[-1].split()
     assert loaded_asyncpg == "False"
-    assert loaded_prometheus == "False", "metrics are off by default: prometheus-client stays unloaded"
+    assert loaded_prometheus == "False", (
+        "metrics are off by default: prometheus-client stays unloaded"
+    )

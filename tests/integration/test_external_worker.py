@@ -623,7 +623,9 @@ async def test_the_kill_switch_reaches_the_child_as_a_denial(h: Harness) -> None
 
 async def _engage(h: Harness, scope: str, target: str, mode: str) -> None:
     async with h.store.transaction() as tx:
-        await tx.execute("upsert_kill_switch", FLEET, scope, target, mode, "test", "op", h.clock.now())
+        await tx.execute(
+            "upsert_kill_switch", FLEET, scope, target, mode, "test", "op", h.clock.now()
+        )
 
 
 async def _events(h: Harness, kind: str) -> list[Any]:
@@ -741,7 +743,9 @@ send({"type": "result", "id": "slow", "ok": True})
 """
 
 
-async def test_emergency_terminates_the_childs_process_group_and_records_in_doubt(h: Harness) -> None:
+async def test_emergency_terminates_the_childs_process_group_and_records_in_doubt(
+    h: Harness,
+) -> None:
     from supervisor.errors import ActionDenied
     from supervisor.killswitch import Mode
 
@@ -825,7 +829,9 @@ async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -
     assert row is not None and row["status"] == "in_doubt"
 
 
-async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminate(h: Harness) -> None:
+async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminate(
+    h: Harness,
+) -> None:
     from supervisor.actions import Action
     from supervisor.errors import ActionDenied
     from supervisor.killswitch import Mode

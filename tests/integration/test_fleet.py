@@ -402,7 +402,9 @@ async def test_bad_worker_config_is_refused_before_anything_is_written(
 
 
 @pytest.mark.anyio
-async def test_a_worker_that_cannot_be_built_is_quarantined_and_the_others_run(tmp_path: Path) -> None:
+async def test_a_worker_that_cannot_be_built_is_quarantined_and_the_others_run(
+    tmp_path: Path,
+) -> None:
     workers = _worker("broken", "tests.fleet_workers:BrokenInit", quarantine_for="30m") + _worker(
         "steady", "workers.support:SupportAgent"
     )

@@ -73,7 +73,9 @@ class Rig:
             action, effect, worker=worker, session=session or self.session, command_id=command_id
         )
 
-    async def refused(self, action: Action, command_id: str, reason: str, **kw: Any) -> ActionDenied:
+    async def refused(
+        self, action: Action, command_id: str, reason: str, **kw: Any
+    ) -> ActionDenied:
         """Run, expect a refusal with `reason`, and check the effect did not run."""
         before = len(self.effects)
         with pytest.raises(ActionDenied) as info:
@@ -214,7 +216,9 @@ def _install(path: Path, doc: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-@pytest.mark.parametrize("spoil", [_tamper, _unsigned, _replayed], ids=["tampered", "unsigned", "replayed"])
+@pytest.mark.parametrize(
+    "spoil", [_tamper, _unsigned, _replayed], ids=["tampered", "unsigned", "replayed"]
+)
 async def test_unverifiable_switch_file_halts(rig: Rig, spoil: Any) -> None:
     rig.engage(Mode.DISENGAGED)  # a valid file first: actions run
     assert (await rig.run(act(critical=True), "before")).status == "succeeded"
@@ -358,7 +362,9 @@ async def test_token_budget_exhaustion(make_rig: MakeRig) -> None:
 
 # --- approvals --------------------------------------------------------------------------------------
 
-NEEDS_APPROVAL = {"rules": [{"name": "ops-approval", "action": "ops.*", "outcome": "require_approval"}]}
+NEEDS_APPROVAL = {
+    "rules": [{"name": "ops-approval", "action": "ops.*", "outcome": "require_approval"}]
+}
 
 
 async def approval_rig(make_rig: MakeRig, **kw: Any) -> Rig:
@@ -541,7 +547,9 @@ def _failing_commit(original: Any) -> Any:
 
 
 @pytest.mark.parametrize("breaker", [_failing_begin, _failing_commit], ids=["begin", "commit"])
-async def test_failed_started_write_stops_the_action(rig: Rig, monkeypatch: pytest.MonkeyPatch, breaker: Any) -> None:
+async def test_failed_started_write_stops_the_action(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, breaker: Any
+) -> None:
     backend = rig.store.backend
     monkeypatch.setattr(backend, "transaction", breaker(backend.transaction))
     with pytest.raises(StateWriteError, match="injected"):
@@ -556,7 +564,9 @@ async def test_failed_started_write_stops_the_action(rig: Rig, monkeypatch: pyte
     assert rig.effects == ["doomed"]
 
 
-async def test_failed_refusal_write_is_not_swallowed(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_refusal_write_is_not_swallowed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rig.engage(Mode.HALT_ALL)
     monkeypatch.setattr(rig.store.backend, "transaction", _failing_begin(None))
     with pytest.raises(StateWriteError):
@@ -564,7 +574,9 @@ async def test_failed_refusal_write_is_not_swallowed(rig: Rig, monkeypatch: pyte
     assert rig.effects == []
 
 
-async def test_last_look_halts_an_engage_after_the_started_record(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_last_look_halts_an_engage_after_the_started_record(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     original = rig.store.begin_action
 
     async def begin_then_engage(**kw: Any) -> Any:
@@ -605,7 +617,9 @@ async def test_engage_while_waiting_for_the_store_leaves_no_started_record(
 
 
 @pytest.mark.parametrize("way", ["dispatch", "guard", "guard-fails"])
-async def test_a_guarded_action_is_recorded_like_a_dispatched_one(rig: Rig, tmp_path: Path, way: str) -> None:
+async def test_a_guarded_action_is_recorded_like_a_dispatched_one(
+    rig: Rig, tmp_path: Path, way: str
+) -> None:
     """`ctx.guard` and `ctx.dispatch` go through `Gate.attempt`: the outcome carries the
     cycle's correlation id, and the action counts as admitted with its latency observed (a
     guarded one used to be recorded with no correlation id and counted nowhere)."""

@@ -82,7 +82,9 @@ async def _write_all(store: Store, writers: int) -> list[tuple[str, int | None, 
     return results
 
 
-async def test_concurrent_writers_share_commits_and_each_is_durable_when_told(sqlite_url: str) -> None:
+async def test_concurrent_writers_share_commits_and_each_is_durable_when_told(
+    sqlite_url: str,
+) -> None:
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     commits: list[str] = []
     backend = _backend(store)
@@ -135,7 +137,9 @@ async def test_a_failed_commit_fails_every_member_of_its_batch_closed(sqlite_url
         await store.close()
 
 
-async def test_a_transaction_that_raises_leaves_the_rest_of_its_batch_alone(sqlite_url: str) -> None:
+async def test_a_transaction_that_raises_leaves_the_rest_of_its_batch_alone(
+    sqlite_url: str,
+) -> None:
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     outcomes: dict[int, str] = {}
 

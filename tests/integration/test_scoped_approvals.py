@@ -38,7 +38,9 @@ async def test_a_window_scoped_approval_covers_later_actions_within_its_limits(
     ran: list[int] = []
 
     def deploy(n: int) -> Action:
-        return Action("deploy.service", params={"service": "api", "build": n}, risk="high", cost=2.0)
+        return Action(
+            "deploy.service", params={"service": "api", "build": n}, risk="high", cost=2.0
+        )
 
     async def effect() -> None:
         ran.append(1)
@@ -50,7 +52,9 @@ async def test_a_window_scoped_approval_covers_later_actions_within_its_limits(
                                 match=("service",))  # fmt: skip
 
     for n in (2, 3):  # covered: two uses, 4.0 of cost
-        outcome = await gate.run(deploy(n), effect, worker="ops", session=session, command_id=f"d{n}")
+        outcome = await gate.run(
+            deploy(n), effect, worker="ops", session=session, command_id=f"d{n}"
+        )
         assert outcome.status == "succeeded"
     assert len(ran) == 2
     with pytest.raises(ApprovalPending):  # the limit is spent: a new request

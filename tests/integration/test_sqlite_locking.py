@@ -19,7 +19,9 @@ pytestmark = pytest.mark.anyio
 
 async def test_a_write_waits_for_another_process_then_commits(sqlite_url: str) -> None:
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
-    other = sqlite3.connect(parse_sqlite_url(sqlite_url)[0], isolation_level=None, check_same_thread=False)
+    other = sqlite3.connect(
+        parse_sqlite_url(sqlite_url)[0], isolation_level=None, check_same_thread=False
+    )
     other.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.4, lambda: other.execute("ROLLBACK"))
     release.start()
@@ -54,7 +56,9 @@ async def test_opening_waits_for_a_lock_another_process_holds_for_a_moment(sqlit
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     await store.append(NewEvent(kind="X", session_id="s"))
     await store.close()
-    other = sqlite3.connect(parse_sqlite_url(sqlite_url)[0], isolation_level=None, check_same_thread=False)
+    other = sqlite3.connect(
+        parse_sqlite_url(sqlite_url)[0], isolation_level=None, check_same_thread=False
+    )
     other.execute("PRAGMA locking_mode=EXCLUSIVE")  # holds the file against every reader
     other.execute("BEGIN EXCLUSIVE")
     other.execute("SELECT count(*) FROM events").fetchall()

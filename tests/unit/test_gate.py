@@ -147,7 +147,9 @@ async def nothing() -> None:
         (Mode.EMERGENCY, True, False),
     ],
 )
-async def test_host_verdict_by_mode(tmp_path: Path, mode: Mode, critical: bool, allowed: bool) -> None:
+async def test_host_verdict_by_mode(
+    tmp_path: Path, mode: Mode, critical: bool, allowed: bool
+) -> None:
     gate = make_gate(tmp_path, StubStore())
     engage(gate, mode)
     assert (gate._host_verdict(critical) is None) is allowed

@@ -305,7 +305,10 @@ R = 'policy.rules[0] ("r")'
     ("section", "message"),
     [
         ("deny", "policy: expected a table, got string"),
-        ({"default": "deny"}, "policy: unknown key 'default' (unmatched, risk, rules, critical, safe_to_retry)"),
+        (
+            {"default": "deny"},
+            "policy: unknown key 'default' (unmatched, risk, rules, critical, safe_to_retry)",
+        ),
         (
             {"unmatched": "maybe"},
             "policy.unmatched: unknown outcome 'maybe' (allow, deny, require_approval, escalate)",
