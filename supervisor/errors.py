@@ -109,7 +109,13 @@ class NotFound(SupervisorError):
     reason = "not_found"
 
 
-class ActionDenied(SupervisorError):
+class GovernedRefusal(SupervisorError):
+    """The gate's answer to an action that did not run now: denied, expired, pending approval,
+    or already done. A governed outcome, never a crash: `except GovernedRefusal` is the one
+    test of which it is."""
+
+
+class ActionDenied(GovernedRefusal):
     """The gate refused an action. `reason` is the machine-readable code."""
 
     def __init__(self, message: str, *, reason: str, command_id: str | None = None) -> None:
@@ -117,7 +123,7 @@ class ActionDenied(SupervisorError):
         self.command_id = command_id
 
 
-class ApprovalPending(SupervisorError):
+class ApprovalPending(GovernedRefusal):
     reason = "approval_pending"
 
     def __init__(self, approval_id: str, *, command_id: str | None = None) -> None:

@@ -26,15 +26,7 @@ from .actions import derive_id
 from .checkpoints import Checkpoints
 from .clock import Clock
 from .config import Backoff, WorkerSpec
-from .errors import (
-    ApprovalPending,
-    ConfigError,
-    IdempotencyConflict,
-    StateWriteError,
-    StoreError,
-    SupervisorError,
-    UsageError,
-)
+from .errors import ConfigError, GovernedRefusal, StateWriteError, StoreError
 from .gate import Gate
 from .horizons import HorizonProfile
 from .sessions import WindowManager
@@ -446,20 +438,16 @@ class Fleet:
                 error = f"hung: cycle {cycle} passed its {st.spec.cycle_deadline}s deadline"
             else:  # the worker's own timeout (a network call, say) is a crash, not a hang
                 error = f"{type(exc).__name__}: {exc}"
-        except (ApprovalPending, SupervisorError) as exc:
-            if isinstance(exc, StoreError) and exc.transient:
+        except GovernedRefusal as exc:
+            log.debug("cycle.governed", worker=st.name, reason=exc.reason)
+        except StoreError as exc:
+            if exc.transient:
                 # A lost connection or a timeout: the action that needed the store failed closed;
                 # the worker did nothing wrong. The caller waits for the store (not a crash).
                 lost = exc
-            elif isinstance(exc, StoreError):
+            else:
                 error = f"state write failed: {exc}"
                 await self.state_write_failed(session.id, worker=st.name, error=str(exc))
-            elif isinstance(exc, UsageError | IdempotencyConflict):
-                # A worker bug (params that do not serialize, a key reused with other params):
-                # a crash, visible and counted, not a governed refusal.
-                error = f"{type(exc).__name__}: {exc}"
-            else:
-                log.debug("cycle.governed", worker=st.name, reason=exc.reason)
         except Exception as exc:
             from .external import WorkerHung
 

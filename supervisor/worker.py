@@ -25,12 +25,12 @@ from typing import Any
 from .actions import Action, Risk, derive_id
 from .approvals import Permit
 from .clock import Clock
-from .errors import SupervisorError
+from .errors import GovernedRefusal
 from .gate import Effect, Gate, Outcome
 from .store import Session
 
 
-class ActionAlreadyDone(SupervisorError):
+class ActionAlreadyDone(GovernedRefusal):
     """The idempotency key already has a recorded outcome; the block did not run again."""
 
     reason = "already_done"

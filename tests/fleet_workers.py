@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from supervisor.actions import Action
+from supervisor.errors import ActionDenied, NotFound
 from supervisor.worker import CycleContext, Worker
 
 
@@ -39,7 +40,8 @@ def _next_attempt(counter: str) -> int:
 
 class Scripted(Worker):
     """Each cycle follows the next letter of `plan`: "C" raises, "H" hangs (sleeps forever, so
-    only the cycle deadline ends it), "T" raises its own TimeoutError, "." completes
+    only the cycle deadline ends it), "T" raises its own TimeoutError, "N" raises NotFound (an
+    expected error of the project, but no governed refusal), "D" raises ActionDenied, "." completes
     (dispatching one low-risk action when `act` is true). Past the end of the plan it follows
     `after` (default ".").
 
@@ -57,6 +59,10 @@ class Scripted(Worker):
             await anyio.sleep_forever()
         if step == "T":
             raise TimeoutError("upstream call timed out")  # the worker's own timeout, not a hang
+        if step == "N":
+            raise NotFound("no in-doubt action 'x'")  # the project's error, not the gate's answer
+        if step == "D":
+            raise ActionDenied("test.tick: kill switch: halt_all", reason="killswitch")
         if self.params.get("act", False):
             await ctx.dispatch(Action(name="test.tick", params={"attempt": n}, risk="low"))
 

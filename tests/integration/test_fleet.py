@@ -290,6 +290,22 @@ async def test_a_workers_own_timeout_error_is_a_crash_not_a_hang(tmp_path: Path)
     assert (st.hangs, st.crashes, st.restarts) == (0, 1, 1)
 
 
+@pytest.mark.anyio
+async def test_only_the_gates_answers_are_governed_other_project_errors_are_crashes(
+    tmp_path: Path,
+) -> None:
+    """GovernedRefusal is the one test: a refusal ends the cycle governed (no crash, no
+    restart); any other error of the project escaping a cycle is a worker bug, counted."""
+    run = await Run(tmp_path, _worker(
+        "caller", "tests.fleet_workers:Scripted", cycle_deadline="30s",
+        params=_params(plan="DN", counter=str(tmp_path / "t")),
+    ), run_length="10m").run()  # fmt: skip
+    crashes = run.events("caller", "WORKER_CRASHED")
+    assert [e["payload"]["error"] for e in crashes] == ["NotFound: no in-doubt action 'x'"]
+    st = run.status("caller")
+    assert (st.crashes, st.restarts) == (1, 1)
+
+
 # -- restart policies ---------------------------------------------------------------------------
 
 

@@ -60,6 +60,7 @@ PUBLIC_API = [
     "Daemon",
     "Event",
     "Gate",
+    "GovernedRefusal",
     "IdempotencyConflict",
     "Mode",
     "NewEvent",
