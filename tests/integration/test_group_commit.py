@@ -76,9 +76,12 @@ async def _write_all(store: Store, writers: int) -> list[tuple[str, int | None, 
         else:
             results.append((session, seq, None))
 
-    async with anyio.create_task_group() as tg:
+    # A read holds the store's connection while every writer queues for it: they start
+    # together, as a busy fleet's do, and form one batch behind the first.
+    async with anyio.create_task_group() as tg, store.backend.reader():
         for i in range(writers):
             tg.start_soon(one, i)
+        await anyio.wait_all_tasks_blocked()
     return results
 
 
