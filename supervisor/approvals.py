@@ -74,6 +74,11 @@ class Approvals:
         self.changed = anyio.Event()
         self._watchers: list[anyio.Event] = []
 
+    def rearm(self) -> None:
+        """The escalation duty saw `changed` ring: a fresh event for the next change."""
+        if self.changed.is_set():
+            self.changed = anyio.Event()
+
     def watch(self) -> anyio.Event:
         """An event rung when the next approval is created (the alerts duty sleeps on it). The
         same event until it rings: a duty that wakes by its timeout, again and again while no

@@ -339,27 +339,6 @@ class Daemon:
         # disengage stays a replay and a missing file stays halt_all.
         host_switch.adopt_mark(await store.host_switch_mark(cfg.fleet, cfg.host_id))
         approvals = Approvals(store, cfg.approvals, cfg.fleet)
-        gate = Gate(store=store, fleet=cfg.fleet, policy=cfg.policy, approvals=approvals,
-                    host_switch=host_switch, token_budgets=cfg.token_budgets, models=cfg.models,
-                    timezone=cfg.timezone)  # fmt: skip
-        self.gate = gate
-        gate.host = cfg.host_id
-        if self.coordinator is not None:
-            gate.owner = self.coordinator.instance  # the incarnation in the hosts row
-        gate.halt_in_flight = cfg.halt_in_flight
-        gate.shadow = shadow_for(cfg)  # a broken candidate is logged; it never stops the daemon
-        windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
-                                tz=cfg.timezone, max_cost=plan.profile.max_cost,
-                                max_actions=plan.profile.max_actions, by=cfg.host_id,
-                                run_end=plan.end)  # fmt: skip
-        self.windows = windows
-        checkpoints = Checkpoints(store, cfg.fleet)
-        fleet = Fleet(fleet=cfg.fleet, host=cfg.host_id, store=store, gate=gate, windows=windows,
-                      checkpoints=checkpoints, clock=clock, profile=plan.profile,
-                      timezone=cfg.timezone, anchor=plan.anchor, run_end=plan.end,
-                      effects=EffectLog(effects_path(self.effects_dir or cfg.state_dir)), seed=self.seed,
-                      stopping=self.stopping)  # fmt: skip
-        self.fleet = fleet
         alerts = self.alerts = Alerts(store, fleet=cfg.fleet, config=cfg.alerts, clock=clock)
 
         async def on_gate_alert(condition: str, detail: Mapping[str, Any]) -> None:
@@ -370,10 +349,29 @@ class Daemon:
         ) -> None:
             await alerts.raise_alert(condition, session_id=session_id, detail=detail)
 
-        gate.on_alert = on_gate_alert
-        fleet.on_alert = on_fleet_alert
-        windows.on_closed = alerts.on_window_closed
-        self.metrics = self._start_metrics(gate)
+        self.metrics = self._make_metrics()
+        # The owner is this incarnation in the hosts row; a broken shadow candidate is logged,
+        # it never stops the daemon. Wired here once: nothing is patched onto the gate later.
+        owner = self.coordinator.instance if self.coordinator is not None else None
+        gate = Gate(store=store, fleet=cfg.fleet, policy=cfg.policy, approvals=approvals,
+                    host_switch=host_switch, token_budgets=cfg.token_budgets, models=cfg.models,
+                    timezone=cfg.timezone, on_alert=on_gate_alert, observer=self.metrics,
+                    host=cfg.host_id, owner=owner, halt_in_flight=cfg.halt_in_flight,
+                    shadow=shadow_for(cfg))  # fmt: skip
+        self.gate = gate
+        windows = WindowManager(store, fleet=cfg.fleet, length=plan.profile.window,
+                                tz=cfg.timezone, max_cost=plan.profile.max_cost,
+                                max_actions=plan.profile.max_actions, by=cfg.host_id,
+                                run_end=plan.end, on_closed=alerts.on_window_closed)  # fmt: skip
+        self.windows = windows
+        checkpoints = Checkpoints(store, cfg.fleet)
+        fleet = Fleet(fleet=cfg.fleet, host=cfg.host_id, store=store, gate=gate, windows=windows,
+                      checkpoints=checkpoints, clock=clock, profile=plan.profile,
+                      timezone=cfg.timezone, anchor=plan.anchor, run_end=plan.end,
+                      effects=EffectLog(effects_path(self.effects_dir or cfg.state_dir)), seed=self.seed,
+                      stopping=self.stopping, on_alert=on_fleet_alert)  # fmt: skip
+        self.fleet = fleet
+        self._serve_metrics()
         structlog.contextvars.bind_contextvars(fleet=cfg.fleet, host=cfg.host_id)
 
         # recovery before taking traffic
@@ -542,8 +540,7 @@ class Daemon:
             await self.clock.sleep_until(max(target, now), approvals.changed)
             if self.stopping.is_set():
                 return
-            if approvals.changed.is_set():
-                approvals.changed = anyio.Event()
+            approvals.rearm()
             if not self._leading():
                 continue
             if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(
@@ -892,14 +889,14 @@ class Daemon:
                 if unreachable_since is not None:
                     log.info("store.reachable_again")
                 unreachable_since = None
-                self.gate.fleet_unknown = None
+                self.gate.fleet_switch_unreadable(None)
             except StoreError as exc:
                 now = anyio.current_time()
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since >= self.config.fleet_switch_grace:
                     if self.gate.fleet_unknown is None:
                         log.error("killswitch.fleet_unknown", treated_as="halt_all", error=str(exc))
-                    self.gate.fleet_unknown = (
+                    self.gate.fleet_switch_unreadable(
                         f"store unreachable for {now - unreachable_since:.0f}s"
                     )
                     self.coordinator.leader = None  # no singleton work without a renewed lease
@@ -939,12 +936,9 @@ class Daemon:
             return False
         old_specs = {s.name: s for s in self.config.workers}
         new_specs = {s.name: s for s in new.workers}
-        self.gate.policy = new.policy
-        self.gate.halt_in_flight = new.halt_in_flight
-        self.gate.approvals.chain = new.approvals
-        self.gate.token_budgets = new.token_budgets
-        self.gate.models = new.models
-        self.gate.shadow = shadow_for(new)
+        self.gate.reconfigure(policy=new.policy, chain=new.approvals,
+                              token_budgets=new.token_budgets, models=new.models,
+                              halt_in_flight=new.halt_in_flight, shadow=shadow_for(new))  # fmt: skip
         profile = new.horizon(self.horizon or new.profile)
         self.windows.max_cost, self.windows.max_actions = profile.max_cost, profile.max_actions
         self._factories.update(factories)
@@ -982,15 +976,20 @@ class Daemon:
                     return
                 self.clock.ring(self.stopping)
 
-    def _start_metrics(self, gate: Gate) -> Metrics | None:
+    def _make_metrics(self) -> Metrics | None:
         if not self.config.metrics.enabled or self.clock.virtual:
             return None
         try:
-            metrics = Metrics(self.config.metrics, now=self.clock.now)
+            return Metrics(self.config.metrics, now=self.clock.now)
         except ImportError:
             raise ConfigError(
                 "metrics.enabled needs prometheus-client: pip install 'acp-supervisor[metrics]'"
             ) from None
+
+    def _serve_metrics(self) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
         fleet, windows, alerts = self.fleet, self.windows, self.alerts
         assert fleet is not None
         # read at scrape time from the counts these keep; dict.copy is atomic under the GIL
@@ -1003,9 +1002,7 @@ class Daemon:
             lambda: {"sent": alerts.delivered, "failed": alerts.failed, "dropped": alerts.dropped},
         )
         port = metrics.serve()
-        gate.observer = metrics
         log.info("metrics.serving", host=self.config.metrics.host, port=port)
-        return metrics
 
     async def _update_metrics(self, store: Store, switch: SwitchState) -> None:
         assert self.metrics is not None

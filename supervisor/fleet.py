@@ -121,6 +121,7 @@ class Fleet:
         effects: EffectLog,
         seed: int,
         stopping: anyio.Event,
+        on_alert: Callable[[str, str | None, dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.host = host
@@ -143,7 +144,7 @@ class Fleet:
         # Per instance: set to stop it after its current cycle (shutdown, reload, slot handed over).
         self.stop_events: dict[str, anyio.Event] = {}
         # Raises an alert (condition, session_id, detail); set by the daemon.
-        self.on_alert: Callable[[str, str | None, dict[str, Any]], Awaitable[None]] | None = None
+        self.on_alert = on_alert
         self.in_flight = 0
         self.idle = anyio.Event()
         self.idle.set()

@@ -32,6 +32,7 @@ from .store import NewEvent, Session, Store
 from .store.base import Row
 
 if TYPE_CHECKING:
+    from .escalation import EscalationChain
     from .replay import ShadowPolicy
 
 log = structlog.get_logger("supervisor.gate")
@@ -125,6 +126,11 @@ class Gate:
         models: ModelGovernor,
         timezone: ZoneInfo,
         on_alert: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None,
+        observer: GateObserver | None = None,
+        host: str | None = None,
+        owner: str | None = None,
+        halt_in_flight: str = "finish",
+        shadow: ShadowPolicy | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
@@ -139,23 +145,40 @@ class Gate:
         # Set while this host cannot read the fleet switch (store unreachable past the grace):
         # the fleet switch then counts as halt_all.
         self.fleet_unknown: str | None = None
-        self.observer: GateObserver | None = None  # metrics, when enabled
+        self.observer = observer  # metrics, when enabled
         # Rung on every observed switch change, so waiting workers react at once.
         self.switch_changed = anyio.Event()
-        self.host: str | None = None
+        self.host = host
         # This process incarnation, recorded as the owner of every action it starts, and the
         # command_ids it has between "about to write the started record" and "outcome written
         # or abandoned": the recovery scan never touches those, whatever the wall clock says.
-        self.owner: str | None = uuid.uuid4().hex[:12]
+        self.owner = owner or uuid.uuid4().hex[:12]
         self.owned: set[str] = set()
         # Instance name -> configured name of a replicated worker (for worker-scope switches).
         self.worker_groups: dict[str, str] = {}
         # Effects in flight by command_id (from the last look on), for an emergency to stop;
         # "terminate" makes halt_all stop them too.
         self.in_flight: dict[str, InFlight] = {}
-        self.halt_in_flight = "finish"
+        self.halt_in_flight = halt_in_flight
         # [policy] shadow: a candidate decided beside the live policy; it never stops an action.
-        self.shadow: ShadowPolicy | None = None
+        self.shadow = shadow
+
+    def reconfigure(
+        self, *, policy: Policy, chain: EscalationChain, token_budgets: TokenBudgets,
+        models: ModelGovernor, halt_in_flight: str, shadow: ShadowPolicy | None,
+    ) -> None:  # fmt: skip
+        """SIGHUP: the rules change between two actions; nothing in flight is touched."""
+        self.policy = policy
+        self.approvals.chain = chain
+        self.token_budgets = token_budgets
+        self.models = models
+        self.halt_in_flight = halt_in_flight
+        self.shadow = shadow
+
+    def fleet_switch_unreadable(self, reason: str | None) -> None:
+        """The store has been out of reach past the grace (reason), or is back (None): while
+        unreadable, the fleet switch counts as halt_all."""
+        self.fleet_unknown = reason
 
     # -- the checks -----------------------------------------------------------------------------
 

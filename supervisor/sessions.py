@@ -35,6 +35,7 @@ class WindowManager:
         max_actions: int | None,
         by: str,
         run_end: datetime | None = None,
+        on_closed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
@@ -46,7 +47,7 @@ class WindowManager:
         self.run_end = run_end
         self.current: Session | None = None
         # Called after this manager closes a window (alerts compare its rates with the trailing ones).
-        self.on_closed: Callable[[str], Awaitable[None]] | None = None
+        self.on_closed = on_closed
         self.opened = 0
         self.closed = 0
         self._lock = anyio.Lock()
