@@ -190,21 +190,20 @@ class Gate:
             return None
         return f"host {state.mode.value}" + (f": {state.problem}" if state.problem else "")
 
-    async def _scoped_approval(
-        self, action: Action, *, worker: str, session: Session
-    ) -> Row | None:
-        """An approval granted for the rest of this window (`approve --scope window`) covers later
-        actions of the same name by the same worker with the same params (or the same values of
-        the keys the operator named), within its count and cost limits; each use is counted in
-        one statement, so concurrent uses cannot exceed them."""
-        for row in await self.store.fetchall("scoped_approvals", session.id, worker, action.name):
-            if not grant_covers(row, action):
-                continue
-            async with self.store.transaction() as tx:
-                used = await tx.fetchrow("use_approval", action.cost, row["id"], action.cost)
-            if used is not None:
-                return row
-        return None
+    async def _usable_grants(self, action: Action, *, worker: str, session: Session) -> list[Row]:
+        """Approvals granted for the rest of this window (`approve --scope window`) that cover
+        `action`: later actions of the same name by the same worker with the same params (or the
+        same values of the keys the operator named), with room left in their count and cost
+        limits as last read. The use itself is counted in the started record's transaction (one
+        conditional statement, so concurrent uses cannot exceed the limits, and an attempt
+        refused at a later check spends nothing)."""
+        rows = await self.store.fetchall("scoped_approvals", session.id, worker, action.name)
+        return [
+            row for row in rows
+            if grant_covers(row, action)
+            and (row["max_uses"] is None or row["used_count"] + 1 <= row["max_uses"])
+            and (row["max_cost"] is None or row["used_cost"] + action.cost <= row["max_cost"])
+        ]  # fmt: skip
 
     async def cap_hit(self, cap: str, *, worker: str, session: Session, **detail: Any) -> None:
         """A worker reached one of its caps: an event and an alert, once per window."""
@@ -362,6 +361,33 @@ class Gate:
         correlation_id: str | None = None,
         pending_cap: int | None = None,
     ) -> tuple[Permit | None, Outcome | None]:
+        """Run every check up to and including the started record (see `_admit_once`). A
+        window grant that a concurrent action spent between its read and the started record
+        sends the action round once more: it then asks for an approval of its own."""
+        try:
+            return await self._admit_once(
+                action, worker=worker, session=session, command_id=command_id,
+                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
+            )  # fmt: skip
+        except _GrantSpent:
+            return await self._admit_once(
+                action, worker=worker, session=session, command_id=command_id,
+                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
+                grants=False,
+            )  # fmt: skip
+
+    async def _admit_once(
+        self,
+        action: Action,
+        *,
+        worker: str,
+        session: Session,
+        command_id: str,
+        approval_key: str | None = None,
+        correlation_id: str | None = None,
+        pending_cap: int | None = None,
+        grants: bool = True,
+    ) -> tuple[Permit | None, Outcome | None]:
         """Run every check up to and including the started record.
 
         Returns (permit, None) when the effect may run now, or (None, outcome) when a stored
@@ -423,12 +449,11 @@ class Gate:
 
         # 4. approval
         permit = Permit(None, None, None, command_id, decision.rule)
-        scoped = None
-        if decision.outcome in ("require_approval", "escalate"):
-            scoped = await self._scoped_approval(action, worker=worker, session=session)
-        if scoped is not None:
-            permit = Permit(scoped["id"], scoped["decided_by"], scoped["decided_at"], command_id,
-                            decision.rule)  # fmt: skip
+        usable: list[Row] = []
+        if grants and decision.outcome in ("require_approval", "escalate"):
+            usable = await self._usable_grants(action, worker=worker, session=session)
+        if usable:
+            pass  # the started record's transaction uses one of them (see _start)
         elif decision.outcome in ("require_approval", "escalate"):
             key = approval_key or command_id
             if pending_cap is not None:
@@ -491,7 +516,8 @@ class Gate:
         claimed = command_id not in self.owned
         self.owned.add(command_id)
         try:
-            return await self._start(action, permit, decision, operation, stored, rerun, args)
+            return await self._start(action, permit, decision, operation, stored, rerun, args,
+                                     usable)  # fmt: skip
         except BaseException:
             if claimed:
                 self.owned.discard(command_id)
@@ -499,9 +525,10 @@ class Gate:
 
     async def _start(
         self, action: Action, permit: Permit, decision: Decision, operation: str, stored: Any,
-        rerun: bool, args: dict[str, Any],
+        rerun: bool, args: dict[str, Any], grants: list[Row],
     ) -> tuple[Permit | None, Outcome | None]:  # fmt: skip
-        """Step 6 of `admit`: the started record (or a re-run's), with its refusals."""
+        """Step 6 of `admit`: the started record (or a re-run's), with its refusals; with the use
+        of one of `grants` (window-scoped approvals that cover the action) when there are any."""
         refuse = self.refuse
         worker, session, command_id = args["worker"], args["session"], args["command_id"]
         correlation_id = args["correlation_id"]
@@ -511,12 +538,13 @@ class Gate:
         def switches(rows: list[Row]) -> str | None:
             return self._verdict(action, rows, worker, session)
 
+        grant_ids = [row["id"] for row in grants]
         if rerun:
             status, info = await self.store.restart_action(
                 command_id=command_id, fleet=self.fleet, session_id=session.id, worker=worker,
                 name=action.name, risk=action.risk, cost=action.cost, rule=decision.rule,
                 correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
-                owner=self.owner, kill_switch_check=switches,
+                owner=self.owner, kill_switch_check=switches, grant_ids=grant_ids,
             )  # fmt: skip
         else:
             status, info = await self.store.begin_action(
@@ -527,7 +555,10 @@ class Gate:
                 correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
                 owner=self.owner, kill_switch_check=switches, identity=action.identity,
                 model=action.model, tokens=action.tokens, decision=decision.outcome,
+                grant_ids=grant_ids,
             )  # fmt: skip
+        if status == "grant_spent":
+            raise _GrantSpent()
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
         if status == "no_window":
@@ -548,6 +579,10 @@ class Gate:
             )
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
+        used = next((row for row in grants if row["id"] == info.get("grant")), None)
+        if used is not None:
+            permit = Permit(used["id"], used["decided_by"], used["decided_at"], command_id,
+                            decision.rule)  # fmt: skip
         return permit, None
 
     def _shadow(
@@ -762,6 +797,10 @@ class Gate:
                 for budget in self.token_budgets.applicable(action.identity):
                     await tx.execute("add_token_usage", budget.scope, budget.identity,
                                      budget.period_key(now, self.timezone), tokens, action.cost)  # fmt: skip
+
+
+class _GrantSpent(Exception):
+    """Internal: every window grant the action counted on was spent before its started record."""
 
 
 # Refusals where governance itself said no (the rest refuse what governance let through).

@@ -739,6 +739,7 @@ class Store:
         model: str | None = None,
         tokens: int = 0,
         decision: str | None = None,
+        grant_ids: Sequence[str] = (),
     ) -> tuple[str, dict[str, Any]]:
         """The durable "started" record, the budget reservation and the fleet/session/worker
         kill-switch check, in one transaction. Returns (status, stored or new result) where status
@@ -746,10 +747,15 @@ class Store:
         from ..events import ACTION_STARTED
 
         refused: dict[str, str] = {}
+        used: list[str] = []
 
         async def body(tx: Tx) -> dict[str, Any]:
-            await self._may_start_in(tx, fleet=fleet, session_id=session_id, cost=cost,
-                                     kill_switch_check=kill_switch_check, refused=refused)  # fmt: skip
+            grant = await self._may_start_in(
+                tx, fleet=fleet, session_id=session_id, cost=cost,
+                kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+            )  # fmt: skip
+            if grant is not None:
+                used.append(grant)
             now = self.clock.now()
             await tx.execute(
                 "insert_action", command_id, fleet, session_id, worker, name,
@@ -776,14 +782,19 @@ class Store:
                                                    claim={"status": "started"})  # fmt: skip
         except _Refused:
             return refused["reason"], dict(refused)
-        return ("started" if fresh else "replay"), result
+        if not fresh:
+            return "replay", result
+        return "started", {**result, "grant": used[-1] if used else None}
 
     async def _may_start_in(
         self, tx: Tx, *, fleet: str, session_id: str, cost: float,
         kill_switch_check: Callable[[list[Row]], str | None], refused: dict[str, str],
-    ) -> None:  # fmt: skip
-        """What a started record needs, checked where it is written: the store's switches and a
-        reservation in an open window. Raises _Refused with the reason in `refused`."""
+        grant_ids: Sequence[str] = (),
+    ) -> str | None:  # fmt: skip
+        """What a started record needs, checked where it is written: the store's switches, a
+        reservation in an open window and, when the action counts on window-scoped approvals,
+        one use of the first of `grant_ids` with room left (returned). Raises _Refused with the
+        reason in `refused`; "grant_spent" when every grant was spent meanwhile."""
         problem = kill_switch_check(await tx.fetchall("kill_switches_for_start", fleet))
         if problem is not None:
             refused.update(reason="killswitch", detail=problem)
@@ -797,6 +808,13 @@ class Store:
             )
             refused["reason"] = "budget" if window_open else "no_window"
             raise _Refused()
+        for grant in grant_ids:
+            if await tx.fetchrow("use_approval", cost, grant, cost) is not None:
+                return grant
+        if grant_ids:
+            refused["reason"] = "grant_spent"
+            raise _Refused()
+        return None
 
     async def restart_action(
         self,
@@ -814,6 +832,7 @@ class Store:
         kill_switch_check: Callable[[list[Row]], str | None],
         host: str | None = None,
         owner: str | None = None,
+        grant_ids: Sequence[str] = (),
     ) -> tuple[str, dict[str, Any]]:
         """A new started record for an action that was halted, or in-doubt and safe to retry,
         under its command_id: the same checks as `begin_action` (marking it in-doubt released
@@ -824,8 +843,10 @@ class Store:
         refused: dict[str, str] = {}
         try:
             async with self.transaction() as tx:
-                await self._may_start_in(tx, fleet=fleet, session_id=session_id, cost=cost,
-                                         kill_switch_check=kill_switch_check, refused=refused)  # fmt: skip
+                grant = await self._may_start_in(
+                    tx, fleet=fleet, session_id=session_id, cost=cost,
+                    kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+                )  # fmt: skip
                 if await tx.fetchrow("restart_action", self.clock.now(), session_id, host, owner,
                                      command_id) is None:  # fmt: skip
                     refused["reason"] = "replay"
@@ -838,7 +859,7 @@ class Store:
                 ))  # fmt: skip
         except _Refused:
             return refused["reason"], dict(refused)
-        return "started", {"status": "started"}
+        return "started", {"status": "started", "grant": grant}
 
     async def finish_action(
         self,
