@@ -128,10 +128,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # fleet halt propagation
         before = [len(h.observed) for h in hosts]
-        subprocess.run([sys.executable, "-m", "supervisor", "--config", str(tmp / "h1.toml"), "--db", db,
-                        "--state-dir", str(tmp / "cli"), "killswitch", "engage", "--scope", "fleet",
-                        "--mode", "halt_all", "--reason", "bench", "--by", "bench"],
-                       cwd=ROOT, env=env, check=True, capture_output=True)  # fmt: skip
+        engage = subprocess.run([sys.executable, "-m", "supervisor", "--config", str(tmp / "h1.toml"),
+                                 "--db", db, "--state-dir", str(tmp / "cli"), "killswitch", "engage",
+                                 "--scope", "fleet", "--mode", "halt_all", "--reason", "bench",
+                                 "--by", "bench"],
+                                cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+        if engage.returncode != 0:
+            raise SystemExit(f"killswitch engage failed (exit {engage.returncode}): "
+                             f"{engage.stderr.strip()[-2000:]}")  # fmt: skip
         engaged_db: datetime = q(db, "SELECT now() AS t")[0]["t"]
         # The engage's own timestamp (the CLI's clock, taken inside its transaction): the halt
         # is in force from its commit, a moment later, so this slightly overstates propagation.

@@ -37,6 +37,23 @@ def load_queries(dialect: str) -> dict[str, str]:
     return queries
 
 
+def _statements(text: str) -> list[str]:
+    """Split on `;`, except inside a `$$`-quoted body (a Postgres function's)."""
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for part in re.split(r"(\$\$|;)", text):
+        if part == "$$":
+            quoted = not quoted
+        if part == ";" and not quoted:
+            out.append("".join(current).strip())
+            current = []
+        else:
+            current.append(part)
+    out.append("".join(current).strip())
+    return [s for s in out if s]
+
+
 def load_migrations(dialect: str) -> list[tuple[int, str, list[str]]]:
     """Numbered migrations as (version, file name, statements), in order."""
     folder = resources.files("supervisor.store") / "sql" / dialect
@@ -46,6 +63,6 @@ def load_migrations(dialect: str) -> list[tuple[int, str, list[str]]]:
         if match:
             text = entry.read_text(encoding="utf-8")
             lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
-            statements = [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+            statements = _statements("\n".join(lines))
             found.append((int(match.group(1)), entry.name, statements))
     return sorted(found)

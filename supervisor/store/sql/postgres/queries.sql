@@ -10,9 +10,14 @@ SELECT to_regclass('schema_version') IS NOT NULL AS ok;
 SELECT pg_notify('acp_killswitch', ?);
 
 -- name: kill_switches_for_start
--- FOR SHARE: an engage (which locks the fleet row for update) waits for starts in flight, and
--- a start waits for an engage in flight, so no action starts after an engage has returned.
-SELECT * FROM kill_switches WHERE fleet = ? FOR SHARE;
+-- Under the fleet's shared switch lock (migration 0008): an engage, which takes it exclusive,
+-- waits for starts and outcomes in flight, and a start waits for an engage in flight, so no
+-- action starts after an engage has returned. The lock is fair: a busy fleet cannot starve it.
+SELECT * FROM acp_switches_for_start(?);
+
+-- name: lock_fleet_switch
+-- The fleet's switch lock, exclusive, until this transaction ends.
+SELECT pg_advisory_xact_lock(4242, hashtext(?));
 
 -- name: decide_pending_approval
 -- The database's clock decides the deadline, not the caller's: a CLI whose clock is slow must
