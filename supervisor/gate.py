@@ -360,38 +360,14 @@ class Gate:
         approval_key: str | None = None,
         correlation_id: str | None = None,
         pending_cap: int | None = None,
-    ) -> tuple[Permit | None, Outcome | None]:
-        """Run every check up to and including the started record (see `_admit_once`). A
-        window grant that a concurrent action spent between its read and the started record
-        sends the action round once more: it then asks for an approval of its own."""
-        try:
-            return await self._admit_once(
-                action, worker=worker, session=session, command_id=command_id,
-                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
-            )  # fmt: skip
-        except _GrantSpent:
-            return await self._admit_once(
-                action, worker=worker, session=session, command_id=command_id,
-                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
-                grants=False,
-            )  # fmt: skip
-
-    async def _admit_once(
-        self,
-        action: Action,
-        *,
-        worker: str,
-        session: Session,
-        command_id: str,
-        approval_key: str | None = None,
-        correlation_id: str | None = None,
-        pending_cap: int | None = None,
         grants: bool = True,
     ) -> tuple[Permit | None, Outcome | None]:
         """Run every check up to and including the started record.
 
         Returns (permit, None) when the effect may run now, or (None, outcome) when a stored
         outcome answers the command (a retry). Raises ActionDenied, ApprovalPending, ActionExpired.
+        `grants=False`: ask for an approval even where a window grant covered the action (one
+        that a concurrent action spent before this one's started record).
         """
         refuse = self.refuse
         action = self.policy.mark(action)  # critical / safe_to_retry: policy decides
@@ -518,6 +494,14 @@ class Gate:
         try:
             return await self._start(action, permit, decision, operation, stored, rerun, args,
                                      usable)  # fmt: skip
+        except _GrantSpent:
+            if claimed:
+                self.owned.discard(command_id)
+            return await self.admit(
+                action, worker=worker, session=session, command_id=command_id,
+                approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
+                grants=False,
+            )  # fmt: skip
         except BaseException:
             if claimed:
                 self.owned.discard(command_id)

@@ -202,3 +202,42 @@ async def test_an_attempt_refused_after_the_grant_matched_spends_none_of_its_use
     row = await store.fetchrow("get_approval", first.value.approval_id)
     assert row is not None and (row["used_count"], row["used_cost"]) == (2, 3.0)
     assert len(ran) == 2
+
+
+async def test_a_grant_spent_by_a_concurrent_action_sends_the_next_one_to_ask(
+    store: Store, clock: VirtualClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate read the grant with room left; by its started record another action had spent
+    it: the use fails in the transaction, nothing starts, and the action asks for an approval
+    of its own instead."""
+    gate = _gate(store, tmp_path)
+    start = clock.now().replace(minute=0, second=0, microsecond=0)
+    session, _ = await store.open_window(fleet="f", key="w", starts_at=start,
+                                         ends_at=start + timedelta(hours=1), max_cost=None,
+                                         max_actions=None, by="t")  # fmt: skip
+
+    def deploy(n: int) -> Action:
+        return Action("deploy.service", params={"service": "api", "build": n}, risk="high")
+
+    async def effect() -> None:
+        return None
+
+    with pytest.raises(ApprovalPending) as first:
+        await gate.run(deploy(1), effect, worker="ops", session=session, command_id="d1")
+    await gate.approvals.decide(first.value.approval_id, approve=True, by="lead", reason="r",
+                                scope="window", max_uses=1, match=("service",))  # fmt: skip
+    stale = await gate._usable_grants(deploy(3), worker="ops", session=session)
+    assert [r["id"] for r in stale] == [first.value.approval_id]
+    assert (await gate.run(deploy(2), effect, worker="ops", session=session,
+                           command_id="d2")).status == "succeeded"  # fmt: skip
+
+    async def as_read_before(*_args: object, **_kw: object) -> list[dict[str, object]]:
+        return stale  # what a concurrent action's gate still saw
+
+    monkeypatch.setattr(gate, "_usable_grants", as_read_before)
+    with pytest.raises(ApprovalPending) as asked:
+        await gate.run(deploy(3), effect, worker="ops", session=session, command_id="d3")
+    assert asked.value.approval_id != first.value.approval_id
+    assert await store.get_action("d3") is None  # nothing started
+    row = await store.fetchrow("get_approval", first.value.approval_id)
+    assert row is not None and row["used_count"] == 1
