@@ -425,12 +425,13 @@ class Gate:
 
         # 4. approval
         permit = Permit(None, None, None, command_id, decision.rule)
+        # A window grant that covers the action is used by the started record's transaction
+        # (see _start); without one, the action asks for an approval of its own.
+        needs_approval = decision.outcome in ("require_approval", "escalate")
         usable: list[Row] = []
-        if grants and decision.outcome in ("require_approval", "escalate"):
+        if grants and needs_approval:
             usable = await self._usable_grants(action, worker=worker, session=session)
-        if usable:
-            pass  # the started record's transaction uses one of them (see _start)
-        elif decision.outcome in ("require_approval", "escalate"):
+        if needs_approval and not usable:
             key = approval_key or command_id
             if pending_cap is not None:
                 counted = await self.store.fetchrow("count_pending_of_worker", self.fleet, worker,

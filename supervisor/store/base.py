@@ -632,7 +632,6 @@ class Store:
             if created == 0:
                 # Recorded as missed (or a racing twin just opened it): never opened after the fact.
                 return {"session_id": session_id, "opened": False}
-            await tx.execute("ensure_stream", session_id)
             await self.append_in(
                 tx,
                 NewEvent(

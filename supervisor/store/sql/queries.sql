@@ -14,11 +14,9 @@ INSERT INTO commands (command_id, operation, params_hash, result, created_at) VA
 ON CONFLICT (command_id) DO NOTHING
 RETURNING command_id;
 
--- name: ensure_stream
-INSERT INTO streams (id, last_seq) VALUES (?, 0) ON CONFLICT (id) DO NOTHING;
-
 -- insert_event (the event and its sequence number in one statement) differs by dialect: see
--- sql/<dialect>/queries.sql.
+-- sql/<dialect>/queries.sql. It also keeps each stream's row (Postgres; SQLite derives the
+-- number from the events' own index).
 
 -- name: replay
 SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?;
