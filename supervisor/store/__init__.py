@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ..clock import Clock
 from ..errors import StoreConfigError
-from .base import DEFAULT_QUERY_TIMEOUT, Backend, Event, NewEvent, Session, Store, Tx, system_stream
+from .base import DEFAULT_QUERY_TIMEOUT, Backend, Event, NewEvent, Session, Tx, system_stream
 from .queries import load_migrations
+from .repository import Store
 
 __all__ = ["Backend", "Event", "NewEvent", "Session", "Store", "Tx", "open_store", "system_stream"]
 

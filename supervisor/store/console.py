@@ -12,7 +12,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from .. import events as ev
-from .base import Event, Session, Store, plain_row, system_stream
+from .base import Event, Session, plain_row, system_stream
+from .repository import Store
 
 # A cursor above every event id: "from the newest".
 NEWEST = 2**62
@@ -36,8 +37,8 @@ SYSTEM_TREND_KINDS: dict[str, str] = {
 
 async def hosts(store: Store, fleet: str) -> list[dict[str, Any]]:
     """Hosts with heartbeat, whether each leads, and the worker slots it holds."""
-    rows = [plain_row(r) for r in await store.fetchall("list_hosts", fleet)]
-    leases = await store.fetchall("list_leases", f"%:{fleet}%")
+    rows = [plain_row(r) for r in await store._fetchall("list_hosts", fleet)]
+    leases = await store._fetchall("list_leases", f"%:{fleet}%")
     now = await store.db_now()
     for host in rows:
         held = [lease for lease in leases if lease["holder"].split("/")[0] == host["host_id"]
@@ -50,22 +51,22 @@ async def hosts(store: Store, fleet: str) -> list[dict[str, Any]]:
 
 
 async def workers(store: Store, fleet: str) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store.fetchall("list_workers", fleet)]
+    return [plain_row(r) for r in await store._fetchall("list_workers", fleet)]
 
 
 async def store_switches(store: Store, fleet: str) -> list[dict[str, Any]]:
     """Kill switches kept in the store: fleet, session and worker scopes."""
-    return [plain_row(r) for r in await store.fetchall("kill_switches", fleet)]
+    return [plain_row(r) for r in await store._fetchall("kill_switches", fleet)]
 
 
 async def pending_summary(store: Store, fleet: str) -> tuple[int, Any]:
     """(pending approvals, when the oldest was raised or None)."""
-    row = await store.fetchrow("count_pending_approvals", fleet)
+    row = await store._fetchrow("count_pending_approvals", fleet)
     return (int(row["n"]), row["oldest_at"]) if row else (0, None)
 
 
 async def in_doubt_count(store: Store, fleet: str) -> int:
-    row = await store.fetchrow("console_in_doubt_count", fleet)
+    row = await store._fetchrow("console_in_doubt_count", fleet)
     return int(row["n"]) if row else 0
 
 
@@ -73,7 +74,7 @@ async def active_alerts(store: Store, fleet: str, open_windows: list[Session]) -
     """Alerts raised and not resolved, on the system stream and each open window's stream."""
     active: list[Event] = []
     for stream in [system_stream(fleet), *(s.id for s in open_windows)]:
-        rows = await store.fetchall(
+        rows = await store._fetchall(
             "console_stream_kinds", stream, ev.ALERT, ev.ALERT_RESOLVED, ev.ALERT, 10_000
         )
         raised: dict[str, Event] = {}
@@ -87,28 +88,28 @@ async def active_alerts(store: Store, fleet: str, open_windows: list[Session]) -
 
 
 async def pending_approvals(store: Store, fleet: str, limit: int = 500) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store.fetchall("pending_approvals", fleet, limit)]
+    return [plain_row(r) for r in await store._fetchall("pending_approvals", fleet, limit)]
 
 
 async def decided_approvals(store: Store, fleet: str, limit: int = 100) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store.fetchall("console_decided_approvals", fleet, limit)]
+    return [plain_row(r) for r in await store._fetchall("console_decided_approvals", fleet, limit)]
 
 
 async def approval(store: Store, approval_id: str) -> dict[str, Any] | None:
-    row = await store.fetchrow("get_approval", approval_id)
+    row = await store._fetchrow("get_approval", approval_id)
     return plain_row(row) if row else None
 
 
 async def killswitch_history(store: Store, fleet: str, limit: int = 100) -> list[Event]:
     """Engagements and disengagements at every scope, newest first (with who and why)."""
-    rows = await store.fetchall("console_stream_kinds", system_stream(fleet),
+    rows = await store._fetchall("console_stream_kinds", system_stream(fleet),
                                 ev.KILLSWITCH_ENGAGED, ev.KILLSWITCH_DISENGAGED,
                                 ev.KILLSWITCH_INVALID, limit)  # fmt: skip
     return [Event.from_row(r) for r in rows]
 
 
 async def in_doubt_actions(store: Store, fleet: str, limit: int = 500) -> list[dict[str, Any]]:
-    rows = await store.fetchall("actions_with_status", fleet, "in_doubt", limit)
+    rows = await store._fetchall("actions_with_status", fleet, "in_doubt", limit)
     return [plain_row(r) for r in rows]
 
 
@@ -118,14 +119,14 @@ async def action(store: Store, command_id: str) -> dict[str, Any] | None:
 
 
 async def checkpoints(store: Store, fleet: str, limit: int = 200) -> list[dict[str, Any]]:
-    rows = await store.fetchall("list_checkpoints", fleet, limit)
+    rows = await store._fetchall("list_checkpoints", fleet, limit)
     return [{k: v for k, v in plain_row(r).items() if k not in ("state", "counters")} for r in rows]
 
 
 async def tail(store: Store, fleet: str, *, worker: str = "", kind: str = "", session: str = "",
                command_id: str = "", before: int = NEWEST, limit: int = 200) -> list[Event]:  # fmt: skip
     """The newest events of the fleet, newest first, filtered; `before` pages back by id."""
-    rows = await store.fetchall(
+    rows = await store._fetchall(
         "console_tail", fleet, system_stream(fleet), worker, worker, kind, kind, session,
         session, command_id, command_id, before, limit,
     )  # fmt: skip

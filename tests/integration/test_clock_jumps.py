@@ -321,7 +321,7 @@ async def test_migration_scopes_the_keys_of_existing_approvals(
     """A pending approval written before keys were scoped is found again after the upgrade (no
     second request under the same key), in its own fleet only."""
     from supervisor.store import make_backend
-    from supervisor.store.base import Store as BaseStore
+    from supervisor.store import Store as BaseStore
     from supervisor.store.queries import load_migrations
 
     url = f"sqlite:///{tmp_path / 'old.db'}"

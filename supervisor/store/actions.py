@@ -1,0 +1,302 @@
+"""The actions aggregate: an action's started record, re-run, outcome, in-doubt and resolution,
+with their budget reservations, each one transaction. The gate asks; this module decides nothing
+about policy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..actions import canonical_json, params_hash
+from ..errors import StateWriteError
+from .base import ActionRecord, NewEvent, Row, StoreCore, Tx
+
+
+class ActionsRepo(StoreCore):
+    async def lookup_action(
+        self, command_id: str, operation: str, params: Any
+    ) -> ActionRecord | None:
+        """Where an action's command_id stands, in one read of its ledger row and action row;
+        None if unknown; IdempotencyConflict if the id was used for something else. An action's
+        outcome lives in its action row only: the ledger row holds the claim."""
+        async with self.backend.reader() as tx:
+            row = await tx.fetchrow("lookup_action", command_id)
+        if row is None:
+            return None
+        self._same_command(command_id, row, operation, params_hash(operation, params))
+        status, error = row["status"], row["error"]
+        if status == "resolved_done":
+            status = "succeeded"
+        elif status == "resolved_failed":
+            status, error = "failed", f"resolved as failed by {row['resolved_by']}"
+        result = json.loads(row["result"]) if row["result"] is not None else None
+        return ActionRecord(status, result, error, bool(row["safe_to_retry"]))
+
+    async def begin_action(
+        self,
+        *,
+        command_id: str,
+        operation: str,
+        params: Mapping[str, Any],
+        fleet: str,
+        session_id: str,
+        worker: str,
+        name: str,
+        risk: str,
+        cost: float,
+        critical: bool,
+        safe_to_retry: bool,
+        rule: str,
+        correlation_id: str | None,
+        agent_id: str | None,
+        kill_switch_check: Callable[[list[Row]], str | None],
+        host: str | None = None,
+        owner: str | None = None,
+        identity: Mapping[str, str] | None = None,
+        model: str | None = None,
+        tokens: int = 0,
+        decision: str | None = None,
+        grant_ids: Sequence[str] = (),
+    ) -> tuple[str, dict[str, Any]]:
+        """The durable "started" record, the budget reservation and the fleet/session/worker
+        kill-switch check, in one transaction. Returns (status, stored or new result) where status
+        is "started", "budget" (no room), "killswitch" (a store switch forbids), or "replay"."""
+        from ..events import ACTION_STARTED
+
+        refused: dict[str, str] = {}
+        used: list[str] = []
+
+        async def body(tx: Tx) -> dict[str, Any]:
+            grant = await self._may_start_in(
+                tx, fleet=fleet, session_id=session_id, cost=cost,
+                kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+            )  # fmt: skip
+            if grant is not None:
+                used.append(grant)
+            now = self.clock.now()
+            await tx.execute(
+                "insert_action", command_id, fleet, session_id, worker, name,
+                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now, host,
+                owner,
+                canonical_json(dict(identity)) if identity else None, model, tokens, decision,
+            )  # fmt: skip
+            await self.append_in(
+                tx,
+                NewEvent(
+                    kind=ACTION_STARTED,
+                    session_id=session_id,
+                    payload={"action": name, "risk": risk, "cost": cost, "rule": rule},
+                    command_id=command_id,
+                    correlation_id=correlation_id,
+                    worker=worker,
+                    agent_id=agent_id,
+                ),
+            )
+            return {"status": "started"}
+
+        try:
+            result, fresh = await self.run_command(command_id, operation, params, body,
+                                                   claim={"status": "started"})  # fmt: skip
+        except _Refused:
+            return refused["reason"], dict(refused)
+        if not fresh:
+            return "replay", result
+        return "started", {**result, "grant": used[-1] if used else None}
+
+    async def _may_start_in(
+        self, tx: Tx, *, fleet: str, session_id: str, cost: float,
+        kill_switch_check: Callable[[list[Row]], str | None], refused: dict[str, str],
+        grant_ids: Sequence[str] = (),
+    ) -> str | None:  # fmt: skip
+        """What a started record needs, checked where it is written: the store's switches, a
+        reservation in an open window and, when the action counts on window-scoped approvals,
+        one use of the first of `grant_ids` with room left (returned). Raises _Refused with the
+        reason in `refused`; "grant_spent" when every grant was spent meanwhile."""
+        problem = kill_switch_check(await tx.fetchall("kill_switches_for_start", fleet))
+        if problem is not None:
+            refused.update(reason="killswitch", detail=problem)
+            raise _Refused()
+        if await tx.fetchrow("reserve_budget", cost, session_id, cost, self.clock.now()) is None:
+            session = await tx.fetchrow("get_session", session_id)
+            window_open = (
+                session is not None
+                and session["status"] == "open"
+                and session["ends_at"] > self.clock.now()
+            )
+            refused["reason"] = "budget" if window_open else "no_window"
+            raise _Refused()
+        for grant in grant_ids:
+            if await tx.fetchrow("use_approval", cost, grant, cost) is not None:
+                return grant
+        if grant_ids:
+            refused["reason"] = "grant_spent"
+            raise _Refused()
+        return None
+
+    async def restart_action(
+        self,
+        *,
+        command_id: str,
+        fleet: str,
+        session_id: str,
+        worker: str,
+        name: str,
+        risk: str,
+        cost: float,
+        rule: str,
+        correlation_id: str | None,
+        agent_id: str | None,
+        kill_switch_check: Callable[[list[Row]], str | None],
+        host: str | None = None,
+        owner: str | None = None,
+        grant_ids: Sequence[str] = (),
+    ) -> tuple[str, dict[str, Any]]:
+        """A new started record for an action that was halted, or in-doubt and safe to retry,
+        under its command_id: the same checks as `begin_action` (marking it in-doubt released
+        its reservation, so it reserves again in the current window), the same statuses, one
+        transaction. "replay" when a concurrent re-run started it first."""
+        from ..events import ACTION_STARTED
+
+        refused: dict[str, str] = {}
+        try:
+            async with self._transaction() as tx:
+                grant = await self._may_start_in(
+                    tx, fleet=fleet, session_id=session_id, cost=cost,
+                    kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+                )  # fmt: skip
+                if await tx.fetchrow("restart_action", self.clock.now(), session_id, host, owner,
+                                     command_id) is None:  # fmt: skip
+                    refused["reason"] = "replay"
+                    raise _Refused()
+                await self.append_in(tx, NewEvent(
+                    kind=ACTION_STARTED, session_id=session_id, command_id=command_id,
+                    payload={"action": name, "risk": risk, "cost": cost, "rule": rule,
+                             "rerun": True},
+                    correlation_id=correlation_id, worker=worker, agent_id=agent_id,
+                ))  # fmt: skip
+        except _Refused:
+            return refused["reason"], dict(refused)
+        return "started", {"status": "started", "grant": grant}
+
+    async def finish_action(
+        self,
+        *,
+        command_id: str,
+        session_id: str,
+        ok: bool,
+        cost: float,
+        result: Any = None,
+        error: str | None = None,
+        worker: str | None = None,
+        correlation_id: str | None = None,
+        status: str | None = None,
+        reason: str | None = None,
+        stop_check: Callable[[list[Row]], str | None] | None = None,
+        fleet: str = "",
+    ) -> str | None:
+        """The outcome record: action row, budget charge (success) or release, event, ledger.
+
+        `stop_check` is asked, inside the transaction and after reading the switches (on
+        Postgres FOR SHARE, so an engage and this outcome serialize), whether a switch now stops
+        effects in flight (emergency). If it says so, the action is recorded in-doubt instead
+        and its verdict is returned: no success lands after such an engage returned."""
+        from ..events import ACTION_FAILED, ACTION_SUCCEEDED
+
+        final = status or ("succeeded" if ok else "failed")
+
+        stopped: list[str] = []
+
+        async def attempt(n: int) -> None:
+            async with self._transaction() as tx:
+                now = self.clock.now()
+                if n > 0:
+                    landed = await tx.fetchrow("get_action", command_id)
+                    if landed is not None and landed["status"] in (final, "in_doubt"):
+                        # The earlier attempt committed before its connection went.
+                        if landed["status"] == "in_doubt" and final != "in_doubt":
+                            stopped.append("killswitch")
+                        return
+                if stop_check is not None:
+                    problem = stop_check(await tx.fetchall("kill_switches_for_start", fleet))
+                    if problem is not None:
+                        await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                                cost=cost, worker=worker, reason="killswitch",
+                                                payload={"stopped_by": problem, "reported": result,
+                                                         "reported_error": error})  # fmt: skip
+                        stopped.append(problem)
+                        return
+                encoded = canonical_json(result) if result is not None else None
+                row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
+                if row is None:
+                    raise StateWriteError(f"action {command_id} has no open started record")
+                if ok:
+                    await tx.execute("settle_budget", cost, cost, session_id)
+                else:
+                    await tx.execute("release_budget", cost, session_id)
+                await self.append_in(
+                    tx,
+                    NewEvent(
+                        kind=ACTION_SUCCEEDED if ok else ACTION_FAILED,
+                        session_id=session_id,
+                        reason=reason,
+                        payload={"status": final, "error": error},
+                        command_id=command_id,
+                        correlation_id=correlation_id,
+                        worker=worker,
+                    ),
+                )
+
+        # The effect has run: its outcome is known, so it is written until it lands. Only a
+        # daemon that stops first leaves the started record open (in-doubt after recovery).
+        await self.retrying(attempt, what="action.outcome", tries=None, command_id=command_id)
+        return stopped[0] if stopped else None
+
+    async def mark_in_doubt(
+        self, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        """A started action whose outcome is unknown (its effect was stopped mid-way): in-doubt,
+        its reservation released, shown to operators. False when it was not open."""
+        async with self._transaction() as tx:
+            return await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                           cost=cost, worker=worker, reason=reason,
+                                           payload=payload)  # fmt: skip
+
+    async def _in_doubt_in(
+        self, tx: Tx, *, command_id: str, session_id: str, cost: float, worker: str | None,
+        reason: str, payload: Mapping[str, Any],
+    ) -> bool:  # fmt: skip
+        from ..events import ACTION_IN_DOUBT
+
+        if await tx.fetchrow("mark_in_doubt", command_id) is None:
+            return False
+        await tx.execute("release_budget", cost, session_id)
+        await self.append_in(tx, NewEvent(
+            kind=ACTION_IN_DOUBT, session_id=session_id, reason=reason, command_id=command_id,
+            worker=worker, payload=_json_safe(dict(payload)),
+        ))  # fmt: skip
+        return True
+
+    async def get_action(self, command_id: str) -> Row | None:
+        return await self._fetchrow("get_action", command_id)
+
+    async def proposal_rows(self, session_id: str) -> tuple[list[Row], list[Row]]:
+        """What `policy replay` reads of one window, in one read-only snapshot: its action rows
+        and its ACTION_DENIED and APPROVAL_REQUESTED events (payloads still JSON text)."""
+        rows = await self.read_off_loop(
+            [("replay_actions", (session_id,)), ("replay_refusals", (session_id,))], list
+        )
+        return rows[0], rows[1]
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        canonical_json(value)
+        return value
+    except Exception:
+        return {k: repr(v) for k, v in value.items()}
+
+
+class _Refused(Exception):
+    """Internal: roll back a begin_action transaction that must not start."""
