@@ -6,17 +6,20 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.acceptance
@@ -56,6 +59,12 @@ class Hook(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *_args: Any) -> None:
         pass
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text: str = resp.read().decode()
+    return text
 
 
 @pytest.fixture
@@ -99,32 +108,46 @@ def test_webhook_alert_and_metrics_from_the_real_daemon(tmp_path: Path, webhook:
         assert port, "the daemon never said where it serves metrics"
         threading.Thread(target=lambda: [None for _ in proc.stderr or []], daemon=True).start()
 
+        served: int = port  # (for the closures below: no longer optional)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
             assert resp.status == 200 and json.loads(resp.read())["ok"] is True
-        time.sleep(1.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        assert 'acp_workers{state="running"} 1.0' in text
-        assert "acp_gate_latency_seconds_count" in text
-        assert 'acp_killswitch_mode{mode="disengaged"} 1.0' in text
+
+        def metrics_with(*lines: str) -> Callable[[], str | None]:
+            """A probe: the /metrics text once it has all of `lines`."""
+
+            def probe() -> str | None:
+                text = scrape(served)
+                return text if all(line in text for line in lines) else None
+
+            return probe
+
+        text = eventually_sync(
+            metrics_with('acp_workers{state="running"} 1.0', "acp_gate_latency_seconds_count",
+                         'acp_killswitch_mode{mode="disengaged"} 1.0'),
+            "a running worker, a gate latency and a disengaged switch in /metrics", every=0.1,
+            context=lambda: scrape(served),
+        )  # fmt: skip
 
         engage = subprocess.run([*base, "killswitch", "engage", "--mode", "halt_all", "--reason", "drill",
                                  "--by", "tester"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
         assert engage.returncode == 0, engage.stderr
-        deadline = time.monotonic() + 10
-        while not any(a["condition"] == "killswitch_engaged" for a in Hook.received):
-            assert time.monotonic() < deadline, f"no kill-switch alert; got {Hook.received}"
-            time.sleep(0.1)
-        alert = next(a for a in Hook.received if a["condition"] == "killswitch_engaged")
+        alert = eventually_sync(
+            lambda: next((a for a in Hook.received if a["condition"] == "killswitch_engaged"), None),
+            "the kill-switch alert at the webhook", every=0.1,
+            context=lambda: f"received: {Hook.received}",
+        )  # fmt: skip
         assert alert["state"] == "raised" and alert["fleet"] == "alerting"
         assert alert["detail"]["by"] == "tester"
-        time.sleep(1.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        assert 'acp_killswitch_mode{mode="halt_all"} 1.0' in text
+
+        def halted_and_delivered() -> str | None:
+            text = scrape(served)
+            halted = 'acp_killswitch_mode{mode="halt_all"} 1.0' in text
+            sent = re.search(r'^acp_alert_deliveries_total\{result="sent"\} (\S+)$', text, re.M)
+            return text if halted and sent and float(sent.group(1)) >= 1 else None
+
         # counted at scrape time from the daemon's own counts; Prometheus naming throughout
-        assert 'acp_alert_deliveries_total{result="sent"}' in text
-        assert float(text.split('acp_alert_deliveries_total{result="sent"} ')[1].split()[0]) >= 1
+        text = eventually_sync(halted_and_delivered, "the halt and the alert's delivery in /metrics",
+                               every=0.1, context=lambda: scrape(served))  # fmt: skip
         assert "acp_windows_opened_total 1.0" in text
         assert 'acp_build_info{python="' in text and "_created" not in text
 

@@ -27,6 +27,7 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.scorecard import FIELDS
+from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.acceptance
 
@@ -157,16 +158,21 @@ def test_kill_9_mid_day_then_restart_loses_and_repeats_nothing(tmp_path: Path) -
     clean.folder.mkdir()
     reference = clean.start(*RUN)  # the uninterrupted run, side by side
     victim = crashed.start(*RUN)
+
+    def at_the_kill_point() -> bool:
+        at = last_effect_at(crashed)
+        return at is not None and at >= kill_at
+
+    def ended() -> str | None:
+        if victim.poll() is None:
+            return None
+        return "the run ended before the kill point (make it longer)"
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert victim.poll() is None, "the run ended before the kill point; make it longer"
-            assert time.monotonic() < deadline, "no progress to the kill point"
-            at = last_effect_at(crashed)
-            if at is not None and at >= kill_at:
-                break
-            time.sleep(0.01)
-        time.sleep(jitter)
+        # Polled often: the kill is to land near its instant of simulated time.
+        eventually_sync(at_the_kill_point, f"the run's progress to {kill_at}", within=120,
+                        every=0.01, abort=ended)  # fmt: skip
+        time.sleep(jitter)  # a random real-time offset past it, to land mid-action
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(timeout=10) == -signal.SIGKILL
         effects_at_kill = len(crashed.effects())

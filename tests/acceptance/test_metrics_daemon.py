@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import eventually_sync
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.acceptance
 
@@ -90,16 +92,21 @@ def test_counters_and_approval_age_from_the_real_daemon(tmp_path: Path) -> None:
         assert port, "the daemon never said where it serves metrics"
         threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
 
-        deadline = time.monotonic() + 20
-        while True:
-            text = scrape(port)
+        served: int = port  # (for the closures below: no longer optional)
+
+        def counted() -> tuple[str, float, float, float] | None:
+            text = scrape(served)
             restarts = value(text, 'acp_worker_restarts_total{worker="crasher"}')
             quarantines = value(text, 'acp_worker_quarantines_total{worker="crasher"}')
             age = value(text, "acp_oldest_pending_approval_seconds")
             if restarts and quarantines and age:
-                break
-            assert time.monotonic() < deadline, text
-            time.sleep(0.1)
+                return text, restarts, quarantines, age
+            return None
+
+        text, restarts, quarantines, age = eventually_sync(
+            counted, "the crasher's restarts and quarantine and a pending approval's age",
+            every=0.1, context=lambda: scrape(served),
+        )  # fmt: skip
         assert restarts >= 1 and quarantines == 1
         assert value(text, "acp_approvals_pending") == 1
         time.sleep(1.5)  # the age is the scrape's own: it grows with the wall clock

@@ -10,13 +10,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.acceptance
@@ -114,17 +115,15 @@ class Fleet:
         finally:
             conn.close()
 
+    def crashed(self) -> str | None:
+        """A daemon that exited on its own (not killed by the test, not stopped cleanly)."""
+        for proc in self.procs:
+            if proc.poll() not in (None, -signal.SIGKILL, 0):
+                return f"daemon exited {proc.returncode}"
+        return None
+
     def wait_for(self, what: str, probe: Callable[[], T | None], seconds: float = 20.0) -> T:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            value = probe()
-            if value:
-                return value
-            for proc in self.procs:
-                if proc.poll() not in (None, -signal.SIGKILL, 0):
-                    raise AssertionError(f"daemon exited {proc.returncode}:\n{self.logs()}")
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+        return eventually_sync(probe, what, within=seconds, abort=self.crashed, context=self.logs)
 
     def last_event_id(self) -> int:
         rows = self.query("SELECT max(id) AS n FROM events")
@@ -164,9 +163,9 @@ def test_approval_that_expired_while_the_daemon_was_down_is_denied_at_startup(
     approval = pending[0]
     deadline = datetime.fromisoformat(approval["deadline"])
     assert f.query("SELECT status FROM approvals WHERE id = ?", approval["id"])[0][0] == "pending"
-    while datetime.now(deadline.tzinfo) < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    # The deadline passes while no daemon runs (with a margin over the clock's resolution).
+    eventually_sync(lambda: datetime.now(deadline.tzinfo) >= deadline + timedelta(seconds=0.2),
+                    "0.2 s past the approval's deadline")  # fmt: skip
     mark = f.last_event_id()
 
     second = f.start()

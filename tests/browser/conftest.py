@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.acceptance.conftest import Daemon, _clean_env, daemon  # noqa: E402
+from tests.waiting import eventually  # noqa: E402
 
 __all__ = ["Daemon", "daemon"]
 
@@ -106,14 +106,22 @@ async def start_console(d: Daemon, *extra: str) -> Console:
     """The console process on a free port of the loopback; returns once it serves."""
     log_path = d.root / "console.log"
     proc = _spawn(d.argv(*extra, "console", "--listen", "127.0.0.1:0"), log_path)
-    with anyio.move_on_after(15):
-        while proc.poll() is None:
-            for line in log_path.read_text(errors="replace").splitlines():
-                if line.startswith("{") and '"console.serving"' in line:
-                    return Console(proc, json.loads(line)["url"], log_path)
-            await anyio.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"the console did not start\n{log_path.read_text()[-3000:]}")
+
+    def serving() -> Console | None:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"console.serving"' in line:
+                return Console(proc, json.loads(line)["url"], log_path)
+        return None
+
+    def exited() -> str | None:
+        return None if proc.poll() is None else f"the console exited ({proc.returncode})"
+
+    try:
+        return await eventually(serving, "the console serving", abort=exited,
+                                context=lambda: log_path.read_text()[-3000:])  # fmt: skip
+    except AssertionError:
+        proc.kill()
+        raise
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ async def test_halt_the_host_then_resume_from_the_browser(
 
     await d.wait_until(d.refused_after(engaged_at, "killswitch", workers=3),
                        what="kill-switch refusals from all three workers")  # fmt: skip
-    await anyio.sleep(0.6)
+    await anyio.sleep(0.6)  # a window in which nothing may start (a negative check)
     await d.nothing_started_after(engaged_at)
     [engaged] = await d.events("KILLSWITCH_ENGAGED")
     assert (engaged.payload["by"], engaged.payload["reason"]) == ("root-oncall", "incident 3am")

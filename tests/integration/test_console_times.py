@@ -9,10 +9,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,15 +43,21 @@ def test_pages_show_times_in_the_configured_zone_to_the_second(tmp_path: Path) -
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            deadline = time.monotonic() + 30
-            while True:
+
+            def listening() -> bool:
                 try:
                     client.get("/login")
-                    break
                 except httpx.TransportError:
-                    assert console.poll() is None, console.communicate()
-                    assert time.monotonic() < deadline, "the console never listened"
-                    time.sleep(0.1)
+                    return False
+                return True
+
+            def exited() -> str | None:
+                if console.poll() is None:
+                    return None
+                return f"the console exited ({console.returncode}): {console.communicate()}"
+
+            eventually_sync(listening, "the console listening", within=30, every=0.1,
+                            abort=exited)  # fmt: skip
             login = client.post("/api/v1/login", json={"name": "v", "secret": secret.group(1)})
             assert login.status_code == 200, login.text
             page = client.get("/killswitch")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from supervisor.metrics import METRICS, Metrics, MetricsConfig, metrics_markdown
+from tests.waiting import eventually_sync
 
 
 @pytest.fixture
@@ -161,8 +162,10 @@ async def test_healthz_answers_while_the_event_loop_is_blocked(metrics: Metrics)
 
     thread = threading.Thread(target=probe)
     thread.start()
-    time.sleep(1.0)  # noqa: ASYNC251 - a stuck event loop: nothing runs on it, nothing ticks
-    assert answers == [503]  # answered from the server's own thread meanwhile
+    # A stuck event loop (a blocking wait: nothing runs on it, nothing ticks) until the server's
+    # own thread has answered, however late a loaded machine lets it.
+    eventually_sync(lambda: answers, "/healthz answered while the loop is blocked")
+    assert answers == [503]
     thread.join()
     metrics.tick()
     assert get(port, "/healthz")[0] == 200
@@ -264,10 +267,9 @@ def test_the_listener_holds_a_bounded_number_of_connections_with_read_timeouts()
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
     try:
-        deadline = time.monotonic() + 5
-        while m._server is not None and getattr(m._server, "refused", 0) < 36:
-            assert time.monotonic() < deadline, getattr(m._server, "refused", 0)
-            time.sleep(0.02)
+        eventually_sync(lambda: m._server is None or getattr(m._server, "refused", 0) >= 36,
+                        "36 of the 40 idle connections refused",
+                        context=lambda: f"refused: {getattr(m._server, 'refused', 0)}")  # fmt: skip
         assert threading.active_count() - before <= 4
         for s in idle:  # every one is closed by the daemon: refused at once, or timed out
             s.settimeout(5)
@@ -313,14 +315,15 @@ def test_a_client_trickling_its_request_is_dropped_after_read_timeout_in_all() -
             except ConnectionResetError:
                 pass
             assert time.monotonic() - started < 3
-        deadline = time.monotonic() + 3  # their threads end and give the slots back
-        while True:
+
+        def answered() -> int | None:
             try:
-                status, _type, _body = get(port, "/healthz")
-                break
+                return get(port, "/healthz")[0]
             except OSError:  # refused while the slots are still taken
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+                return None
+
+        # their threads end and give the slots back
+        status = eventually_sync(answered, "/healthz answering once the slots are given back")
         assert status in (200, 503)
     finally:
         stop.set()

@@ -22,6 +22,8 @@ from supervisor.clock import VirtualClock
 from supervisor.events import ACTION_DENIED, CYCLE_COMPLETED
 from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.base import Backend
+from tests import storetools
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +100,8 @@ async def _worst_lag_while(work: Callable[[], Awaitable[object]]) -> tuple[float
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        await anyio.sleep(0.05)
+        # the ticker is measuring before the work starts, not from some moment during it
+        await eventually(lambda: lags, "the ticker's first tick", every=TICK)
         t0 = time.perf_counter()
         await work()
         took = time.perf_counter() - t0
@@ -137,7 +140,7 @@ async def test_replay_pages_off_the_loop_equal_on_the_loop(
     session, _ = await store.open_window(fleet=FLEET, key="r", starts_at=T0,
                                          ends_at=T0 + timedelta(hours=1), max_cost=None,
                                          max_actions=None, by="test")  # fmt: skip
-    async with store.transaction() as tx:
+    async with storetools.transaction(store) as tx:
         for n in range(2500):
             await store.append_in(tx, NewEvent(kind=CYCLE_COMPLETED, session_id=session.id,
                                                payload={"n": n}, worker="w"))  # fmt: skip
