@@ -141,11 +141,11 @@ async def populate(store: Store, url: str, n_events: int, seed: int) -> None:
                                       worker=f"worker-{i % WORKERS}", session_id=sessions[-1].id,
                                       escalate_now=False, correlation_id=None)  # fmt: skip
         if i >= 50:
-            await approvals.decide(row["id"], approve=i % 3 != 0, by="bench", reason="bench")
-    async with store.transaction() as tx:
-        for w in range(WORKERS):
-            await tx.execute("upsert_worker", FLEET, f"worker-{w}", "bench-host", "running", w % 3,
-                             None, 700, sessions[-1].id, store.clock.now())  # fmt: skip
+            await approvals.decide(row.id, approve=i % 3 != 0, by="bench", reason="bench")
+    for w in range(WORKERS):
+        await store.record_worker(fleet=FLEET, name=f"worker-{w}", host="bench-host",
+                                  state="running", restarts=w % 3, last_error=None, cycle=700,
+                                  session_id=sessions[-1].id, at=store.clock.now())  # fmt: skip
     for i in range(200):  # a busy system stream: recoveries and alerts
         await store.append(
             store_event(

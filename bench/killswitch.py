@@ -7,7 +7,8 @@ CLI's own code path (`commands.killswitch_engage`: the signed file written and r
 then the event recorded), run on another thread with its own event loop and store connection, as
 a separate `acp-supervisor killswitch engage` process would. Then it counts, from the store and
 from the effects, what started after the engage returned (the promise: nothing), and how long
-idle tasks blocked in `SwitchWatcher.wait_changed()` took to wake. Then it disengages and lets the
+idle tasks waiting on the gate's `switch_changed` (as a halted worker waits) took to wake: the
+switch is watched by the daemon's own `SwitchKeeper`. Then it disengages and lets the
 workers resume before the next trial.
 
     .venv/bin/python bench/killswitch.py [--workers 50] [--trials 20] [--waiters 10] [--json]
@@ -41,13 +42,15 @@ sys.path.insert(0, str(ROOT))
 from supervisor import commands  # noqa: E402
 from supervisor import events as ev  # noqa: E402
 from supervisor.actions import Action  # noqa: E402
+from supervisor.alerts import Alerts  # noqa: E402
 from supervisor.approvals import Approvals  # noqa: E402
 from supervisor.clock import SystemClock  # noqa: E402
 from supervisor.config import Config, load_config  # noqa: E402
-from supervisor.daemon import host_switch_path  # noqa: E402
 from supervisor.errors import ActionDenied  # noqa: E402
 from supervisor.gate import Gate  # noqa: E402
-from supervisor.killswitch import SECRET_ENV, HostSwitchFile, SwitchWatcher, load_secret  # noqa: E402
+from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noqa: E402
+from supervisor.killswitch.engage import host_switch_path  # noqa: E402
+from supervisor.killswitch.keeper import SwitchKeeper  # noqa: E402
 from supervisor.logging import configure  # noqa: E402
 from supervisor.store import Session, Store, open_store  # noqa: E402
 
@@ -70,7 +73,7 @@ class Bench:
     store: Store
     gate: Gate
     session: Session
-    watcher: SwitchWatcher
+    keeper: SwitchKeeper
     config: Config
     effects: list[datetime] = field(default_factory=list)
     done: int = 0
@@ -86,7 +89,7 @@ def _cli(handler: Any, config: Config, **args: Any) -> None:
         raise SystemExit(f"killswitch command failed with exit code {code}")
 
 
-async def setup(tmp: Path) -> Bench:
+async def setup(tmp: Path, watch_interval: float) -> Bench:
     os.environ.setdefault(SECRET_ENV, "bench-secret")
     config = load_config(None, db=f"sqlite:///{tmp / 'bench.db'}", state_dir=tmp, env={})
     clock = SystemClock()
@@ -102,7 +105,13 @@ async def setup(tmp: Path) -> Bench:
         fleet=config.fleet, key="bench", starts_at=now - timedelta(minutes=1),
         ends_at=now + timedelta(days=1), max_cost=None, max_actions=None, by="bench",
     )  # fmt: skip
-    return Bench(store, gate, session, SwitchWatcher(switch), config)
+    keeper = SwitchKeeper(
+        store=store, gate=gate, host_switch=switch, clock=clock, fleet=config.fleet,
+        alerts=Alerts(store, fleet=config.fleet, config=config.alerts, clock=clock),
+        host_id=config.host_id, state_dir=config.state_dir, watch_interval=watch_interval,
+        store_poll=config.killswitch_store_poll,
+    )  # fmt: skip
+    return Bench(store, gate, session, keeper, config)
 
 
 async def worker(bench: Bench, index: int) -> None:
@@ -122,7 +131,7 @@ async def worker(bench: Bench, index: int) -> None:
         except ActionDenied:
             # Halted: an idle worker waits for the switch to change rather than spinning.
             with anyio.move_on_after(0.5):
-                await bench.watcher.wait_changed()
+                await bench.gate.switch_changed.wait()
         await anyio.lowlevel.checkpoint()
 
 
@@ -140,7 +149,7 @@ async def trial(bench: Bench, waiters: int, run_for: float, settle: float) -> Tr
     all_awake = anyio.Event()
 
     async def idle() -> None:
-        await bench.watcher.wait_changed()
+        await bench.gate.switch_changed.wait()
         woke.append(time.perf_counter())
         if len(woke) == waiters:
             all_awake.set()
@@ -187,12 +196,12 @@ def _disengage_sync(config: Config) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="acp-ks-bench-") as tmp:
-        bench = await setup(Path(tmp))
+        bench = await setup(Path(tmp), args.watch_interval)
         trials: list[Trial] = []
         t0 = time.perf_counter()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(bench.watcher.run, args.watch_interval)
+                tg.start_soon(bench.keeper.watch_host)
                 for i in range(args.workers):
                     tg.start_soon(worker, bench, i)
                 for _ in range(args.trials):
@@ -254,7 +263,7 @@ def render(r: dict[str, Any]) -> str:
         f"(context only: {r['context']})",
         "",
     ]
-    tail = ["", "negative wake = the watcher saw the new file before the engage command returned"]
+    tail = ["", "negative wake = the keeper saw the new file before the engage command returned"]
     return "\n".join(head + [f"{k:<{width}}  {v}" for k, v in rows] + tail)
 
 

@@ -12,8 +12,9 @@ holding `--big-session` of them. Seeding is one transaction straight into the ta
 on SQLite, COPY on Postgres): setup, not what is measured.
 
 Then, in one event loop, as the daemon has them: the store opened the daemon's way, the
-kill-switch watcher polling the host switch file every `killswitch.watch_interval` (the default
-config's), idle workers blocked in `SwitchWatcher.wait_changed()` (as a halted worker waits), and
+kill-switch keeper (the daemon's `SwitchKeeper`) polling the host switch file every `killswitch.watch_interval` (the default
+config's), idle workers waiting on the gate's `switch_changed` (as a halted worker waits; the daemon's own
+`SwitchKeeper` watches the switch), and
 a ticker task that sleeps 5 ms again and again and records by how much each sleep overran (the
 loop's lag). Measured, one after another:
 
@@ -28,11 +29,11 @@ Each heavy read runs pass after pass until an engage made 50 ms after its start 
 idle worker (and at least one pass is done). The engage is the CLI's own code path
 (`commands.killswitch_engage --scope host --mode halt_all`) on another thread with its own event
 loop and store connection, as a separate `acp-supervisor killswitch engage` process would run it;
-it is disengaged (and the watcher has seen that) before the next read. The four phases run
+it is disengaged (and the keeper has seen that) before the next read. The four phases run
 `--rounds` times (`--quick`: once, still on 1M events; the seeding takes most of its minute).
 Printed: per phase, over its rounds, the worst and p99 lag of the ticker, the time per pass, whether the engage returned while a pass was
 running, and engage-to-wake: from the engage's return to the last idle worker woken (negative
-when the watcher saw the switch file before the CLI had recorded its event and returned), and
+when the keeper saw the switch file before the CLI had recorded its event and returned), and
 call-to-wake, from the engage's start.
 The aims (issue 16): worst lag at most 50 ms and engage-to-wake at most 100 ms at 1M events.
 The figures move with the machine's load; the script stops by itself.
@@ -68,11 +69,14 @@ import anyio.to_thread  # noqa: E402
 
 from supervisor import commands, recovery  # noqa: E402
 from supervisor.actions import derive_id  # noqa: E402
+from supervisor.alerts import Alerts  # noqa: E402
 from supervisor.approvals import Approvals  # noqa: E402
 from supervisor.clock import SystemClock  # noqa: E402
 from supervisor.config import Config, load_config  # noqa: E402
-from supervisor.daemon import host_switch_path  # noqa: E402
-from supervisor.killswitch import SECRET_ENV, HostSwitchFile, SwitchWatcher, load_secret  # noqa: E402
+from supervisor.gate import Gate  # noqa: E402
+from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noqa: E402
+from supervisor.killswitch.engage import host_switch_path  # noqa: E402
+from supervisor.killswitch.keeper import SwitchKeeper  # noqa: E402
 from supervisor.logging import configure  # noqa: E402
 from supervisor.scorecard import compute  # noqa: E402
 from supervisor.store import Store, open_store  # noqa: E402
@@ -249,7 +253,8 @@ class Phase:
 class Loop:
     store: Store
     config: Config
-    watcher: SwitchWatcher
+    keeper: SwitchKeeper
+    gate: Gate
     waiters: int
     ticks: list[tuple[float, float]] = field(default_factory=list)  # (end, lag seconds)
     stop: bool = False
@@ -288,7 +293,7 @@ async def phase(loop: Loop, name: str, work: Callable[[], Awaitable[object]] | N
     running: list[tuple[float, float]] = []  # the passes' (start, end)
 
     async def idle() -> None:
-        await loop.watcher.wait_changed()
+        await loop.gate.switch_changed.wait()
         woke.append(time.perf_counter())
         if len(woke) == loop.waiters:
             all_awake.set()
@@ -322,11 +327,11 @@ async def phase(loop: Loop, name: str, work: Callable[[], Awaitable[object]] | N
     result.wake_ms = (max(woke) - engaged["return"]) * 1000
     result.call_wake_ms = (max(woke) - engaged["call"]) * 1000
 
-    # Disengage, and wait until the watcher has seen it, before the next phase.
+    # Disengage, and wait until the keeper has seen it, before the next phase.
     seen = anyio.Event()
 
     async def until_seen() -> None:
-        await loop.watcher.wait_changed()
+        await loop.gate.switch_changed.wait()
         seen.set()
 
     async with anyio.create_task_group() as tg:
@@ -364,8 +369,17 @@ async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str,
     config = load_config(None, db=url, state_dir=folder, env={})
     store = await open_store(config.db_url, SystemClock())
     switch = HostSwitchFile(host_switch_path(config.state_dir), load_secret(os.environ, None))
-    loop = Loop(store, config, SwitchWatcher(switch), args.waiters)
     approvals = Approvals(store, config.approvals, FLEET)
+    gate = Gate(store=store, fleet=FLEET, policy=config.policy, approvals=approvals,
+                host_switch=switch, token_budgets=config.token_budgets, models=config.models,
+                timezone=config.timezone)  # fmt: skip
+    keeper = SwitchKeeper(
+        store=store, gate=gate, host_switch=switch, clock=store.clock, fleet=FLEET,
+        alerts=Alerts(store, fleet=FLEET, config=config.alerts, clock=store.clock),
+        host_id=HOST, state_dir=config.state_dir,
+        watch_interval=config.killswitch_watch_interval, store_poll=config.killswitch_store_poll,
+    )  # fmt: skip
+    loop = Loop(store, config, keeper, gate, args.waiters)
 
     async def scorecard() -> None:
         await compute(store, FLEET)
@@ -390,7 +404,7 @@ async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str,
     phases: dict[str, Phase] = {}
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(loop.watcher.run, config.killswitch_watch_interval)
+            tg.start_soon(loop.keeper.watch_host)
             tg.start_soon(ticker, loop)
             await anyio.sleep(0.2)
             for _ in range(args.rounds):

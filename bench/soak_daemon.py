@@ -15,7 +15,7 @@ the plan file that bench/soak.py writes (the same file and arguments on every re
   pending approvals at its ticks. Its instants have fractional seconds, so they never coincide with
   a cycle slot: every effect is unambiguously before or after a change.
 - In simulated time the daemon has no kill-switch watch (that duty runs on the system clock only),
-  so after each write the operator hands the new state to the daemon's `_observe_switch`, as the
+  so after each write the operator hands the new state to the daemon's `SwitchKeeper.record_host`, as the
   watch would: the engage/disengage event and, in emergency mode, the snapshot and the alert.
 
 A restarted simulated run starts its virtual clock at the run's anchor again and walks forward
@@ -179,7 +179,6 @@ class SoakDaemon(Daemon):
         ]
         timeline += [(_at(t), -1, "approve") for t in plan["approver_ticks"] if _at(t) > resume]
         timeline.sort()
-        store = self.gate.store
         for when, index, what in timeline:
             if when >= end:
                 return
@@ -191,7 +190,7 @@ class SoakDaemon(Daemon):
                 state = switch.write(Mode(change["mode"]), reason=f"soak change {index}",
                                      by="soak-operator", at=when.isoformat())  # fmt: skip
                 try:
-                    await self._observe_switch(store, state)
+                    await self.switch_keeper.record_host(state)
                 except StoreError as exc:
                     log.warning("soak.observe_failed", error=str(exc))
             else:
@@ -201,16 +200,16 @@ class SoakDaemon(Daemon):
         share = float(PLAN["approve_share"])
         approvals = self.gate.approvals
         try:
-            rows = await self.gate.store.fetchall("pending_approvals", self.config.fleet, 100_000)
+            rows = await self.gate.store.pending_approvals(fleet=self.config.fleet, limit=100_000)
         except StoreError:
             return
         for row in rows:
-            if not (row["created_at"] <= now < row["deadline"]):
+            if not (row.created_at <= now < row.deadline):
                 continue  # created later in simulated time (a restart walks the days again)
-            if draw(PLAN["seed"], "approve", row["id"]) >= share:
+            if draw(PLAN["seed"], "approve", row.id) >= share:
                 continue
             try:
-                await approvals.decide(row["id"], approve=True, by="soak-operator",
+                await approvals.decide(row.id, approve=True, by="soak-operator",
                                        reason="soak approver")  # fmt: skip
             except (ApprovalError, StoreError) as exc:
                 log.warning("soak.approve_failed", approval=row["id"], error=str(exc))

@@ -417,11 +417,7 @@ class Alerts:
 
     async def _counts(self, condition: str, stream: str) -> tuple[int, int]:
         """(ALERT events, ALERT_RESOLVED events) of this condition on this stream."""
-        rows = await self.store.fetchall(
-            "alert_state", stream, condition, ev.ALERT, ev.ALERT_RESOLVED
-        )
-        counts = {row["kind"]: int(row["n"]) for row in rows}
-        return counts.get(ev.ALERT, 0), counts.get(ev.ALERT_RESOLVED, 0)
+        return await self.store.alert_episodes(stream=stream, condition=condition)
 
     def _announce(
         self, state: str, condition: str, session_id: str | None, stream: str,
@@ -528,12 +524,11 @@ class Alerts:
     async def evaluate(self) -> None:
         """approval_age and approval_backlog from one indexed query; raise or resolve each."""
         try:
-            row = await self.store.fetchrow("count_pending_approvals", self.fleet)
+            backlog = await self.store.approval_backlog(fleet=self.fleet)
         except Exception as exc:
             log.warning("alerts.evaluate_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        pending = int(row["n"]) if row and row["n"] is not None else 0
-        oldest = row["oldest_at"] if row else None
+        pending, oldest = backlog.pending, backlog.oldest_at
         age = max(0.0, (self.clock.now() - oldest).total_seconds()) if oldest else 0.0
         self.pending_approvals, self.oldest_pending_age = pending, age
         cfg = self.config
@@ -559,24 +554,16 @@ class Alerts:
             session = await self.store.get_session(session_id)
             if session is None:
                 return
-            # Counts over the closed window's and the trailing windows' events: off the loop.
-            now_rows, trailing_rows = await self.store.read_off_loop(
-                [
-                    ("alert_window_counts", (session_id, *_RATE_KINDS)),
-                    ("alert_trailing_counts", (self.fleet, session.starts_at,
-                                               cfg.trailing_windows, *_RATE_KINDS)),
-                ],
-                tuple,
+            found = await self.store.rate_counts(
+                fleet=self.fleet, session_id=session_id, starts_at=session.starts_at,
+                trailing_windows=cfg.trailing_windows, kinds=_RATE_KINDS,
             )  # fmt: skip
         except Exception as exc:
             log.warning(
                 "alerts.rates_failed", session_id=session_id, error=f"{type(exc).__name__}: {exc}"
             )
             return
-        current = {row["kind"]: int(row["n"]) for row in now_rows}
-        trailing: dict[str, dict[str, int]] = {}
-        for row in trailing_rows:
-            trailing.setdefault(row["session_id"], {})[row["kind"]] = int(row["n"])
+        current, trailing = found.current, found.trailing
 
         def denial(c: Mapping[str, int]) -> tuple[int, int]:
             denied = c.get(ev.ACTION_DENIED, 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,13 +10,12 @@ from typing import Any
 
 import anyio
 
-from . import events as ev
 from .actions import Action, canonical_json, derive_id, params_hash, proposal_fields
 from .errors import ApprovalError, IdempotencyConflict, UsageError
 from .escalation import EscalationChain
 from .policy import Decision
-from .store import NewEvent, Store
-from .store.base import Row, Tx
+from .store import Store
+from .store.approvals import ApprovalPastDeadline, ApprovalRecord, ApprovalScope
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +33,13 @@ class Permit:
 DEFAULT_WINDOW_USES = 10
 
 
-def grant_covers(grant: Row, action: Action) -> bool:
+def grant_covers(grant: ApprovalRecord, action: Action) -> bool:
     """Whether a window-scoped grant covers `action`: the same params as the request it
     answered, or the same values for the keys the operator named with --match."""
-    keys = grant.get("match_keys")
-    if not keys:
-        return bool(grant["params_hash"] == params_hash(action.name, action.params))
-    stored = json.loads(grant["params"])
-    for k in json.loads(keys):
+    if grant.match_keys is None:
+        return grant.params_hash == params_hash(action.name, action.params)
+    stored = grant.params
+    for k in grant.match_keys:
         if (k in stored) != (k in action.params):
             return False
         if k in stored and canonical_json(stored[k]) != canonical_json(action.params[k]):
@@ -105,8 +102,7 @@ class Approvals:
             self.store.clock.ring(self.changed)
 
     async def refresh_hint(self) -> None:
-        row = await self.store.fetchrow("next_approval_check", self.fleet)
-        self.next_due = row["next_at"] if row else None
+        self.next_due = await self.store.next_approval_check(fleet=self.fleet)
 
     async def request(
         self,
@@ -119,61 +115,39 @@ class Approvals:
         correlation_id: str | None,
         decision: Decision | None = None,
         command_id: str | None = None,
-    ) -> Row:
+    ) -> ApprovalRecord:
         """The approval for `key`, created pending if new. Same key, other params: conflict."""
         digest = params_hash(action.name, action.params)
         stored_key = self.scoped(key)
-        existing = await self.store.fetchrow("get_approval_by_key", self.fleet, stored_key)
+        existing = await self.store.approval_by_key(fleet=self.fleet, key=stored_key)
         if existing is None:
-            approval_id = approval_id_for(key, self.fleet)
             # Deadlines run on the store's clock (the database's on Postgres), so a step of this
             # host's wall clock cannot stretch them.
             now = await self.store.deadline_now()
             step = self.chain.evaluate(now, now)
             tier = self.chain.steps[0].tier if escalate_now and self.chain.steps else step.tier
-
-            async def body(tx: Tx) -> dict[str, Any]:
-                await tx.execute(
-                    "insert_approval", approval_id, stored_key, self.fleet, session_id, worker,
-                    action.agent_id, action.name, canonical_json(action.params), digest,
-                    action.risk, action.cost, tier, now, self.chain.deadline(now), step.next_at,
-                )  # fmt: skip
-                await self.store.append_in(
-                    tx,
-                    NewEvent(
-                        kind=ev.APPROVAL_REQUESTED,
-                        session_id=session_id,
-                        payload={"approval": approval_id, "action": action.name, "tier": tier,
-                                 "deadline": self.chain.deadline(now).isoformat(),
-                                 **_decided(action, decision, command_id)},
-                        worker=worker,
-                        agent_id=action.agent_id,
-                        correlation_id=correlation_id,
-                    ),
-                )  # fmt: skip
-                return {"approval": approval_id}
-
-            await self.store.run_command(
-                derive_id("approval.request", self.fleet, key), "approval.request",
-                {"key": key, "params": digest}, body,
+            existing = await self.store.insert_approval_request(
+                fleet=self.fleet, key=key, stored_key=stored_key,
+                approval_id=approval_id_for(key, self.fleet), session_id=session_id,
+                worker=worker, action=action, tier=tier, created_at=now,
+                deadline=self.chain.deadline(now), next_check_at=step.next_at,
+                correlation_id=correlation_id, origin=_decided(action, decision, command_id),
             )  # fmt: skip
-            existing = await self.store.fetchrow("get_approval_by_key", self.fleet, stored_key)
-            assert existing is not None
-            self._hint(existing["next_check_at"])
+            self._hint(existing.next_check_at)
             self._created()
-        if existing["params_hash"] != digest or existing["action"] != action.name:
+        if existing.params_hash != digest or existing.action != action.name:
             raise IdempotencyConflict(
                 f"approval:{key}",
-                stored_operation=existing["action"],
-                stored_hash=existing["params_hash"],
+                stored_operation=existing.action,
+                stored_hash=existing.params_hash,
                 operation=action.name,
                 params_hash=digest,
             )
-        pending = existing["status"] == "pending"
-        if pending and await self.store.deadline_now() >= existing["deadline"]:
+        if existing.pending and await self.store.deadline_now() >= existing.deadline:
             await self.expire(existing)  # the scan has not run yet: deny by default right here
-            existing = await self.store.fetchrow("get_approval", existing["id"])
-            assert existing is not None
+            expired = await self.store.approval(existing.id)
+            assert expired is not None
+            existing = expired
         return existing
 
     async def decide(
@@ -187,143 +161,66 @@ class Approvals:
         max_uses: int | None = None,
         max_cost: float | None = None,
         match: tuple[str, ...] | None = None,
-    ) -> Row:
+    ) -> ApprovalRecord:
+        """Approve or deny a pending approval of this fleet. Past its deadline the decision is
+        refused and the approval expired (denied by default) right here."""
         # NaN compares false with everything: stored as a bound it would never stop anything
         if max_cost is not None and (not math.isfinite(max_cost) or max_cost < 0):
             raise UsageError(f"max cost must be a finite number >= 0, got {max_cost!r}")
-        if scope == "window" and max_uses is None:
+        if scope not in tuple(ApprovalScope):
+            raise ApprovalError(f"unknown approval scope {scope!r} (once, window)")
+        grant_scope = ApprovalScope(scope)
+        if grant_scope == ApprovalScope.WINDOW and max_uses is None:
             max_uses = DEFAULT_WINDOW_USES  # a window grant is never unbounded by default
-        if match is not None and scope != "window":
+        if match is not None and grant_scope != ApprovalScope.WINDOW:
             raise ApprovalError("--match applies to --scope window only")
-        row = await self.store.fetchrow("get_approval", approval_id)
-        if row is None or row["fleet"] != self.fleet:
+        row = await self.store.approval(approval_id)
+        if row is None or row.fleet != self.fleet:
             raise ApprovalError(f"unknown approval {approval_id!r} in fleet {self.fleet!r}")
-        if row["status"] != "pending":
-            raise ApprovalError(f"approval {approval_id} is already {row['status']}")
+        if not row.pending:
+            raise ApprovalError(f"approval {approval_id} is already {row.status.value}")
         if match is not None:
             # A key the request lacks compares nothing: the grant would cover any params.
-            asked = json.loads(row["params"])
-            unknown = sorted(set(match) - set(asked))
+            unknown = sorted(set(match) - set(row.params))
             if unknown:
                 raise ApprovalError(
                     f"--match {','.join(unknown)}: not a param of approval {approval_id} "
-                    f"(its params: {', '.join(sorted(asked)) or 'none'})"
+                    f"(its params: {', '.join(sorted(row.params)) or 'none'})"
                 )
-        status = "approved" if approve else "denied"
-        now = await self.store.deadline_now()
-        expired = ApprovalError(
-            f"approval {approval_id} expired at {row['deadline'].isoformat()} (denied by default)"
-        )
-
-        async def body(tx: Tx) -> dict[str, Any]:
-            # The statement refuses a decision past the deadline itself (Postgres: by now()), so
-            # no caller's clock can approve an expired request.
-            changed = await tx.fetchrow(
-                "decide_pending_approval", status, by, now, reason, scope, max_uses, max_cost,
-                approval_id, self.fleet, self.store.deadline_fence(),
-            )  # fmt: skip
-            if changed is None:
-                fresh = await tx.fetchrow("get_approval", approval_id)
-                if fresh is not None and fresh["status"] == "pending":
-                    raise expired
-                raise ApprovalError(f"approval {approval_id} was decided meanwhile")
-            if approve and scope == "window":
-                keys = canonical_json(sorted(match)) if match is not None else None
-                await tx.execute("set_approval_match", keys, approval_id)
-            await self.store.append_in(
-                tx,
-                NewEvent(
-                    kind=ev.APPROVAL_GRANTED if approve else ev.APPROVAL_DENIED,
-                    session_id=row["session_id"],
-                    reason=None if approve else "approval_denied",
-                    payload={
-                        "approval": approval_id,
-                        "by": by,
-                        "reason": reason,
-                        "scope": scope,
-                        **(
-                            {"max_uses": max_uses, "match": list(match) if match else None}
-                            if scope == "window"
-                            else {}
-                        ),
-                    },
-                    worker=row["worker"],
-                ),
-            )
-            return {"status": status}
-
         try:
-            await self.store.run_command(
-                derive_id("approval.decide", approval_id), "approval.decide",
-                {"approval": approval_id, "status": status}, body,
+            return await self.store.decide_approval(
+                fleet=self.fleet, approval=row, approve=approve, by=by, reason=reason,
+                scope=grant_scope, max_uses=max_uses, max_cost=max_cost, match=match,
             )  # fmt: skip
-        except ApprovalError as exc:
-            if exc is expired:
-                await self.expire(row)  # deny by default, recorded, instead of waiting for the scan
+        except ApprovalPastDeadline:
+            await self.expire(row)  # deny by default, recorded, instead of waiting for the scan
             raise
-        decided = await self.store.fetchrow("get_approval", approval_id)
-        assert decided is not None
-        return decided
 
-    async def expire(self, row: Row) -> bool:
+    async def expire(self, approval: ApprovalRecord) -> bool:
         """Deny by default at the deadline. True if this call expired it."""
-        approval_id = row["id"]
-        now = await self.store.deadline_now()
-
-        async def body(tx: Tx) -> dict[str, Any]:
-            changed = await tx.fetchrow(
-                "decide_approval", "expired", "deadline", now,
-                "deadline passed: denied by default", row["scope"], None, None, approval_id,
-            )  # fmt: skip
-            if changed is None:
-                return {"expired": False}
-            await self.store.append_in(
-                tx,
-                NewEvent(
-                    kind=ev.APPROVAL_EXPIRED,
-                    session_id=row["session_id"],
-                    reason="approval_expired",
-                    payload={"approval": approval_id, "deadline": row["deadline"].isoformat(),
-                             "tier": row["tier"]},
-                    worker=row["worker"],
-                ),
-            )  # fmt: skip
-            return {"expired": True}
-
-        result, fresh = await self.store.run_command(
-            derive_id("approval.expire", approval_id), "approval.expire", {"approval": approval_id},
-            body,
-        )  # fmt: skip
-        return fresh and bool(result["expired"])
+        return await self.store.expire_approval(approval=approval)
 
     async def escalate_due(self, limit: int = 1000) -> dict[str, int]:
         """Move due approvals along the chain; deny those past their deadline. Returns counts."""
         now = await self.store.deadline_now()
         counts = {"escalated": 0, "expired": 0}
-        for row in await self.store.fetchall("due_approvals", self.fleet, now, limit):
-            step = self.chain.evaluate(row["created_at"], now)
+        for row in await self.store.due_approvals(fleet=self.fleet, now=now, limit=limit):
+            step = self.chain.evaluate(row.created_at, now)
             # The deadline saved with the approval is the promise; a reloaded chain (or another
             # host's config) may say otherwise, and must never push it later.
-            if step.expired or now >= row["deadline"]:
+            if step.expired or now >= row.deadline:
                 counts["expired"] += int(await self.expire(row))
                 continue
-            if step.next_at is None or step.next_at > row["deadline"]:
-                step = dataclasses.replace(step, next_at=row["deadline"])
-            if step.tier == row["tier"]:
-                async with self.store.transaction() as tx:
-                    await tx.execute("escalate_approval", row["tier"], step.next_at, row["id"])
+            if step.next_at is None or step.next_at > row.deadline:
+                step = dataclasses.replace(step, next_at=row.deadline)
+            if step.tier == row.tier:
+                await self.store.touch_approval_check(
+                    approval_id=row.id, next_check_at=step.next_at
+                )
                 continue
-            async with self.store.transaction() as tx:
-                if await tx.fetchrow("escalate_approval", step.tier, step.next_at, row["id"]):
-                    counts["escalated"] += 1
-                    await self.store.append_in(
-                        tx,
-                        NewEvent(
-                            kind=ev.APPROVAL_ESCALATED,
-                            session_id=row["session_id"],
-                            payload={"approval": row["id"], "from": row["tier"], "to": step.tier},
-                            worker=row["worker"],
-                        ),
-                    )
+            if await self.store.escalate_approval(
+                approval=row, tier=step.tier, next_check_at=step.next_at
+            ):
+                counts["escalated"] += 1
         await self.refresh_hint()
         return counts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -18,14 +17,14 @@ from .checkpoints import Checkpoints
 from .cli import emit
 from .clock import SystemClock
 from .config import Config
-from .daemon import Daemon, host_switch_path, killswitch_command_id
-from .errors import DatabaseMissing, NotFound, StoreConfigError, StoreError, UsageError
-from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
+from .daemon import Daemon
+from .errors import NotFound, StoreConfigError, UsageError
+from .killswitch import Mode, engage, load_secret
 from .scorecard import compute
-from .simruns import simulations_dir
+from .simruns import open_fleet_store
 from .statedir import make_state_dir
-from .store import NewEvent, Store, open_store, system_stream
-from .store.base import plain_row
+from .store import open_store, system_stream
+from .store.records import ActionStatus
 
 log = structlog.get_logger("supervisor.commands")
 
@@ -37,17 +36,6 @@ def ensure_state_dir(config: Config) -> None:
     except OSError as exc:
         raise StoreConfigError(
             f"cannot create the state directory {config.state_dir}: {exc.strerror or exc}"
-        ) from None
-
-
-async def _store(config: Config) -> Store:
-    try:
-        return await open_store(config.db_url, SystemClock())
-    except DatabaseMissing as exc:
-        raise DatabaseMissing(
-            f"{exc}; simulated runs are kept under {simulations_dir(config.state_dir)} "
-            "(read one with --run ID|latest); `acp-supervisor db migrate` creates a fleet's database",
-            exc.path,
         ) from None
 
 
@@ -121,37 +109,28 @@ async def db_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 async def status(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
-        workers = [plain_row(r) for r in await store.fetchall("list_workers", config.fleet)]
+        workers = [w.as_dict() for w in await store.list_workers(config.fleet)]
         for w in workers:
             if w["cycle"] is not None and w["cycle"] < 0:
                 w["cycle"] = None  # a worker that never ran has no cycle yet
         windows = [s.as_dict() for s in await store.open_sessions(config.fleet)]
-        pending = await store.fetchrow("count_pending_approvals", config.fleet)
+        backlog = await store.approval_backlog(fleet=config.fleet)
         actions = {
-            r["status"]: int(r["n"])
-            for r in await store.fetchall("count_actions_by_status", config.fleet)
+            status.value: n
+            for status, n in (await store.count_actions_by_status(config.fleet)).items()
         }
-        switches = await _switches(store, config)
-        hosts = [plain_row(r) for r in await store.fetchall("list_hosts", config.fleet)]
-        leases = [plain_row(r) for r in await store.fetchall("list_leases", f"%:{config.fleet}%")]
-        db_now = await store.db_now()
+        switches = await engage.switch_states(store, config)
+        hosts = [h.as_dict() for h in await store.host_views(config.fleet)]
     finally:
         await store.close()
-    for host in hosts:
-        held = [lease for lease in leases if lease["holder"].split("/")[0] == host["host_id"]
-                and lease["expires_at"] > db_now.isoformat()]  # fmt: skip
-        host["leader"] = any(lease["name"].startswith("leader:") for lease in held)
-        host["slots"] = sorted(
-            lease["name"].split(":", 2)[2] for lease in held if lease["name"].startswith("slot:")
-        )
     data = {"fleet": config.fleet, "hosts": hosts, "workers": workers, "open_windows": windows,
-            "pending_approvals": int(pending["n"]) if pending else 0,
-            "oldest_pending_at": pending["oldest_at"].isoformat() if pending and pending["oldest_at"] else None,
+            "pending_approvals": backlog.pending,
+            "oldest_pending_at": backlog.oldest_at.isoformat() if backlog.oldest_at else None,
             "actions": actions, "killswitch": switches}  # fmt: skip
     tz, now = config.timezone, _reading_now(config)
-    oldest = pending["oldest_at"] if pending else None
+    oldest = backlog.oldest_at
     lines = [
         f"fleet {config.fleet}",
         "kill switch: " + "; ".join(_switch_summary(s) for s in switches),
@@ -176,7 +155,7 @@ async def status(args: argparse.Namespace, config: Config) -> int:
 
 
 async def scorecard(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     if args.shadow:
         from .scorecard import render_shadow, shadow
 
@@ -195,7 +174,7 @@ async def scorecard(args: argparse.Namespace, config: Config) -> int:
 
 
 async def sessions_list(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         sessions = await store.list_sessions(config.fleet)
     finally:
@@ -212,7 +191,7 @@ async def sessions_list(args: argparse.Namespace, config: Config) -> int:
 
 
 async def events_replay(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         session_id = args.session
         if session_id != system_stream(config.fleet):
@@ -233,7 +212,7 @@ async def events_replay(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _missing_session(config: Config, session_id: str) -> bool:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         return await store.get_session(session_id) is None and session_id != system_stream(
             config.fleet
@@ -243,7 +222,7 @@ async def _missing_session(config: Config, session_id: str) -> bool:
 
 
 async def checkpoints_list(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         cps = await Checkpoints(store, config.fleet).list()
     finally:
@@ -259,7 +238,7 @@ async def checkpoints_list(args: argparse.Namespace, config: Config) -> int:
 
 
 async def checkpoints_restore(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         cp = await Checkpoints(store, config.fleet).restore(args.id, by=args.by)
     finally:
@@ -272,12 +251,12 @@ async def checkpoints_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 async def approvals_list(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
-        query = "pending_approvals" if args.pending else "list_approvals"
-        rows = [
-            _params_object(plain_row(r)) for r in await store.fetchall(query, config.fleet, 10_000)
-        ]
+        read = store.pending_approvals if args.pending else store.list_approvals
+        # params as the object they are (the row keeps them as JSON text), for --json
+        rows = [{**a.as_dict(), "params": a.params}
+                for a in await read(fleet=config.fleet, limit=10_000)]  # fmt: skip
     finally:
         await store.close()
     now = _reading_now(config)
@@ -302,14 +281,6 @@ def _approval_wait(row: dict[str, Any], now: datetime) -> str:
     return f"{row['status']}{by}{at}"
 
 
-def _params_object(row: dict[str, Any]) -> dict[str, Any]:
-    """The stored params (JSON text) as the object they are, for --json."""
-    if isinstance(row.get("params"), str):
-        with contextlib.suppress(ValueError):  # not JSON: shown as stored
-            row["params"] = json.loads(row["params"])
-    return row
-
-
 def _grant_bounds(r: dict[str, Any]) -> str:
     """A window grant's bounds: which params it matches, uses and cost spent of the allowed."""
     if r.get("scope") != "window":
@@ -325,7 +296,7 @@ def _grant_bounds(r: dict[str, Any]) -> str:
 
 
 async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         approvals = Approvals(store, config.approvals, config.fleet)
         approval_id = await tables.resolve_id(store, "approval", args.id, config.fleet)
@@ -336,7 +307,7 @@ async def _decide(args: argparse.Namespace, config: Config, approve: bool) -> in
         )  # fmt: skip
     finally:
         await store.close()
-    print(f"approval {row['id']} {row['status']} by {row['decided_by']}")
+    print(f"approval {row.id} {row.status} by {row.decided_by}")
     return 0
 
 
@@ -361,103 +332,11 @@ def _scope(words: list[str]) -> tuple[str, str]:
 
 async def _set_switch(args: argparse.Namespace, config: Config, mode: Mode) -> int:
     scope, target = _scope(args.scope)
-    await set_switch(config, scope=scope, target=target, mode=mode, reason=args.reason, by=args.by,
+    await engage.set_switch(config, scope=scope, target=target, mode=mode, reason=args.reason, by=args.by,
                      force=getattr(args, "force", False))  # fmt: skip
     where = scope + (f" {target}" if target else "")
     print(f"kill switch {where}: {mode.value} (by {args.by}: {args.reason})")
     return 0
-
-
-async def set_switch(
-    config: Config,
-    *,
-    scope: str,
-    target: str,
-    mode: Mode,
-    reason: str,
-    by: str,
-    force: bool = False,
-) -> SwitchState | None:
-    """Engage or disengage one scope and record who and why: the CLI's and the console's one
-    path. The host scope is this host's signed file (returned as read back); the others are
-    rows in the store, written under the fleet row's lock."""
-    state = None
-    if scope == "host":
-        # The file first: the host switch must work while the store is down or unmigrated.
-        # write() refuses (KillSwitchError, exit 2) when no secret is configured: nothing unsigned.
-        switch = _host_switch(config)
-        switch.adopt_mark(await _stored_mark(config))  # the next seq exceeds the store's mark too
-        state = switch.write(mode, reason=reason, by=by,
-                             at=SystemClock().now().isoformat())  # fmt: skip
-    try:
-        store = await _store(config)
-    except (StoreError, StoreConfigError) as exc:
-        if state is None:
-            raise
-        raise StoreError(f"kill switch host is {mode.value} (seq {state.seq}), but the event was "
-                         f"not recorded (a running daemon records it): {exc}") from exc  # fmt: skip
-    try:
-        from . import events as ev
-
-        if scope == "session":  # the short id `sessions list` shows names its session
-            target = await tables.resolve_id(store, "session", target, config.fleet)
-        kind = ev.KILLSWITCH_DISENGAGED if mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
-        event = NewEvent(
-            kind=kind, session_id=system_stream(config.fleet), reason=mode.value,
-            payload={"scope": scope, "target": target, "mode": mode.value, "by": by,
-                     "reason": reason},
-        )  # fmt: skip
-        if state is not None:
-            await store.once(killswitch_command_id(config.fleet, "host", state.seq), event)
-            await store.raise_host_switch_mark(config.fleet, config.host_id, state.seq)
-        else:
-            targets = await _check_target(store, config, scope, target, mode,
-                                          force=force)  # fmt: skip
-            async with store.transaction() as tx:
-                # Lock the fleet row first: starts in flight hold it FOR SHARE, so this engage
-                # returns only after them, and no start can begin after it. The switch and its
-                # event (who and why) commit together.
-                await tx.execute("ensure_fleet_switch", config.fleet, store.clock.now())
-                await tx.execute("lock_fleet_switch", config.fleet)
-                for each in targets:
-                    await tx.execute("upsert_kill_switch", config.fleet, scope, each, mode.value,
-                                     reason, by, store.clock.now())  # fmt: skip
-                await store.append_in(tx, event)
-                await store.backend.notify_in(tx, "acp_killswitch", config.fleet)
-    finally:
-        await store.close()
-    return state
-
-
-async def _check_target(store: Store, config: Config, scope: str, target: str, mode: Mode, *,
-                        force: bool) -> list[str]:  # fmt: skip
-    """The targets a store-scope change writes. A worker or session scope must name one that
-    exists, or the switch would stop nothing. A worker is its configured name (all its replicas)
-    or an instance name (`name-2`: one); disengaging the configured name clears its replicas'
-    own switches too, so it resumes all of them."""
-    rows = await store.fetchall("kill_switches", config.fleet)
-    set_here = {r["target"]: r["mode"] for r in rows if r["scope"] == scope}
-    targets = [target]
-    if scope == "worker" and mode is Mode.DISENGAGED:
-        for spec in config.workers:
-            if spec.name == target and spec.replicas > 1:
-                targets += [n for n in spec.instance_names()
-                            if set_here.get(n, "disengaged") != "disengaged"]  # fmt: skip
-    if force or scope not in ("worker", "session") or target in set_here:
-        return targets  # a switch already set there can always be changed or cleared
-    if scope == "worker":
-        known = sorted({s.name for s in config.workers}
-                       | {n for s in config.workers for n in s.instance_names()})  # fmt: skip
-        if target not in known:
-            raise UsageError(f"unknown worker {target!r}: known workers are "
-                             f"{', '.join(known) or 'none'} (--force for one not configured yet)")  # fmt: skip
-        return targets
-    sessions = await store.list_sessions(config.fleet)
-    if target not in {s.id for s in sessions}:
-        open_ = [f"{s.id} ({s.window_key})" for s in sessions if s.status == "open"]
-        raise UsageError(f"unknown session {target!r}: open sessions are "
-                         f"{', '.join(open_) or 'none'} (--force for one not opened yet)")  # fmt: skip
-    return targets
 
 
 async def killswitch_engage(args: argparse.Namespace, config: Config) -> int:
@@ -468,48 +347,6 @@ async def killswitch_disengage(args: argparse.Namespace, config: Config) -> int:
     return await _set_switch(args, config, Mode.DISENGAGED)
 
 
-def _host_switch(config: Config) -> HostSwitchFile:
-    """This host's switch file, with the secret from the environment or the secret file."""
-    import os
-
-    secret = load_secret(dict(os.environ), config.killswitch_secret_file)
-    return HostSwitchFile(host_switch_path(config.state_dir), secret)
-
-
-async def _stored_mark(config: Config) -> int:
-    """The store's host kill-switch mark; 0 when the store is unusable (the file still works)."""
-    try:
-        store = await _store(config)
-    except (StoreError, StoreConfigError):
-        return 0
-    try:
-        return await store.host_switch_mark(config.fleet, config.host_id)
-    except StoreError:
-        return 0
-    finally:
-        await store.close()
-
-
-async def _marked_host_switch(store: Store, config: Config) -> HostSwitchFile:
-    """The host switch with the store's replay mark: a missing file after history is halt_all."""
-    switch = _host_switch(config)
-    switch.adopt_mark(await store.host_switch_mark(config.fleet, config.host_id))
-    return switch
-
-
-async def _switches(store: Store, config: Config) -> list[dict[str, Any]]:
-    """Every scope's switch: mode, since when, by whom and why (the same fields in JSON)."""
-    state = (await _marked_host_switch(store, config)).read()
-    out = [{"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
-            "problem": state.problem, "since": state.at or None, "by": state.by or None,
-            "reason": state.reason, "seq": state.seq}]  # fmt: skip
-    for row in await store.fetchall("kill_switches", config.fleet):
-        out.append({"scope": row["scope"], "target": row["target"], "mode": row["mode"],
-                    "valid": True, "problem": None, "since": row["updated_at"].isoformat(),
-                    "by": row["changed_by"], "reason": row["reason"]})  # fmt: skip
-    return out
-
-
 def _switch_summary(s: dict[str, Any]) -> str:
     """`host halt_all (unverifiable: why)` when the switch cannot be verified, else `host mode`."""
     where = s["scope"] + (f" {s['target']}" if s["target"] else "")
@@ -517,9 +354,9 @@ def _switch_summary(s: dict[str, Any]) -> str:
 
 
 async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
-        switches = await _switches(store, config)
+        switches = await engage.switch_states(store, config)
     finally:
         await store.close()
     text = tables.table(
@@ -532,11 +369,11 @@ async def killswitch_status(args: argparse.Namespace, config: Config) -> int:
 
 
 async def recover(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         report = await recovery.scan(
             store, fleet=config.fleet, approvals=Approvals(store, config.approvals, config.fleet),
-            host_switch=await _marked_host_switch(store, config),
+            host_switch=await engage.marked_host_switch(store, config),
             by="cli", started_before=store.clock.now(), dry_run=args.dry_run,
             host=config.host_id, live_after=await store.db_now() - timedelta(seconds=config.lease_ttl),
         )  # fmt: skip
@@ -551,12 +388,10 @@ async def recover(args: argparse.Namespace, config: Config) -> int:
 
 
 async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
-        rows = [
-            _params_object(plain_row(r))
-            for r in await store.fetchall("actions_with_status", config.fleet, "in_doubt", 10_000)
-        ]
+        rows = [a.as_dict() for a in await store.actions_with_status(
+            fleet=config.fleet, status=ActionStatus.IN_DOUBT)]  # fmt: skip
     finally:
         await store.close()
     now = _reading_now(config)
@@ -570,7 +405,7 @@ async def actions_in_doubt(args: argparse.Namespace, config: Config) -> int:
 
 
 async def actions_resolve(args: argparse.Namespace, config: Config) -> int:
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         command_id = await tables.resolve_id(store, "action", args.id, config.fleet)
         await recovery.resolve_in_doubt(store, command_id, done=args.as_ == "done", by=args.by)
@@ -582,9 +417,9 @@ async def actions_resolve(args: argparse.Namespace, config: Config) -> int:
 
 async def tokens_usage(args: argparse.Namespace, config: Config) -> int:
     period_prefix = {"day": "daily", "week": "weekly", "month": "monthly"}
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
-        rows = [plain_row(r) for r in await store.fetchall("list_token_usage")]
+        rows = [dataclasses.asdict(u) for u in await store.list_token_usage()]
     finally:
         await store.close()
     if args.scope:
@@ -658,7 +493,7 @@ async def policy_replay(args: argparse.Namespace, config: Config) -> int:
     # Everything the user gave is checked before the store is opened; nothing is ever written.
     candidate = load_candidate(args.candidate, config)
     since = parse_duration(args.since, "--since") if args.since is not None else None
-    store = await _store(config)
+    store = await open_fleet_store(config)
     try:
         report = await run_replay(store, config, candidate, ids=args.window, since=since)
     finally:

@@ -9,7 +9,6 @@ actions get the shutdown timeout, each worker checkpoints, exit 0.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +22,6 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from . import events as ev
 from . import recovery
 from .actions import derive_id
 from .alerts import STATE_WRITE_FAILED, Alerts
@@ -35,24 +33,24 @@ from .errors import ConfigError, StoreError, StoreLost, UsageError
 from .fleet import Fleet, WorkerFactory, load_worker_class
 from .gate import Gate
 from .horizons import HorizonProfile
-from .killswitch import HostSwitchFile, Mode, SwitchState, load_secret
+from .killswitch import HostSwitchFile, SwitchState, load_secret
+
+# host_switch_path is re-exported while drills.py still imports it from here.
+from .killswitch.engage import host_switch_path as host_switch_path
+from .killswitch.keeper import SwitchKeeper
 from .leases import Coordinator
 from .metrics import Metrics
 from .replay import shadow_for
 from .scorecard import Scorecard, compute
 from .sessions import WindowManager
 from .statedir import make_state_dir
-from .store import NewEvent, Store, open_store, system_stream
-from .store.base import Subscription, current_fence, plain_row
+from .store import Store, open_store
+from .store.base import current_fence
 from .systemd import Notifier
 from .windows import date_start, next_boundary, window_at
 from .worker import EffectLog, Worker
 
 log = structlog.get_logger("supervisor.daemon")
-
-
-def host_switch_path(state_dir: Path) -> Path:
-    return state_dir / "killswitch.json"
 
 
 def effects_path(state_dir: Path) -> Path:
@@ -250,37 +248,25 @@ class Daemon:
             return RunPlan(None, profile, window_at(now, profile.window, cfg.timezone).start,
                            None, None, False)  # fmt: skip
         profile = cfg.horizon(self.horizon)
-        row = await store.fetchrow("unfinished_run", cfg.fleet, self.horizon, self.simulate)
-        if row is not None:
-            log.info(
-                "run.resumed",
-                run=row["id"],
-                horizon=self.horizon,
-                start=row["starts_at"].isoformat(),
-            )
-            return RunPlan(self.horizon, profile, row["starts_at"], row["ends_at"], row["id"], True)
+        run = await store.unfinished_run(fleet=cfg.fleet, horizon=self.horizon,
+                                         simulated=self.simulate)  # fmt: skip
+        if run is not None:
+            log.info("run.resumed", run=run.id, horizon=self.horizon,
+                     start=run.starts_at.isoformat())  # fmt: skip
+            return RunPlan(self.horizon, profile, run.starts_at, run.ends_at, run.id, True)
         start = self.start or now
         if self.simulate and self.start is None:
-            last = await store.fetchrow("last_run", cfg.fleet, True)
-            if last is not None and last["ends_at"] > start:
-                start = last[
-                    "ends_at"
-                ]  # windows are governed once: a new run starts after the last
+            last = await store.last_run(fleet=cfg.fleet, simulated=True)
+            if last is not None and last.ends_at > start:
+                start = last.ends_at  # windows are governed once: a new run starts after the last
         anchor = window_at(start, profile.window, cfg.timezone).start
         end = run_end(anchor, profile, cfg.timezone)
         run_id = derive_id("run", cfg.fleet, self.horizon, str(self.simulate), anchor.isoformat())
-        async with store.transaction() as tx:
-            await tx.execute("insert_run", run_id, cfg.fleet, self.horizon, self.simulate,
-                             self.seed, anchor, end, now)  # fmt: skip
         if self.simulate:
             store.clock = VirtualClock(anchor)  # its events are in simulated time, from the first
-        await store.once(
-            derive_id("run.started", run_id),
-            NewEvent(kind=ev.RUN_STARTED, session_id=system_stream(cfg.fleet),
-                     payload={"run": run_id, "horizon": self.horizon, "simulated": self.simulate,
-                              "seed": self.seed, "start": anchor.isoformat(),
-                              "end": end.isoformat()}),
-        )  # fmt: skip
+        await store.start_run(run_id=run_id, fleet=cfg.fleet, horizon=self.horizon,
+                              simulated=self.simulate, seed=self.seed, starts_at=anchor,
+                              ends_at=end, created_at=now)  # fmt: skip
         return RunPlan(self.horizon, profile, anchor, end, run_id, False)
 
     # -- run ------------------------------------------------------------------------------------
@@ -371,6 +357,13 @@ class Daemon:
                       effects=EffectLog(effects_path(self.effects_dir or cfg.state_dir)), seed=self.seed,
                       stopping=self.stopping, on_alert=on_fleet_alert)  # fmt: skip
         self.fleet = fleet
+        keeper = self.switch_keeper = SwitchKeeper(
+            store=store, gate=gate, host_switch=host_switch, alerts=alerts, clock=clock,
+            fleet=cfg.fleet, host_id=cfg.host_id, state_dir=cfg.state_dir,
+            watch_interval=cfg.killswitch_watch_interval, store_poll=cfg.killswitch_store_poll,
+            workers=lambda: [s.as_dict() for s in fleet.status.values()],
+            on_write_failed=self._state_write_failed,
+        )  # fmt: skip
         self._serve_metrics()
         structlog.contextvars.bind_contextvars(fleet=cfg.fleet, host=cfg.host_id)
 
@@ -385,9 +378,8 @@ class Daemon:
             await alerts.raise_alert("recovery_in_doubt", session_id=None,
                                      detail={"in_doubt": report.in_doubt,
                                              "actions": report.found.get("actions", [])[:20]})  # fmt: skip
-        await self._observe_switch(store, host_switch.read())
-        async with store.transaction() as tx:
-            await tx.execute("ensure_fleet_switch", cfg.fleet, clock.now())
+        await keeper.record_host(host_switch.read())
+        await store.ensure_fleet_switch(cfg.fleet)
         if not clock.virtual:
             await windows.record_missed(clock.now())
         session = await windows.ensure(clock.now())
@@ -418,8 +410,8 @@ class Daemon:
             clock.spawn(tg, self._every, cfg.recovery_every, self._recover, store, approvals,
                         host_switch, name="recovery")  # fmt: skip
             if not clock.virtual:
-                tg.start_soon(self._realtime_duties, store, host_switch, name="realtime")
-                tg.start_soon(self._watch_store_switches, store, name="fleet-switch")
+                tg.start_soon(self._realtime_duties, store, keeper, name="realtime")
+                tg.start_soon(keeper.watch_store, name="fleet-switch")
                 if cfg.console.enabled:
                     tg.start_soon(self._console, name="console")
             if plan.end is not None:
@@ -448,11 +440,7 @@ class Daemon:
         if over:
             await windows.close_current()
             if plan.run_id is not None:
-                async with store.transaction() as tx:
-                    finished = await tx.fetchrow("finish_run", clock.now(), plan.run_id)
-                if finished is not None:
-                    await store.append(NewEvent(kind=ev.RUN_FINISHED, session_id=system_stream(cfg.fleet),
-                                                payload={"run": plan.run_id}))  # fmt: skip
+                await store.finish_run(run_id=plan.run_id, fleet=cfg.fleet, at=clock.now())
         with anyio.move_on_after(5):
             await alerts.flush()  # deliveries already queued get their chance
         alerts.close()
@@ -591,33 +579,19 @@ class Daemon:
         except Exception as exc:
             log.error("console.failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _realtime_duties(self, store: Store, host_switch: HostSwitchFile) -> None:
+    async def _realtime_duties(self, store: Store, keeper: SwitchKeeper) -> None:
         """Only on the system clock: telemetry flush, kill-switch watch, watchdog, status."""
         interval = self.config.killswitch_watch_interval
         watchdog = self.notifier.watchdog_interval()
         last_flush = last_ping = last_metrics = last_stall = 0.0
         stalled: list[str] = []
-        known: SwitchState | None = host_switch.read()
         while True:
             await anyio.sleep(interval)
             now = anyio.current_time()
             lost = store.backend.lost()
             if lost is not None and self.store_lost is None:
                 await self._on_store_lost(lost)
-            state = host_switch.read()
-            if state != known:
-                known = state
-                # First, before any store write: reach the effects in flight (emergency).
-                self.gate.stop_in_flight("host", "", state.mode)
-                self.gate.switch_moved(self.clock)
-                try:
-                    await self._observe_switch(store, state)
-                except StoreError as exc:  # the gate enforces the switch regardless
-                    log.error(
-                        "killswitch.event_not_recorded", mode=state.mode.value, error=str(exc)
-                    )
-                    await self._state_write_failed("killswitch", exc)
-                    known = None  # try to record it again on the next pass
+            state = await keeper.poll_host()
             if now - last_flush >= self.config.flush_every:
                 last_flush = now
                 await store.flush_telemetry()
@@ -658,136 +632,11 @@ class Daemon:
                                       detail={"store_lost": problem})  # fmt: skip
         self.clock.ring(self.stopping)
 
-    async def _watch_store_switches(self, store: Store) -> None:
-        """Fleet, session and worker switches live in the store. The gate reads them inside every
-        started-record transaction (that is the enforcement); this watch makes a daemon notice a
-        change at once (LISTEN/NOTIFY on Postgres, else a poll) to log it and, in emergency
-        mode, write the snapshot."""
-        changed = anyio.Event()
-
-        def wake(_payload: str | None = None) -> None:
-            changed.set()
-
-        # LISTEN again whenever its connection goes (terminated, server restart, or a dead peer
-        # that the ping finds), then read at once: a change made meanwhile sent no notification.
-        sub: Subscription | None = None
-        listens = True  # False once the backend says it has no notifications (SQLite)
-        listen_after = 0.0
-        known: dict[tuple[str, str], str] = {}
-        first = True
-        waits = False  # the first pass reads at once
-        try:
-            while True:
-                if waits:
-                    poll = self.config.killswitch_watch_interval
-                    if sub is not None:
-                        poll = self.config.killswitch_store_poll
-                    with anyio.move_on_after(poll):
-                        await changed.wait()
-                    changed = anyio.Event()
-                    if sub is not None and not await sub.check():
-                        log.warning("killswitch.listen_lost")
-                        with anyio.CancelScope(shield=True):
-                            await sub.close()
-                        sub = None
-                waits = True
-                if listens and sub is None and anyio.current_time() >= listen_after:
-                    try:
-                        sub = await store.backend.listen("acp_killswitch", wake, on_lost=wake)
-                        listens = sub is not None
-                        if sub is not None and not first:
-                            log.info("killswitch.listening_again")
-                    except StoreError as exc:
-                        log.warning("killswitch.listen_failed", error=str(exc))
-                        listen_after = anyio.current_time() + 1.0
-                try:
-                    rows = await store.fetchall("kill_switches", self.config.fleet)
-                except StoreError:
-                    continue  # the coordination loop reports an unreachable store
-                current = {(r["scope"], r["target"]): r["mode"] for r in rows}
-                for key, mode in current.items():
-                    if known.get(key, "disengaged") != mode and not (
-                        first and mode == "disengaged"
-                    ):
-                        row = next(r for r in rows if (r["scope"], r["target"]) == key)
-                        try:
-                            self.gate.stop_in_flight(key[0], key[1], Mode(mode))
-                        except ValueError:
-                            self.gate.stop_in_flight(key[0], key[1], Mode.HALT_ALL)
-                        self.gate.switch_moved(self.clock)
-                        log.warning("killswitch.observed", scope=key[0], target=key[1], mode=mode,
-                                    by=row["changed_by"], reason=row["reason"])  # fmt: skip
-                        if mode == Mode.EMERGENCY.value:
-                            await self._safe_snapshot(store, SwitchState(
-                                mode=Mode.EMERGENCY, seq=0, reason=row["reason"], by=row["changed_by"],
-                                at=row["updated_at"].isoformat(), scope=key[0]))  # fmt: skip
-                known, first = current, False
-        finally:
-            if sub is not None:
-                with anyio.CancelScope(shield=True):
-                    await sub.close()
-
-    async def _observe_switch(self, store: Store, state: SwitchState) -> None:
-        """Every change of the host switch is an event once, whoever changed it (CLI or hand)."""
-        fleet = self.config.fleet
-        if not state.valid:
-            log.error("killswitch.invalid", problem=state.problem)
-            await self.alerts.raise_alert("killswitch_engaged", session_id=None,
-                                          detail={"scope": "host", "mode": "halt_all",
-                                                  "invalid": True, "problem": state.problem})  # fmt: skip
-            await store.once(
-                derive_id("killswitch.invalid", fleet, state.problem or "", str(host_switch_mtime(self.config.state_dir))),
-                NewEvent(kind=ev.KILLSWITCH_INVALID, session_id=system_stream(fleet),
-                         reason="killswitch", payload={"problem": state.problem}),
-            )  # fmt: skip
-            return
-        if state.seq == 0:
-            return
-        await store.raise_host_switch_mark(fleet, self.config.host_id, state.seq)
-        kind = ev.KILLSWITCH_DISENGAGED if state.mode == Mode.DISENGAGED else ev.KILLSWITCH_ENGAGED
-        detail = {"scope": "host", "mode": state.mode.value, "by": state.by, "reason": state.reason}
-        if state.mode == Mode.DISENGAGED:
-            await self.alerts.resolve("killswitch_engaged", session_id=None, detail=detail)
-        else:
-            await self.alerts.raise_alert("killswitch_engaged", session_id=None, detail=detail)
-        await store.once(
-            killswitch_command_id(fleet, "host", state.seq),
-            NewEvent(kind=kind, session_id=system_stream(fleet), reason=state.mode.value,
-                     payload={"scope": "host", "mode": state.mode.value, "seq": state.seq,
-                              "by": state.by, "reason": state.reason}),
-        )  # fmt: skip
-        log.warning("killswitch.changed", mode=state.mode.value, by=state.by, reason=state.reason)
-        if state.mode == Mode.EMERGENCY:
-            await self._safe_snapshot(store, state)
-
     async def _state_write_failed(self, duty: str, exc: Exception) -> None:
         """A duty's write failed: the state_write_failed alert (logged and delivered even when
         the store cannot record it; raise_alert never raises)."""
         await self.alerts.raise_alert("state_write_failed", session_id=None,
                                       detail={"duty": duty, "error": str(exc)})  # fmt: skip
-
-    async def _safe_snapshot(self, store: Store, state: SwitchState) -> None:
-        try:
-            await self._emergency_snapshot(store, state)
-        except (StoreError, OSError) as exc:
-            log.error("killswitch.snapshot_failed", error=str(exc))
-
-    async def _emergency_snapshot(self, store: Store, state: SwitchState) -> None:
-        stamp = state.seq if state.scope == "host" else state.at.replace(":", "")
-        path = self.config.state_dir / f"emergency-{state.scope}-{stamp}.json"
-        if path.exists():
-            return
-        snapshot = {
-            "at": self.clock.now().isoformat(), "switch": {"seq": state.seq, "by": state.by, "reason": state.reason},
-            "workers": [s.as_dict() for s in (self.fleet.status.values() if self.fleet else [])],
-            "open_windows": [s.as_dict() for s in await store.open_sessions(self.config.fleet)],
-            "pending_approvals": [plain_row(r) for r in await store.fetchall("pending_approvals", self.config.fleet, 10_000)],
-        }  # fmt: skip
-        path.write_text(json.dumps(snapshot, indent=2, sort_keys=True))
-        await store.append(NewEvent(kind=ev.ALERT, session_id=system_stream(self.config.fleet),
-                                    reason="killswitch_emergency",
-                                    payload={"snapshot": str(path), "by": state.by}))  # fmt: skip
-        log.error("killswitch.emergency", snapshot=str(path))
 
     def _add_spec(self, spec: WorkerSpec) -> None:
         for name in spec.instance_names():
@@ -1019,11 +868,11 @@ class Daemon:
             self.metrics.set_workers(self.fleet.by_state())
         self.metrics.set_killswitch_mode(switch.mode.value)
         try:  # the backlog as of now (the alerts' view is as old as their last evaluation)
-            row = await store.fetchrow("count_pending_approvals", self.config.fleet)
+            backlog = await store.approval_backlog(fleet=self.config.fleet)
         except StoreError:
-            row = None
-        if row is not None:
-            self.metrics.set_approvals(int(row["n"] or 0), row["oldest_at"])
+            backlog = None
+        if backlog is not None:
+            self.metrics.set_approvals(backlog.pending, backlog.oldest_at)
 
     def _status_line(self) -> str:
         window = (
@@ -1080,14 +929,3 @@ def private_files(paths: list[Path]) -> None:
             continue
         except OSError as exc:
             log.error("store.file_not_private", path=str(path), error=exc.strerror or str(exc))
-
-
-def killswitch_command_id(fleet: str, scope: str, seq: int | str) -> str:
-    return derive_id("killswitch", fleet, scope, str(seq))
-
-
-def host_switch_mtime(state_dir: Path) -> int:
-    try:
-        return host_switch_path(state_dir).stat().st_mtime_ns
-    except OSError:
-        return 0

@@ -21,14 +21,13 @@ import json
 import math
 import secrets as _secrets
 import shutil
-import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -38,11 +37,12 @@ from .actions import Action
 from .approvals import Approvals
 from .clock import SystemClock, VirtualClock
 from .config import Config, WorkerSpec
-from .errors import UsageError
+from .errors import StoreConfigError, StoreError, UsageError
 from .governance import ModelGovernor, TokenBudgets
 from .killswitch import HostSwitchFile, Mode, load_secret
 from .policy import Policy
-from .store import open_store
+from .store import Event, Store, open_store, system_stream
+from .store.records import ActionStatus
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -55,6 +55,9 @@ DRILL_WORKER = "drill-support"
 
 
 _WALL = SystemClock()  # a drill measures a real fleet in real time
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # before anything a drill's store holds
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -95,7 +98,7 @@ class DrillReport:
 
 
 def _iso(instant: datetime) -> str:
-    """The SQLite store's timestamp text: UTC, microseconds, so text order is time order."""
+    """An instant as the switch file records it: UTC, to the microsecond."""
     return instant.astimezone(UTC).isoformat(timespec="microseconds")
 
 
@@ -159,54 +162,78 @@ def drill_config(
 
 
 class _Probe:
-    """Read-only queries on the drill's SQLite store, beside the running daemon (WAL)."""
+    """Reads of the drill's store beside the running daemon, through a store of its own (its
+    own connection: WAL lets it read while the daemon writes). Opened once the daemon has
+    created and migrated the database; until then, and on a failed read, it sees nothing."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, url: str, fleet: str) -> None:
+        self.url = url
+        self.fleet = fleet
+        self._store: Store | None = None
 
-    def _db(self) -> sqlite3.Connection | None:
-        if self._conn is None:
-            if not self.path.exists():
-                return None
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
-            conn.row_factory = sqlite3.Row
-            self._conn = conn
-        return self._conn
+    async def _db(self) -> Store | None:
+        if self._store is None:
+            try:
+                self._store = await open_store(self.url, _WALL)
+            except (StoreError, StoreConfigError):
+                return None  # not there or not migrated yet
+        return self._store
 
-    def rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        conn = self._db()
-        if conn is None:
-            return []
+    async def _read(self, read: Callable[[Store], Awaitable[T]], nothing: T) -> T:
+        store = await self._db()
+        if store is None:
+            return nothing
         try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:
-            return []  # not migrated yet
+            return await read(store)
+        except StoreError:
+            return nothing
 
-    def count(self, sql: str, *args: Any) -> int:
-        found = self.rows(sql, *args)
-        return int(found[0][0] or 0) if found else 0
+    async def started(self, after: datetime = _EPOCH) -> int:
+        return await self._read(
+            lambda s: s.count_events_since(fleet=self.fleet, kind=ev.ACTION_STARTED, after=after),
+            0,
+        )
 
-    def started(self, after: str = "") -> int:
-        return self.count("SELECT count(*) FROM events WHERE kind = ? AND created_at > ?",
-                          ev.ACTION_STARTED, after)  # fmt: skip
+    async def last_started(self) -> datetime | None:
+        return await self._read(
+            lambda s: s.last_event_at(fleet=self.fleet, kind=ev.ACTION_STARTED), None
+        )
 
-    def last_started(self) -> datetime | None:
-        found = self.rows("SELECT max(created_at) FROM events WHERE kind = ?", ev.ACTION_STARTED)
-        return datetime.fromisoformat(found[0][0]) if found and found[0][0] else None
-
-    def observed(self, kind: str, seq: int) -> datetime | None:
+    async def observed(self, kind: str, seq: int) -> datetime | None:
         """When the daemon recorded the host switch change with this seq."""
-        for row in self.rows("SELECT created_at, payload FROM events WHERE kind = ?", kind):
-            payload = json.loads(row["payload"])
-            if payload.get("scope") == "host" and payload.get("seq") == seq:
-                return datetime.fromisoformat(row["created_at"])
+        none: list[Event] = []
+        events = await self._read(
+            lambda s: s.stream_events_of_kind(stream=system_stream(self.fleet), kind=kind,
+                                              limit=10_000),
+            none,
+        )  # fmt: skip
+        for event in events:
+            if event.payload.get("scope") == "host" and event.payload.get("seq") == seq:
+                return event.created_at
         return None
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    async def refused(self, after: datetime) -> int:
+        """Actions refused by a kill switch after `after`."""
+        return await self._read(
+            lambda s: s.count_events_since(fleet=self.fleet, kind=ev.ACTION_DENIED, after=after,
+                                           reason="killswitch"),
+            0,
+        )  # fmt: skip
+
+    async def action_rows_started(self, after: datetime) -> int:
+        return await self._read(
+            lambda s: s.count_actions_started_since(fleet=self.fleet, after=after), 0
+        )
+
+    async def halted(self) -> int:
+        none: dict[ActionStatus, int] = {}
+        counts = await self._read(lambda s: s.count_actions_by_status(self.fleet), none)
+        return counts.get(ActionStatus.HALTED, 0)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.close()
 
 
 def _effects_after(path: Path, offset: int, engaged: datetime) -> list[dict[str, Any]]:
@@ -284,7 +311,7 @@ async def killswitch_drill(
         daemon = Daemon(cfg, env={}, notifier=Notifier({}), install_signals=False)
         switch = HostSwitchFile(host_switch_path(state), key)
         effects = effects_path(state)
-        probe = _Probe(state / "drill.db")
+        probe = _Probe(cfg.db_url, cfg.fleet)
         outcome: dict[str, BaseException | None] = {}
 
         async def run_daemon() -> None:
@@ -297,6 +324,9 @@ async def killswitch_drill(
         def alive() -> bool:
             return "error" not in outcome
 
+        async def stopped() -> bool:
+            return not alive()
+
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run_daemon)
@@ -307,7 +337,7 @@ async def killswitch_drill(
                     with anyio.CancelScope(shield=True):
                         daemon.clock.ring(daemon.stopping)
                         with anyio.move_on_after(cfg.shutdown_timeout + 10) as waited:
-                            await _until(lambda: not alive())
+                            await _until(stopped)
                         if waited.cancelled_caught:
                             tg.cancel_scope.cancel()
                 error = outcome.get("error")
@@ -317,7 +347,8 @@ async def killswitch_drill(
                     detail = "did not stop within the shutdown timeout" if alive() else ""
                 check("daemon stopped cleanly", not alive() and error is None, detail)
         finally:
-            probe.close()
+            with anyio.CancelScope(shield=True):
+                await probe.close()
     return DrillReport.of("killswitch", checks, figures)
 
 
@@ -335,9 +366,13 @@ async def _killswitch_phases(
     # 1. the fleet runs and actions flow
     want = max(workers, 10)
     t0 = _WALL.monotonic()
+
+    async def flowing_or_gone() -> bool:
+        return not alive() or await probe.started() >= want
+
     with anyio.move_on_after(20.0):
-        await _until(lambda: not alive() or probe.started() >= want)
-    flowing = probe.started()
+        await _until(flowing_or_gone)
+    flowing = await probe.started()
     check("actions flowing before the engage", flowing >= want,
           f"{flowing} started in {_WALL.monotonic() - t0:.1f}s (wanted {want})")  # fmt: skip
     if flowing < want:
@@ -356,13 +391,16 @@ async def _killswitch_phases(
     figures["actions_before_engage"] = flowing
 
     # 3. the daemon observes the switch; nothing new starts
+    async def engage_observed() -> bool:
+        return await probe.observed(ev.KILLSWITCH_ENGAGED, engaged_state.seq) is not None
+
     with anyio.move_on_after(min(seconds, 5.0)):
-        await _until(lambda: probe.observed(ev.KILLSWITCH_ENGAGED, engaged_state.seq) is not None)
-    observed = probe.observed(ev.KILLSWITCH_ENGAGED, engaged_state.seq)
+        await _until(engage_observed)
+    observed = await probe.observed(ev.KILLSWITCH_ENGAGED, engaged_state.seq)
     when = f"{_ms(observed - engaged):.1f} ms after the engage" if observed else "never"
     check("daemon observed the switch", observed is not None,
           f"KILLSWITCH_ENGAGED (seq {engaged_state.seq}) recorded {when}")  # fmt: skip
-    last = probe.last_started()
+    last = await probe.last_started()
     halted_at = max(x for x in (observed, last, engaged) if x is not None)
     figures["time_to_halt_ms"] = max(0.0, _ms(halted_at - engaged))
     figures["observed_ms"] = _ms(observed - engaged) if observed else None
@@ -373,9 +411,8 @@ async def _killswitch_phases(
     remaining = seconds - (_WALL.now() - engaged).total_seconds()
     if remaining > 0:
         await anyio.sleep(remaining)
-    after = _iso(engaged)
-    started = probe.started(after)
-    rows = probe.count("SELECT count(*) FROM actions WHERE started_at > ?", after)
+    started = await probe.started(engaged)
+    rows = await probe.action_rows_started(engaged)
     check("no action started after the engage", started == 0 and rows == 0,
           f"{started} ACTION_STARTED events and {rows} action rows after it")  # fmt: skip
     late = _effects_after(effects, offset, engaged)
@@ -383,17 +420,12 @@ async def _killswitch_phases(
     if late:
         detail += f" (first: {json.dumps(late[0], sort_keys=True)[:160]})"
     check("no effect after the engage", not late, detail)
-    refused = probe.count(
-        "SELECT count(*) FROM events WHERE kind = ? AND reason = 'killswitch' AND created_at > ?",
-        ev.ACTION_DENIED, after,
-    )  # fmt: skip
+    refused = await probe.refused(engaged)
     check("workers kept cycling and were refused", alive() and refused > 0,
           f"{refused} refusals with reason killswitch while halted"
           + ("" if alive() else "; the daemon is not running"))  # fmt: skip
     figures["refused_while_halted"] = refused
-    figures["halted_in_flight"] = probe.count(
-        "SELECT count(*) FROM actions WHERE status = 'halted'"
-    )
+    figures["halted_in_flight"] = await probe.halted()
     figures["effects_after_engage"] = len(late)
     figures["started_after_engage"] = started
 
@@ -405,26 +437,32 @@ async def _killswitch_phases(
     )
     disengaged = _WALL.now()
 
-    def resumed() -> datetime | None:
-        last = probe.last_started()
+    async def resumed() -> datetime | None:
+        last = await probe.last_started()
         return last if last is not None and last > disengaged else None
 
+    async def has_resumed() -> bool:
+        return await resumed() is not None
+
+    async def disengage_observed() -> bool:
+        return await probe.observed(ev.KILLSWITCH_DISENGAGED, freed.seq) is not None
+
     with anyio.move_on_after(5.0):
-        await _until(lambda: resumed() is not None)
-    first = resumed()
+        await _until(has_resumed)
+    first = await resumed()
     with anyio.move_on_after(2.0):
-        await _until(lambda: probe.observed(ev.KILLSWITCH_DISENGAGED, freed.seq) is not None)
-    seen = probe.observed(ev.KILLSWITCH_DISENGAGED, freed.seq)
+        await _until(disengage_observed)
+    seen = await probe.observed(ev.KILLSWITCH_DISENGAGED, freed.seq)
     detail = f"first start {_ms(first - disengaged):.1f} ms after it" if first else "none within 5s"
     check("actions resume after the disengage", first is not None and seen is not None,
           detail + ("" if seen else "; no KILLSWITCH_DISENGAGED recorded"))  # fmt: skip
     figures["resume_ms"] = _ms(first - disengaged) if first else None
 
 
-async def _until(condition: Callable[[], bool], interval: float = 0.01) -> None:
+async def _until(condition: Callable[[], Awaitable[bool]], interval: float = 0.01) -> None:
     """Poll `condition` (a cheap read of the drill's store or files) until it holds."""
     while True:
-        if condition():
+        if await condition():
             return
         await anyio.sleep(interval)
 
@@ -467,16 +505,16 @@ async def approval_backlog_drill(
                     worker=f"drill-{i % 10}", session_id=session.id, escalate_now=False,
                     correlation_id=None,
                 )  # fmt: skip
-                ids.append(row["id"])
+                ids.append(row.id)
             figures["create_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            pending = await store.fetchall("pending_approvals", DRILL_FLEET, count + 1)
+            pending = await store.pending_approvals(fleet=DRILL_FLEET, limit=count + 1)
             check("backlog created, pending at the first tier",
-                  len(pending) == count and all(r["tier"] == chain.initial_tier for r in pending),
-                  f"{len(pending)} pending at {sorted({r['tier'] for r in pending})}")  # fmt: skip
+                  len(pending) == count and all(r.tier == chain.initial_tier for r in pending),
+                  f"{len(pending)} pending at {sorted({r.tier for r in pending})}")  # fmt: skip
 
             async def tiers() -> dict[str, tuple[str, str]]:
-                rows = await store.fetchall("list_approvals", DRILL_FLEET, count + 1)
-                return {r["id"]: (r["status"], r["tier"]) for r in rows}
+                rows = await store.list_approvals(fleet=DRILL_FLEET, limit=count + 1)
+                return {r.id: (r.status.value, r.tier) for r in rows}
 
             async def duty() -> float:
                 """What the daemon's escalation duty does when woken: escalate until nothing

@@ -183,11 +183,11 @@ class Fleet:
             log.info("worker.state", worker=st.name, state=state)
         st.state = state
         try:
-            async with self.store.transaction() as tx:
-                await tx.execute(
-                    "upsert_worker", self.fleet, st.name, self.host, state, st.restarts,
-                    st.last_error, st.cycle, st.session_id, self.clock.now(),
-                )  # fmt: skip
+            await self.store.record_worker(
+                fleet=self.fleet, name=st.name, host=self.host, state=state, restarts=st.restarts,
+                last_error=st.last_error, cycle=st.cycle, session_id=st.session_id,
+                at=self.clock.now(),
+            )  # fmt: skip
         except StateWriteError as exc:
             log.warning("worker.status_write_failed", worker=st.name, error=str(exc))
             await self.state_write_failed(st.session_id, worker=st.name, error=str(exc))

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -26,10 +25,18 @@ from .actions import Action, derive_id, proposal_fields
 from .approvals import Approvals, Permit, grant_covers
 from .errors import ActionDenied, ActionExpired, ApprovalPending, StateWriteError
 from .governance import ModelGovernor, TokenBudgets
-from .killswitch import HostSwitchFile, Mode, permits, strictest
+from .killswitch import HostSwitchFile, Mode, host_verdict
 from .policy import Decision, Policy
 from .store import NewEvent, Session, Store
-from .store.base import Row
+from .store.approvals import ApprovalRecord
+from .store.records import ApprovalStatus
+from .store.switches import (
+    SwitchRecord,
+    SwitchTarget,
+    stops_in_flight,
+    switch_verdict,
+)
+from .store.tokens import TokenCharge, TokenKey
 
 if TYPE_CHECKING:
     from .escalation import EscalationChain
@@ -73,33 +80,6 @@ class GateStats:
     admitted: int = 0
     refused: int = 0
     latencies: list[float] | None = None
-
-
-def store_switch_verdict(rows: list[Row], *, worker: str, session_id: str, critical: bool,
-                         group: str | None = None) -> str | None:  # fmt: skip
-    """The fleet, session and worker switches from the store: None when they permit the action.
-
-    A worker switch names an instance (`support-2`: that one) or, as `group`, the configured
-    name of a replicated worker (`support`: all its replicas)."""
-    modes: list[Mode] = []
-    scopes: set[str] = set()
-    for row in rows:
-        scope, target = row["scope"], row["target"]
-        if (
-            scope == "fleet"
-            or (scope == "session" and target == session_id)
-            or (scope == "worker" and target in (worker, group))
-        ):
-            try:
-                modes.append(Mode(row["mode"]))
-            except ValueError:
-                modes.append(Mode.HALT_ALL)  # an unknown mode in the store fails closed
-            if row["mode"] != Mode.DISENGAGED.value:
-                scopes.add(scope)  # only the switches that apply to this action explain it
-    mode = strictest(*modes)
-    if permits(mode, critical=critical):
-        return None
-    return f"{mode.value} ({', '.join(sorted(scopes))})"
 
 
 @dataclass(slots=True)
@@ -160,6 +140,8 @@ class Gate:
         # "terminate" makes halt_all stop them too.
         self.in_flight: dict[str, InFlight] = {}
         self.halt_in_flight = halt_in_flight
+        # Token charges reserved with each started record, until its outcome settles them.
+        self.reserved: dict[str, tuple[TokenCharge, ...]] = {}
         # [policy] shadow: a candidate decided beside the live policy; it never stops an action.
         self.shadow = shadow
 
@@ -185,25 +167,42 @@ class Gate:
     def _host_verdict(self, critical: bool) -> str | None:
         if self.fleet_unknown is not None:
             return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
-        state = self.host_switch.read()
-        if permits(state.mode, critical=critical):
-            return None
-        return f"host {state.mode.value}" + (f": {state.problem}" if state.problem else "")
+        return host_verdict(self.host_switch.read(), critical=critical)
 
-    async def _usable_grants(self, action: Action, *, worker: str, session: Session) -> list[Row]:
+    async def _usable_grants(
+        self, action: Action, *, worker: str, session: Session
+    ) -> list[ApprovalRecord]:
         """Approvals granted for the rest of this window (`approve --scope window`) that cover
         `action`: later actions of the same name by the same worker with the same params (or the
         same values of the keys the operator named), with room left in their count and cost
         limits as last read. The use itself is counted in the started record's transaction (one
         conditional statement, so concurrent uses cannot exceed the limits, and an attempt
         refused at a later check spends nothing)."""
-        rows = await self.store.fetchall("scoped_approvals", session.id, worker, action.name)
+        grants = await self.store.window_grants(session_id=session.id, worker=worker,
+                                                action=action.name)  # fmt: skip
         return [
-            row for row in rows
-            if grant_covers(row, action)
-            and (row["max_uses"] is None or row["used_count"] + 1 <= row["max_uses"])
-            and (row["max_cost"] is None or row["used_cost"] + action.cost <= row["max_cost"])
+            g for g in grants
+            if grant_covers(g, action)
+            and (g.max_uses is None or g.used_count + 1 <= g.max_uses)
+            and (g.max_cost is None or g.used_cost + action.cost <= g.max_cost)
         ]  # fmt: skip
+
+    async def _token_budget_spent(
+        self, action: Action, charge: TokenCharge, used: int, args: dict[str, Any]
+    ) -> ActionDenied:
+        """A token budget has no room for this action: the exhaustion event and alert once per
+        budget and period, and the refusal (returned for the caller to raise)."""
+        period = charge.key.period_key
+        fresh = await self.store.once(
+            derive_id("token_exhausted", charge.label, period),
+            NewEvent(kind=ev.TOKEN_BUDGET_EXHAUSTED, session_id=args["session"].id,
+                     reason="token_budget",
+                     payload={"budget": charge.label, "period": period, "used": used}),
+        )  # fmt: skip
+        if fresh and self.on_alert:
+            await self.on_alert("token_budget_exhausted", {"budget": charge.label})
+        return await self.refuse(action, reason="token_budget",
+                                 detail=f"token budget {charge.label} ({period}) spent", **args)  # fmt: skip
 
     async def cap_hit(self, cap: str, *, worker: str, session: Session, **detail: Any) -> None:
         """A worker reached one of its caps: an event and an alert, once per window."""
@@ -219,29 +218,26 @@ class Gate:
 
     def _stops(self, mode: Mode) -> bool:
         """Whether `mode` stops effects already running (not only new ones)."""
-        return mode is Mode.EMERGENCY or (
-            mode is Mode.HALT_ALL and self.halt_in_flight == "terminate"
-        )
+        return stops_in_flight(mode, halt_all_stops=self.halt_in_flight == "terminate")
 
-    def _stop_verdict(self, rows: list[Row], worker: str, session_id: str) -> str | None:
-        """Which switch, if any, stops this worker's effects in flight; None when none does."""
+    def _host_stop_verdict(self) -> str | None:
+        """Whether this host's own switch (its file, or an unreadable fleet switch) stops
+        effects in flight; the store checks its rows itself (`stopping_switch`)."""
         if self.fleet_unknown is not None and self._stops(Mode.HALT_ALL):
             return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
         state = self.host_switch.read()
         if self._stops(state.mode):
             return f"host {state.mode.value}"
-        group = self.worker_groups.get(worker)
-        for row in rows:
-            scope, target = row["scope"], row["target"]
-            if scope == "fleet" or (scope, target) in (("session", session_id), ("worker", worker),
-                                                       ("worker", group)):  # fmt: skip
-                try:
-                    mode = Mode(row["mode"])
-                except ValueError:
-                    mode = Mode.HALT_ALL
-                if self._stops(mode):
-                    return f"{scope} {mode.value}"
         return None
+
+    def _target(
+        self, action: Action, worker: str, session: Session, *, host: bool = False
+    ) -> SwitchTarget:
+        """What the store needs to decide which of its switches reach this action; with `host`,
+        the host switch file too, for the store to read inside its transaction."""
+        return SwitchTarget(worker=worker, session_id=session.id,
+                            group=self.worker_groups.get(worker), critical=action.critical,
+                            host=self.host_switch if host else None)  # fmt: skip
 
     def stop_in_flight(self, scope: str, target: str, mode: Mode) -> int:
         """An engage was observed: stop the effects it reaches (emergency; halt_all when
@@ -291,15 +287,11 @@ class Gate:
                             reason="killswitch", command_id=command_id)  # fmt: skip
 
     def _verdict(
-        self, action: Action, rows: list[Row], worker: str, session: Session
+        self, action: Action, records: list[SwitchRecord], worker: str, session: Session
     ) -> str | None:
-        """Every switch at once (host file, then the store's rows); None when all permit."""
-        return self._host_verdict(action.critical) or store_switch_verdict(
-            rows,
-            worker=worker,
-            session_id=session.id,
-            critical=action.critical,
-            group=self.worker_groups.get(worker),
+        """Every switch at once (host file, then the store's records); None when all permit."""
+        return self._host_verdict(action.critical) or switch_verdict(
+            records, self._target(action, worker, session)
         )
 
     async def refuse(
@@ -428,15 +420,15 @@ class Gate:
         # A window grant that covers the action is used by the started record's transaction
         # (see _start); without one, the action asks for an approval of its own.
         needs_approval = decision.outcome in ("require_approval", "escalate")
-        usable: list[Row] = []
+        usable: list[ApprovalRecord] = []
         if grants and needs_approval:
             usable = await self._usable_grants(action, worker=worker, session=session)
         if needs_approval and not usable:
             key = approval_key or command_id
             if pending_cap is not None:
-                counted = await self.store.fetchrow("count_pending_of_worker", self.fleet, worker,
-                                                     self.approvals.scoped(key))  # fmt: skip
-                if counted is not None and int(counted["n"]) >= pending_cap:
+                pending = await self.store.pending_of_worker(
+                    fleet=self.fleet, worker=worker, other_than=self.approvals.scoped(key))  # fmt: skip
+                if pending >= pending_cap:
                     await self.cap_hit(
                         "approval_cap", worker=worker, session=session, limit=pending_cap
                     )
@@ -448,44 +440,39 @@ class Gate:
                 escalate_now=decision.outcome == "escalate", correlation_id=correlation_id,
                 decision=decision, command_id=command_id,
             )  # fmt: skip
-            status = row["status"]
-            if status == "pending":
-                raise ApprovalPending(row["id"], command_id=command_id)
-            if status == "denied":
+            if row.status is ApprovalStatus.PENDING:
+                raise ApprovalPending(row.id, command_id=command_id)
+            if row.status is ApprovalStatus.DENIED:
                 raise await refuse(action, reason="approval_denied",
-                                   detail=f"denied by {row['decided_by']}: {row['reason']}",
+                                   detail=f"denied by {row.decided_by}: {row.reason}",
                                    rule=decision.rule, **args)  # fmt: skip
-            if status == "expired":
+            if row.status is ApprovalStatus.EXPIRED:
                 await self.refuse(action, reason="approval_expired",
                                   detail="approval deadline passed", rule=decision.rule, **args)  # fmt: skip
                 raise ActionExpired(
-                    f"{action.name}: approval {row['id']} expired", command_id=command_id
+                    f"{action.name}: approval {row.id} expired", command_id=command_id
                 )
-            permit = Permit(
-                row["id"], row["decided_by"], row["decided_at"], command_id, decision.rule
-            )
+            permit = Permit(row.id, row.decided_by, row.decided_at, command_id, decision.rule)
 
-        # 5. token budgets: the estimate must fit every applicable budget
+        # 5. token budgets: the estimate must fit every applicable budget. Read here to refuse
+        # early; reserved again with the started record, where concurrent actions cannot both
+        # take the last room.
+        charges: list[TokenCharge] = []
         if action.tokens or action.cost:
             for budget in self.token_budgets.applicable(action.identity):
-                key_ = budget.period_key(now, self.timezone)
-                used = await self.store.fetchrow(
-                    "get_token_usage", budget.scope, budget.identity, key_
+                key_ = TokenKey(
+                    budget.scope, budget.identity, budget.period_key(now, self.timezone)
                 )
-                tokens = int(used["tokens"]) if used else 0
-                cost = float(used["cost"]) if used else 0.0
-                over_tokens = tokens + action.tokens > budget.max_tokens
-                over_cost = budget.max_cost is not None and cost + action.cost > budget.max_cost
+                charge = TokenCharge(key_, budget.label, action.tokens, action.cost,
+                                     budget.max_tokens, budget.max_cost)  # fmt: skip
+                used = await self.store.token_usage(key_)
+                over_tokens = used.tokens + charge.tokens > charge.max_tokens
+                over_cost = (
+                    charge.max_cost is not None and used.cost + charge.cost > charge.max_cost
+                )
                 if over_tokens or over_cost:
-                    if await self.store.once(
-                        derive_id("token_exhausted", budget.label, key_),
-                        NewEvent(kind=ev.TOKEN_BUDGET_EXHAUSTED, session_id=session.id,
-                                 reason="token_budget",
-                                 payload={"budget": budget.label, "period": key_, "used": tokens}),
-                    ) and self.on_alert:  # fmt: skip
-                        await self.on_alert("token_budget_exhausted", {"budget": budget.label})
-                    raise await refuse(action, reason="token_budget",
-                                       detail=f"token budget {budget.label} ({key_}) spent", **args)  # fmt: skip
+                    raise await self._token_budget_spent(action, charge, used.tokens, args)
+                charges.append(charge)
 
         # 6. budget reservation, store kill switches and the started record: one transaction.
         # In flight from before the record is written: a recovery scan that reads the committed
@@ -494,7 +481,7 @@ class Gate:
         self.owned.add(command_id)
         try:
             return await self._start(action, permit, decision, operation, stored, rerun, args,
-                                     usable)  # fmt: skip
+                                     usable, charges)  # fmt: skip
         except _GrantSpent:
             if claimed:
                 self.owned.discard(command_id)
@@ -510,7 +497,8 @@ class Gate:
 
     async def _start(
         self, action: Action, permit: Permit, decision: Decision, operation: str, stored: Any,
-        rerun: bool, args: dict[str, Any], grants: list[Row],
+        rerun: bool, args: dict[str, Any], grants: list[ApprovalRecord],
+        charges: list[TokenCharge],
     ) -> tuple[Permit | None, Outcome | None]:  # fmt: skip
         """Step 6 of `admit`: the started record (or a re-run's), with its refusals; with the use
         of one of `grants` (window-scoped approvals that cover the action) when there are any."""
@@ -518,18 +506,18 @@ class Gate:
         worker, session, command_id = args["worker"], args["session"], args["command_id"]
         correlation_id = args["correlation_id"]
 
-        # The host file again, inside the transaction: an engage that landed while this action
-        # waited for the store must not leave a started record after it returned.
-        def switches(rows: list[Row]) -> str | None:
-            return self._verdict(action, rows, worker, session)
+        # Inside the started record's transaction the store reads its switches and, again, the
+        # host file (`switches.host`): an engage that landed while this action waited for the
+        # store leaves no started record after it returned. Data, not a call into the gate.
+        switches = self._target(action, worker, session, host=True)
 
-        grant_ids = [row["id"] for row in grants]
+        grant_ids = [g.id for g in grants]
         if rerun:
             status, info = await self.store.restart_action(
                 command_id=command_id, fleet=self.fleet, session_id=session.id, worker=worker,
                 name=action.name, risk=action.risk, cost=action.cost, rule=decision.rule,
                 correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
-                owner=self.owner, kill_switch_check=switches, grant_ids=grant_ids,
+                owner=self.owner, switches=switches, grant_ids=grant_ids, token_charges=charges,
             )  # fmt: skip
         else:
             status, info = await self.store.begin_action(
@@ -538,14 +526,18 @@ class Gate:
                 risk=action.risk, cost=action.cost, critical=action.critical,
                 safe_to_retry=action.safe_to_retry, rule=decision.rule,
                 correlation_id=correlation_id, agent_id=action.agent_id, host=self.host,
-                owner=self.owner, kill_switch_check=switches, identity=action.identity,
+                owner=self.owner, switches=switches, identity=action.identity,
                 model=action.model, tokens=action.tokens, decision=decision.outcome,
-                grant_ids=grant_ids,
+                grant_ids=grant_ids, token_charges=charges,
             )  # fmt: skip
         if status == "grant_spent":
             raise _GrantSpent()
         if status == "killswitch":
             raise await refuse(action, reason="killswitch", detail=str(info.get("detail")), **args)
+        if status == "token_budget":  # the room went to a concurrent action meanwhile
+            over = next(c for c in charges if c.label == info["detail"])
+            usage = await self.store.token_usage(over.key)
+            raise await self._token_budget_spent(action, over, usage.tokens, args)
         if status == "no_window":
             raise await refuse(action, reason="no_window", detail="window closed meanwhile", **args)
         if status == "budget":
@@ -564,9 +556,11 @@ class Gate:
             )
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
-        used = next((row for row in grants if row["id"] == info.get("grant")), None)
+        if charges:
+            self.reserved[command_id] = tuple(charges)
+        used = next((g for g in grants if g.id == info.get("grant")), None)
         if used is not None:
-            permit = Permit(used["id"], used["decided_by"], used["decided_at"], command_id,
+            permit = Permit(used.id, used.decided_by, used.decided_at, command_id,
                             decision.rule)  # fmt: skip
         return permit, None
 
@@ -637,6 +631,7 @@ class Gate:
                     yield attempt
             finally:
                 self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
+                self.reserved.pop(command_id, None)  # in-doubt or abandoned: the charge stays
 
     async def run(
         self,
@@ -731,10 +726,10 @@ class Gate:
     ) -> None:  # fmt: skip
         """Every switch read again right before the effect: an engage that landed after the
         started record stops it here, and the record is closed as halted with nothing run."""
-        rows = await self.store.fetchall("kill_switches", self.fleet)
+        records = await self.store.kill_switches(self.fleet)
         # The host file last: nothing may await between reading it and the effect, or an engage
         # could land and return while this task waits for the store.
-        problem = self._verdict(action, rows, worker, session)
+        problem = self._verdict(action, records, worker, session)
         if problem is None and entry is not None:
             problem = entry.stopped_by  # an emergency observed while the rows were read
         if problem is None:
@@ -742,6 +737,7 @@ class Gate:
         await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=False, cost=action.cost,
             error=f"kill switch: {problem}", worker=worker, status="halted", reason="killswitch",
+            token_charges=self.reserved.pop(command_id, ()),
         )  # fmt: skip
         raise ActionDenied(f"{action.name}: kill switch: {problem}", reason="killswitch",
                            command_id=command_id)  # fmt: skip
@@ -758,12 +754,17 @@ class Gate:
         error: str | None = None,
         correlation_id: str | None = None,
     ) -> None:
+        tokens_used = None
+        if ok and isinstance(result, Mapping) and isinstance(result.get("tokens"), int):
+            tokens_used = int(result["tokens"])  # actual usage reported by the effect
         stopped = await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
+            token_charges=self.reserved.pop(command_id, ()), tokens_used=tokens_used,
             # An emergency engaged while the effect ran: its outcome is not recorded as done.
-            stop_check=(lambda rows: self._stop_verdict(rows, worker, session.id)) if ok else None,
-            fleet=self.fleet,
+            stop_target=self._target(action, worker, session) if ok else None,
+            halt_all_stops=self.halt_in_flight == "terminate",
+            stopped_by=self._host_stop_verdict() if ok else None, fleet=self.fleet,
         )  # fmt: skip
         if stopped is not None:
             log.error("action.stopped_in_flight", action=action.name, command_id=command_id,
@@ -773,15 +774,6 @@ class Gate:
                                command_id=command_id)  # fmt: skip
         if self.observer is not None:
             self.observer.observe_action("succeeded" if ok else "failed")
-        if ok and action.identity and (action.tokens or action.cost):
-            tokens = action.tokens
-            if isinstance(result, Mapping) and isinstance(result.get("tokens"), int):
-                tokens = int(result["tokens"])  # actual usage reported by the effect
-            now: datetime = self.store.clock.now()
-            async with self.store.transaction() as tx:
-                for budget in self.token_budgets.applicable(action.identity):
-                    await tx.execute("add_token_usage", budget.scope, budget.identity,
-                                     budget.period_key(now, self.timezone), tokens, action.cost)  # fmt: skip
 
 
 class _GrantSpent(Exception):

@@ -19,6 +19,7 @@ import structlog
 from .errors import UsageError
 from .store import Store
 from .store.base import Fence
+from .store.records import HostStatus
 
 log = structlog.get_logger("supervisor.leases")
 
@@ -68,43 +69,42 @@ class Coordinator:
     async def register(self) -> None:
         """Refuse a second live daemon with the same host id; else take the host row."""
         now = await self.store.db_now()
-        row = await self.store.fetchrow("get_host", self.fleet, self.host_id)
-        if (
-            row is not None and row["status"] == "running" and row["heartbeat_at"] > now - self.ttl
-            and _alive(int(row["pid"]))
-        ):  # fmt: skip
+        host = await self.store.get_host(fleet=self.fleet, host_id=self.host_id)
+        if host is not None and host.fresh(now - self.ttl) and _alive(host.pid):
             # (A recorded pid that no longer exists here is this host's previous incarnation,
             # killed or crashed: the restart replaces it. Refusing would keep a crashed host
             # down, since exit 2 is not restarted by systemd. Should the row belong to another
             # machine misconfigured with the same host id, its next heartbeat finds it taken.)
-            age = (now - row["heartbeat_at"]).total_seconds()
+            age = (now - host.heartbeat_at).total_seconds()
             raise UsageError(
                 f"host id {self.host_id!r} is already running in fleet {self.fleet!r} "
-                f"(pid {row['pid']}, heartbeat {age:.1f}s ago): give each host its own host_id"
+                f"(pid {host.pid}, heartbeat {age:.1f}s ago): give each host its own host_id"
             )
-        async with self.store.transaction() as tx:
-            if row is not None and row["status"] == "running" and row["instance"] != self.instance:
-                # The previous incarnation's leases go with it (its pid is gone), so workers and
-                # duties restart now rather than after the lease time.
-                dead = f"{self.host_id}/{row['instance']}"
-                for lease in await tx.fetchall("list_leases", "%"):
-                    if lease["holder"] == dead:
-                        await tx.execute("release_lease", now, lease["name"], dead)
-            await tx.execute("upsert_host", self.fleet, self.host_id, self.instance, os.getpid(),
-                             now, now)  # fmt: skip
+        # The previous incarnation's leases go with it (its pid is gone), so workers and duties
+        # restart now rather than after the lease time.
+        dead = (
+            host.instance
+            if host is not None
+            and host.status == HostStatus.RUNNING
+            and host.instance != self.instance
+            else None
+        )
+        await self.store.take_host(fleet=self.fleet, host_id=self.host_id,
+                                   instance=self.instance, pid=os.getpid(), at=now,
+                                   replaces=dead)  # fmt: skip
         self.last_beat = now
 
     async def _acquire(self, name: str, now: datetime) -> Fence | None:
-        async with self.store.transaction() as tx:
-            row = await tx.fetchrow("acquire_lease", name, self.holder, now + self.ttl, now)
-        return Fence(name, self.holder, int(row["token"])) if row else None
+        return await self.store.acquire_lease(
+            name=name, holder=self.holder, expires_at=now + self.ttl, now=now
+        )
 
     async def beat(self, slots: list[str]) -> tuple[list[str], list[str]]:
         """Renew, take over and balance. Returns (slots gained, slots to give up)."""
         now = await self.store.db_now()
-        async with self.store.transaction() as tx:
-            mine = await tx.fetchrow("host_heartbeat", now, self.fleet, self.host_id, self.instance)
-        if mine is None:
+        if not await self.store.beat_host(
+            fleet=self.fleet, host_id=self.host_id, instance=self.instance, at=now
+        ):
             raise UsageError(f"host id {self.host_id!r} was taken over by another daemon")
         self.last_beat = now
         was_leader = self.is_leader
@@ -121,8 +121,8 @@ class Coordinator:
             if fence is None:
                 lost.append(instance)
                 del self.slots[instance]
-        live = await self.store.fetchrow("live_hosts", self.fleet, now - self.ttl)
-        hosts = max(1, int(live["n"]) if live else 1)
+        live = await self.store.live_host_count(fleet=self.fleet, after=now - self.ttl)
+        hosts = max(1, live)
         fair = math.ceil(len(slots) / hosts)
         gained: list[str] = []
         # A host-specific order spreads first picks across hosts.
@@ -147,15 +147,14 @@ class Coordinator:
         if fence is None:
             return
         now = await self.store.db_now()
-        async with self.store.transaction() as tx:
-            await tx.execute("release_lease", now, fence.lease, self.holder)
+        await self.store.release_lease(name=fence.lease, holder=self.holder, at=now)
 
     async def stop(self) -> None:
         """Give every lease back at once, so other hosts take over without waiting."""
         now = await self.store.db_now()
-        async with self.store.transaction() as tx:
-            for fence in [*self.slots.values(), *([self.leader] if self.leader else [])]:
-                await tx.execute("release_lease", now, fence.lease, self.holder)
-            await tx.execute("host_stopped", now, self.fleet, self.host_id, self.instance)
+        held = [*self.slots.values(), *([self.leader] if self.leader else [])]
+        await self.store.stop_host(fleet=self.fleet, host_id=self.host_id, instance=self.instance,
+                                   holder=self.holder, leases=[f.lease for f in held],
+                                   at=now)  # fmt: skip
         self.slots.clear()
         self.leader = None

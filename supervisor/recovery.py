@@ -21,7 +21,7 @@ from .approvals import Approvals
 from .killswitch import HostSwitchFile
 from .leases import _alive
 from .store import NewEvent, Store, system_stream
-from .store.base import Row
+from .store.actions import ActionRow
 
 log = structlog.get_logger("supervisor.recovery")
 
@@ -71,38 +71,33 @@ async def scan(
     now = store.clock.now()
     report = RecoveryReport()
 
-    overdue = await store.fetchall("overdue_sessions", fleet, now)
-    report.found["windows"] = [r["window_key"] for r in overdue]
+    overdue = await store.overdue_windows(fleet=fleet, now=now)
+    report.found["windows"] = [w.window_key for w in overdue]
     # Incarnations whose host row is running with a fresh heartbeat (and, on this host, whose
     # process exists: a daemon killed a moment ago still has a fresh heartbeat) own their actions.
     live: set[tuple[str, str]] = set()
     if live_after is not None:
-        live = {(h["host_id"], h["instance"]) for h in await store.fetchall("list_hosts", fleet)
-                if h["status"] == "running" and h["heartbeat_at"] > live_after
-                and (h["host_id"] != host or h["instance"] == owner or _alive(int(h["pid"])))}  # fmt: skip
+        live = {(h.host_id, h.instance) for h in await store.list_hosts(fleet)
+                if h.fresh(live_after)
+                and (h.host_id != host or h.instance == owner or _alive(h.pid))}  # fmt: skip
 
-    def orphaned(r: Row) -> bool:
-        if r["command_id"] in in_flight:
+    def orphaned(r: ActionRow) -> bool:
+        if r.command_id in in_flight:
             return False  # this process is running it: a wall-clock step changes nothing
-        if r["owner"] is not None:
-            if owner is not None and r["owner"] == owner:
+        if r.owner is not None:
+            if owner is not None and r.owner == owner:
                 return True  # started here and no longer in flight: abandoned (cancelled)
-            return (r["host"], r["owner"]) not in live  # its process is gone
-        return (host is not None and r["host"] != host) or started_before is None \
-            or r["started_at"] < started_before  # fmt: skip
+            return (r.host, r.owner) not in live  # its process is gone
+        return (host is not None and r.host != host) or started_before is None \
+            or r.started_at < started_before  # fmt: skip
 
-    if host is not None and live_after is not None:
-        # Several hosts: only this host's own actions (a previous incarnation's, or stuck ones)
-        # and those of hosts whose heartbeat stopped; a live host's in-flight actions are its own.
-        candidates = await store.fetchall("stale_started_actions", fleet, host, live_after, 100_000)
-    else:
-        candidates = await store.fetchall("unfinished_actions", fleet, "started", 100_000)
+    candidates = await store.orphan_candidates(fleet=fleet, host=host, live_after=live_after)
     orphans = [r for r in candidates if orphaned(r)]
-    report.found["actions"] = [r["command_id"] for r in orphans]
+    report.found["actions"] = [r.command_id for r in orphans]
     # While the daemon runs, its escalation duty owns due approvals (it wakes for each); the
     # scheduled scan leaves them to it so a routine tie is not counted as a repair.
-    due = await store.fetchall("due_approvals", fleet, now, 100_000) if approvals_due else []
-    report.found["approvals"] = [r["id"] for r in due]
+    due = await store.due_approvals(fleet=fleet, now=now, limit=100_000) if approvals_due else []
+    report.found["approvals"] = [r.id for r in due]
     if host_switch is not None:
         state = host_switch.read()
         report.killswitch_invalid = not state.valid
@@ -110,29 +105,23 @@ async def scan(
         report.windows_closed = len(overdue)
         report.in_doubt = len(orphans)
         for row in due:  # what escalate_due would do with each, without doing it
-            step = approvals.chain.evaluate(row["created_at"], now)
+            step = approvals.chain.evaluate(row.created_at, now)
             if step.expired:
                 report.approvals_expired += 1
-            elif step.tier != row["tier"]:
+            elif step.tier != row.tier:
                 report.approvals_escalated += 1
         return report
 
-    for row in overdue:
-        report.windows_closed += int(await store.close_window(row["id"], by=by, status="recovered"))
-    for row in orphans:
-        async with store.transaction() as tx:
-            if await tx.fetchrow("mark_in_doubt", row["command_id"]) is None:
-                continue
-            await store.append_in(
-                tx,
-                NewEvent(kind=ev.ACTION_IN_DOUBT, session_id=row["session_id"], reason="in_doubt",
-                         payload={"action": row["name"], "safe_to_retry": row["safe_to_retry"]},
-                         command_id=row["command_id"], worker=row["worker"]),
-            )  # fmt: skip
-            # The reservation made at start is released: an in-doubt action is not charged
-            # until an operator resolves it as done.
-            await tx.execute("release_budget", float(row["cost"]), row["session_id"])
-        report.in_doubt += 1
+    for window in overdue:
+        report.windows_closed += int(await store.close_window(window.id, by=by, status="recovered"))
+    for orphan in orphans:
+        # Its reservation is released: an in-doubt action is not charged until an operator
+        # resolves it as done.
+        report.in_doubt += int(await store.mark_in_doubt(
+            command_id=orphan.command_id, session_id=orphan.session_id, cost=orphan.cost,
+            worker=orphan.worker, reason="in_doubt",
+            payload={"action": orphan.name, "safe_to_retry": orphan.safe_to_retry},
+        ))  # fmt: skip
     counts = await approvals.escalate_due() if approvals_due else {"escalated": 0, "expired": 0}
     report.approvals_escalated = counts["escalated"]
     report.approvals_expired = counts["expired"]
@@ -153,19 +142,5 @@ async def resolve_in_doubt(store: Store, command_id: str, *, done: bool, by: str
     """An operator's verdict on an in-doubt action; done charges the budget, failed does not."""
     from .errors import NotFound
 
-    row = await store.get_action(command_id)
-    if row is None or row["status"] != "in_doubt":
+    if await store.resolve_in_doubt(command_id=command_id, done=done, by=by) is None:
         raise NotFound(f"no in-doubt action {command_id!r}")
-    async with store.transaction() as tx:
-        status = "resolved_done" if done else "resolved_failed"
-        if await tx.fetchrow("resolve_action", status, by, store.clock.now(), command_id) is None:
-            raise NotFound(f"no in-doubt action {command_id!r}")
-        if done:
-            cost = float(row["cost"])
-            await tx.execute("charge_budget", cost, row["session_id"])
-        await store.append_in(
-            tx,
-            NewEvent(kind=ev.ACTION_RESOLVED, session_id=row["session_id"],
-                     payload={"as": "done" if done else "failed", "by": by},
-                     command_id=command_id, worker=row["worker"]),
-        )  # fmt: skip

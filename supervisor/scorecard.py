@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import events as ev
-from .store import Session, Store, system_stream
-from .store.base import Row
+from .store import Store
+from .store.tallies import EventCount
 
 # scorecard field -> event kind it counts
 FIELDS: dict[str, str] = {
@@ -80,15 +80,15 @@ class Scorecard:
         return "\n".join(lines)
 
 
-def _tally(rows: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
+def _tally(counts: list[EventCount]) -> tuple[Counter[str], Counter[str]]:
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for row in rows:
-        if row["kind"] == ev.RECOVERY and row["reason"] == "clean":
+    for c in counts:
+        if c.kind == ev.RECOVERY and c.reason == "clean":
             continue  # "recoveries" counts scans that repaired something
-        kinds[row["kind"]] += int(row["n"])
-        if row["kind"] == ev.ACTION_DENIED:
-            reasons[row["reason"] or "unknown"] += int(row["n"])
+        kinds[c.kind] += c.n
+        if c.kind == ev.ACTION_DENIED:
+            reasons[c.reason or "unknown"] += c.n
     return kinds, reasons
 
 
@@ -97,64 +97,41 @@ def _fields(kinds: Counter[str]) -> dict[str, int]:
 
 
 async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Scorecard:
-    await store.flush_telemetry()
-    reads: list[tuple[str, tuple[Any, ...]]] = [
-        ("event_counts", (fleet,)),
-        ("stream_counts", (system_stream(fleet),)),
-        ("count_pending_approvals", (fleet,)),
-    ]
-    if per_window:
-        reads.append(("list_sessions", (fleet, 100_000)))
-
-    def build(results: list[list[Row]]) -> Scorecard:
-        return _card(fleet, results, per_window=per_window)
-
-    return await store.read_off_loop(reads, build)
-
-
-def _card(fleet: str, results: list[list[Row]], *, per_window: bool) -> Scorecard:
-    rows = results[0] + results[1]
-    by_session: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_session[row["session_id"]].append(row)
-    kinds, reasons = _tally(rows)
-    pending_row = results[2][0] if results[2] else None
+    tallies = await store.event_tallies(fleet, windows=per_window)
+    by_session: dict[str, list[EventCount]] = defaultdict(list)
+    for c in tallies.counts:
+        by_session[c.session_id].append(c)
+    kinds, reasons = _tally(tallies.counts)
     card = Scorecard(
         fleet=fleet,
         total=_fields(kinds),
         denials_by_reason=dict(reasons),
-        pending=int(pending_row["n"]) if pending_row else 0,
+        pending=tallies.pending_approvals,
     )
-    if per_window:
-        sessions = [Session.from_row(r) for r in results[3]]
-        for session in sorted(sessions, key=lambda s: s.starts_at):
-            s_kinds, s_reasons = _tally(by_session.get(session.id, []))
-            card.windows.append({
-                "session_id": session.id, "window": session.window_key, "status": session.status,
-                "used_cost": session.used_cost, "used_actions": session.used_actions,
-                **_fields(s_kinds), "denials_by_reason": dict(s_reasons),
-            })  # fmt: skip
+    for session in sorted(tallies.windows, key=lambda s: s.starts_at):
+        s_kinds, s_reasons = _tally(by_session.get(session.id, []))
+        card.windows.append({
+            "session_id": session.id, "window": session.window_key, "status": session.status,
+            "used_cost": session.used_cost, "used_actions": session.used_actions,
+            **_fields(s_kinds), "denials_by_reason": dict(s_reasons),
+        })  # fmt: skip
     return card
 
 
 async def shadow(store: Store, fleet: str) -> dict[str, Any]:
     """`scorecard --shadow`: per window, the proposals the live policy decided (actions started
     and denied) and where the shadow candidate disagreed, by transition ("allow->deny")."""
-    await store.flush_telemetry()
-    rows, session_rows = await store.read_off_loop(
-        [("event_counts", (fleet,)), ("list_sessions", (fleet, 100_000))], tuple
-    )
+    tallies = await store.event_tallies(fleet)
     decided: Counter[str] = Counter()
     disagreed: dict[str, Counter[str]] = defaultdict(Counter)
-    for row in rows:
-        if row["kind"] in (ev.ACTION_STARTED, ev.ACTION_DENIED):
-            decided[row["session_id"]] += int(row["n"])
-        elif row["kind"] == ev.POLICY_SHADOW:
-            disagreed[row["session_id"]][row["reason"] or "unknown"] += int(row["n"])
+    for c in tallies.counts:
+        if c.kind in (ev.ACTION_STARTED, ev.ACTION_DENIED):
+            decided[c.session_id] += c.n
+        elif c.kind == ev.POLICY_SHADOW:
+            disagreed[c.session_id][c.reason or "unknown"] += c.n
     windows: list[dict[str, Any]] = []
     total: Counter[str] = Counter()
-    sessions = [Session.from_row(r) for r in session_rows]
-    for session in sorted(sessions, key=lambda s: s.starts_at):
+    for session in sorted(tallies.windows, key=lambda s: s.starts_at):
         moves = disagreed.get(session.id, Counter())
         total.update(moves)
         windows.append({

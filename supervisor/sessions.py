@@ -98,10 +98,10 @@ class WindowManager:
     async def record_missed(self, now: datetime) -> int:
         """Windows between the fleet's last window and now that nobody governed: recorded as
         missed, never opened after the fact."""
-        latest = await self.store.fetchrow("latest_session", self.fleet)
+        latest = await self.store.latest_session(self.fleet)
         if latest is None:
             return 0
-        gap_start: datetime = latest["ends_at"]
+        gap_start = latest.ends_at
         current_start = window_at(now, self.length, self.tz).start
         if gap_start >= current_start:
             return 0

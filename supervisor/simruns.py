@@ -14,11 +14,16 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import NotFound, UsageError
+from .clock import SystemClock
+from .errors import DatabaseMissing, NotFound, UsageError
 from .statedir import atomic_write
 from .tables import resolve_prefix
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .store import Store
 
 FOLDER = "simulations"
 DB_FILE = "simulate.db"
@@ -146,3 +151,18 @@ def find(state_dir: Path, ref: str) -> SimRun:
     if chosen is None:
         raise NotFound(f"no simulated run {ref!r} under {where} (latest: {runs[-1].id})")
     return next(r for r in runs if r.id == chosen)
+
+
+async def open_fleet_store(config: Config) -> Store:
+    """The fleet's store for a command (never migrated here); a missing database says where
+    the simulated runs are."""
+    from .store import open_store
+
+    try:
+        return await open_store(config.db_url, SystemClock())
+    except DatabaseMissing as exc:
+        raise DatabaseMissing(
+            f"{exc}; simulated runs are kept under {simulations_dir(config.state_dir)} "
+            "(read one with --run ID|latest); `acp-supervisor db migrate` creates a fleet's database",
+            exc.path,
+        ) from None

@@ -17,16 +17,10 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from .store import Store
+    from .store.base import IdKind
 
 MIN_PREFIX = 6
 SHORT = 8  # characters of an id shown in a table: enough to be unique, and accepted back
-
-# kind -> (the store's query for ids starting with a prefix, the word for the id in errors)
-_ID_QUERIES = {
-    "session": ("session_ids_by_prefix", "session"),
-    "approval": ("approval_ids_by_prefix", "approval"),
-    "action": ("action_ids_by_prefix", "action"),
-}
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> str:
@@ -107,9 +101,8 @@ def resolve_prefix(candidates: Iterable[str], text: str, what: str) -> str | Non
     return found[0]
 
 
-async def resolve_id(store: Store, kind: str, text: str, fleet: str) -> str:
+async def resolve_id(store: Store, kind: IdKind, text: str, fleet: str) -> str:
     """The full id a prefix names in the store; `text` unchanged when nothing matches."""
-    query, what = _ID_QUERIES[kind]
-    rows = await store.fetchall(query, fleet, len(text), text)
-    resolved = resolve_prefix((str(r["id"]) for r in rows), text, what)
+    ids = await store.ids_with_prefix(kind, fleet=fleet, prefix=text)
+    resolved = resolve_prefix(ids, text, kind)
     return text if resolved is None else resolved

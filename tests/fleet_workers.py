@@ -127,12 +127,12 @@ class Observer(Worker):
     It runs on the daemon's clock, so on the virtual clock its samples are deterministic."""
 
     async def cycle(self, ctx: CycleContext) -> None:
-        rows = await ctx.gate.store.fetchall("list_workers", ctx.fleet)
         workers = {
-            r["name"]: {k: r[k] for k in ("state", "restarts", "cycle", "last_error")}
-            for r in rows
-            if r["name"] != self.name
-        }
+            w.name: {"state": w.state, "restarts": w.restarts, "cycle": w.cycle,
+                     "last_error": w.last_error}
+            for w in await ctx.gate.store.list_workers(ctx.fleet)
+            if w.name != self.name
+        }  # fmt: skip
         line = json.dumps({"at": ctx.now.isoformat(), "workers": workers}, sort_keys=True)
         _append(self.params["log"], line)
 

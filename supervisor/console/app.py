@@ -38,7 +38,6 @@ from ..errors import StoreError, SupervisorError
 from ..killswitch import Mode
 from ..store import NewEvent, Store, open_store, system_stream
 from ..store import console as q
-from ..store.base import plain_row
 from . import charts
 from .auth import (
     LoginLimiter,
@@ -178,9 +177,9 @@ class Console:
     # -- reads -------------------------------------------------------------------------------
 
     async def host_switch(self) -> dict[str, Any]:
-        from ..commands import _host_switch
+        from ..killswitch import engage
 
-        state = _host_switch(self.config).read()
+        state = engage.host_switch(self.config).read()
         return {"scope": "host", "target": "", "mode": state.mode.value, "valid": state.valid,
                 "problem": state.problem, "changed_by": state.by, "reason": state.reason,
                 "updated_at": state.at, "seq": state.seq}  # fmt: skip
@@ -256,13 +255,11 @@ class Console:
                                              max_cost=max_cost)  # fmt: skip
         except SupervisorError as exc:  # already decided, expired, decided meanwhile
             raise ConsoleError(409, str(exc)) from None
-        log.info("console.approval", approval=approval_id, status=decided["status"], by=caller.name)
-        out = plain_row(decided)
-        out["params"] = json.loads(out["params"])
-        return out
+        log.info("console.approval", approval=approval_id, status=decided.status, by=caller.name)
+        return {**decided.as_dict(), "params": decided.params}
 
     async def op_switch(self, caller: Caller, data: Mapping[str, Any]) -> dict[str, Any]:
-        from ..commands import set_switch
+        from ..killswitch.engage import set_switch
 
         scope = _text(data.get("scope")) or "host"
         target = _text(data.get("target")) or ""
@@ -303,8 +300,8 @@ class Console:
         verdict = _text(data.get("as"))
         if verdict not in ("done", "failed"):
             raise ConsoleError(400, "resolve needs as = done or failed")
-        row = await q.action(self.store, command_id)
-        if row is None or row["fleet"] != self.fleet:
+        row = await self.store.get_action(command_id)
+        if row is None or row.fleet != self.fleet:
             raise ConsoleError(404, f"unknown action {command_id!r}")
         try:
             await recovery.resolve_in_doubt(self.store, command_id, done=verdict == "done",

@@ -1,6 +1,6 @@
-"""The host kill switch: a signed JSON file that halts workers, and a watcher that notices it.
+"""The host kill switch: a signed JSON file that halts workers.
 
-Pure, synchronous file logic; the daemon records engage/disengage events and wires the watcher.
+Pure, synchronous file logic; `keeper.py` watches it and records its changes.
 Everything that does not verify fails closed: the host is treated as `halt_all`.
 
 File format (one JSON object)::
@@ -24,18 +24,15 @@ import hmac
 import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn
 
-import anyio
-from anyio.abc import TaskStatus
-
-from .errors import ConfigError, KillSwitchError
-from .statedir import atomic_write, make_state_dir
+from ..errors import ConfigError, KillSwitchError
+from ..statedir import atomic_write, make_state_dir
+from .modes import MODE_VALUES, Mode
 
 SECRET_ENV = "ACP_KILLSWITCH_SECRET"
 NO_SECRET_MESSAGE = (
@@ -44,36 +41,6 @@ NO_SECRET_MESSAGE = (
 _FIELDS = frozenset({"mode", "seq", "reason", "by", "at", "scope"})
 # A kill-switch file is a few hundred bytes; refusing huge ones keeps a per-change read cheap.
 _MAX_BYTES = 64 * 1024
-
-
-class Mode(StrEnum):
-    DISENGAGED = "disengaged"
-    HALT_NONCRITICAL = "halt_noncritical"
-    HALT_ALL = "halt_all"
-    EMERGENCY = "emergency"
-
-
-_MODE_VALUES = frozenset(m.value for m in Mode)
-_RANK = {
-    Mode.DISENGAGED: 0,
-    Mode.HALT_NONCRITICAL: 1,
-    Mode.HALT_ALL: 2,
-    Mode.EMERGENCY: 3,
-}
-
-
-def permits(mode: Mode, *, critical: bool) -> bool:
-    """Whether an action may run under `mode`."""
-    if mode is Mode.DISENGAGED:
-        return True
-    if mode is Mode.HALT_NONCRITICAL:
-        return critical
-    return False
-
-
-def strictest(*modes: Mode) -> Mode:
-    """The strictest of several scopes' modes; no modes at all means nothing is engaged."""
-    return max(modes, key=_RANK.__getitem__, default=Mode.DISENGAGED)
 
 
 #: The systemd credential the unit loads (`LoadCredential=killswitch.secret:/etc/...`).
@@ -430,7 +397,7 @@ class HostSwitchFile:
         if extra:
             raise _Invalid(f"unexpected field(s): {', '.join(extra)}")
         mode, seq, scope = doc["mode"], doc["seq"], doc["scope"]
-        if not isinstance(mode, str) or mode not in _MODE_VALUES:
+        if not isinstance(mode, str) or mode not in MODE_VALUES:
             raise _Invalid(f"unknown mode {mode!r}")
         if type(seq) is not int or seq < 1:
             raise _Invalid(f"seq must be a positive integer, not {seq!r}")
@@ -501,48 +468,3 @@ class HostSwitchFile:
         self._mark = max(self._mark, seq)
         self._cached = None
         return self.read()
-
-
-class SwitchWatcher:
-    """Polls the switch and wakes whoever waits, so idle workers and long waits react at once."""
-
-    def __init__(self, switch: HostSwitchFile) -> None:
-        self._switch = switch
-        self.current: SwitchState = switch.read()
-        self._callbacks: list[Callable[[SwitchState], object]] = []
-        # Created lazily: an anyio.Event needs a running event loop.
-        self._event: anyio.Event | None = None
-
-    def on_change(self, callback: Callable[[SwitchState], object]) -> None:
-        self._callbacks.append(callback)
-
-    def poll(self) -> bool:
-        """One check. True (and callbacks called, waiters woken) when the state changed."""
-        # read() is the same stat comparison as changed() when nothing moved. Comparing states
-        # rather than trusting changed() matters: the gate shares this HostSwitchFile, and its
-        # per-action read() may already have consumed the change.
-        state = self._switch.read()
-        if state == self.current:
-            return False
-        self.current = state
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
-        for callback in list(self._callbacks):
-            callback(state)
-        return True
-
-    async def run(
-        self, interval: float = 0.05, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        while True:
-            self.poll()
-            await anyio.sleep(interval)
-
-    async def wait_changed(self) -> SwitchState:
-        """Wait for the next change and return the new state."""
-        if self._event is None:
-            self._event = anyio.Event()
-        await self._event.wait()
-        return self.current

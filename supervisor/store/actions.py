@@ -5,12 +5,70 @@ about policy."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..actions import canonical_json, params_hash
 from ..errors import StateWriteError
 from .base import ActionRecord, NewEvent, Row, StoreCore, Tx
+from .records import ActionStatus
+from .switches import SwitchRecord, SwitchTarget, stopping_switch, switch_verdict
+from .tokens import TokenCharge, reserve_tokens_in, settle_tokens_in
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRow:
+    """One row of the actions table: a governed action's started record and what became of it."""
+
+    command_id: str
+    fleet: str
+    session_id: str
+    worker: str
+    name: str
+    params: dict[str, Any]
+    risk: str
+    cost: float
+    critical: bool
+    safe_to_retry: bool
+    status: ActionStatus
+    rule: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    result: Any
+    error: str | None
+    resolved_by: str | None
+    host: str | None
+    owner: str | None
+    identity: dict[str, str] | None
+    model: str | None
+    tokens: int
+    decision: str | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> ActionRow:
+        return cls(
+            command_id=row["command_id"], fleet=row["fleet"], session_id=row["session_id"],
+            worker=row["worker"], name=row["name"], params=json.loads(row["params"]),
+            risk=row["risk"], cost=float(row["cost"]), critical=bool(row["critical"]),
+            safe_to_retry=bool(row["safe_to_retry"]), status=ActionStatus(row["status"]),
+            rule=row["rule"], started_at=row["started_at"], finished_at=row["finished_at"],
+            result=json.loads(row["result"]) if row["result"] is not None else None,
+            error=row["error"], resolved_by=row["resolved_by"], host=row["host"],
+            owner=row["owner"],
+            identity=json.loads(row["identity"]) if row["identity"] else None,
+            model=row["model"], tokens=int(row["tokens"] or 0), decision=row["decision"],
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 text, the status as its value."""
+        out: dict[str, Any] = {}
+        for k in self.__slots__:
+            v = getattr(self, k)
+            out[k] = v.isoformat() if isinstance(v, datetime) else v
+        out["status"] = self.status.value
+        return out
 
 
 class ActionsRepo(StoreCore):
@@ -50,7 +108,7 @@ class ActionsRepo(StoreCore):
         rule: str,
         correlation_id: str | None,
         agent_id: str | None,
-        kill_switch_check: Callable[[list[Row]], str | None],
+        switches: SwitchTarget,
         host: str | None = None,
         owner: str | None = None,
         identity: Mapping[str, str] | None = None,
@@ -58,6 +116,7 @@ class ActionsRepo(StoreCore):
         tokens: int = 0,
         decision: str | None = None,
         grant_ids: Sequence[str] = (),
+        token_charges: Sequence[TokenCharge] = (),
     ) -> tuple[str, dict[str, Any]]:
         """The durable "started" record, the budget reservation and the fleet/session/worker
         kill-switch check, in one transaction. Returns (status, stored or new result) where status
@@ -70,7 +129,8 @@ class ActionsRepo(StoreCore):
         async def body(tx: Tx) -> dict[str, Any]:
             grant = await self._may_start_in(
                 tx, fleet=fleet, session_id=session_id, cost=cost,
-                kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+                switches=switches, refused=refused, grant_ids=grant_ids,
+                token_charges=token_charges,
             )  # fmt: skip
             if grant is not None:
                 used.append(grant)
@@ -106,14 +166,15 @@ class ActionsRepo(StoreCore):
 
     async def _may_start_in(
         self, tx: Tx, *, fleet: str, session_id: str, cost: float,
-        kill_switch_check: Callable[[list[Row]], str | None], refused: dict[str, str],
-        grant_ids: Sequence[str] = (),
+        switches: SwitchTarget, refused: dict[str, str],
+        grant_ids: Sequence[str] = (), token_charges: Sequence[TokenCharge] = (),
     ) -> str | None:  # fmt: skip
         """What a started record needs, checked where it is written: the store's switches, a
         reservation in an open window and, when the action counts on window-scoped approvals,
         one use of the first of `grant_ids` with room left (returned). Raises _Refused with the
         reason in `refused`; "grant_spent" when every grant was spent meanwhile."""
-        problem = kill_switch_check(await tx.fetchall("kill_switches_for_start", fleet))
+        rows = await tx.fetchall("kill_switches_for_start", fleet)
+        problem = switch_verdict([SwitchRecord.from_row(r) for r in rows], switches)
         if problem is not None:
             refused.update(reason="killswitch", detail=problem)
             raise _Refused()
@@ -125,6 +186,10 @@ class ActionsRepo(StoreCore):
                 and session["ends_at"] > self.clock.now()
             )
             refused["reason"] = "budget" if window_open else "no_window"
+            raise _Refused()
+        over = await reserve_tokens_in(tx, token_charges)
+        if over is not None:
+            refused.update(reason="token_budget", detail=over.label, period=over.key.period_key)
             raise _Refused()
         for grant in grant_ids:
             if await tx.fetchrow("use_approval", cost, grant, cost) is not None:
@@ -147,10 +212,11 @@ class ActionsRepo(StoreCore):
         rule: str,
         correlation_id: str | None,
         agent_id: str | None,
-        kill_switch_check: Callable[[list[Row]], str | None],
+        switches: SwitchTarget,
         host: str | None = None,
         owner: str | None = None,
         grant_ids: Sequence[str] = (),
+        token_charges: Sequence[TokenCharge] = (),
     ) -> tuple[str, dict[str, Any]]:
         """A new started record for an action that was halted, or in-doubt and safe to retry,
         under its command_id: the same checks as `begin_action` (marking it in-doubt released
@@ -163,7 +229,8 @@ class ActionsRepo(StoreCore):
             async with self._transaction() as tx:
                 grant = await self._may_start_in(
                     tx, fleet=fleet, session_id=session_id, cost=cost,
-                    kill_switch_check=kill_switch_check, refused=refused, grant_ids=grant_ids,
+                    switches=switches, refused=refused, grant_ids=grant_ids,
+                token_charges=token_charges,
                 )  # fmt: skip
                 if await tx.fetchrow("restart_action", self.clock.now(), session_id, host, owner,
                                      command_id) is None:  # fmt: skip
@@ -192,15 +259,22 @@ class ActionsRepo(StoreCore):
         correlation_id: str | None = None,
         status: str | None = None,
         reason: str | None = None,
-        stop_check: Callable[[list[Row]], str | None] | None = None,
+        stop_target: SwitchTarget | None = None,
+        halt_all_stops: bool = False,
+        stopped_by: str | None = None,
         fleet: str = "",
+        token_charges: Sequence[TokenCharge] = (),
+        tokens_used: int | None = None,
     ) -> str | None:
         """The outcome record: action row, budget charge (success) or release, event, ledger.
 
-        `stop_check` is asked, inside the transaction and after reading the switches (on
-        Postgres FOR SHARE, so an engage and this outcome serialize), whether a switch now stops
-        effects in flight (emergency). If it says so, the action is recorded in-doubt instead
-        and its verdict is returned: no success lands after such an engage returned."""
+        With `stop_target`, the store switches that reach the action are read inside the
+        transaction (on Postgres under the fleet's shared switch lock, so an engage and this
+        outcome serialize): if one now stops effects in flight (emergency; halt_all with
+        `halt_all_stops`), or the caller already knows one did (`stopped_by`: the host's switch),
+        the action is recorded in-doubt instead and that verdict is returned: no success lands
+        after such an engage returned. `token_charges` reserved with the started record are
+        settled to `tokens_used` (a success) or released; an in-doubt action keeps them."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
@@ -217,15 +291,18 @@ class ActionsRepo(StoreCore):
                         if landed["status"] == "in_doubt" and final != "in_doubt":
                             stopped.append("killswitch")
                         return
-                if stop_check is not None:
-                    problem = stop_check(await tx.fetchall("kill_switches_for_start", fleet))
-                    if problem is not None:
-                        await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
-                                                cost=cost, worker=worker, reason="killswitch",
-                                                payload={"stopped_by": problem, "reported": result,
-                                                         "reported_error": error})  # fmt: skip
-                        stopped.append(problem)
-                        return
+                problem = stopped_by
+                if problem is None and stop_target is not None:
+                    rows = await tx.fetchall("kill_switches_for_start", fleet)
+                    problem = stopping_switch([SwitchRecord.from_row(r) for r in rows],
+                                              stop_target, halt_all_stops=halt_all_stops)  # fmt: skip
+                if problem is not None:
+                    await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
+                                            cost=cost, worker=worker, reason="killswitch",
+                                            payload={"stopped_by": problem, "reported": result,
+                                                     "reported_error": error})  # fmt: skip
+                    stopped.append(problem)
+                    return
                 encoded = canonical_json(result) if result is not None else None
                 row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
                 if row is None:
@@ -234,6 +311,7 @@ class ActionsRepo(StoreCore):
                     await tx.execute("settle_budget", cost, cost, session_id)
                 else:
                     await tx.execute("release_budget", cost, session_id)
+                await settle_tokens_in(tx, token_charges, ok=ok, tokens_used=tokens_used)
                 await self.append_in(
                     tx,
                     NewEvent(
@@ -278,8 +356,57 @@ class ActionsRepo(StoreCore):
         ))  # fmt: skip
         return True
 
-    async def get_action(self, command_id: str) -> Row | None:
-        return await self._fetchrow("get_action", command_id)
+    async def get_action(self, command_id: str) -> ActionRow | None:
+        row = await self._fetchrow("get_action", command_id)
+        return ActionRow.from_row(row) if row is not None else None
+
+    async def actions_with_status(
+        self, *, fleet: str, status: ActionStatus, limit: int = 10_000
+    ) -> list[ActionRow]:
+        """The fleet's actions in `status`, oldest first."""
+        query = "unfinished_actions" if status in _UNFINISHED else "actions_with_status"
+        rows = await self._fetchall(query, fleet, status.value, limit)
+        return [ActionRow.from_row(r) for r in rows]
+
+    async def orphan_candidates(
+        self, *, fleet: str, host: str | None, live_after: datetime | None, limit: int = 100_000
+    ) -> list[ActionRow]:
+        """Started actions a recovery scan may find abandoned. With several hosts (`host` and
+        `live_after` given): only this host's, those recording no host, and those of hosts whose
+        heartbeat stopped before `live_after`; a live host's in-flight actions are its own."""
+        if host is not None and live_after is not None:
+            rows = await self._fetchall("stale_started_actions", fleet, host, live_after, limit)
+        else:
+            rows = await self._fetchall("unfinished_actions", fleet, "started", limit)
+        return [ActionRow.from_row(r) for r in rows]
+
+    async def count_actions_by_status(self, fleet: str) -> dict[ActionStatus, int]:
+        rows = await self._fetchall("count_actions_by_status", fleet)
+        return {ActionStatus(r["status"]): int(r["n"]) for r in rows}
+
+    async def resolve_in_doubt(self, *, command_id: str, done: bool, by: str) -> ActionRow | None:
+        """An operator's verdict on an in-doubt action, with its event, in one transaction:
+        done charges the window's budget (the reservation was released when it went in-doubt),
+        failed does not. None when the action is not in-doubt (unknown, or resolved meanwhile)."""
+        from ..events import ACTION_RESOLVED
+
+        async with self._transaction() as tx:
+            row = await tx.fetchrow("get_action", command_id)
+            if row is None or row["status"] != ActionStatus.IN_DOUBT:
+                return None
+            status = ActionStatus.RESOLVED_DONE if done else ActionStatus.RESOLVED_FAILED
+            now = self.clock.now()
+            if await tx.fetchrow("resolve_action", status.value, by, now, command_id) is None:
+                return None
+            if done:
+                await tx.execute("charge_budget", float(row["cost"]), row["session_id"])
+            await self.append_in(tx, NewEvent(
+                kind=ACTION_RESOLVED, session_id=row["session_id"],
+                payload={"as": "done" if done else "failed", "by": by},
+                command_id=command_id, worker=row["worker"],
+            ))  # fmt: skip
+        return ActionRow.from_row({**row, "status": status.value, "resolved_by": by,
+                                   "finished_at": now})  # fmt: skip
 
     async def proposal_rows(self, session_id: str) -> tuple[list[Row], list[Row]]:
         """What `policy replay` reads of one window, in one read-only snapshot: its action rows
@@ -288,6 +415,10 @@ class ActionsRepo(StoreCore):
             [("replay_actions", (session_id,)), ("replay_refusals", (session_id,))], list
         )
         return rows[0], rows[1]
+
+
+# The statuses the partial index `actions_unfinished` covers.
+_UNFINISHED = frozenset({ActionStatus.STARTED, ActionStatus.IN_DOUBT})
 
 
 def _json_safe(value: dict[str, Any]) -> dict[str, Any]:

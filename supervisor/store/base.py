@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -33,6 +33,12 @@ from ..errors import (
 log = structlog.get_logger("supervisor.store")
 
 Row = dict[str, Any]
+IdKind = Literal["session", "approval", "action"]
+_ID_QUERIES: dict[str, str] = {
+    "session": "session_ids_by_prefix",
+    "approval": "approval_ids_by_prefix",
+    "action": "action_ids_by_prefix",
+}
 T = TypeVar("T")
 # Named reads (query name, arguments) run together by read_off_loop.
 Reads = Sequence[tuple[str, Sequence[Any]]]
@@ -548,7 +554,7 @@ class StoreCore:
     async def replay(self, session_id: str, after: int = 0, limit: int = 10_000) -> list[Event]:
         """A page of a stream's events, read and decoded off the event loop (a page is large)."""
         return await self.read_off_loop(
-            [("replay", (session_id, after, limit))],
+            [("replay_events", (session_id, after, limit))],
             lambda rows: [Event.from_row(r) for r in rows[0]],
         )
 
@@ -595,8 +601,8 @@ class StoreCore:
         row = await self._fetchrow("store_identity")
         return str(row["id"]) if row is not None else None
 
-    # Transitional: the public names of the raw primitives, while callers outside the store
-    # move to named operations. Removed once none is left.
-    transaction = _transaction
-    fetchrow = _fetchrow
-    fetchall = _fetchall
+    async def ids_with_prefix(self, kind: IdKind, *, fleet: str, prefix: str) -> list[str]:
+        """The fleet's ids of `kind` that start with `prefix` (at most 21): the CLI accepts a
+        unique prefix, like git."""
+        rows = await self._fetchall(_ID_QUERIES[kind], fleet, len(prefix), prefix)
+        return [str(r["id"]) for r in rows]

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import events as ev
 from .base import Event, Session, plain_row, system_stream
+from .records import ActionStatus
 from .repository import Store
 
 # A cursor above every event id: "from the newest".
@@ -37,21 +38,11 @@ SYSTEM_TREND_KINDS: dict[str, str] = {
 
 async def hosts(store: Store, fleet: str) -> list[dict[str, Any]]:
     """Hosts with heartbeat, whether each leads, and the worker slots it holds."""
-    rows = [plain_row(r) for r in await store._fetchall("list_hosts", fleet)]
-    leases = await store._fetchall("list_leases", f"%:{fleet}%")
-    now = await store.db_now()
-    for host in rows:
-        held = [lease for lease in leases if lease["holder"].split("/")[0] == host["host_id"]
-                and lease["expires_at"] > now]  # fmt: skip
-        host["leader"] = any(lease["name"].startswith("leader:") for lease in held)
-        host["slots"] = sorted(
-            lease["name"].split(":", 2)[2] for lease in held if lease["name"].startswith("slot:")
-        )
-    return rows
+    return [view.as_dict() for view in await store.host_views(fleet)]
 
 
 async def workers(store: Store, fleet: str) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store._fetchall("list_workers", fleet)]
+    return [w.as_dict() for w in await store.list_workers(fleet)]
 
 
 async def store_switches(store: Store, fleet: str) -> list[dict[str, Any]]:
@@ -61,8 +52,8 @@ async def store_switches(store: Store, fleet: str) -> list[dict[str, Any]]:
 
 async def pending_summary(store: Store, fleet: str) -> tuple[int, Any]:
     """(pending approvals, when the oldest was raised or None)."""
-    row = await store._fetchrow("count_pending_approvals", fleet)
-    return (int(row["n"]), row["oldest_at"]) if row else (0, None)
+    backlog = await store.approval_backlog(fleet=fleet)
+    return backlog.pending, backlog.oldest_at
 
 
 async def in_doubt_count(store: Store, fleet: str) -> int:
@@ -88,16 +79,16 @@ async def active_alerts(store: Store, fleet: str, open_windows: list[Session]) -
 
 
 async def pending_approvals(store: Store, fleet: str, limit: int = 500) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store._fetchall("pending_approvals", fleet, limit)]
+    return [a.as_dict() for a in await store.pending_approvals(fleet=fleet, limit=limit)]
 
 
 async def decided_approvals(store: Store, fleet: str, limit: int = 100) -> list[dict[str, Any]]:
-    return [plain_row(r) for r in await store._fetchall("console_decided_approvals", fleet, limit)]
+    return [a.as_dict() for a in await store.decided_approvals(fleet=fleet, limit=limit)]
 
 
 async def approval(store: Store, approval_id: str) -> dict[str, Any] | None:
-    row = await store._fetchrow("get_approval", approval_id)
-    return plain_row(row) if row else None
+    found = await store.approval(approval_id)
+    return found.as_dict() if found is not None else None
 
 
 async def killswitch_history(store: Store, fleet: str, limit: int = 100) -> list[Event]:
@@ -109,18 +100,16 @@ async def killswitch_history(store: Store, fleet: str, limit: int = 100) -> list
 
 
 async def in_doubt_actions(store: Store, fleet: str, limit: int = 500) -> list[dict[str, Any]]:
-    rows = await store._fetchall("actions_with_status", fleet, "in_doubt", limit)
-    return [plain_row(r) for r in rows]
-
-
-async def action(store: Store, command_id: str) -> dict[str, Any] | None:
-    row = await store.get_action(command_id)
-    return plain_row(row) if row else None
+    rows = await store.actions_with_status(fleet=fleet, status=ActionStatus.IN_DOUBT, limit=limit)
+    return [a.as_dict() for a in rows]
 
 
 async def checkpoints(store: Store, fleet: str, limit: int = 200) -> list[dict[str, Any]]:
-    rows = await store._fetchall("list_checkpoints", fleet, limit)
-    return [{k: v for k, v in plain_row(r).items() if k not in ("state", "counters")} for r in rows]
+    return [
+        {"id": c.id, "fleet": c.fleet, "worker": c.worker, "cycle": c.cycle,
+         "session_id": c.session_id, "last_seq": c.last_seq, "created_at": c.created_at.isoformat()}
+        for c in await store.list_checkpoints(fleet, limit=limit)
+    ]  # fmt: skip
 
 
 async def tail(store: Store, fleet: str, *, worker: str = "", kind: str = "", session: str = "",

@@ -1,12 +1,125 @@
-"""The kill switches as stored: the fleet, session and worker switches, the engage protocol's
-lock, and each host's replay mark for its host switch."""
+"""The kill switches as stored: the fleet, session and worker switches, which of them reach an
+action, the engage protocol's write, and each host's replay mark for its host switch.
+
+What is decided here is decided from what the caller passes (`SwitchTarget`: the action's
+worker, window and criticality, and the host's switch file to read), never by calling back into
+the gate."""
 
 from __future__ import annotations
 
-from .base import StoreCore
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..killswitch.hostfile import HostSwitchFile
+from ..killswitch.modes import Mode, host_verdict, permits, strictest
+from .base import NewEvent, Row, StoreCore
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchRecord:
+    scope: str  # fleet | session | worker
+    target: str  # '' for the fleet; a session id; a worker instance or configured name
+    mode: Mode  # an unknown stored mode reads as halt_all: a forged row fails closed
+    stored_mode: str  # the text as stored, for display
+    reason: str | None = None
+    changed_by: str | None = None
+    updated_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> SwitchRecord:
+        try:
+            mode = Mode(row["mode"])
+        except ValueError:
+            mode = Mode.HALT_ALL
+        return cls(scope=row["scope"], target=row["target"], mode=mode, stored_mode=row["mode"],
+                   reason=row.get("reason"), changed_by=row.get("changed_by"),
+                   updated_at=row.get("updated_at"))  # fmt: skip
+
+    @classmethod
+    def of(cls, scope: str, target: str, mode: str) -> SwitchRecord:
+        """A record from its three deciding fields (tests, and rows built by hand)."""
+        return cls.from_row({"scope": scope, "target": target, "mode": mode})
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchTarget:
+    """Which store switches reach one action: the fleet's, its window's, and its worker's by
+    instance name or, as `group`, by the configured name of a replicated worker."""
+
+    worker: str
+    session_id: str
+    group: str | None = None
+    critical: bool = False
+    # The host's switch file, read again where the verdict is taken (a file, not the gate).
+    host: HostSwitchFile | None = None
+
+    def reached_by(self, record: SwitchRecord) -> bool:
+        return (
+            record.scope == "fleet"
+            or (record.scope == "session" and record.target == self.session_id)
+            or (record.scope == "worker" and record.target in (self.worker, self.group))
+        )
+
+
+def switch_verdict(records: Sequence[SwitchRecord], target: SwitchTarget) -> str | None:
+    """The verdict on starting an action: None when the switches permit it, else the host's
+    verdict (when `target.host` is given) or the store's strictest mode and the scopes that
+    forbid it (only the engaged switches that reach it explain it)."""
+    if target.host is not None:
+        problem = host_verdict(target.host.read(), critical=target.critical)
+        if problem is not None:
+            return problem
+    reaching = [r for r in records if target.reached_by(r)]
+    mode = strictest(*(r.mode for r in reaching))
+    if permits(mode, critical=target.critical):
+        return None
+    scopes = sorted({r.scope for r in reaching if r.stored_mode != Mode.DISENGAGED.value})
+    return f"{mode.value} ({', '.join(scopes)})"
+
+
+def stops_in_flight(mode: Mode, *, halt_all_stops: bool) -> bool:
+    """Whether `mode` stops effects already running, not only new ones: emergency always,
+    halt_all when the fleet is configured so (`halt_in_flight = "terminate"`)."""
+    return mode is Mode.EMERGENCY or (mode is Mode.HALT_ALL and halt_all_stops)
+
+
+def stopping_switch(
+    records: Sequence[SwitchRecord], target: SwitchTarget, *, halt_all_stops: bool
+) -> str | None:
+    """The first store switch that stops this action's effect in flight, or None."""
+    for r in records:
+        if target.reached_by(r) and stops_in_flight(r.mode, halt_all_stops=halt_all_stops):
+            return f"{r.scope} {r.mode.value}"
+    return None
 
 
 class SwitchesRepo(StoreCore):
+    async def kill_switches(self, fleet: str) -> list[SwitchRecord]:
+        """Every store switch of the fleet, in scope and target order."""
+        return [SwitchRecord.from_row(r) for r in await self._fetchall("kill_switches", fleet)]
+
+    async def ensure_fleet_switch(self, fleet: str) -> None:
+        """The fleet's switch row, disengaged, unless it exists: the row an engage locks."""
+        async with self._transaction() as tx:
+            await tx.execute("ensure_fleet_switch", fleet, self.clock.now())
+
+    async def set_switches(
+        self, *, fleet: str, scope: str, targets: Sequence[str], mode: Mode, reason: str | None,
+        by: str, event: NewEvent,
+    ) -> None:  # fmt: skip
+        """An engage (or disengage) of store switches, with its event (who and why), in one
+        transaction. It locks the fleet's switch row first: starts and outcomes in flight hold
+        it shared, so this returns only after them, and no start begins after it returns."""
+        async with self._transaction() as tx:
+            await tx.execute("ensure_fleet_switch", fleet, self.clock.now())
+            await tx.execute("lock_fleet_switch", fleet)
+            for each in targets:
+                await tx.execute("upsert_kill_switch", fleet, scope, each, mode.value, reason,
+                                 by, self.clock.now())  # fmt: skip
+            await self.append_in(tx, event)
+            await self.backend.notify_in(tx, "acp_killswitch", fleet)
+
     async def host_switch_mark(self, fleet: str, host: str) -> int:
         """The highest host kill-switch seq this host ever accepted (0: none)."""
         row = await self._fetchrow("host_switch_mark", fleet, host)

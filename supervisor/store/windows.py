@@ -19,6 +19,15 @@ class WindowsRepo(StoreCore):
     async def open_sessions(self, fleet: str) -> list[Session]:
         return [Session.from_row(r) for r in await self._fetchall("open_sessions", fleet)]
 
+    async def latest_session(self, fleet: str) -> Session | None:
+        """The fleet's newest window, whatever its status."""
+        row = await self._fetchrow("latest_session", fleet)
+        return Session.from_row(row) if row else None
+
+    async def overdue_windows(self, *, fleet: str, now: datetime) -> list[Session]:
+        """Windows still open whose end has passed (a daemon that was down did not close them)."""
+        return [Session.from_row(r) for r in await self._fetchall("overdue_sessions", fleet, now)]
+
     # -- windows ------------------------------------------------------------------------------
 
     async def open_window(

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 import pytest
@@ -35,6 +35,8 @@ import pytest
 from supervisor.clock import SystemClock
 from supervisor.store import Event, Store, open_store, system_stream
 from supervisor.store.base import Row
+from tests import storetools
+from tests.waiting import EVERY, WITHIN, eventually
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "acceptance-kill-switch-secret"
@@ -208,16 +210,21 @@ class Daemon:
 
     async def actions(self) -> list[Row]:
         async with self.store() as store:
-            statuses = [r["status"] for r in await store.fetchall("count_actions_by_status", FLEET)]
+            statuses = [
+                r["status"]
+                for r in await storetools.fetchall(store, "count_actions_by_status", FLEET)
+            ]
             return [
                 row
                 for status in statuses
-                for row in await store.fetchall("actions_with_status", FLEET, status, 1_000_000)
+                for row in await storetools.fetchall(
+                    store, "actions_with_status", FLEET, status, 1_000_000
+                )
             ]
 
     async def approvals(self) -> list[Row]:
         async with self.store() as store:
-            return await store.fetchall("list_approvals", FLEET, 10_000)
+            return [a.as_row() for a in await store.list_approvals(fleet=FLEET, limit=10_000)]
 
     def effects(self, after: datetime | None = None) -> list[dict[str, Any]]:
         path = self.state_dir / "effects.jsonl"
@@ -231,23 +238,28 @@ class Daemon:
     def ready(self) -> bool:
         return any(e.get("event") == "daemon.ready" for e in self.log_events())
 
-    async def wait_until(self, check: Callable[[], Awaitable[T | None] | T | None], *,
-                         what: str, within: float = 10.0, every: float = 0.05) -> T:  # fmt: skip
+    def exited(self) -> str | None:
+        """Why waiting on this daemon is pointless: it was started and has exited."""
+        if self.proc is not None and not self.alive():
+            return f"daemon exited ({self.proc.returncode})"
+        return None
+
+    def log_tail(self) -> str:
+        return self.log()[-3000:]
+
+    @overload
+    async def wait_until(self, check: Callable[[], Awaitable[T | None]], *, what: str,
+                         within: float = ..., every: float = ...) -> T: ...  # fmt: skip
+    @overload
+    async def wait_until(self, check: Callable[[], T | None], *, what: str,
+                         within: float = ..., every: float = ...) -> T: ...  # fmt: skip
+    async def wait_until(self, check: Callable[[], Any], *, what: str, within: float = WITHIN,
+                         every: float = EVERY) -> Any:  # fmt: skip
         """Poll `check` (sync or async) until it returns something truthy; return that.
 
         Fails at once, with the log's tail, if the daemon died meanwhile."""
-        with anyio.move_on_after(within):
-            while True:
-                if self.proc is not None and not self.alive():
-                    raise AssertionError(f"daemon exited ({self.proc.returncode}) while waiting "
-                                         f"for {what}\n{self.log()[-3000:]}")  # fmt: skip
-                value = check()
-                if isinstance(value, Awaitable):
-                    value = await value
-                if value:
-                    return value
-                await anyio.sleep(every)
-        raise AssertionError(f"timed out after {within}s waiting for {what}\n{self.log()[-3000:]}")
+        return await eventually(check, what, within=within, every=every, abort=self.exited,
+                                context=self.log_tail)  # fmt: skip
 
     def started_after(self, instant: datetime, n: int = 1) -> Callable[[], Awaitable[list[Event]]]:
         """A check for `wait_until`: at least n ACTION_STARTED events after `instant`."""

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
+from tests import storetools
+
 FLEET = "acceptance"  # the daemon fixture's fleet
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ async def test_configured_name_halts_every_replica_instance_name_one(daemon: Dae
     since = datetime.now(UTC)
     await d.wait_until(d.refused_after(since, "killswitch", workers=3),
                        what="all three replicas refused")  # fmt: skip
-    await anyio.sleep(0.5)
+    await anyio.sleep(0.5)  # a window in which nothing may start (a negative check)
     await d.nothing_started_after(since)
     denied = await d.events("ACTION_DENIED", reason="killswitch", after=since)
     assert {e.worker for e in denied} == set(REPLICAS)
@@ -55,7 +57,7 @@ async def test_configured_name_halts_every_replica_instance_name_one(daemon: Dae
         return {"support-1", "support-3"} <= await workers_started_after(d, since)
 
     await d.wait_until(others_run, what="support-1 and support-3 running")
-    await anyio.sleep(0.3)
+    await anyio.sleep(0.3)  # a window in which support-2 must not start (a negative check)
     assert "support-2" not in await workers_started_after(d, since)
 
     # Disengaging the configured name resumes every replica, the one halted by name too.
@@ -89,7 +91,7 @@ async def test_unknown_worker_or_session_is_an_error_naming_the_known_ones(
     assert "unknown session 'no-such-session'" in line and open_session.id in line, line
 
     async with d.store() as store:
-        rows = await store.fetchall("kill_switches", FLEET)
+        rows = await storetools.fetchall(store, "kill_switches", FLEET)
     assert [r["scope"] for r in rows] == ["fleet"]  # nothing written beside the fleet row
 
     # --force: a worker that is not configured yet; its switch can be cleared again.

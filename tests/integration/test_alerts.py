@@ -202,7 +202,7 @@ async def request(approvals: Approvals, session: Session, key: str) -> str:
         key=key, action=Action(name="deploy", params={"key": key}, risk="high"), worker="w1",
         session_id=session.id, escalate_now=False, correlation_id=None,
     )  # fmt: skip
-    return str(row["id"])
+    return row.id
 
 
 async def test_approval_age_and_backlog(store: Store, clock: VirtualClock) -> None:

@@ -25,6 +25,8 @@ from supervisor.config import load_config
 from supervisor.errors import UsageError
 from supervisor.store import open_store
 from supervisor.tables import relative, resolve_prefix, span, table
+from tests import storetools
+from tests.storetools import NO_SWITCH_TARGET
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "table-test-secret"
@@ -71,19 +73,20 @@ async def seed(db: Path) -> dict[str, str]:
             command_id="c0ffee11" + "0" * 24, operation="refund", params={"case": 7},
             fleet="default", session_id=session.id, worker="support", name="support.refund",
             risk="low", cost=0.0, critical=False, safe_to_retry=False, rule="risk:low",
-            correlation_id=None, agent_id=None, kill_switch_check=lambda rows: None,
+            correlation_id=None, agent_id=None, switches=NO_SWITCH_TARGET,
         )  # fmt: skip
         assert status == "started"
         await recovery.scan(store, fleet="default", approvals=approvals, host_switch=None,
                             by="test", started_before=now + timedelta(seconds=1))  # fmt: skip
         await Checkpoints(store, "default").save("support", cycle=11, session_id=session.id,
                                                   state={"n": 1}, counters={})  # fmt: skip
-        async with store.transaction() as tx:
-            # a worker that never ran: the fleet records cycle -1 before its first cycle
-            await tx.execute("upsert_worker", "default", "idle-one", "h", "running", 0, None, -1,
-                             None, now)  # fmt: skip
-            await tx.execute("add_token_usage", "user", "alice", "2026-11-01", 1200, 0.5)
-        return {"session": session.id, "approval": row["id"]}
+        # a worker that never ran: the fleet records cycle -1 before its first cycle
+        await store.record_worker(fleet="default", name="idle-one", host="h", state="running",
+                                  restarts=0, last_error=None, cycle=-1, session_id=None,
+                                  at=now)  # fmt: skip
+        async with storetools.transaction(store) as tx:
+            await tx.execute("reserve_tokens", "user", "alice", "2026-11-01", 1200, 0.5, 10**6, 1e6)
+        return {"session": session.id, "approval": row.id}
     finally:
         await store.close()
 

@@ -33,6 +33,9 @@ from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile
 from supervisor.policy import Policy
 from supervisor.store import Session, Store, open_store
+from supervisor.store.records import ApprovalStatus
+from tests import storetools
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -80,16 +83,14 @@ async def scheduled_scan(store: Store, gate: Gate, approvals: Approvals) -> reco
 
 async def status_of(store: Store, command_id: str) -> str | None:
     row = await store.get_action(command_id)
-    return None if row is None else str(row["status"])
+    return None if row is None else str(row.status)
 
 
 async def wait_for_status(store: Store, command_id: str, status: str) -> None:
-    with anyio.fail_after(5):
-        while True:
-            row = await store.get_action(command_id)
-            if row is not None and row["status"] == status:
-                return
-            await anyio.sleep(0.01)
+    async def reached() -> bool:
+        return await status_of(store, command_id) == status
+
+    await eventually(reached, f"action {command_id} {status}", every=0.01)
 
 
 async def test_forward_jump_leaves_the_running_action_of_this_process_alone(
@@ -123,8 +124,8 @@ async def test_forward_jump_leaves_the_running_action_of_this_process_alone(
 
     assert outcome[0].status == "succeeded" and ran == ["once"]
     row = await store.get_action("cmd-slow")
-    assert row is not None and row["status"] == "succeeded" and row["owner"] == gate.owner
-    budget = await store.fetchrow("get_session", session.id)
+    assert row is not None and row.status == "succeeded" and row.owner == gate.owner
+    budget = await storetools.fetchrow(store, "get_session", session.id)
     assert budget is not None and budget["used_cost"] == 3.0 and budget["reserved_cost"] == 0.0
     fresh = await store.get_session(session.id)
     assert fresh is not None
@@ -168,8 +169,7 @@ async def test_an_operator_scan_leaves_a_live_daemons_actions_alone(
 
     async def heartbeat(age: timedelta) -> None:
         at = await store.db_now() - age  # heartbeats run on the database's clock
-        async with store.transaction() as tx:
-            await tx.execute("upsert_host", FLEET, HOST, gate.owner, 1, at, at)
+        await store.take_host(fleet=FLEET, host_id=HOST, instance=gate.owner, pid=1, at=at)
 
     await heartbeat(timedelta(0))
     session = await open_window(store, clock.now())
@@ -214,17 +214,20 @@ async def test_backward_jump_does_not_stretch_an_approval_deadline_on_postgres(
     approvals = Approvals(store, EscalationChain(timeout=1.0), FLEET)
     session = await open_window(store, clock.now() - timedelta(hours=2), hours=4)
     action = Action(name="deploy", params={"v": 1}, risk="high")
-    row = await approvals.request(key="k1", action=action, worker="w1", session_id=session.id,
-                                  escalate_now=False, correlation_id=None)  # fmt: skip
-    assert row["status"] == "pending"
+    row = await approvals.request(key="k1", action=action, worker="w1",
+                                         session_id=session.id, escalate_now=False,
+                                         correlation_id=None)  # fmt: skip
+    assert row.status == ApprovalStatus.PENDING
     clock.offset = -timedelta(hours=1)  # the host clock is set back an hour
-    expired = 0
-    with anyio.fail_after(5):  # one second of elapsed time, not an hour and one second
-        while not expired:
-            await anyio.sleep(0.1)
-            expired = (await approvals.escalate_due())["expired"]
-    fresh = await store.fetchrow("get_approval", row["id"])
-    assert fresh is not None and fresh["status"] == "expired"
+
+    async def expired() -> int:
+        return (await approvals.escalate_due())["expired"]
+
+    # One second of elapsed time, not an hour and one second: any deadline far below the hour
+    # tells the two apart, so a generous one keeps a loaded machine from failing it.
+    await eventually(expired, "the approval expired after its 1 s timeout", within=30, every=0.1)
+    fresh = await store.approval(row.id)
+    assert fresh is not None and fresh.status == ApprovalStatus.EXPIRED
 
 
 async def test_a_decision_after_the_deadline_is_refused_by_the_statement(
@@ -234,16 +237,17 @@ async def test_a_decision_after_the_deadline_is_refused_by_the_statement(
     on Postgres (where the virtual clock of this test counts as a simulation's and decides)."""
     approvals = Approvals(store, EscalationChain(timeout=60.0), FLEET)
     session = await open_window(store, clock.now())
-    row = await approvals.request(key="k1", action=Action(name="deploy", params={}, risk="high"),
-                                  worker="w1", session_id=session.id, escalate_now=False,
-                                  correlation_id=None)  # fmt: skip
-    deadline = row["deadline"]
+    row = await approvals.request(key="k1",
+                                         action=Action(name="deploy", params={}, risk="high"),
+                                         worker="w1", session_id=session.id, escalate_now=False,
+                                         correlation_id=None)  # fmt: skip
+    deadline = row.deadline
 
     async def decide_at(instant: datetime) -> bool:
-        async with store.transaction() as tx:
+        async with storetools.transaction(store) as tx:
             changed = await tx.fetchrow(
                 "decide_pending_approval", "approved", "op", instant, None, "once", None, None,
-                row["id"], FLEET, instant,
+                row.id, FLEET, instant,
             )  # fmt: skip
             if changed is not None:
                 raise _Undo()  # keep it pending for the next probe
@@ -256,9 +260,9 @@ async def test_a_decision_after_the_deadline_is_refused_by_the_statement(
 
     clock.advance(timedelta(seconds=61))
     with pytest.raises(ApprovalError, match="expired"):
-        await approvals.decide(row["id"], approve=True, by="op", reason=None)
-    fresh = await store.fetchrow("get_approval", row["id"])
-    assert fresh is not None and fresh["status"] == "expired"
+        await approvals.decide(row.id, approve=True, by="op", reason=None)
+    fresh = await store.approval(row.id)
+    assert fresh is not None and fresh.status == ApprovalStatus.EXPIRED
     events = [e.kind for e in await store.replay(session.id)]
     assert ev.APPROVAL_EXPIRED in events and ev.APPROVAL_GRANTED not in events
 
@@ -273,20 +277,25 @@ async def test_a_slow_cli_clock_cannot_approve_an_expired_request_on_postgres(
     store, clock = pg_jump_store
     approvals = Approvals(store, EscalationChain(timeout=1.0), FLEET)
     session = await open_window(store, clock.now() - timedelta(hours=1), hours=2)
-    row = await approvals.request(key="k1", action=Action(name="deploy", params={}, risk="high"),
-                                  worker="w1", session_id=session.id, escalate_now=False,
-                                  correlation_id=None)  # fmt: skip
-    await anyio.sleep(1.2)  # past the deadline by the database's clock
+    row = await approvals.request(key="k1",
+                                         action=Action(name="deploy", params={}, risk="high"),
+                                         worker="w1", session_id=session.id, escalate_now=False,
+                                         correlation_id=None)  # fmt: skip
+
+    async def past_deadline() -> bool:
+        return await store.db_now() > row.deadline
+
+    await eventually(past_deadline, "the database's clock past the approval's deadline")
     clock.offset = -timedelta(seconds=30)  # the deciding CLI's clock is 30 s slow
     with pytest.raises(ApprovalError, match="expired"):
-        await approvals.decide(row["id"], approve=True, by="op", reason=None)
-    fresh = await store.fetchrow("get_approval", row["id"])
-    assert fresh is not None and fresh["status"] == "expired"
+        await approvals.decide(row.id, approve=True, by="op", reason=None)
+    fresh = await store.approval(row.id)
+    assert fresh is not None and fresh.status == ApprovalStatus.EXPIRED
     # The statement itself refuses, whatever instant the caller passes in:
-    async with store.transaction() as tx:
+    async with storetools.transaction(store) as tx:
         assert await tx.fetchrow(
             "decide_pending_approval", "approved", "op", clock.now(), None, "once", None, None,
-            row["id"], FLEET, None,
+            row.id, FLEET, None,
         ) is None  # fmt: skip
 
 
@@ -302,17 +311,18 @@ async def test_approval_keys_are_scoped_by_fleet(store: Store, clock: VirtualClo
                                     max_actions=None, by="pytest")  # fmt: skip
     ra = await a.request(key="shared", action=action, worker="w", session_id=sa.id,
                          escalate_now=False, correlation_id=None)  # fmt: skip
-    await a.decide(ra["id"], approve=True, by="op-a", reason=None)
+    await a.decide(ra.id, approve=True, by="op-a", reason=None)
     rb = await b.request(key="shared", action=action, worker="w", session_id=sb.id,
                          escalate_now=False, correlation_id=None)  # fmt: skip
-    assert rb["id"] != ra["id"] and rb["fleet"] == "fleet-b" and rb["status"] == "pending"
+    assert rb.id != ra.id and rb.fleet == "fleet-b" and rb.status == ApprovalStatus.PENDING
     # fleet b's operator cannot decide fleet a's approval by its id, nor the reverse
     with pytest.raises(ApprovalError, match="unknown approval"):
-        await b.decide(ra["id"], approve=False, by="op-b", reason=None)
+        await b.decide(ra.id, approve=False, by="op-b", reason=None)
     with pytest.raises(ApprovalError, match="unknown approval"):
-        await a.decide(rb["id"], approve=True, by="op-a", reason=None)
-    assert (await b.request(key="shared", action=action, worker="w", session_id=sb.id,
-                            escalate_now=False, correlation_id=None))["status"] == "pending"  # fmt: skip
+        await a.decide(rb.id, approve=True, by="op-a", reason=None)
+    again = await b.request(key="shared", action=action, worker="w", session_id=sb.id,
+                                   escalate_now=False, correlation_id=None)  # fmt: skip
+    assert again.status == ApprovalStatus.PENDING
 
 
 async def test_migration_scopes_the_keys_of_existing_approvals(
@@ -320,8 +330,8 @@ async def test_migration_scopes_the_keys_of_existing_approvals(
 ) -> None:
     """A pending approval written before keys were scoped is found again after the upgrade (no
     second request under the same key), in its own fleet only."""
-    from supervisor.store import make_backend
     from supervisor.store import Store as BaseStore
+    from supervisor.store import make_backend
     from supervisor.store.queries import load_migrations
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -334,7 +344,7 @@ async def test_migration_scopes_the_keys_of_existing_approvals(
             if version < 4:
                 await backend.apply_migration(version, statements, clock.now())
         session = await open_window(old, clock.now())
-        async with old.transaction() as tx:
+        async with storetools.transaction(old) as tx:
             await tx.execute(
                 "insert_approval", "old-id", "job-7", FLEET, session.id, "w1", None, "deploy",
                 "{}", "h", "high", 0.0, "operators", clock.now(), clock.now() + timedelta(hours=1),
@@ -345,8 +355,8 @@ async def test_migration_scopes_the_keys_of_existing_approvals(
 
     store = await open_store(url, clock, migrate=True)
     try:
-        row = await store.fetchrow("get_approval_by_key", FLEET, f"{FLEET}/job-7")
-        assert row is not None and row["id"] == "old-id"
-        assert await store.fetchrow("get_approval_by_key", "other", f"{FLEET}/job-7") is None
+        found = await store.approval_by_key(fleet=FLEET, key=f"{FLEET}/job-7")
+        assert found is not None and found.id == "old-id"
+        assert await store.approval_by_key(fleet="other", key=f"{FLEET}/job-7") is None
     finally:
         await store.close()

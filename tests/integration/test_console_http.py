@@ -28,6 +28,8 @@ from supervisor.console.app import COOKIE, create_app
 from supervisor.console.auth import OperatorsFile, Role
 from supervisor.killswitch import HostSwitchFile
 from supervisor.store import Store, system_stream
+from tests import storetools
+from tests.storetools import NO_SWITCH_TARGET
 
 pytestmark = pytest.mark.anyio
 
@@ -55,9 +57,9 @@ class Env:
         return csrf
 
     async def approval(self, approval_id: str) -> dict[str, Any]:
-        row = await self.store.fetchrow("get_approval", approval_id)
+        row = await self.store.approval(approval_id)
         assert row is not None
-        return row
+        return row.as_row()
 
     async def system_events(self, kind: str) -> list[Any]:
         return [e for e in await self.store.replay(system_stream(FLEET)) if e.kind == kind]
@@ -88,7 +90,7 @@ async def env(
             key=f"refund-{i}", action=Action("support.refund", {"order": i}, risk="high", cost=2.0),
             worker=f"refunder-{i}", session_id=session.id, escalate_now=False, correlation_id=None,
         )  # fmt: skip
-        ids.append(row["id"])
+        ids.append(row.id)
     yield Env(store, clock, config, create_app(config, store), secrets, session.id, ids)
 
 
@@ -368,7 +370,10 @@ async def test_killswitch_at_each_scope(env: Env) -> None:
         "admin",
         "fixed",
     )
-    rows = {(r["scope"], r["target"]): r for r in await env.store.fetchall("kill_switches", FLEET)}
+    rows = {
+        (r["scope"], r["target"]): r
+        for r in await storetools.fetchall(env.store, "kill_switches", FLEET)
+    }
     assert (rows[("fleet", "")]["mode"], rows[("fleet", "")]["changed_by"]) == ("halt_all", "admin")
     worker = rows[("worker", "refunder-1")]
     assert (worker["mode"], worker["changed_by"], worker["reason"]) == (
@@ -424,10 +429,10 @@ async def _in_doubt_action(env: Env) -> str:
         command_id=cid, operation="support.refund", params={"order": 9}, fleet=FLEET,
         session_id=env.session_id, worker="refunder-9", name="support.refund", risk="low", cost=1.0,
         critical=False, safe_to_retry=False, rule="test", correlation_id=None, agent_id=None,
-        kill_switch_check=lambda _rows: None,
+        switches=NO_SWITCH_TARGET,
     )  # fmt: skip
     assert status == "started"
-    async with env.store.transaction() as tx:
+    async with storetools.transaction(env.store) as tx:
         await tx.execute("mark_in_doubt", cid)
     return cid
 
@@ -456,12 +461,12 @@ async def test_repair_resolves_in_doubt_and_restores_checkpoints(env: Env) -> No
         assert (await c.post("/api/v1/checkpoints/999/restore", json={},
                              headers=h)).status_code == 404  # fmt: skip
     action = await env.store.get_action(cid)
-    assert action is not None and (action["status"], action["resolved_by"]) == (
+    assert action is not None and (action.status, action.resolved_by) == (
         "resolved_done",
         "admin",
     )
-    resume = await env.store.fetchrow("get_resume_point", FLEET, "refunder-9")
-    assert resume is not None and resume["checkpoint_id"] == cp
+    resume = await env.store.resume_point(fleet=FLEET, worker="refunder-9")
+    assert resume is not None and resume.id == cp
     [rollback] = await env.system_events(ev.ROLLBACK)
     assert rollback.payload["by"] == "admin"
 
@@ -502,12 +507,13 @@ async def test_overview_windows_and_events_show_the_store(env: Env) -> None:
 
 async def test_workers_of_a_silent_host_show_as_stalled(env: Env) -> None:
     now = env.clock.now()
-    async with env.store.transaction() as tx:
-        await tx.execute("upsert_host", FLEET, "host-a", "i1", 1, now, now)
-        await tx.execute("upsert_host", FLEET, "host-b", "i2", 2, now, now - timedelta(minutes=5))
-        for name, host, state in (("w-a", "host-a", "running"), ("w-b", "host-b", "running"),
-                                  ("w-q", "host-b", "quarantined")):  # fmt: skip
-            await tx.execute("upsert_worker", FLEET, name, host, state, 0, None, 3, None, now)
+    await env.store.take_host(fleet=FLEET, host_id="host-a", instance="i1", pid=1, at=now)
+    await env.store.take_host(fleet=FLEET, host_id="host-b", instance="i2", pid=2,
+                              at=now - timedelta(minutes=5))  # fmt: skip
+    for name, host, state in (("w-a", "host-a", "running"), ("w-b", "host-b", "running"),
+                              ("w-q", "host-b", "quarantined")):  # fmt: skip
+        await env.store.record_worker(fleet=FLEET, name=name, host=host, state=state, restarts=0,
+                                      last_error=None, cycle=3, session_id=None, at=now)  # fmt: skip
     async with env.client() as c:
         await env.login(c, "viewer")
         workers = {
@@ -523,11 +529,13 @@ async def test_a_store_failure_is_a_clear_503(env: Env, monkeypatch: pytest.Monk
     async with env.client() as c:
         h = {"X-CSRF-Token": await env.login(c, "approver")}
 
-        async def down(*_args: Any) -> Any:
+        def down(*_args: Any) -> Any:
             raise StoreUnavailable("connection refused")
 
-        monkeypatch.setattr(env.store, "fetchrow", down)
-        monkeypatch.setattr(env.store, "fetchall", down)
+        # The database goes away under the store: every read and write fails at the backend.
+        monkeypatch.setattr(env.store.backend, "reader", down)
+        monkeypatch.setattr(env.store.backend, "transaction", down)
+        monkeypatch.setattr(env.store.backend, "read_off_loop", down)
         r = await c.get("/api/v1/overview")
         assert r.status_code == 503 and "store failed" in r.json()["error"]
         r = await c.post(f"/api/v1/approvals/{env.approvals[0]}/approve", json={}, headers=h)

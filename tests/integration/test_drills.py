@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import gate as gate_module
 from supervisor.approvals import Approvals
 from supervisor.config import Config, WorkerSpec, load_config
 from supervisor.drills import DrillReport, approval_backlog_drill, killswitch_drill
 from supervisor.errors import UsageError
 from supervisor.escalation import EscalationChain, EscalationStep
-from supervisor.gate import Gate
+from supervisor.store import switches as store_switches
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +82,10 @@ async def test_killswitch_drill_fails_on_a_worker_that_bypasses_the_gate(
 async def test_killswitch_drill_fails_when_the_gate_ignores_the_host_switch(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Gate, "_host_verdict", lambda self, critical: None)
+    # Wherever the host file's verdict is taken (the gate's checks, the started record's
+    # transaction), it permits everything.
+    for module in (gate_module, store_switches):
+        monkeypatch.setattr(module, "host_verdict", lambda state, critical: None)
 
     report = await killswitch_drill(config, workers=3, seconds=1.0)
 

@@ -35,6 +35,8 @@ from supervisor.killswitch import HostSwitchFile
 from supervisor.policy import Policy
 from supervisor.store import Session, Store, open_store
 from supervisor.worker import CycleContext, EffectLog
+from tests import storetools
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -118,13 +120,9 @@ def gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-async def wait_gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if gone(pid):
-            return True
-        await anyio.sleep(0.02)
-    return gone(pid)
+async def wait_gone(pid: int) -> bool:
+    """True once `pid` has exited; fails, naming it, if it is still there after the deadline."""
+    return await eventually(lambda: gone(pid), f"process {pid} to exit", every=0.02)
 
 
 @pytest.fixture
@@ -181,8 +179,8 @@ async def test_round_trip_approved_effect_and_state(h: Harness) -> None:
         assert [n["cycle"] for n in notes] == [0, 1]
         for note in notes:
             row = await h.store.get_action(note["command_id"])
-            assert row is not None and row["status"] == "succeeded"
-            assert row["worker"] == "ext-1" and row["name"] == "test.write"
+            assert row is not None and row.status == "succeeded"
+            assert row.worker == "ext-1" and row.name == "test.write"
         assert state["last"] == notes[-1]["command_id"]
         assert worker.running
         child_logs = [e for e in logs if e["event"] == "worker.log"]
@@ -208,8 +206,8 @@ async def test_ok_false_is_a_failed_outcome_and_the_cycle_goes_on(h: Harness) ->
     try:
         await worker.cycle(h.ctx("ext-1", 0))
         row = await h.store.get_action(worker.snapshot()["command_id"])
-        assert row is not None and row["status"] == "failed"
-        assert "disk full" in row["error"]
+        assert row is not None and row.status == "failed"
+        assert "disk full" in row.error
     finally:
         await worker.close()
 
@@ -335,7 +333,7 @@ async def test_a_violation_mid_action_leaves_the_action_open(h: Harness) -> None
     assert info.value.reason == "unexpected"
     [decision] = h.notes()
     row = await h.store.get_action(decision["command_id"])
-    assert row is not None and row["status"] == "started"
+    assert row is not None and row.status == "started"
 
 
 async def test_child_exiting_mid_action_leaves_it_in_doubt(h: Harness) -> None:
@@ -354,14 +352,14 @@ async def test_child_exiting_mid_action_leaves_it_in_doubt(h: Harness) -> None:
     [decision] = h.notes()
     command_id = decision["command_id"]
     row = await h.store.get_action(command_id)
-    assert row is not None and row["status"] == "started"  # no outcome recorded
+    assert row is not None and row.status == "started"  # no outcome recorded
     assert any(e["event"] == "worker.stderr" and e["line"] == "about to die" for e in logs)
     # the recovery scan marks it in-doubt; it is not safe to retry, so it is never re-run
     report = await recovery.scan(h.store, fleet=FLEET, approvals=h.approvals, host_switch=None,
                                  by="test")  # fmt: skip
     assert report.in_doubt == 1
     row = await h.store.get_action(command_id)
-    assert row is not None and row["status"] == "in_doubt"
+    assert row is not None and row.status == "in_doubt"
 
 
 async def test_hung_child_is_detected_within_the_heartbeat_timeout(h: Harness) -> None:
@@ -386,7 +384,7 @@ async def test_hung_mid_action_leaves_the_action_open(h: Harness) -> None:
         await worker.cycle(h.ctx("ext-1", 0))
     [decision] = h.notes()
     row = await h.store.get_action(decision["command_id"])
-    assert row is not None and row["status"] == "started"
+    assert row is not None and row.status == "started"
 
 
 async def test_heartbeats_keep_a_slow_child_alive(h: Harness) -> None:
@@ -423,7 +421,7 @@ async def test_cancellation_by_the_cycle_deadline_kills_the_child(h: Harness) ->
     assert await wait_gone(h.child_pid())
     [decision] = h.notes()
     row = await h.store.get_action(decision["command_id"])
-    assert row is not None and row["status"] == "started"
+    assert row is not None and row.status == "started"
 
 
 async def test_close_kills_a_child_that_ignores_sigterm(h: Harness) -> None:
@@ -522,8 +520,8 @@ async def test_the_example_worker_runs_a_cycle_end_to_end(
     assert [(w["worker"], w["cycle"]) for w in written] == [("notes", 0), ("notes", 1)]
     for entry in written:
         row = await h.store.get_action(entry["command_id"])
-        assert row is not None and row["status"] == "succeeded"
-        assert row["rule"] == "notes-may-write-notes"
+        assert row is not None and row.status == "succeeded"
+        assert row.rule == "notes-may-write-notes"
     assert not any(e["event"] == "worker.decision" for e in logs)  # approved: no refusal sent
     stderr = [e["line"] for e in logs if e["event"] == "worker.stderr"]
     assert "example_external: notes starting with 0 notes written" in stderr
@@ -622,7 +620,7 @@ async def test_the_kill_switch_reaches_the_child_as_a_denial(h: Harness) -> None
 
 
 async def _engage(h: Harness, scope: str, target: str, mode: str) -> None:
-    async with h.store.transaction() as tx:
+    async with storetools.transaction(h.store) as tx:
         await tx.execute(
             "upsert_kill_switch", FLEET, scope, target, mode, "test", "op", h.clock.now()
         )
@@ -659,7 +657,7 @@ async def test_critical_and_safe_to_retry_come_from_policy_not_from_the_child(h:
     claims = await _events(h, "WORKER_CLAIM_IGNORED")
     assert {e.payload["action"] for e in claims} == {"test.claimed", "test.policy_critical"}
     assert claims[0].payload["claims"] == {"critical": True, "safe_to_retry": True}
-    rows = await h.store.fetchall("actions_with_status", FLEET, "succeeded", 10)
+    rows = await storetools.fetchall(h.store, "actions_with_status", FLEET, "succeeded", 10)
     assert [(r["name"], bool(r["critical"]), bool(r["safe_to_retry"])) for r in rows] == [
         ("test.policy_critical", True, False)
     ]
@@ -694,7 +692,7 @@ async def test_caps_per_worker_refuse_and_drop_with_an_event_once(h: Harness) ->
     finally:
         await worker.close()
     assert h.notes() == [["pending", "approval_pending"]] * 5 + [["denied", "approval_cap"]] * 3
-    pending = await h.store.fetchall("pending_approvals", FLEET, 100)
+    pending = await h.store.pending_approvals(fleet=FLEET, limit=100)
     assert len(pending) == 5
     forwarded = [e for e in logs if e["event"] in ("worker.log", "worker.stderr")]
     assert len(forwarded) == 30  # log messages and stderr lines share one budget
@@ -761,9 +759,7 @@ async def test_emergency_terminates_the_childs_process_group_and_records_in_doub
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            with anyio.fail_after(10):
-                while not h.notes():  # noqa: ASYNC110 - the child writes the file
-                    await anyio.sleep(0.02)
+            await eventually(h.notes, "the child's note that its effect started", every=0.02)
             pid = h.child_pid()
             await _engage(h, "fleet", "", "emergency")
             t0 = time.monotonic()
@@ -773,7 +769,7 @@ async def test_emergency_terminates_the_childs_process_group_and_records_in_doub
     assert isinstance(outcome[0], ActionDenied) and outcome[0].reason == "killswitch", outcome
     assert time.monotonic() - t0 < 5
     assert await wait_gone(pid)
-    rows = await h.store.fetchall("actions_with_status", FLEET, "in_doubt", 10)
+    rows = await storetools.fetchall(h.store, "actions_with_status", FLEET, "in_doubt", 10)
     assert [r["name"] for r in rows] == ["test.slow"]
     assert await _events(h, "ACTION_SUCCEEDED") == []
     in_doubt = await _events(h, "ACTION_IN_DOUBT")
@@ -796,7 +792,7 @@ async def test_no_success_is_recorded_after_an_emergency_engage_returned(h: Harn
     assert refused.value.reason == "killswitch"
     assert await _events(h, "ACTION_SUCCEEDED") == []
     row = await h.store.get_action("late")
-    assert row is not None and row["status"] == "in_doubt"
+    assert row is not None and row.status == "in_doubt"
 
 
 async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -> None:
@@ -826,7 +822,7 @@ async def test_an_in_process_effect_is_cancelled_at_its_next_await(h: Harness) -
             assert h.gate.stop_in_flight("worker", "w", Mode.EMERGENCY) == 1
     assert refused and refused[0].reason == "killswitch"
     row = await h.store.get_action("long")
-    assert row is not None and row["status"] == "in_doubt"
+    assert row is not None and row.status == "in_doubt"
 
 
 async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminate(
@@ -862,7 +858,7 @@ async def test_halt_all_stops_effects_in_flight_only_when_configured_to_terminat
             assert h.gate.stop_in_flight("session", h.session.id, Mode.HALT_ALL) == 1
     assert refused and refused[0].reason == "killswitch"
     row = await h.store.get_action("halted")
-    assert row is not None and row["status"] == "in_doubt"
+    assert row is not None and row.status == "in_doubt"
 
 
 LATE_RESULT = """
@@ -885,16 +881,14 @@ async def test_a_result_after_an_unobserved_emergency_is_recorded_in_doubt(h: Ha
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.cycle, h.ctx("ext-1", 0))
-            with anyio.fail_after(10):
-                while not h.notes():  # noqa: ASYNC110 - the child writes the file
-                    await anyio.sleep(0.02)
+            await eventually(h.notes, "the child's note that its effect started", every=0.02)
             await _engage(h, "fleet", "", "emergency")
             (h.tmp / "go").write_text("")
         assert worker.snapshot() == {"finished": True}  # the cycle ended normally
     finally:
         await worker.close()
     assert await _events(h, "ACTION_SUCCEEDED") == []
-    rows = await h.store.fetchall("actions_with_status", FLEET, "in_doubt", 10)
+    rows = await storetools.fetchall(h.store, "actions_with_status", FLEET, "in_doubt", 10)
     assert [r["name"] for r in rows] == ["test.late"]
     (in_doubt,) = await _events(h, "ACTION_IN_DOUBT")
     assert in_doubt.payload["reported"] == {"done": True}  # what the child said, for the operator
@@ -907,15 +901,14 @@ async def test_an_emergency_observed_during_the_last_look_stops_the_action_befor
     from supervisor.errors import ActionDenied
     from supervisor.killswitch import Mode
 
-    real = h.store.fetchall
+    real = h.store.kill_switches
 
-    async def fetchall(name: str, *args: Any) -> Any:
-        rows = await real(name, *args)
-        if name == "kill_switches":  # the last look's read: the watcher fires meanwhile
-            h.gate.stop_in_flight("fleet", "", Mode.EMERGENCY)
-        return rows
+    async def kill_switches(fleet: str) -> Any:
+        records = await real(fleet)
+        h.gate.stop_in_flight("fleet", "", Mode.EMERGENCY)  # the watcher fires meanwhile
+        return records
 
-    monkeypatch.setattr(h.store, "fetchall", fetchall)
+    monkeypatch.setattr(h.store, "kill_switches", kill_switches)
     ran: list[int] = []
 
     async def effect() -> None:
@@ -926,7 +919,7 @@ async def test_an_emergency_observed_during_the_last_look_stops_the_action_befor
                          command_id="raced")  # fmt: skip
     assert refused.value.reason == "killswitch" and ran == []
     row = await h.store.get_action("raced")
-    assert row is not None and row["status"] == "halted"
+    assert row is not None and row.status == "halted"
     assert h.gate.in_flight == {}
 
 
@@ -974,7 +967,7 @@ async def test_an_emergency_on_a_replicated_workers_name_stops_its_replicas_in_f
     assert await _events(h, "ACTION_SUCCEEDED") == []
     for command_id in ("long", "late"):
         row = await h.store.get_action(command_id)
-        assert row is not None and row["status"] == "in_doubt", command_id
+        assert row is not None and row.status == "in_doubt", command_id
 
 
 async def test_a_lone_surrogate_or_an_infinite_number_is_a_protocol_violation(h: Harness) -> None:

@@ -34,6 +34,9 @@ from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.policy import Policy
 from supervisor.store import Event, Session, Store
+from supervisor.store.records import ApprovalStatus
+from supervisor.store.tokens import TokenKey
+from tests import storetools
 
 pytestmark = pytest.mark.anyio
 
@@ -302,7 +305,7 @@ async def test_failed_outcome_is_recorded_and_replayed(rig: Rig) -> None:
     assert (again.status, again.replayed) == ("failed", True)
     assert rig.effects == ["boom"]
     row = await rig.store.get_action("boom")
-    assert row is not None and row["status"] == "failed"
+    assert row is not None and row.status == "failed"
     assert (await rig.reload_session()).used_actions == 0  # a failure is not charged
 
 
@@ -327,7 +330,7 @@ async def test_policy_deny_records_the_rule(make_rig: MakeRig) -> None:
     assert "no-deletes" in denied.payload["detail"]
     assert (await rig.run(act("db.read"), "read")).status == "succeeded"
     row = await rig.store.get_action("read")
-    assert row is not None and row["rule"] == "risk:low"
+    assert row is not None and row.rule == "risk:low"
 
 
 MODELS = {"tiers": {"basic": ["small-*"], "large": ["huge-*"]},
@@ -356,8 +359,68 @@ async def test_token_budget_exhaustion(make_rig: MakeRig) -> None:
     exhausted = await rig.events(ev.TOKEN_BUDGET_EXHAUSTED)
     assert len(exhausted) == 1 and exhausted[0].reason == "token_budget"
     assert len(await rig.denials("token_budget")) == 2
-    usage = await rig.store.fetchrow("get_token_usage", "team", "support", "2026-11-02")
-    assert usage is not None and usage["tokens"] == 100
+    usage = await rig.store.token_usage(TokenKey("team", "support", "2026-11-02"))
+    assert usage.tokens == 100
+
+
+TEAM_BUDGET = [{"scope": "team", "identity": "support", "period": "daily", "max_tokens": 100}]
+
+
+async def test_concurrent_actions_cannot_share_the_last_room_of_a_token_budget(
+    make_rig: MakeRig,
+) -> None:
+    """Both estimates fit what the budget had left when each was checked, not both together:
+    the reservation made with the started record lets one through and refuses the other."""
+    rig = await make_rig(tokens=TEAM_BUDGET)
+    both_checked = anyio.Event()
+    checked = 0
+    real = rig.store.token_usage
+
+    async def token_usage(key: TokenKey) -> Any:
+        nonlocal checked
+        usage = await real(key)
+        checked += 1
+        if checked == 2:
+            both_checked.set()
+        await both_checked.wait()  # neither starts before both have read the usage
+        return usage
+
+    rig.store.token_usage = token_usage  # type: ignore[method-assign]
+    outcomes: list[str] = []
+
+    async def one(command_id: str) -> None:
+        try:
+            outcomes.append((await rig.run(act(tokens=60, identity=SUPPORT), command_id)).status)
+        except ActionDenied as exc:
+            outcomes.append(exc.reason)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "r1")
+        tg.start_soon(one, "r2")
+    assert sorted(outcomes) == ["succeeded", "token_budget"]
+    assert len(rig.effects) == 1
+    rig.store.token_usage = real  # type: ignore[method-assign]
+    assert (await rig.store.token_usage(TokenKey("team", "support", "2026-11-02"))).tokens == 60
+    assert len(await rig.events(ev.TOKEN_BUDGET_EXHAUSTED)) == 1
+
+
+async def test_a_failed_or_halted_action_gives_its_token_reservation_back(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig(tokens=TEAM_BUDGET)
+    key = TokenKey("team", "support", "2026-11-02")
+    failed = await rig.run(act(tokens=70, identity=SUPPORT), "f1", fail=True)
+    assert failed.status == "failed"
+    assert (await rig.store.token_usage(key)).tokens == 0
+
+    # The effect reports what it really used: that is what the budget counts.
+    async def reported() -> dict[str, int]:
+        return {"tokens": 25}
+
+    outcome = await rig.gate.run(act(tokens=70, identity=SUPPORT), reported, worker="w1",
+                                 session=rig.session, command_id="r1")  # fmt: skip
+    assert outcome.status == "succeeded"
+    assert (await rig.store.token_usage(key)).tokens == 25
 
 
 # --- approvals --------------------------------------------------------------------------------------
@@ -385,14 +448,14 @@ async def test_approved_action_runs_once(make_rig: MakeRig) -> None:
     assert await pending(rig) == approval_id  # a retry finds the same approval, still pending
     assert len(await rig.events(ev.APPROVAL_REQUESTED)) == 1
     decided = await rig.approvals.decide(approval_id, approve=True, by="alice", reason="ok")
-    assert decided["status"] == "approved"
+    assert decided.status == ApprovalStatus.APPROVED
     outcome = await rig.run(act("ops.restart"), "op")
     again = await rig.run(act("ops.restart"), "op")
     assert outcome.status == "succeeded" and again.replayed
     assert rig.effects == ["op"]
     assert [e.payload["by"] for e in await rig.events(ev.APPROVAL_GRANTED)] == ["alice"]
     row = await rig.store.get_action("op")
-    assert row is not None and row["rule"] == "ops-approval"
+    assert row is not None and row.rule == "ops-approval"
 
 
 async def test_denied_approval_refuses(make_rig: MakeRig) -> None:
@@ -415,8 +478,8 @@ async def test_approval_past_deadline_expires(make_rig: MakeRig) -> None:
     [expired] = await rig.events(ev.APPROVAL_EXPIRED)
     assert expired.payload["approval"] == approval_id
     assert len(await rig.denials("approval_expired")) == 1
-    row = await rig.store.fetchrow("get_approval", approval_id)
-    assert row is not None and row["status"] == "expired" and row["decided_by"] == "deadline"
+    row = await rig.store.approval(approval_id)
+    assert row is not None and row.status == ApprovalStatus.EXPIRED and row.decided_by == "deadline"
 
 
 async def test_escalation_scan_expires_at_the_deadline(make_rig: MakeRig) -> None:
@@ -439,9 +502,9 @@ async def test_escalation_chain_moves_the_tier(make_rig: MakeRig) -> None:
     approval_id = await pending(rig)
 
     async def tier() -> str:
-        row = await rig.store.fetchrow("get_approval", approval_id)
+        row = await rig.store.approval(approval_id)
         assert row is not None
-        return str(row["tier"])
+        return row.tier
 
     assert await tier() == "operators"
     rig.clock.advance(timedelta(minutes=16))
@@ -458,8 +521,8 @@ async def test_policy_escalate_starts_at_the_first_step(make_rig: MakeRig) -> No
     policy = {"rules": [{"name": "esc", "action": "ops.*", "outcome": "escalate"}]}
     rig = await approval_rig(make_rig, policy=policy, approvals=CHAIN)
     approval_id = await pending(rig)
-    row = await rig.store.fetchrow("get_approval", approval_id)
-    assert row is not None and row["tier"] == "oncall"
+    row = await rig.store.approval(approval_id)
+    assert row is not None and row.tier == "oncall"
 
 
 # --- budgets ----------------------------------------------------------------------------------------
@@ -587,12 +650,12 @@ async def test_last_look_halts_an_engage_after_the_started_record(
     monkeypatch.setattr(rig.store, "begin_action", begin_then_engage)
     await rig.refused(act(), "late-halt", "killswitch")
     row = await rig.store.get_action("late-halt")
-    assert row is not None and row["status"] == "halted"
+    assert row is not None and row.status == "halted"
     kinds = [e.kind for e in await rig.events() if e.command_id == "late-halt"]
     assert kinds == [ev.ACTION_STARTED, ev.ACTION_FAILED]
     session = await rig.reload_session()
     assert (session.used_actions, session.used_cost) == (0, 0.0)
-    reserved = await rig.store.fetchrow("get_session", rig.session.id)
+    reserved = await storetools.fetchrow(rig.store, "get_session", rig.session.id)
     assert reserved is not None and reserved["reserved_actions"] == 0
 
 
@@ -609,7 +672,7 @@ async def test_engage_while_waiting_for_the_store_leaves_no_started_record(
     await rig.refused(act(), "raced", "killswitch")
     assert await rig.store.get_action("raced") is None
     assert await rig.events(ev.ACTION_STARTED) == []
-    row = await rig.store.fetchrow("get_session", rig.session.id)
+    row = await storetools.fetchrow(rig.store, "get_session", rig.session.id)
     assert row is not None and row["reserved_actions"] == 0
 
 

@@ -22,6 +22,7 @@ from supervisor.clock import SystemClock
 from supervisor.errors import StateWriteError
 from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
+from tests import storetools
 
 pytestmark = pytest.mark.anyio
 
@@ -148,7 +149,7 @@ async def test_a_transaction_that_raises_leaves_the_rest_of_its_batch_alone(
 
     async def one(i: int) -> None:
         try:
-            async with store.transaction() as tx:
+            async with storetools.transaction(store) as tx:
                 await store.append_in(tx, NewEvent(kind="X", session_id=f"s{i}"))
                 if i % 3 == 0:
                     raise RuntimeError("the caller changed its mind")

@@ -20,6 +20,8 @@ from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.policy import Policy
 from supervisor.store import Session, Store
+from supervisor.store.records import ApprovalStatus
+from tests import storetools
 
 pytestmark = pytest.mark.anyio
 SECRET = b"halt-deadline-secret"
@@ -58,8 +60,8 @@ async def test_deadline_denies_by_default_during_a_halt(
     assert (await gate.approvals.escalate_due())["escalated"] == 1
     clock.advance(timedelta(minutes=45))
     assert (await gate.approvals.escalate_due())["expired"] == 1
-    row = await store.fetchrow("get_approval", pending.value.approval_id)
-    assert row is not None and row["status"] == "expired"
+    row = await store.approval(pending.value.approval_id)
+    assert row is not None and row.status == ApprovalStatus.EXPIRED
     assert kinds_in(await kinds(store, session), ev.APPROVAL_ESCALATED, ev.APPROVAL_EXPIRED)
 
 
@@ -111,7 +113,7 @@ async def test_an_action_halted_at_the_last_look_runs_after_disengage(
     with pytest.raises(ActionDenied):
         await gate.last_look(action, worker="w", session=session, command_id="h1")
     row = await store.get_action("h1")
-    assert row is not None and row["status"] == "halted" and ran == []
+    assert row is not None and row.status == "halted" and ran == []
     switch.write(Mode.DISENGAGED, reason="over", by="op", at=clock.now().isoformat())
     outcome = await gate.run(action, effect, worker="w", session=session, command_id="h1")
     assert outcome.status == "succeeded" and not outcome.replayed and ran == [1]
@@ -129,6 +131,6 @@ async def test_no_start_after_the_window_ends_even_if_rotation_is_late(
                        command_id="late")  # fmt: skip
     assert denied.value.reason == "no_window"
     # and the reservation statement itself refuses, whatever the caller checked before
-    assert await store.fetchrow("get_action", "late") is None
-    async with store.transaction() as tx:
+    assert await storetools.fetchrow(store, "get_action", "late") is None
+    async with storetools.transaction(store) as tx:
         assert await tx.fetchrow("reserve_budget", 0.0, session.id, 0.0, clock.now()) is None

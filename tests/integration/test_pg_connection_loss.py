@@ -5,7 +5,7 @@ test controls (tests/pg_proxy.py)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from supervisor.config import load_config
 from supervisor.errors import ConfigError, StateWriteError, StoreError
 from supervisor.store import NewEvent, Store, open_store, system_stream
 from supervisor.store.postgres import APPLICATION_NAME
+from tests import storetools
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -70,25 +72,16 @@ async def terminate_store_backends(pg_url: str) -> int:
     return int(rows[0]["n"])
 
 
-async def wait_until_gone(pg_url: str, within: float = 5.0) -> None:
+async def wait_until_gone(pg_url: str) -> None:
     """Until the server has no session of the store's left (terminated ones take a moment)."""
     query = ("SELECT count(*) AS n FROM pg_stat_activity "
              "WHERE datname = current_database() AND application_name = $1")  # fmt: skip
-    with anyio.move_on_after(within):
-        while True:
-            if (await admin(pg_url, query, APPLICATION_NAME))[0]["n"] == 0:
-                return
-            await anyio.sleep(0.01)
-    raise AssertionError(f"the store's sessions still there after {within}s")
 
+    async def none_left() -> bool:
+        return bool((await admin(pg_url, query, APPLICATION_NAME))[0]["n"] == 0)
 
-async def wait_for(check: Callable[[], Any], what: str, within: float = 5.0) -> None:
-    with anyio.move_on_after(within):
-        while True:
-            if check():
-                return
-            await anyio.sleep(0.01)
-    raise AssertionError(f"not within {within}s: {what}")
+    await eventually(none_left, "the store's terminated sessions gone from the server",
+                     every=0.02)  # fmt: skip
 
 
 async def cut_outcome_writes(pg_url: str, times: int) -> None:
@@ -129,7 +122,7 @@ async def test_an_outcome_cut_by_a_lost_connection_is_written_on_reconnect(
     assert [e["what"] for e in retries] == ["action.outcome", "action.outcome"]
     assert rig.effects == ["cut-1"], "the effect ran once"
     row = await rig.store.get_action("cut-1")
-    assert row is not None and row["status"] == "succeeded"
+    assert row is not None and row.status == "succeeded"
     kinds = [e.kind for e in await rig.store.events_for_command("cut-1")]
     assert kinds.count(ev.ACTION_STARTED) == 1 and kinds.count(ev.ACTION_SUCCEEDED) == 1
     session = await rig.reload_session()
@@ -168,7 +161,7 @@ async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twi
 
 async def _finished(store: Store, command_id: str) -> bool:
     row = await store.get_action(command_id)
-    return row is not None and row["status"] == "succeeded"
+    return row is not None and row.status == "succeeded"
 
 
 async def test_an_outcome_is_left_in_doubt_only_when_the_daemon_stops_before_it_lands(
@@ -178,17 +171,17 @@ async def test_an_outcome_is_left_in_doubt_only_when_the_daemon_stops_before_it_
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             tg.start_soon(rig.run, act(), "never-lands")
-            await wait_for(lambda: sum(e["event"] == "store.retry" for e in logs) >= 3,
-                           "three retries of the outcome", within=10)  # fmt: skip
+            await eventually(lambda: sum(e["event"] == "store.retry" for e in logs) >= 3,
+                             "three retries of the outcome", every=0.02)  # fmt: skip
             assert rig.effects == ["never-lands"]
             row = await rig.store.get_action("never-lands")
-            assert row is not None and row["status"] == "started", "still retrying, not given up"
+            assert row is not None and row.status == "started", "still retrying, not given up"
             tg.cancel_scope.cancel()  # the daemon stops
     report = await recovery.scan(rig.store, fleet=FLEET, approvals=rig.approvals,
                                  host_switch=None, by="pytest")  # fmt: skip
     assert report.in_doubt == 1
     row = await rig.store.get_action("never-lands")
-    assert row is not None and row["status"] == "in_doubt"
+    assert row is not None and row.status == "in_doubt"
 
 
 # --- terminated pooled connections -----------------------------------------------------------
@@ -226,7 +219,7 @@ async def test_a_cut_mid_transaction_is_a_transient_store_error(rig: Rig, pg_url
     """What cannot be redone below the store surfaces as the project's error, marked transient
     (the fleet then waits for the store instead of counting a worker crash)."""
     with pytest.raises(StoreError) as info:
-        async with rig.store.transaction() as tx:
+        async with storetools.transaction(rig.store) as tx:
             await tx.fetchrow("db_now")
             await terminate_store_backends(pg_url)
             await tx.fetchrow("db_now")
@@ -342,7 +335,7 @@ async def test_a_write_cancelled_in_flight_gives_its_connection_back(
         await store.db_now()  # one pooled connection, idle
         proxy.pause()
         with anyio.move_on_after(0.2) as scope:
-            async with store.transaction() as tx:
+            async with storetools.transaction(store) as tx:
                 await tx.fetchrow("db_now")
         assert scope.cancelled_caught
         proxy.resume()
@@ -361,10 +354,10 @@ async def test_a_partitioned_session_gives_its_row_locks_back(
     async with TcpProxy.running(*_target(pg_url)) as proxy:
         store = await open_store(proxy.url(pg_url), clock, query_timeout=0.3)
         try:
-            async with store.transaction() as tx:
+            async with storetools.transaction(store) as tx:
                 await tx.execute("ensure_fleet_switch", FLEET, clock.now())
             with pytest.raises(StoreError):
-                async with store.transaction() as tx:
+                async with storetools.transaction(store) as tx:
                     await tx.fetchrow("lock_fleet_switch", FLEET)  # the row is locked
                     proxy.pause()  # a partition: the server still holds the session
                     await tx.fetchrow("db_now")

@@ -17,6 +17,8 @@ import pytest
 
 from supervisor.clock import SystemClock
 from supervisor.store import Store, open_store
+from tests import storetools
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +46,7 @@ async def test_an_engage_is_not_starved_by_starts_that_always_overlap(
         the window's row takes a moment (a busy host) before it commits."""
         nonlocal reads
         while not stop.is_set():
-            async with store.transaction() as tx:
+            async with storetools.transaction(store) as tx:
                 await tx.fetchall("kill_switches_for_start", FLEET)
                 await tx.fetchrow("reserve_budget", 0.0, session.id, 0.0, store.clock.now())
                 await anyio.sleep(0.01)
@@ -59,7 +61,9 @@ async def test_an_engage_is_not_starved_by_starts_that_always_overlap(
             for each in stores:
                 for _ in range(10):
                     tg.start_soon(start_after_start, each)
-            await anyio.sleep(0.5)  # the starts overlap from here on
+            # The starts overlap from here on: as many done as there are loops (each holds the
+            # window's row 10 ms, so about half a second on an idle machine, later on a busy one).
+            await eventually(lambda: reads >= 50, "fifty starts through the window's row")
             busy = reads
             began = time.monotonic()
 
@@ -73,7 +77,7 @@ async def test_an_engage_is_not_starved_by_starts_that_always_overlap(
         assert reads > busy, "the starts did not run while the engage waited"
         assert done.returncode == 0, done.stderr
         assert took < 10, f"the engage took {took:.1f}s behind the starts"
-        rows = await store.fetchall("kill_switches", FLEET)
+        rows = await storetools.fetchall(store, "kill_switches", FLEET)
         assert [(r["scope"], r["mode"]) for r in rows if r["scope"] == "fleet"] == [
             ("fleet", "halt_all")
         ]

@@ -25,6 +25,7 @@ from supervisor.killswitch import HostSwitchFile
 from supervisor.policy import Policy
 from supervisor.replay import ShadowPolicy, proposals_of
 from supervisor.store import Event, Session, Store
+from tests.storetools import NO_SWITCH_TARGET
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +106,7 @@ async def test_denials_and_approval_requests_carry_rule_reason_and_proposal(
     assert requested.payload["command_id"] == "op" and requested.payload["cost"] == 2.0
     row = await store.get_action("ok")
     assert row is not None
-    assert (row["model"], row["tokens"], row["decision"]) == ("small-2", 40, "allow")
+    assert (row.model, row.tokens, row.decision) == ("small-2", 40, "allow")
 
     # The store gives replay all four back as proposals, each once, with what was decided.
     actions, refusals = await store.proposal_rows(session.id)
@@ -223,7 +224,7 @@ async def test_rows_from_before_the_migration_replay_as_unknown(store: Store) ->
         command_id="old-1", operation="action:a.x", params={"n": 1}, fleet=FLEET,
         session_id=session.id, worker="w1", name="a.x", risk="high", cost=0.5, critical=False,
         safe_to_retry=False, rule="risk:high", correlation_id=None, agent_id=None,
-        kill_switch_check=lambda _rows: None,
+        switches=NO_SWITCH_TARGET,
     )  # fmt: skip
     assert status == "started"
     actions, refusals = await store.proposal_rows(session.id)

@@ -28,7 +28,11 @@ from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.policy import Policy
 from supervisor.store import Event, Session, Store, system_stream
+from supervisor.store.actions import ActionRow
+from supervisor.store.approvals import ApprovalRecord
 from supervisor.store.base import Row
+from tests import storetools
+from tests.storetools import NO_SWITCH_TARGET
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +77,7 @@ class Rig:
             fleet=FLEET, session_id=session.id, worker="w1", name=action.name, risk=action.risk,
             cost=action.cost, critical=action.critical, safe_to_retry=action.safe_to_retry,
             rule="risk:low", correlation_id=None, agent_id=None,
-            kill_switch_check=lambda rows: None,
+            switches=NO_SWITCH_TARGET,
         )  # fmt: skip
         assert status == "started"
 
@@ -93,11 +97,11 @@ class Rig:
         return [e for e in found if kind is None or e.kind == kind]
 
     async def session_row(self, session: Session) -> Row:
-        row = await self.store.fetchrow("get_session", session.id)
+        row = await storetools.fetchrow(self.store, "get_session", session.id)
         assert row is not None
         return row
 
-    async def action_row(self, command_id: str) -> Row:
+    async def action_row(self, command_id: str) -> ActionRow:
         row = await self.store.get_action(command_id)
         assert row is not None
         return row
@@ -157,8 +161,8 @@ async def test_started_action_without_outcome_is_in_doubt_and_its_reservation_re
 
     assert report.in_doubt == 1 and report.found["actions"] == ["cmd-orphan"]
     assert again.in_doubt == 0
-    assert (await rig.action_row("cmd-orphan"))["status"] == "in_doubt"
-    assert (await rig.action_row("cmd-young"))["status"] == "started"
+    assert (await rig.action_row("cmd-orphan")).status == "in_doubt"
+    assert (await rig.action_row("cmd-young")).status == "started"
     in_doubt = await rig.events(session.id, ev.ACTION_IN_DOUBT)
     assert len(in_doubt) == 1
     assert in_doubt[0].command_id == "cmd-orphan" and in_doubt[0].reason == "in_doubt"
@@ -175,13 +179,13 @@ async def test_safe_to_retry_in_doubt_action_reruns_with_the_same_command_id(rig
     await rig.begin(session, "cmd-safe", action)
     rig.clock.advance(timedelta(minutes=1))
     await rig.scan()
-    assert (await rig.action_row("cmd-safe"))["status"] == "in_doubt"
+    assert (await rig.action_row("cmd-safe")).status == "in_doubt"
 
     outcome = await rig.run(action, "cmd-safe", session)  # the worker retries: same command_id
     assert outcome.status == "succeeded" and not outcome.replayed
     assert rig.effects == ["cmd-safe"]
     row = await rig.action_row("cmd-safe")
-    assert row["status"] == "succeeded" and json.loads(row["result"]) == {"ran": 1}
+    assert row.status == "succeeded" and row.result == {"ran": 1}
     budget = await rig.session_row(session)
     assert (budget["used_cost"], budget["used_actions"]) == (2.0, 1)
     assert (budget["reserved_cost"], budget["reserved_actions"]) == (0.0, 0)
@@ -205,7 +209,7 @@ async def test_safe_rerun_respects_the_budget_of_its_window(rig: Rig) -> None:
         await rig.run(action, "cmd-safe", session)
     assert refused.value.reason == "budget"
     assert rig.effects == ["cmd-fill"]
-    assert (await rig.action_row("cmd-safe"))["status"] == "in_doubt"  # still for an operator
+    assert (await rig.action_row("cmd-safe")).status == "in_doubt"  # still for an operator
     budget = await rig.session_row(session)
     assert (budget["used_cost"], budget["reserved_cost"], budget["reserved_actions"]) == (
         2.0, 0.0, 0)  # fmt: skip
@@ -248,7 +252,7 @@ async def test_not_safe_in_doubt_action_is_refused_not_rerun(rig: Rig) -> None:
         await rig.run(action, "cmd-unsafe", session)
     assert refused.value.reason == "in_doubt"
     assert rig.effects == []
-    assert (await rig.action_row("cmd-unsafe"))["status"] == "in_doubt"
+    assert (await rig.action_row("cmd-unsafe")).status == "in_doubt"
     denials = await rig.events(session.id, ev.ACTION_DENIED)
     assert [(e.reason, e.command_id) for e in denials] == [("in_doubt", "cmd-unsafe")]
 
@@ -266,7 +270,7 @@ async def test_operator_resolution_charges_only_done_and_answers_later_retries(
     await recovery.resolve_in_doubt(rig.store, "cmd-x", done=verdict == "done", by="op")
 
     row = await rig.action_row("cmd-x")
-    assert row["status"] == f"resolved_{verdict}" and row["resolved_by"] == "op"
+    assert row.status == f"resolved_{verdict}" and row.resolved_by == "op"
     budget = await rig.session_row(session)
     charged = (2.0, 1) if verdict == "done" else (0.0, 0)
     assert (budget["used_cost"], budget["used_actions"]) == charged
@@ -293,7 +297,7 @@ async def test_resolving_an_action_that_is_not_in_doubt_is_not_found(rig: Rig) -
 # -- approvals ----------------------------------------------------------------------------------
 
 
-async def _request(rig: Rig, session: Session, key: str) -> Row:
+async def _request(rig: Rig, session: Session, key: str) -> ApprovalRecord:
     return await rig.approvals.request(
         key=key, action=Action(name="deploy.release", params={"key": key}, risk="high"),
         worker="w1", session_id=session.id, escalate_now=False, correlation_id=None,
@@ -313,22 +317,20 @@ async def test_approvals_past_their_deadline_expire_and_the_rest_move_tiers(rig:
     report = await rig.scan()
 
     assert report.approvals_expired == 1 and report.approvals_escalated == 2
-    assert sorted(report.found["approvals"]) == sorted([old["id"], middle["id"], young["id"]])
-    rows = {k: await rig.store.fetchrow("get_approval", r["id"])
+    assert sorted(report.found["approvals"]) == sorted([old.id, middle.id, young.id])
+    rows = {k: await rig.store.approval(r.id)
             for k, r in (("old", old), ("middle", middle), ("young", young))}  # fmt: skip
-    assert rows["old"] is not None and rows["old"]["status"] == "expired"
-    assert rows["old"]["decided_by"] == "deadline"
-    assert rows["middle"] is not None and (rows["middle"]["status"], rows["middle"]["tier"]) == (
+    assert rows["old"] is not None and rows["old"].status == "expired"
+    assert rows["old"].decided_by == "deadline"
+    assert rows["middle"] is not None and (rows["middle"].status, rows["middle"].tier) == (
         "pending", "manager")  # fmt: skip
-    assert rows["young"] is not None and (rows["young"]["status"], rows["young"]["tier"]) == (
+    assert rows["young"] is not None and (rows["young"].status, rows["young"].tier) == (
         "pending", "oncall")  # fmt: skip
     expired = await rig.events(session.id, ev.APPROVAL_EXPIRED)
-    assert [(e.payload["approval"], e.reason) for e in expired] == [(old["id"], "approval_expired")]
+    assert [(e.payload["approval"], e.reason) for e in expired] == [(old.id, "approval_expired")]
     escalated = await rig.events(session.id, ev.APPROVAL_ESCALATED)
     moves = sorted((e.payload["approval"], e.payload["from"], e.payload["to"]) for e in escalated)
-    assert moves == sorted(
-        [(middle["id"], "operators", "manager"), (young["id"], "operators", "oncall")]
-    )
+    assert moves == sorted([(middle.id, "operators", "manager"), (young.id, "operators", "oncall")])
 
     again = await rig.scan()  # nothing more is due yet
     assert (again.approvals_expired, again.approvals_escalated) == (0, 0)
@@ -403,15 +405,15 @@ async def test_dry_run_reports_and_changes_nothing(rig: Rig) -> None:
 
     assert report.windows_closed == 1 and report.found["windows"] == [overdue.window_key]
     assert report.in_doubt == 1 and report.found["actions"] == ["cmd-orphan"]
-    assert report.found["approvals"] == [approval["id"]]
+    assert report.found["approvals"] == [approval.id]
     assert report.approvals_expired == 1 and report.approvals_escalated == 0
     assert report.killswitch_invalid
     after = {s: [e.as_dict() for e in await rig.events(s)] for s in streams}
     assert after == before
     assert await rig.session_row(overdue) == session_before
-    assert (await rig.action_row("cmd-orphan"))["status"] == "started"
-    still = await rig.store.fetchrow("get_approval", approval["id"])
-    assert still is not None and still["status"] == "pending" and still["tier"] == "operators"
+    assert (await rig.action_row("cmd-orphan")).status == "started"
+    still = await rig.store.approval(approval.id)
+    assert still is not None and still.status == "pending" and still.tier == "operators"
 
     real = await rig.scan()  # and the real scan then repairs exactly what the dry run found
     assert (real.windows_closed, real.in_doubt, real.approvals_expired) == (1, 1, 1)

@@ -46,6 +46,8 @@ from supervisor.store import NewEvent, Session, Store, Tx, open_store
 from supervisor.store.base import TELEMETRY_BATCH, CommandBody
 from supervisor.store.queries import load_migrations
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
+from tests import storetools
+from tests.storetools import NO_SWITCH_TARGET
 
 pytestmark = pytest.mark.anyio
 
@@ -111,13 +113,13 @@ async def begin(store: Store, session_id: str, command_id: str, cost: float) -> 
         command_id=command_id, operation="act", params={"id": command_id}, fleet=FLEET,
         session_id=session_id, worker="w", name="act", risk="low", cost=cost, critical=False,
         safe_to_retry=False, rule="test", correlation_id=None, agent_id=None,
-        kill_switch_check=lambda _rows: None,
+        switches=NO_SWITCH_TARGET,
     )  # fmt: skip
     return status
 
 
 async def budget_row(store: Store, session_id: str) -> dict[str, Any]:
-    row = await store.fetchrow("get_session", session_id)
+    row = await storetools.fetchrow(store, "get_session", session_id)
     assert row is not None
     return row
 
@@ -349,7 +351,7 @@ async def test_budget_reservations_cannot_overspend(
     counts = await kinds(store, session.id)
     assert (counts[ACTION_SUCCEEDED], counts[ACTION_FAILED]) == (4, len(failed))
     action = await store.get_action(succeeded[0])
-    assert action is not None and action["status"] == "succeeded"
+    assert action is not None and action.status == "succeeded"
 
     # The released reservations are room again; the charged ones are not.
     again = await concurrently(20, lambda i: begin(store, session.id, f"b{i}", 1.0))

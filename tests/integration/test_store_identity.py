@@ -20,6 +20,7 @@ from supervisor.clock import SystemClock
 from supervisor.errors import StateWriteError, StoreConfigError, StoreLost
 from supervisor.statedir import make_state_dir
 from supervisor.store import NewEvent, Store, open_store, system_stream
+from tests import storetools
 
 pytestmark = pytest.mark.anyio
 
@@ -127,7 +128,7 @@ async def test_database_gone_while_open_fails_every_commit(
         with pytest.raises(StoreLost, match=how):
             await append(store)
         with pytest.raises(StateWriteError):  # a state-bearing write: the caller stops
-            async with store.transaction() as tx:
+            async with storetools.transaction(store) as tx:
                 await tx.execute("ensure_fleet_switch", "f", store.clock.now())
     finally:
         await store.close()

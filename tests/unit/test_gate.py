@@ -17,27 +17,28 @@ from supervisor.approvals import Approvals
 from supervisor.clock import VirtualClock
 from supervisor.errors import ActionDenied, StateWriteError
 from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate, _jsonable, store_switch_verdict
+from supervisor.gate import Gate, _jsonable
 from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.policy import Policy
 from supervisor.store import NewEvent, Session, Store
+from supervisor.store.switches import SwitchRecord, SwitchTarget, switch_verdict
 
 SECRET = b"gate-unit-secret"
 NOW = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 AT = "2026-11-02T09:00:00+00:00"
 
 
-def row(scope: str, target: str, mode: str) -> dict[str, Any]:
-    return {"scope": scope, "target": target, "mode": mode}
+def row(scope: str, target: str, mode: str) -> SwitchRecord:
+    return SwitchRecord.of(scope, target, mode)
 
 
-# --- store_switch_verdict ----------------------------------------------------------------------
+# --- switch_verdict ------------------------------------------------------------------------
 
 
-def verdict(rows: list[dict[str, Any]], *, worker: str = "w1", session: str = "s1",
+def verdict(rows: list[SwitchRecord], *, worker: str = "w1", session: str = "s1",
             critical: bool = False) -> str | None:  # fmt: skip
-    return store_switch_verdict(rows, worker=worker, session_id=session, critical=critical)
+    return switch_verdict(rows, SwitchTarget(worker=worker, session_id=session, critical=critical))
 
 
 def test_no_rows_permit() -> None:
@@ -56,7 +57,7 @@ def test_no_rows_permit() -> None:
     ],
 )
 def test_each_scope_applies_only_to_its_target(
-    rows: list[dict[str, Any]], worker: str, session: str, halted: bool
+    rows: list[SwitchRecord], worker: str, session: str, halted: bool
 ) -> None:
     assert (verdict(rows, worker=worker, session=session) is not None) is halted
 
@@ -91,7 +92,7 @@ class StubStore:
         self.events: list[tuple[str, NewEvent]] = []
         self.finished: list[dict[str, Any]] = []
         self.fail_writes = fail_writes
-        self.switch_rows: list[dict[str, Any]] = []
+        self.switch_rows: list[SwitchRecord] = []
         self.while_reading_switches: Any = None  # called during the store-switch read
 
     async def once(self, command_id: str, event: NewEvent) -> bool:
@@ -103,8 +104,7 @@ class StubStore:
     async def finish_action(self, **kw: Any) -> None:
         self.finished.append(kw)
 
-    async def fetchall(self, name: str, *args: Any) -> list[dict[str, Any]]:
-        assert name == "kill_switches", name
+    async def kill_switches(self, fleet: str) -> list[SwitchRecord]:
         if self.while_reading_switches is not None:
             self.while_reading_switches()
         return self.switch_rows

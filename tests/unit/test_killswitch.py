@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from supervisor.errors import ConfigError, KillSwitchError
@@ -15,7 +14,6 @@ from supervisor.killswitch import (
     HostSwitchFile,
     Mode,
     SwitchState,
-    SwitchWatcher,
     load_secret,
     permits,
     render,
@@ -342,51 +340,6 @@ def test_unchanged_file_is_not_reopened(path: Path, monkeypatch: pytest.MonkeyPa
     assert switch.changed()
     assert switch.read().mode is Mode.DISENGAGED
     assert len(opens) == 2
-
-
-# -- the watcher ------------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_watcher_notices_change_and_wakes_waiters(path: Path) -> None:
-    switch = HostSwitchFile(path, SECRET)
-    watcher = SwitchWatcher(switch)
-    assert watcher.current.valid and watcher.current.seq == 0  # no file yet: disengaged
-    seen: list[SwitchState] = []
-    watcher.on_change(seen.append)
-    woke: list[SwitchState] = []
-    done = anyio.Event()
-
-    async def waiter() -> None:
-        woke.append(await watcher.wait_changed())
-        done.set()
-
-    async with anyio.create_task_group() as tg:
-        await tg.start(watcher.run, 0.01)
-        tg.start_soon(waiter)
-        await anyio.sleep(0.03)
-        assert woke == []  # nothing changed yet
-        # Another process (the CLI) engages the switch.
-        HostSwitchFile(path, SECRET).write(Mode.EMERGENCY, reason="fire", by="alice", at=AT)
-        # Polling every 10 ms: a second is a generous bound that still catches a dead watcher.
-        with anyio.fail_after(1.0):
-            await done.wait()
-        tg.cancel_scope.cancel()
-
-    assert woke[0].mode is Mode.EMERGENCY
-    assert [s.mode for s in seen] == [Mode.EMERGENCY]
-    assert watcher.current.mode is Mode.EMERGENCY
-
-
-def test_watcher_sees_change_already_consumed_by_shared_reader(path: Path) -> None:
-    switch = HostSwitchFile(path, SECRET)
-    watcher = SwitchWatcher(switch)
-    switch.write(Mode.HALT_ALL, reason="r", by="b", at=AT)
-    switch.read()  # the gate's per-action check consumes the stat change
-    assert not switch.changed()
-    assert watcher.poll() is True
-    assert watcher.current.mode is Mode.HALT_ALL
-    assert watcher.poll() is False
 
 
 # -- the secret -------------------------------------------------------------------------------

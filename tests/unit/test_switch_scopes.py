@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.gate import store_switch_verdict
+from supervisor.store.switches import SwitchRecord, SwitchTarget, switch_verdict
 
 
-def row(scope: str, target: str, mode: str = "halt_all") -> dict[str, str]:
-    return {"scope": scope, "target": target, "mode": mode}
+def row(scope: str, target: str, mode: str = "halt_all") -> SwitchRecord:
+    return SwitchRecord.of(scope, target, mode)
 
 
 @pytest.mark.parametrize(
@@ -25,8 +25,9 @@ def row(scope: str, target: str, mode: str = "halt_all") -> dict[str, str]:
 def test_worker_switch_by_instance_or_configured_name(
     target: str, worker: str, group: str | None, halted: bool
 ) -> None:
-    verdict = store_switch_verdict([row("worker", target)], worker=worker, session_id="s",
-                                   critical=False, group=group)  # fmt: skip
+    verdict = switch_verdict(
+        [row("worker", target)], SwitchTarget(worker=worker, session_id="s", group=group)
+    )
     assert (verdict is not None) is halted, verdict
     if halted:
         assert verdict == "halt_all (worker)"
@@ -34,7 +35,6 @@ def test_worker_switch_by_instance_or_configured_name(
 
 def test_disengaged_group_row_leaves_an_instance_halt_in_force() -> None:
     rows = [row("worker", "support", "disengaged"), row("worker", "support-2")]
-    assert store_switch_verdict(rows, worker="support-2", session_id="s", critical=False,
-                                group="support") == "halt_all (worker)"  # fmt: skip
-    assert store_switch_verdict(rows, worker="support-1", session_id="s", critical=False,
-                                group="support") is None  # fmt: skip
+    support = {"session_id": "s", "group": "support"}
+    assert switch_verdict(rows, SwitchTarget(worker="support-2", **support)) == "halt_all (worker)"
+    assert switch_verdict(rows, SwitchTarget(worker="support-1", **support)) is None

@@ -18,7 +18,7 @@ RETURNING command_id;
 -- sql/<dialect>/queries.sql. It also keeps each stream's row (Postgres; SQLite derives the
 -- number from the events' own index).
 
--- name: replay
+-- name: replay_events
 SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?;
 
 -- name: events_by_command
@@ -142,9 +142,6 @@ RETURNING id;
 SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' AND next_check_at <= ?
 ORDER BY next_check_at LIMIT ?;
 
--- name: pending_approvals
-SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' ORDER BY created_at LIMIT ?;
-
 -- name: list_approvals
 SELECT * FROM approvals WHERE fleet = ? ORDER BY created_at DESC LIMIT ?;
 
@@ -189,10 +186,17 @@ SET mode = excluded.mode, reason = excluded.reason, changed_by = excluded.change
 -- name: kill_switches
 SELECT * FROM kill_switches WHERE fleet = ? ORDER BY scope, target;
 
--- name: add_token_usage
+-- name: reserve_tokens
+-- An action's estimate, only if the budget's period still has room for it (tokens and cost).
 INSERT INTO token_usage (scope, identity, period_key, tokens, cost) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (scope, identity, period_key) DO UPDATE
-SET tokens = token_usage.tokens + excluded.tokens, cost = token_usage.cost + excluded.cost;
+SET tokens = token_usage.tokens + excluded.tokens, cost = token_usage.cost + excluded.cost
+WHERE token_usage.tokens + excluded.tokens <= ? AND token_usage.cost + excluded.cost <= ?
+RETURNING tokens;
+
+-- name: adjust_tokens
+UPDATE token_usage SET tokens = tokens + ?, cost = cost + ?
+WHERE scope = ? AND identity = ? AND period_key = ?;
 
 -- name: get_token_usage
 SELECT tokens, cost FROM token_usage WHERE scope = ? AND identity = ? AND period_key = ?;
@@ -239,8 +243,6 @@ SELECT * FROM runs WHERE id = ?;
 SELECT * FROM runs WHERE fleet = ? AND horizon = ? AND simulated = ? AND status = 'running'
 ORDER BY created_at DESC LIMIT 1;
 
--- name: last_run
-SELECT * FROM runs WHERE fleet = ? AND simulated = ? ORDER BY ends_at DESC LIMIT 1;
 
 -- name: finish_run
 UPDATE runs SET status = 'finished', finished_at = ? WHERE id = ? AND status = 'running'
@@ -420,3 +422,43 @@ FROM actions WHERE session_id = ?;
 -- Denials and approval requests of a window: the proposals that did not start at once.
 SELECT command_id, payload, worker, created_at AS seen_at
 FROM events WHERE session_id = ? AND kind IN ('ACTION_DENIED', 'APPROVAL_REQUESTED');
+
+-- name: release_holder_leases
+-- Every lease of one holder (a dead incarnation of a host that restarted), expired at once.
+UPDATE leases SET expires_at = ? WHERE holder = ?;
+
+-- Approvals (supervisor/store/approvals.py).
+
+-- name: set_approval_next_check
+-- When a pending approval is next looked at, its tier unchanged (escalate_approval moves both).
+UPDATE approvals SET next_check_at = ? WHERE id = ? AND status = 'pending';
+
+-- A fleet's activity, read beside a running daemon (supervisor/store/activity.py): the fleet's
+-- windows and its system stream, on the events (session_id, kind, reason) index.
+
+-- name: fleet_event_count_since
+-- An empty reason means "any".
+SELECT count(*) AS n FROM events
+WHERE (session_id IN (SELECT id FROM sessions WHERE fleet = ?) OR session_id = ?)
+  AND kind = ? AND (? = '' OR reason = ?) AND created_at > ?;
+
+-- name: fleet_last_event_at
+SELECT max(created_at) AS last_at FROM events
+WHERE (session_id IN (SELECT id FROM sessions WHERE fleet = ?) OR session_id = ?) AND kind = ?;
+
+-- name: stream_events_of_kind
+SELECT * FROM events WHERE session_id = ? AND kind = ? ORDER BY seq DESC LIMIT ?;
+
+-- name: count_actions_started_since
+SELECT count(*) AS n FROM actions WHERE fleet = ? AND started_at > ?;
+
+-- name: latest_run
+-- The newest run of a fleet (simulated or not). Not named `last_run`: a checkpoint counter is,
+-- and the store-boundary test flags any string outside the store equal to a query name.
+SELECT * FROM runs WHERE fleet = ? AND simulated = ? ORDER BY ends_at DESC LIMIT 1;
+
+-- name: fleet_pending_approvals
+-- A fleet's pending approvals, oldest first. Not named `pending_approvals`: a JSON key of the
+-- status, the overview and the emergency snapshot is, and the store-boundary test flags any
+-- string outside the store equal to a query name.
+SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' ORDER BY created_at LIMIT ?;
