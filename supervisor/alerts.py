@@ -101,8 +101,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import events as ev
 from .actions import derive_id
 from .clock import Clock
+from .configparse import array, check_keys, nonempty_str, parse_duration, table, type_name
 from .errors import ConfigError
-from .escalation import array, check_keys, nonempty_str, parse_duration, table, type_name
 from .sandbox import without_capabilities
 from .schema import keys
 from .store import NewEvent, Store, system_stream

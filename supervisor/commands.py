@@ -14,7 +14,6 @@ import structlog
 from . import recovery, simruns, tables
 from .approvals import Approvals
 from .checkpoints import Checkpoints
-from .cli import emit
 from .clock import SystemClock
 from .config import Config
 from .daemon import Daemon
@@ -25,6 +24,7 @@ from .simruns import open_fleet_store
 from .statedir import make_state_dir
 from .store import open_store, system_stream
 from .store.records import ActionStatus
+from .tables import emit
 
 log = structlog.get_logger("supervisor.commands")
 
@@ -487,7 +487,7 @@ async def policy_replay(args: argparse.Namespace, config: Config) -> int:
     import sys
 
     from .config import load_candidate
-    from .escalation import parse_duration
+    from .configparse import parse_duration
     from .replay import run_replay
 
     # Everything the user gave is checked before the store is opened; nothing is ever written.

@@ -19,9 +19,10 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from .alerts import AlertConfig
+from .configparse import check_keys, parse_duration
 from .console.settings import ConsoleConfig
 from .errors import ConfigError
-from .escalation import EscalationChain, check_keys, parse_duration
+from .escalation import EscalationChain
 from .governance import ModelGovernor, TokenBudgets
 from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
 from .metrics import MetricsConfig

@@ -588,7 +588,7 @@ async def approval_backlog_drill(
 
 
 def _ago(at: datetime, t0: datetime) -> str:
-    from .escalation import format_duration
+    from .configparse import format_duration
 
     seconds = (at - t0).total_seconds()
     return format_duration(seconds) if seconds > 0 else "0s"

@@ -36,8 +36,8 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal, cast, get_args
 from zoneinfo import ZoneInfo
 
+from .configparse import array, check_keys, key_path, nonempty_str, require_aware, table, type_name
 from .errors import ConfigError
-from .escalation import array, check_keys, key_path, nonempty_str, require_aware, table, type_name
 from .schema import keys
 
 Scope = Literal["user", "team", "org"]

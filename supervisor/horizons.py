@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from .configparse import parse_duration
 from .errors import ConfigError
-from .escalation import parse_duration
 from .schema import keys, suggestion
 from .windows import WindowLength
 

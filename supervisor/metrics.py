@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .clock import SystemClock
+from .configparse import check_keys, nonempty_str, parse_duration, table, type_name
 from .errors import ConfigError
-from .escalation import check_keys, nonempty_str, parse_duration, table, type_name
 from .schema import keys
 
 if TYPE_CHECKING:

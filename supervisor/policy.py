@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 from .actions import RISKS, Action, Risk
+from .configparse import array, check_keys, nonempty_str, table, type_name
 from .errors import ConfigError
-from .escalation import array, check_keys, nonempty_str, table, type_name
 from .schema import keys
 
 Outcome = Literal["allow", "deny", "require_approval", "escalate"]

@@ -8,6 +8,7 @@ one is a usage error naming the candidates.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, tzinfo
@@ -106,3 +107,17 @@ async def resolve_id(store: Store, kind: IdKind, text: str, fleet: str) -> str:
     ids = await store.ids_with_prefix(kind, fleet=fleet, prefix=text)
     resolved = resolve_prefix(ids, text, kind)
     return text if resolved is None else resolved
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """A command's result on stdout: `data` as JSON with --json, else `text`."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=_default, sort_keys=True))
+    else:
+        print(text)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..configparse import check_keys, nonempty_str, parse_duration, table, type_name
 from ..errors import ConfigError
-from ..escalation import check_keys, nonempty_str, parse_duration, table, type_name
 from ..schema import keys
 
 _KEYS = keys("console")

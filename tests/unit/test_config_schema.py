@@ -12,9 +12,9 @@ import pytest
 
 from supervisor.alerts import AlertConfig
 from supervisor.config import Backoff, WorkerSpec, load_config
+from supervisor.configparse import parse_duration
 from supervisor.docgen import main as docgen
 from supervisor.errors import ConfigError
-from supervisor.escalation import parse_duration
 from supervisor.metrics import MetricsConfig
 from supervisor.schema import SECTIONS, keys, markdown, unknown_keys
 

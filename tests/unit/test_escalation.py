@@ -11,15 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor.configparse import check_keys, format_duration, parse_duration
 from supervisor.errors import ConfigError
-from supervisor.escalation import (
-    EscalationChain,
-    EscalationStep,
-    Step,
-    check_keys,
-    format_duration,
-    parse_duration,
-)
+from supervisor.escalation import EscalationChain, EscalationStep, Step
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
