@@ -116,7 +116,7 @@ class SwitchRecord:
 
 def _write_site() -> str:
     """Which part of the daemon asked for the failing transaction: the first caller outside the
-    store, contextlib and this file (`supervisor/gate.py:begin`, `supervisor/alerts.py:raise_alert`)."""
+    store, contextlib and this file (`supervisor/gate.py:begin`, `supervisor/alerts/engine.py:raise_alert`)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename

@@ -24,7 +24,8 @@ from anyio.abc import TaskStatus
 
 from . import recovery
 from .actions import derive_id
-from .alerts import STATE_WRITE_FAILED, Alerts
+from .alerts import STATE_WRITE_FAILED
+from .alerts.engine import Alerts
 from .approvals import Approvals
 from .checkpoints import Checkpoints
 from .clock import Clock, SystemClock, VirtualClock

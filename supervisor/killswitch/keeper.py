@@ -28,7 +28,7 @@ from .hostfile import HostSwitchFile, SwitchState
 from .modes import Mode
 
 if TYPE_CHECKING:
-    from ..alerts import Alerts
+    from ..alerts.engine import Alerts
 
 log = structlog.get_logger("supervisor.killswitch")
 

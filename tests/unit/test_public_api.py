@@ -38,6 +38,20 @@ def test_importing_a_worker_does_not_import_the_daemon() -> None:
     assert found["in_dir"] == []
 
 
+def test_loading_a_config_imports_no_store() -> None:
+    """`config check` and every command parse the config first; the alerts' config part keeps
+    the store (and its driver) out of that."""
+    probe = (
+        "import json, sys; import supervisor.config; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('supervisor.store'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     import supervisor
 
