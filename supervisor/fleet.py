@@ -450,7 +450,7 @@ class Fleet:
                 error = f"state write failed: {exc}"
                 await self.state_write_failed(session.id, worker=st.name, error=str(exc))
         except Exception as exc:
-            from .external import WorkerHung
+            from .protocol import WorkerHung
 
             if isinstance(exc, WorkerHung):
                 st.hangs += 1

@@ -28,11 +28,12 @@ from supervisor.clock import VirtualClock
 from supervisor.config import load_config
 from supervisor.errors import SupervisorError
 from supervisor.escalation import EscalationChain
-from supervisor.external import ExternalWorker, WorkerHung, WorkerProtocolError
+from supervisor.external import ExternalWorker
 from supervisor.gate import Gate
 from supervisor.governance import ModelGovernor, TokenBudgets
 from supervisor.killswitch import HostSwitchFile
 from supervisor.policy import Policy
+from supervisor.protocol import WorkerHung, WorkerProtocolError
 from supervisor.store import Session, Store, open_store
 from supervisor.worker import CycleContext, EffectLog
 from tests import storetools

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.external import (
+from supervisor.external import child_environment
+from supervisor.protocol import (
     MAX_DEPTH,
     CycleDone,
     Heartbeat,
+    LineReader,
     Log,
     Propose,
     Result,
     WorkerProtocolError,
-    _LineReader,
-    child_environment,
     parse_message,
 )
 
@@ -357,7 +357,7 @@ class ChunkStream(anyio.abc.ByteReceiveStream):
 
 @pytest.mark.anyio
 async def test_line_reader_splits_and_joins_chunks() -> None:
-    reader = _LineReader(ChunkStream([b'{"a"', b':1}\n{"b":2}\n{"c"', b":3}\npartial"]), 100)
+    reader = LineReader(ChunkStream([b'{"a"', b':1}\n{"b":2}\n{"c"', b":3}\npartial"]), 100)
     assert [await reader.readline() for _ in range(3)] == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
     assert await reader.readline() is None  # a partial last line is dropped at end of stream
 
@@ -365,7 +365,7 @@ async def test_line_reader_splits_and_joins_chunks() -> None:
 @pytest.mark.anyio
 async def test_line_reader_refuses_a_long_line_without_reading_it_all() -> None:
     stream = ChunkStream([b"x" * 1000] * 10_000)  # 10 MB, no newline
-    reader = _LineReader(stream, 4096)
+    reader = LineReader(stream, 4096)
     with pytest.raises(WorkerProtocolError) as info:
         await reader.readline()
     assert info.value.reason == "oversized"
@@ -374,7 +374,7 @@ async def test_line_reader_refuses_a_long_line_without_reading_it_all() -> None:
 
 @pytest.mark.anyio
 async def test_line_reader_refuses_a_long_line_that_does_end() -> None:
-    reader = _LineReader(ChunkStream([b"y" * 300 + b"\n"]), 100)
+    reader = LineReader(ChunkStream([b"y" * 300 + b"\n"]), 100)
     with pytest.raises(WorkerProtocolError):
         await reader.readline()
 
