@@ -9,9 +9,10 @@ actions get the shutdown timeout, each worker checkpoints, exit 0.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,6 +53,30 @@ from .windows import date_start, next_boundary, window_at
 from .worker import EffectLog, Worker
 
 log = structlog.get_logger("supervisor.daemon")
+
+
+class DutyOver:
+    """What a duty's run returns when the duty is over (the run's end was reached)."""
+
+
+DUTY_OVER = DutyOver()
+
+
+@dataclass(frozen=True, slots=True)
+class Duty:
+    """A singleton duty, run by `Daemon._duty`: `run` is the leader's work (under its fence); it
+    returns when it is next due, or None to ask `idle`, or DUTY_OVER. `idle` gives the next
+    instant to look again (None: the duty is over); `wake` the event that cuts a sleep short
+    (default: the daemon stopping), `on_wake` what to do after any wake; `retry` how soon after a
+    store failure to try again (None: as `idle` says); `first` runs it before the first sleep."""
+
+    name: str
+    run: Callable[[], Awaitable[datetime | DutyOver | None]]
+    idle: Callable[[], datetime | None]
+    wake: Callable[[], anyio.Event] | None = None
+    on_wake: Callable[[], None] | None = None
+    retry: float | None = None
+    first: bool = False
 
 
 def effects_path(state_dir: Path) -> Path:
@@ -396,7 +421,7 @@ class Daemon:
             self.notifier.ready(self._status_line())
             self._tg = tg
             await tg.start(alerts.run_sinks)
-            clock.spawn(tg, self._alerts_duty, alerts, approvals, name="alerts")
+            clock.spawn(tg, self._duty, self._alerts_duty(alerts, approvals), name="alerts")
             self._factories = dict(factories)
             for spec in cfg.workers:
                 self._add_spec(spec)
@@ -406,10 +431,11 @@ class Daemon:
             else:
                 await self._coordinate_once()
                 tg.start_soon(self._coordination, name="coordination")
-            clock.spawn(tg, self._rotation, windows, name="rotation")
+            clock.spawn(tg, self._duty, self._rotation(windows), name="rotation")
             clock.spawn(tg, self._escalation, approvals, name="escalation")
-            clock.spawn(tg, self._every, cfg.recovery_every, self._recover, store, approvals,
-                        host_switch, name="recovery")  # fmt: skip
+            recover = functools.partial(self._recover, store, approvals, host_switch)
+            clock.spawn(tg, self._duty, self._every(cfg.recovery_every, "recovery", recover),
+                        name="recovery")  # fmt: skip
             if not clock.virtual:
                 tg.start_soon(self._realtime_duties, store, keeper, name="realtime")
                 tg.start_soon(keeper.watch_store, name="fleet-switch")
@@ -457,57 +483,76 @@ class Daemon:
 
     # -- duties -----------------------------------------------------------------------------------
 
-    async def _rotation(self, windows: WindowManager) -> None:
+    async def _duty(self, duty: Duty) -> None:
+        """Run one singleton duty for as long as the daemon runs: sleep until it is next due (or
+        its wake event rings), then, on the leader only, run it under the leader's fence. A store
+        error is logged and raised as the state_write_failed alert, and the duty goes on."""
+        at = None if duty.first else duty.idle()
+        if at is None and not duty.first:
+            return
+        while not self.stopping.is_set():
+            if at is not None:
+                await self.clock.sleep_until(at, duty.wake() if duty.wake else self.stopping)
+                if self.stopping.is_set():
+                    return
+                if duty.on_wake is not None:
+                    duty.on_wake()
+            due: datetime | None = None
+            if self._leading():
+                try:
+                    with self._fenced():
+                        ran = await duty.run()
+                    if isinstance(ran, DutyOver):
+                        return
+                    due = ran
+                except StoreError as exc:
+                    log.warning("duty.failed", duty=duty.name, error=str(exc))
+                    await self._state_write_failed(duty.name, exc)
+                    if duty.retry is not None:
+                        due = self.clock.now() + timedelta(seconds=duty.retry)
+            at = due or duty.idle()
+            if at is None:
+                return
+
+    def _rotation(self, windows: WindowManager) -> Duty:
         """At each boundary the leader closes the old window and opens the next; other hosts only
         follow (an action on any host rotates by itself if it gets there first)."""
-        while not self.stopping.is_set():
+
+        async def rotate() -> datetime | DutyOver:
+            current = await windows.ensure(self.clock.now())
+            if current is None:  # the run is over
+                await windows.close_current()
+                return DUTY_OVER
+            self.notifier.status(self._status_line())
+            return current.ends_at
+
+        def follow() -> datetime | None:
             now = self.clock.now()
-            if windows.run_end is not None and now >= windows.run_end and not self._leading():
-                return
-            boundary = next_boundary(now, windows.length, windows.tz)
-            if self._leading():
-                try:
-                    with self._fenced():
-                        current = await windows.ensure(now)
-                        if current is None:
-                            await windows.close_current()
-                            return
-                    boundary = current.ends_at
-                    self.notifier.status(self._status_line())
-                except StoreError as exc:
-                    log.warning("duty.failed", duty="rotation", error=str(exc))
-                    await self._state_write_failed("rotation", exc)
-                    boundary = now + timedelta(seconds=self.config.heartbeat)
-            if not await self.clock.sleep_until(boundary, self.stopping):
-                return
+            if windows.run_end is not None and now >= windows.run_end:
+                return None
+            return next_boundary(now, windows.length, windows.tz)
 
-    async def _every(self, seconds: float, duty: Any, *args: Any) -> None:
-        while not self.stopping.is_set():
-            if not await self.clock.sleep_until(
-                self.clock.now() + timedelta(seconds=seconds), self.stopping
-            ):
-                return
-            if self._leading():
-                try:
-                    with self._fenced():
-                        await duty(*args)
-                except StoreError as exc:
-                    log.warning("duty.failed", duty=getattr(duty, "__name__", "?"), error=str(exc))
-                    await self._state_write_failed(getattr(duty, "__name__", "?"), exc)
+        return Duty("rotation", rotate, follow, retry=self.config.heartbeat, first=True)
 
-    async def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> None:
+    def _every(self, seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> Duty:
+        async def run() -> None:
+            await work()
+
+        return Duty(name, run, lambda: self.clock.now() + timedelta(seconds=seconds))
+
+    def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> Duty:
         """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
         pending (and none counted last time) nothing can change until one is created."""
-        while not self.stopping.is_set():
-            now = self.clock.now()
+
+        async def evaluate() -> None:
+            await alerts.evaluate()
+
+        def next_look() -> datetime:
             idle = approvals.next_due is None and alerts.pending_approvals == 0
             wait = self.config.recovery_every if idle else self.config.alerts.evaluate_every
-            await self.clock.sleep_until(now + timedelta(seconds=wait), approvals.watch())
-            if self.stopping.is_set():
-                return
-            if self._leading():
-                with self._fenced():
-                    await alerts.evaluate()
+            return self.clock.now() + timedelta(seconds=wait)
+
+        return Duty("alerts", evaluate, next_look, wake=approvals.watch)
 
     async def _escalation(self, approvals: Approvals) -> None:
         """Sleep until the next approval is due (at most escalation_every), then move it on."""
@@ -520,28 +565,12 @@ class Daemon:
                 await self.clock.sleep_until(
                     self.clock.now() + timedelta(seconds=self.config.heartbeat), self.stopping
                 )
-        while not self.stopping.is_set():
-            now = self.clock.now()
-            idle_until = now + timedelta(seconds=self.config.recovery_every)
-            target = min(approvals.next_due or idle_until, idle_until)
-            if self.clock.virtual is False:
-                target = min(target, now + timedelta(seconds=self.config.escalation_every))
-            await self.clock.sleep_until(max(target, now), approvals.changed)
-            if self.stopping.is_set():
-                return
-            approvals.rearm()
-            if not self._leading():
-                continue
+
+        async def escalate() -> None:
             if approvals.next_due is not None and approvals.next_due <= await self._deadline_now(
                 approvals
             ):
-                try:
-                    with self._fenced():
-                        counts = await approvals.escalate_due()
-                except StoreError as exc:
-                    log.warning("duty.failed", duty="escalation", error=str(exc))
-                    await self._state_write_failed("escalation", exc)
-                    continue
+                counts = await approvals.escalate_due()
                 if any(counts.values()):
                     log.info("approvals.escalated", **counts)
             elif not self.clock.virtual:
@@ -549,6 +578,17 @@ class Daemon:
                     await approvals.refresh_hint()  # approvals created by another host or process
                 except StoreError as exc:
                     log.warning("duty.failed", duty="escalation", error=str(exc))
+
+        def next_due() -> datetime:
+            now = self.clock.now()
+            idle_until = now + timedelta(seconds=self.config.recovery_every)
+            target = min(approvals.next_due or idle_until, idle_until)
+            if self.clock.virtual is False:
+                target = min(target, now + timedelta(seconds=self.config.escalation_every))
+            return max(target, now)
+
+        await self._duty(Duty("escalation", escalate, next_due, wake=lambda: approvals.changed,
+                              on_wake=approvals.rearm))  # fmt: skip
 
     async def _deadline_now(self, approvals: Approvals) -> datetime:
         """Now on the clock approval deadlines run on (the database's on Postgres): a step of
