@@ -13,7 +13,7 @@ from typing import Any
 
 from . import events as ev
 from .store import Store
-from .store.tallies import EventCount
+from .store.counts import EventCount
 
 # scorecard field -> event kind it counts
 FIELDS: dict[str, str] = {

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 from .actions import ActionsRepo
-from .activity import ActivityRepo
-from .alerts import AlertsRepo
 from .approvals import ApprovalsRepo
 from .checkpoints import CheckpointsRepo
+from .counts import CountsRepo
 from .fleet import FleetRepo
 from .runs import RunsRepo
 from .switches import SwitchesRepo
-from .tallies import TalliesRepo
 from .tokens import TokensRepo
 from .windows import WindowsRepo
 
 
 class Store(
     ActionsRepo,
-    ActivityRepo,
-    AlertsRepo,
     ApprovalsRepo,
     CheckpointsRepo,
+    CountsRepo,
     FleetRepo,
     RunsRepo,
     SwitchesRepo,
-    TalliesRepo,
     TokensRepo,
     WindowsRepo,
 ):

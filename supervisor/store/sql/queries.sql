@@ -433,7 +433,7 @@ UPDATE leases SET expires_at = ? WHERE holder = ?;
 -- When a pending approval is next looked at, its tier unchanged (escalate_approval moves both).
 UPDATE approvals SET next_check_at = ? WHERE id = ? AND status = 'pending';
 
--- A fleet's activity, read beside a running daemon (supervisor/store/activity.py): the fleet's
+-- A fleet's activity, read beside a running daemon (supervisor/store/counts.py): the fleet's
 -- windows and its system stream, on the events (session_id, kind, reason) index.
 
 -- name: fleet_event_count_since
