@@ -37,14 +37,14 @@ import httpx
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import SystemClock
 from supervisor.config import Config, load_config
 from supervisor.console.app import create_app
 from supervisor.console.auth import OperatorsFile, Role
+from supervisor.governance.approvals import Approvals
 from supervisor.logging import configure
 from supervisor.store import Store, open_store, system_stream
 from supervisor.store.sqlite import parse_sqlite_url
+from supervisor.timing.clock import SystemClock
 
 FLEET = "bench"
 DAYS = 30

@@ -65,7 +65,7 @@ if str(ROOT) not in sys.path:
 import anyio  # noqa: E402
 
 from supervisor.actions import Action  # noqa: E402
-from supervisor.worker import CycleContext, Worker  # noqa: E402
+from supervisor.runtime.worker import CycleContext, Worker  # noqa: E402
 
 # Filled by the workers of this process while `RECORDING` is true (one child = one fleet).
 DISPATCH_LATENCIES: list[float] = []
@@ -224,7 +224,7 @@ async def measure(
     halves of the raw commit loop on the same kind of database."""
     global RECORDING
     from supervisor.config import load_config
-    from supervisor.daemon import Daemon
+    from supervisor.runtime.daemon import Daemon
 
     with tempfile.TemporaryDirectory(prefix="acp-bench-fleet-") as tmp:
         folder = Path(tmp)
@@ -239,8 +239,8 @@ async def measure(
         db = f"sqlite:///{folder / 'bench.db'}?synchronous={synchronous}"
         pg_name = f"acp_bench_fleet_{os.getpid()}"
         if backend == "postgres":
-            from supervisor.clock import SystemClock
             from supervisor.store import open_store
+            from supervisor.timing.clock import SystemClock
 
             await _pg(f'CREATE DATABASE "{pg_name}"')
             db = f"{PG_ADMIN.rsplit('/', 1)[0]}/{pg_name}"

@@ -39,20 +39,20 @@ import anyio.to_thread
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from supervisor import commands  # noqa: E402
 from supervisor import events as ev  # noqa: E402
 from supervisor.actions import Action  # noqa: E402
-from supervisor.alerts import Alerts  # noqa: E402
-from supervisor.approvals import Approvals  # noqa: E402
-from supervisor.clock import SystemClock  # noqa: E402
+from supervisor.cli import commands  # noqa: E402
 from supervisor.config import Config, load_config  # noqa: E402
 from supervisor.errors import ActionDenied  # noqa: E402
-from supervisor.gate import Gate  # noqa: E402
+from supervisor.governance.approvals import Approvals  # noqa: E402
+from supervisor.governance.gate import Gate  # noqa: E402
 from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noqa: E402
 from supervisor.killswitch.engage import host_switch_path  # noqa: E402
 from supervisor.killswitch.keeper import SwitchKeeper  # noqa: E402
 from supervisor.logging import configure  # noqa: E402
+from supervisor.ops.alerts import Alerts  # noqa: E402
 from supervisor.store import Session, Store, open_store  # noqa: E402
+from supervisor.timing.clock import SystemClock  # noqa: E402
 
 CONTEXT = "a widely cited kill-switch library promises a fleet halt in under two seconds"
 

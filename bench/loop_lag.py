@@ -67,19 +67,20 @@ import anyio  # noqa: E402
 import anyio.lowlevel  # noqa: E402
 import anyio.to_thread  # noqa: E402
 
-from supervisor import commands, recovery  # noqa: E402
 from supervisor.actions import derive_id  # noqa: E402
-from supervisor.alerts import Alerts  # noqa: E402
-from supervisor.approvals import Approvals  # noqa: E402
-from supervisor.clock import SystemClock  # noqa: E402
+from supervisor.cli import commands  # noqa: E402
 from supervisor.config import Config, load_config  # noqa: E402
-from supervisor.gate import Gate  # noqa: E402
+from supervisor.governance.approvals import Approvals  # noqa: E402
+from supervisor.governance.gate import Gate  # noqa: E402
 from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noqa: E402
 from supervisor.killswitch.engage import host_switch_path  # noqa: E402
 from supervisor.killswitch.keeper import SwitchKeeper  # noqa: E402
 from supervisor.logging import configure  # noqa: E402
-from supervisor.scorecard import compute  # noqa: E402
+from supervisor.ops.alerts import Alerts  # noqa: E402
+from supervisor.ops.scorecard import compute  # noqa: E402
+from supervisor.runtime import recovery  # noqa: E402
 from supervisor.store import Store, open_store  # noqa: E402
+from supervisor.timing.clock import SystemClock  # noqa: E402
 
 TICK = 0.005
 ENGAGE_AFTER = 0.05  # seconds after a heavy read starts

@@ -45,16 +45,16 @@ from typing import Any
 
 import anyio
 
-from supervisor import recovery
 from supervisor.actions import canonical_json, derive_id, params_hash
-from supervisor.approvals import Approvals
-from supervisor.clock import SystemClock
 from supervisor.errors import SupervisorError
-from supervisor.escalation import EscalationChain, EscalationStep
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.escalation import EscalationChain, EscalationStep
 from supervisor.killswitch import HostSwitchFile
 from supervisor.logging import configure
+from supervisor.runtime import recovery
 from supervisor.store import open_store, system_stream
 from supervisor.store.queries import load_queries
+from supervisor.timing.clock import SystemClock
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 FLEET = "bench"

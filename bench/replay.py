@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:
 import anyio  # noqa: E402
 
 from supervisor.actions import canonical_json, derive_id  # noqa: E402
-from supervisor.clock import SystemClock  # noqa: E402
 from supervisor.config import Candidate, load_config  # noqa: E402
-from supervisor.policy import Policy  # noqa: E402
-from supervisor.replay import load_window, replay, run_replay  # noqa: E402
+from supervisor.governance.policy import Policy  # noqa: E402
+from supervisor.governance.replay import load_window, replay, run_replay  # noqa: E402
 from supervisor.store import open_store  # noqa: E402
+from supervisor.timing.clock import SystemClock  # noqa: E402
 
 FLEET = "default"
 START = datetime(2026, 11, 2, tzinfo=UTC)

@@ -39,16 +39,16 @@ if str(ROOT) not in sys.path:
 import anyio  # noqa: E402
 
 from supervisor.actions import Action, Risk  # noqa: E402
-from supervisor.approvals import Approvals  # noqa: E402
-from supervisor.clock import SystemClock  # noqa: E402
 from supervisor.config import load_config  # noqa: E402
-from supervisor.escalation import EscalationChain  # noqa: E402
-from supervisor.gate import Gate  # noqa: E402
-from supervisor.governance import ModelGovernor, TokenBudgets  # noqa: E402
+from supervisor.governance.approvals import Approvals  # noqa: E402
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets  # noqa: E402
+from supervisor.governance.escalation import EscalationChain  # noqa: E402
+from supervisor.governance.gate import Gate  # noqa: E402
+from supervisor.governance.policy import Policy  # noqa: E402
+from supervisor.governance.replay import ShadowPolicy  # noqa: E402
 from supervisor.killswitch import HostSwitchFile  # noqa: E402
-from supervisor.policy import Policy  # noqa: E402
-from supervisor.replay import ShadowPolicy  # noqa: E402
 from supervisor.store import open_store  # noqa: E402
+from supervisor.timing.clock import SystemClock  # noqa: E402
 
 FLEET = "bench"
 RISKS: tuple[Risk, ...] = ("low", "medium", "low", "low")

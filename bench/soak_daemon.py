@@ -2,7 +2,7 @@
 
     python bench/soak_daemon.py --soak-plan PLAN.json <acp-supervisor arguments>
 
-It runs the real CLI (`supervisor.cli.main`) in this process with three additions, all driven by
+It runs the real CLI (`supervisor.cli.program`) in this process with three additions, all driven by
 the plan file that bench/soak.py writes (the same file and arguments on every restart):
 
 - State-bearing write failures: the SQLite backend's write transaction is wrapped so that a
@@ -49,13 +49,13 @@ if str(ROOT) not in sys.path:
 import structlog  # noqa: E402
 
 from bench.soak_workers import IN_CYCLE, draw, log_fault  # noqa: E402
-from supervisor import commands  # noqa: E402
-from supervisor.cli import main as cli_main  # noqa: E402
-from supervisor.daemon import Daemon  # noqa: E402
+from supervisor.cli import commands  # noqa: E402
+from supervisor.cli.program import main as cli_main  # noqa: E402
 from supervisor.errors import ApprovalError, StateWriteError, StoreError  # noqa: E402
 from supervisor.killswitch import HostSwitchFile, Mode, load_secret  # noqa: E402
-from supervisor.sessions import WindowManager  # noqa: E402
+from supervisor.runtime.daemon import Daemon, Duty  # noqa: E402
 from supervisor.store import sqlite as sqlite_backend  # noqa: E402
+from supervisor.timing.sessions import WindowManager  # noqa: E402
 
 log = structlog.get_logger("bench.soak")
 
@@ -116,7 +116,7 @@ class SwitchRecord:
 
 def _write_site() -> str:
     """Which part of the daemon asked for the failing transaction: the first caller outside the
-    store, contextlib and this file (`supervisor/gate.py:begin`, `supervisor/alerts/engine.py:raise_alert`)."""
+    store, contextlib and this file (`supervisor/governance/gate.py:begin`, `supervisor/ops/alerts/engine.py:raise_alert`)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename
@@ -158,10 +158,11 @@ def install_write_failures(seed: int, rate: float, faults_log: str) -> None:
 class SoakDaemon(Daemon):
     """The daemon plus the operator duty, started beside the rotation duty on the same clock."""
 
-    async def _rotation(self, windows: WindowManager) -> None:
+    def _rotation(self, windows: WindowManager) -> Duty:
+        # Asked for once, as the duties start: the soak's operator starts beside them.
         if self._tg is not None:
             self.clock.spawn(self._tg, self._soak_operator, name="soak-operator")
-        await super()._rotation(windows)
+        return super()._rotation(windows)
 
     async def _soak_operator(self) -> None:
         plan = PLAN

@@ -35,7 +35,7 @@ import anyio
 
 from supervisor.actions import Action, Risk
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.worker import ActionAlreadyDone, CycleContext, Worker
+from supervisor.runtime.worker import ActionAlreadyDone, CycleContext, Worker
 
 # (worker, cycle) while a soak worker's cycle runs; read by soak_daemon's write-failure hook.
 IN_CYCLE: ContextVar[tuple[str, int] | None] = ContextVar("soak_in_cycle", default=None)

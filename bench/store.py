@@ -39,9 +39,9 @@ import anyio
 import anyio.to_thread
 
 from supervisor.actions import canonical_json
-from supervisor.clock import SystemClock
 from supervisor.errors import SupervisorError
 from supervisor.store import NewEvent, Store, Tx, open_store
+from supervisor.timing.clock import SystemClock
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 KIND = "BENCH"

@@ -11,10 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .actions import Action
-    from .approvals import Permit
-    from .clock import Clock, SystemClock, VirtualClock
     from .config import Config, WorkerSpec, load_config
-    from .daemon import Daemon
     from .errors import (
         ActionDenied,
         ActionExpired,
@@ -29,11 +26,14 @@ if TYPE_CHECKING:
         SupervisorError,
         UsageError,
     )
-    from .gate import Gate, Outcome
+    from .governance.approvals import Permit
+    from .governance.gate import Gate, Outcome
     from .killswitch import Mode
-    from .scorecard import Scorecard
+    from .ops.scorecard import Scorecard
+    from .runtime.daemon import Daemon
+    from .runtime.worker import ActionAlreadyDone, CycleContext, Worker
     from .store import Event, NewEvent, Session, Store, open_store
-    from .worker import ActionAlreadyDone, CycleContext, Worker
+    from .timing.clock import Clock, SystemClock, VirtualClock
 
 __all__ = [
     "Action",
@@ -74,14 +74,14 @@ __all__ = [
 # Each public name and the module that defines it; keep in step with the imports above.
 _HOMES = {
     "Action": "actions",
-    "Permit": "approvals",
-    "Clock": "clock",
-    "SystemClock": "clock",
-    "VirtualClock": "clock",
+    "Permit": "governance.approvals",
+    "Clock": "timing.clock",
+    "SystemClock": "timing.clock",
+    "VirtualClock": "timing.clock",
     "Config": "config",
     "WorkerSpec": "config",
     "load_config": "config",
-    "Daemon": "daemon",
+    "Daemon": "runtime.daemon",
     "ActionDenied": "errors",
     "ActionExpired": "errors",
     "ApprovalError": "errors",
@@ -94,18 +94,18 @@ _HOMES = {
     "StoreError": "errors",
     "SupervisorError": "errors",
     "UsageError": "errors",
-    "Gate": "gate",
-    "Outcome": "gate",
+    "Gate": "governance.gate",
+    "Outcome": "governance.gate",
     "Mode": "killswitch",
-    "Scorecard": "scorecard",
+    "Scorecard": "ops.scorecard",
     "Event": "store",
     "NewEvent": "store",
     "Session": "store",
     "Store": "store",
     "open_store": "store",
-    "ActionAlreadyDone": "worker",
-    "CycleContext": "worker",
-    "Worker": "worker",
+    "ActionAlreadyDone": "runtime.worker",
+    "CycleContext": "runtime.worker",
+    "Worker": "runtime.worker",
 }
 
 

@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from .alerts import AlertConfig
 from .configparse import check_keys, parse_duration
 from .console.settings import ConsoleConfig
 from .errors import ConfigError
-from .escalation import EscalationChain
-from .governance import ModelGovernor, TokenBudgets
-from .horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
-from .metrics import MetricsConfig
-from .policy import Policy
+from .governance.budgets import ModelGovernor, TokenBudgets
+from .governance.escalation import EscalationChain
+from .governance.policy import Policy
+from .ops.alerts import AlertConfig
+from .ops.metrics import MetricsConfig
 from .schema import keys, suggestion
-from .windows import parse_timezone
+from .timing.horizons import DEFAULTS, HORIZONS, HorizonProfile, profile_from_config
+from .timing.windows import parse_timezone
 
 RestartPolicy = Literal["permanent", "transient", "temporary"]
 
@@ -477,7 +477,7 @@ def _workers(c: _Checker, raw: Any) -> tuple[WorkerSpec, ...]:
             raise c.fail(where, f"unknown restart policy {restart!r}", "restart")
         schedule = entry.get("schedule")
         if schedule is not None:
-            from .windows import CronSchedule
+            from .timing.windows import CronSchedule
 
             try:
                 CronSchedule(str(schedule), ZoneInfo("UTC"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def generated() -> dict[str, Callable[[], str]]:
-    from .metrics import metrics_markdown
+    from .ops.metrics import metrics_markdown
     from .schema import markdown
 
     return {"config.md": markdown, "metrics.md": metrics_markdown}

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .clock import SystemClock
+from .cli.tables import resolve_prefix
 from .errors import DatabaseMissing, NotFound, UsageError
 from .statedir import atomic_write
-from .tables import resolve_prefix
+from .timing.clock import SystemClock
 
 if TYPE_CHECKING:
     from .config import Config

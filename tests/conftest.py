@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.clock import Clock, SystemClock, VirtualClock
 from supervisor.store import Store, open_store
+from supervisor.timing.clock import Clock, SystemClock, VirtualClock
 
 PG_ADMIN = os.environ.get("ACP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"

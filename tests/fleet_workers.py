@@ -18,7 +18,7 @@ import anyio
 
 from supervisor.actions import Action
 from supervisor.errors import ActionDenied, NotFound
-from supervisor.worker import CycleContext, Worker
+from supervisor.runtime.worker import CycleContext, Worker
 
 
 def _append(path: str | os.PathLike[str], line: str) -> None:

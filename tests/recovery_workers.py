@@ -14,7 +14,7 @@ import anyio
 
 from supervisor.actions import Action
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.worker import ActionAlreadyDone, CycleContext, Worker
+from supervisor.runtime.worker import ActionAlreadyDone, CycleContext, Worker
 
 
 class TickWorker(Worker):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.worker import ActionAlreadyDone, CycleContext, Worker
+from supervisor.runtime.worker import ActionAlreadyDone, CycleContext, Worker
 
 TASKS = ("prune_logs", "clear_cache", "rotate_keys")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from supervisor.actions import Action, Risk
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.worker import CycleContext, Worker
+from supervisor.runtime.worker import CycleContext, Worker
 
 _MIX: list[tuple[Risk, int]] = [("low", 50), ("medium", 30), ("high", 15), ("critical", 5)]
 

@@ -29,15 +29,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import events as ev
-from .. import tables
-from ..approvals import Approvals
-from ..checkpoints import Checkpoints
-from ..clock import SystemClock
+from ..cli import tables
 from ..config import Config
 from ..errors import StoreError, SupervisorError
+from ..governance.approvals import Approvals
 from ..killswitch import Mode
+from ..runtime.checkpoints import Checkpoints
 from ..store import NewEvent, Store, open_store, system_stream
 from ..store import console as q
+from ..timing.clock import SystemClock
 from . import charts
 from .auth import (
     LoginLimiter,
@@ -295,7 +295,7 @@ class Console:
     async def op_resolve(
         self, caller: Caller, command_id: str, data: Mapping[str, Any]
     ) -> dict[str, Any]:
-        from .. import recovery
+        from ..runtime import recovery
 
         verdict = _text(data.get("as"))
         if verdict not in ("done", "failed"):

@@ -7,9 +7,9 @@ import os
 
 import structlog
 
-from ..clock import SystemClock
 from ..config import Config
 from ..killswitch import SECRET_ENV
+from ..timing.clock import SystemClock
 from .auth import OperatorsFile, Role
 from .settings import parse_listen
 

@@ -18,10 +18,10 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from ..clock import SystemClock
 from ..config import Config
 from ..errors import ConfigError, UsageError
 from ..store import Store, open_store
+from ..timing.clock import SystemClock
 from .settings import parse_listen
 
 log = structlog.get_logger("supervisor.console")

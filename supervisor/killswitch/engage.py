@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import events as ev
-from .. import tables
 from ..actions import derive_id
-from ..clock import SystemClock
+from ..cli import tables
 from ..config import Config
 from ..errors import StoreConfigError, StoreError, UsageError
 from ..simruns import open_fleet_store
 from ..store import NewEvent, Store, system_stream
+from ..timing.clock import SystemClock
 from .hostfile import HostSwitchFile, SwitchState, load_secret
 from .modes import Mode
 

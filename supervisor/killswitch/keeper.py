@@ -19,16 +19,16 @@ import structlog
 
 from .. import events as ev
 from ..actions import derive_id
-from ..clock import Clock
 from ..errors import StoreError
 from ..store import NewEvent, Store, system_stream
 from ..store.base import Subscription
+from ..timing.clock import Clock
 from .engage import host_switch_mtime, killswitch_command_id
 from .hostfile import HostSwitchFile, SwitchState
 from .modes import Mode
 
 if TYPE_CHECKING:
-    from ..alerts.engine import Alerts
+    from ..ops.alerts.engine import Alerts
 
 log = structlog.get_logger("supervisor.killswitch")
 

@@ -3,8 +3,8 @@ only that backend's driver."""
 
 from __future__ import annotations
 
-from ..clock import Clock
 from ..errors import StoreConfigError
+from ..timing.clock import Clock
 from .base import DEFAULT_QUERY_TIMEOUT, Backend, Event, NewEvent, Session, Tx, system_stream
 from .queries import load_migrations
 from .repository import Store

@@ -2,7 +2,7 @@
 
 Each state change here is one command (or one transaction) with its event. What a request's
 tier and deadline are, when an approval escalates and when it expires, is decided by the caller
-(supervisor/approvals.py): this module writes what it is told, fenced where a rule must hold in
+(supervisor/governance/approvals.py): this module writes what it is told, fenced where a rule must hold in
 the statement itself (no decision past the deadline)."""
 
 from __future__ import annotations

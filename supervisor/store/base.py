@@ -21,14 +21,8 @@ import anyio.to_thread
 import structlog
 
 from ..actions import canonical_json, params_hash
-from ..clock import Clock
-from ..errors import (
-    IdempotencyConflict,
-    SchemaMissing,
-    SchemaTooNew,
-    StateWriteError,
-    StoreError,
-)
+from ..errors import IdempotencyConflict, SchemaMissing, SchemaTooNew, StateWriteError, StoreError
+from ..timing.clock import Clock
 
 log = structlog.get_logger("supervisor.store")
 
@@ -86,7 +80,7 @@ class Fence:
     token: int
 
 
-# Set while a singleton duty runs; Store.transaction() checks it inside each write.
+# Set while a singleton duty runs; StoreCore._transaction() checks it inside each write.
 current_fence: ContextVar[Fence | None] = ContextVar("current_fence", default=None)
 
 

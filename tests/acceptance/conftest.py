@@ -32,9 +32,9 @@ from typing import Any, Protocol, TypeVar, overload
 import anyio
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.store import Event, Store, open_store, system_stream
 from supervisor.store.base import Row
+from supervisor.timing.clock import SystemClock
 from tests import storetools
 from tests.waiting import EVERY, WITHIN, eventually
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from supervisor.worker import CycleContext, Worker
+from supervisor.runtime.worker import CycleContext, Worker
 
 
 class StallWorker(Worker):

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from supervisor import events as ev
-from supervisor.scorecard import FIELDS
+from supervisor.ops.scorecard import FIELDS
 from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.acceptance

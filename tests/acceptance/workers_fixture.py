@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.worker import ActionAlreadyDone, CycleContext, Worker
+from supervisor.runtime.worker import ActionAlreadyDone, CycleContext, Worker
 
 
 def refund_workers(replicas: int) -> str:

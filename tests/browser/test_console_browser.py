@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.console.charts import rate_changes
 from supervisor.store import console as store_reads
 from supervisor.store import open_store
+from supervisor.timing.clock import SystemClock
 from tests.acceptance.workers_fixture import refund_workers
 from tests.browser.conftest import (
     DESKTOP,

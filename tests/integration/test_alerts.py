@@ -20,13 +20,13 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action, derive_id
-from supervisor.alerts import AlertConfig, Alerts, CommandSink, Sink, WebhookSink
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import StateWriteError
-from supervisor.escalation import EscalationChain
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.escalation import EscalationChain
+from supervisor.ops.alerts import AlertConfig, Alerts, CommandSink, Sink, WebhookSink
 from supervisor.store import NewEvent, Store, system_stream
 from supervisor.store.base import Event, Session
+from supervisor.timing.clock import VirtualClock
 
 pytestmark = pytest.mark.anyio
 

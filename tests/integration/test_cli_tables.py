@@ -16,15 +16,15 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor import recovery
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.checkpoints import Checkpoints
-from supervisor.clock import SystemClock
+from supervisor.cli.tables import relative, resolve_prefix, span, table
 from supervisor.config import load_config
 from supervisor.errors import UsageError
+from supervisor.governance.approvals import Approvals
+from supervisor.runtime import recovery
+from supervisor.runtime.checkpoints import Checkpoints
 from supervisor.store import open_store
-from supervisor.tables import relative, resolve_prefix, span, table
+from supervisor.timing.clock import SystemClock
 from tests import storetools
 from tests.storetools import NO_SWITCH_TARGET
 

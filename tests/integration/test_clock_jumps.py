@@ -22,18 +22,18 @@ import anyio
 import pytest
 
 from supervisor import events as ev
-from supervisor import recovery
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import SystemClock, VirtualClock
 from supervisor.errors import ApprovalError
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile
-from supervisor.policy import Policy
+from supervisor.runtime import recovery
 from supervisor.store import Session, Store, open_store
 from supervisor.store.records import ApprovalStatus
+from supervisor.timing.clock import SystemClock, VirtualClock
 from tests import storetools
 from tests.waiting import eventually
 

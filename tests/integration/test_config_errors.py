@@ -118,7 +118,7 @@ def test_unknown_timezone_refused_before_anything_is_written(
         ("workers.support:NoSuchAgent", ["NoSuchAgent"]),
         ("workers.no_such_module:Agent", ["workers.no_such_module"]),
         ("collections:OrderedDict", ["worker API"]),
-        ("supervisor.worker:Worker", ["cycle"]),  # the base class itself: no cycle(ctx)
+        ("supervisor.runtime.worker:Worker", ["cycle"]),  # the base class itself: no cycle(ctx)
     ],
     ids=["no-class", "no-module", "not-a-worker", "no-cycle"],
 )

@@ -20,14 +20,14 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.checkpoints import Checkpoints
-from supervisor.clock import VirtualClock
 from supervisor.config import Config, load_config
 from supervisor.console.app import COOKIE, create_app
 from supervisor.console.auth import OperatorsFile, Role
+from supervisor.governance.approvals import Approvals
 from supervisor.killswitch import HostSwitchFile
+from supervisor.runtime.checkpoints import Checkpoints
 from supervisor.store import Store, system_stream
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.storetools import NO_SWITCH_TARGET
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import gate as gate_module
-from supervisor.approvals import Approvals
 from supervisor.config import Config, WorkerSpec, load_config
-from supervisor.drills import DrillReport, approval_backlog_drill, killswitch_drill
 from supervisor.errors import UsageError
-from supervisor.escalation import EscalationChain, EscalationStep
+from supervisor.governance import gate as gate_module
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.escalation import EscalationChain, EscalationStep
+from supervisor.ops.drills import DrillReport, approval_backlog_drill, killswitch_drill
 from supervisor.store import switches as store_switches
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys
-from supervisor.cli import main
+from supervisor.cli.program import main
 code = main(["--state-dir", sys.argv[1], "--log-level", "error", "run", "--horizon", "hour",
              "--simulate", "--start", "2026-11-02T09:00:00Z"])
 assert code == 0, code

@@ -22,20 +22,20 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor import recovery
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.config import load_config
 from supervisor.errors import SupervisorError
-from supervisor.escalation import EscalationChain
-from supervisor.external import ExternalWorker
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile
-from supervisor.policy import Policy
-from supervisor.protocol import WorkerHung, WorkerProtocolError
+from supervisor.runtime import recovery
+from supervisor.runtime.external import ExternalWorker
+from supervisor.runtime.protocol import WorkerHung, WorkerProtocolError
+from supervisor.runtime.worker import CycleContext, EffectLog
 from supervisor.store import Session, Store, open_store
-from supervisor.worker import CycleContext, EffectLog
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.waiting import eventually
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from supervisor.config import load_config
-from supervisor.daemon import Daemon
 from supervisor.errors import ConfigError
+from supervisor.runtime.daemon import Daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 1, 5, tzinfo=UTC)

@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 
 from supervisor import events as ev
-from supervisor.checkpoints import Checkpoint, Checkpoints
-from supervisor.clock import VirtualClock
 from supervisor.errors import NotFound
+from supervisor.runtime.checkpoints import Checkpoint, Checkpoints
 from supervisor.store import NewEvent, Store, system_stream
 from supervisor.store.records import HostStatus, RunStatus
+from supervisor.timing.clock import VirtualClock
 
 pytestmark = pytest.mark.anyio
 FLEET = "f"

@@ -19,8 +19,6 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import (
     ActionDenied,
     ActionExpired,
@@ -28,14 +26,16 @@ from supervisor.errors import (
     IdempotencyConflict,
     StateWriteError,
 )
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate, Outcome
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate, Outcome
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
-from supervisor.policy import Policy
 from supervisor.store import Event, Session, Store
 from supervisor.store.records import ApprovalStatus
 from supervisor.store.tokens import TokenKey
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 
 pytestmark = pytest.mark.anyio
@@ -688,7 +688,7 @@ async def test_a_guarded_action_is_recorded_like_a_dispatched_one(
     guarded one used to be recorded with no correlation id and counted nowhere)."""
     import random
 
-    from supervisor.worker import CycleContext, EffectLog
+    from supervisor.runtime.worker import CycleContext, EffectLog
 
     seen: list[float] = []
 

@@ -18,10 +18,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.errors import StateWriteError
 from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
+from supervisor.timing.clock import SystemClock
 from tests import storetools
 
 pytestmark = pytest.mark.anyio
@@ -200,7 +200,7 @@ async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) ->
 CHILD = """
 import sys
 import anyio
-from supervisor.clock import SystemClock
+from supervisor.timing.clock import SystemClock
 from supervisor.store import NewEvent, open_store
 
 async def main(url):

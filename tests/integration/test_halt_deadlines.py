@@ -11,16 +11,16 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
-from supervisor.policy import Policy
 from supervisor.store import Session, Store
 from supervisor.store.records import ApprovalStatus
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 
 pytestmark = pytest.mark.anyio

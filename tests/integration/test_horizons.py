@@ -26,13 +26,13 @@ import anyio
 import pytest
 
 from supervisor import events as ev
-from supervisor.checkpoints import Checkpoints
-from supervisor.clock import SystemClock, VirtualClock
 from supervisor.config import Config, default_config_text, load_config
-from supervisor.daemon import Daemon
-from supervisor.scorecard import FIELDS, Scorecard, compute
-from supervisor.sessions import WindowManager
+from supervisor.ops.scorecard import FIELDS, Scorecard, compute
+from supervisor.runtime.checkpoints import Checkpoints
+from supervisor.runtime.daemon import Daemon
 from supervisor.store import Event, Session, open_store, system_stream
+from supervisor.timing.clock import SystemClock, VirtualClock
+from supervisor.timing.sessions import WindowManager
 
 pytestmark = pytest.mark.anyio
 

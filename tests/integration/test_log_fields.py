@@ -40,6 +40,7 @@ def test_each_line_names_its_logger(tmp_path: Path) -> None:
         line for line in lines if not str(line.get("logger", "")).startswith("supervisor.")
     ] == []
     by_event = {line["event"]: line["logger"] for line in lines}
-    assert by_event["daemon.ready"] == "supervisor.daemon"
-    assert by_event["window.opened"] == "supervisor.sessions"
-    assert by_event["action.denied"] == "supervisor.gate"  # the seed's first high-risk case
+    assert by_event["daemon.ready"] == "supervisor.runtime.daemon"
+    assert by_event["window.opened"] == "supervisor.timing.sessions"
+    # the seed's first high-risk case
+    assert by_event["action.denied"] == "supervisor.governance.gate"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.metrics import METRICS, Metrics, MetricsConfig, metrics_markdown
+from supervisor.ops.metrics import METRICS, Metrics, MetricsConfig, metrics_markdown
 from tests.waiting import eventually_sync
 
 

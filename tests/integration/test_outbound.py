@@ -19,10 +19,10 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor.alerts import AlertConfig, Alerts, CommandSink, WebhookSink
-from supervisor.clock import VirtualClock
 from supervisor.errors import ConfigError
+from supervisor.ops.alerts import AlertConfig, Alerts, CommandSink, WebhookSink
 from supervisor.store import Store, system_stream
+from supervisor.timing.clock import VirtualClock
 
 pytestmark = pytest.mark.anyio
 FLEET = "out"

@@ -19,12 +19,12 @@ from structlog.testing import capture_logs
 from test_gate_store import FLEET, Rig, act, build_rig
 
 from supervisor import events as ev
-from supervisor import recovery
-from supervisor.clock import VirtualClock
 from supervisor.config import load_config
 from supervisor.errors import ConfigError, StateWriteError, StoreError
+from supervisor.runtime import recovery
 from supervisor.store import NewEvent, Store, open_store, system_stream
 from supervisor.store.postgres import APPLICATION_NAME
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.waiting import eventually
 
@@ -288,8 +288,8 @@ async def test_a_transient_store_error_is_not_a_worker_crash(
     (A simulated day on SQLite, with the two losses injected where the store raises them.)"""
     from test_fleet import Run, _worker
 
-    from supervisor.checkpoints import Checkpoints
     from supervisor.errors import StoreUnavailable
+    from supervisor.runtime.checkpoints import Checkpoints
 
     def lost(message: str) -> StoreError:
         error = StoreUnavailable(f"postgres connection lost during {message} (injected)")

@@ -15,8 +15,8 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.store import Store, open_store
+from supervisor.timing.clock import SystemClock
 from tests import storetools
 from tests.waiting import eventually
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from supervisor import events as ev
-from supervisor.clock import SystemClock
 from supervisor.simruns import find
 from supervisor.store import open_store
+from supervisor.timing.clock import SystemClock
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,17 +14,17 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.config import load_config
 from supervisor.errors import ActionDenied, ApprovalPending
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
+from supervisor.governance.replay import ShadowPolicy, proposals_of
 from supervisor.killswitch import HostSwitchFile
-from supervisor.policy import Policy
-from supervisor.replay import ShadowPolicy, proposals_of
 from supervisor.store import Event, Session, Store
+from supervisor.timing.clock import VirtualClock
 from tests.storetools import NO_SWITCH_TARGET
 
 pytestmark = pytest.mark.anyio

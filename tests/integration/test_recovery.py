@@ -17,20 +17,20 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor import events as ev
-from supervisor import recovery
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import ActionDenied, NotFound
-from supervisor.escalation import EscalationChain, EscalationStep
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain, EscalationStep
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
-from supervisor.policy import Policy
+from supervisor.runtime import recovery
 from supervisor.store import Event, Session, Store, system_stream
 from supervisor.store.actions import ActionRow
 from supervisor.store.approvals import ApprovalRecord
 from supervisor.store.base import Row
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.storetools import NO_SWITCH_TARGET
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import scorecard
-from supervisor.clock import VirtualClock
 from supervisor.events import ACTION_DENIED, CYCLE_COMPLETED
+from supervisor.ops import scorecard
 from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.base import Backend
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.waiting import eventually
 

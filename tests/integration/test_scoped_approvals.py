@@ -10,16 +10,16 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import ApprovalError, ApprovalPending, UsageError
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile
-from supervisor.policy import Policy
 from supervisor.store import Store
 from supervisor.store.records import ApprovalStatus
+from supervisor.timing.clock import VirtualClock
 
 pytestmark = pytest.mark.anyio
 

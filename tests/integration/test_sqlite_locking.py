@@ -10,9 +10,9 @@ import time
 import anyio
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.store import NewEvent, open_store
 from supervisor.store.sqlite import parse_sqlite_url
+from supervisor.timing.clock import SystemClock
 
 pytestmark = pytest.mark.anyio
 

@@ -27,13 +27,7 @@ import asyncpg
 import pytest
 
 from supervisor.actions import params_hash
-from supervisor.clock import VirtualClock
-from supervisor.errors import (
-    IdempotencyConflict,
-    SchemaMissing,
-    SchemaTooNew,
-    StateWriteError,
-)
+from supervisor.errors import IdempotencyConflict, SchemaMissing, SchemaTooNew, StateWriteError
 from supervisor.events import (
     ACTION_FAILED,
     ACTION_STARTED,
@@ -46,6 +40,7 @@ from supervisor.store import NewEvent, Session, Store, Tx, open_store
 from supervisor.store.base import TELEMETRY_BATCH, CommandBody
 from supervisor.store.queries import load_migrations
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
+from supervisor.timing.clock import VirtualClock
 from tests import storetools
 from tests.storetools import NO_SWITCH_TARGET
 
@@ -638,7 +633,7 @@ async def test_dialects_have_the_same_tables_and_columns(
 
 
 async def test_ids_resolve_from_a_unique_prefix(store: Store) -> None:
-    from supervisor.tables import resolve_id
+    from supervisor.cli.tables import resolve_id
 
     session, _ = await open_window(store)
     assert await resolve_id(store, "session", session.id[:8], FLEET) == session.id

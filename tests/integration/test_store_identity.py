@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.clock import SystemClock
 from supervisor.errors import StateWriteError, StoreConfigError, StoreLost
 from supervisor.statedir import make_state_dir
 from supervisor.store import NewEvent, Store, open_store, system_stream
+from supervisor.timing.clock import SystemClock
 from tests import storetools
 
 pytestmark = pytest.mark.anyio

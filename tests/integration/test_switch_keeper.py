@@ -12,11 +12,11 @@ import anyio
 import pytest
 
 from supervisor import events as ev
-from supervisor.alerts import AlertConfig, Alerts
-from supervisor.clock import VirtualClock
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.killswitch.keeper import SwitchKeeper
+from supervisor.ops.alerts import AlertConfig, Alerts
 from supervisor.store import NewEvent, Store, system_stream
+from supervisor.timing.clock import VirtualClock
 from tests.storetools import transaction
 from tests.waiting import eventually
 

@@ -14,15 +14,15 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import SystemClock
 from supervisor.errors import ApprovalPending
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile
-from supervisor.policy import Policy
 from supervisor.store import open_store
+from supervisor.timing.clock import SystemClock
 
 pytestmark = pytest.mark.anyio
 FLEET = "default"

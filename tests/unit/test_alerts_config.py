@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from supervisor.alerts import AlertConfig, CommandSink, WebhookSink
 from supervisor.errors import ConfigError
-from supervisor.metrics import MetricsConfig
+from supervisor.ops.alerts import AlertConfig, CommandSink, WebhookSink
+from supervisor.ops.metrics import MetricsConfig
 
 FULL = """
 [alerts]
@@ -201,7 +201,7 @@ def test_metrics_module_does_not_import_prometheus() -> None:
     import sys
 
     code = (
-        "import sys; import supervisor.metrics as m; m.MetricsConfig.from_config({}); "
+        "import sys; import supervisor.ops.metrics as m; m.MetricsConfig.from_config({}); "
         "print('prometheus_client' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""The clocks (supervisor.clock): the virtual clock is a deterministic discrete-event scheduler.
+"""The clocks (supervisor.timing.clock): the virtual clock is a deterministic discrete-event scheduler.
 
 Spawned tasks run one at a time, in the order they are due; ties go to whoever spawned or slept
 first. `ring(event)` wakes a sleeper at the current virtual time. A cancelled sleeper never stalls
@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from supervisor.clock import SystemClock, VirtualClock
+from supervisor.timing.clock import SystemClock, VirtualClock
 
 pytestmark = pytest.mark.anyio
 

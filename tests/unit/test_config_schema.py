@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from supervisor.alerts import AlertConfig
 from supervisor.config import Backoff, WorkerSpec, load_config
 from supervisor.configparse import parse_duration
 from supervisor.docgen import main as docgen
 from supervisor.errors import ConfigError
-from supervisor.metrics import MetricsConfig
+from supervisor.ops.alerts import AlertConfig
+from supervisor.ops.metrics import MetricsConfig
 from supervisor.schema import SECTIONS, keys, markdown, unknown_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_unknown_keys_walks_every_section() -> None:
 
 def test_enumerated_keys_agree_with_the_code() -> None:
     from supervisor.actions import RISKS
-    from supervisor.horizons import HORIZONS
+    from supervisor.timing.horizons import HORIZONS
 
     assert keys("policy.risk") == RISKS
     doc = next(s for s in SECTIONS if s.path == "horizons.NAME").meaning

@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor.clock import VirtualClock
-from supervisor.daemon import DUTY_OVER, Daemon, Duty, DutyOver
 from supervisor.errors import StoreUnavailable
+from supervisor.runtime.daemon import DUTY_OVER, Daemon, Duty, DutyOver
+from supervisor.timing.clock import VirtualClock
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from supervisor.configparse import check_keys, format_duration, parse_duration
 from supervisor.errors import ConfigError
-from supervisor.escalation import EscalationChain, EscalationStep, Step
+from supervisor.governance.escalation import EscalationChain, EscalationStep, Step
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)

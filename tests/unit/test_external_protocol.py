@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.external import child_environment
-from supervisor.protocol import (
+from supervisor.runtime.external import child_environment
+from supervisor.runtime.protocol import (
     MAX_DEPTH,
     CycleDone,
     Heartbeat,

@@ -13,16 +13,16 @@ import pytest
 
 from supervisor import events as ev
 from supervisor.actions import Action
-from supervisor.approvals import Approvals
-from supervisor.clock import VirtualClock
 from supervisor.errors import ActionDenied, StateWriteError
-from supervisor.escalation import EscalationChain
-from supervisor.gate import Gate, _jsonable
-from supervisor.governance import ModelGovernor, TokenBudgets
+from supervisor.governance.approvals import Approvals
+from supervisor.governance.budgets import ModelGovernor, TokenBudgets
+from supervisor.governance.escalation import EscalationChain
+from supervisor.governance.gate import Gate, _jsonable
+from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
-from supervisor.policy import Policy
 from supervisor.store import NewEvent, Session, Store
 from supervisor.store.switches import SwitchRecord, SwitchTarget, switch_verdict
+from supervisor.timing.clock import VirtualClock
 
 SECRET = b"gate-unit-secret"
 NOW = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)

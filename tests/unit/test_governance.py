@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.errors import ConfigError
-from supervisor.governance import (
+from supervisor.governance.budgets import (
     ModelGovernor,
     Override,
     Period,

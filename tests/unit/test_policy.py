@@ -8,7 +8,7 @@ import pytest
 
 from supervisor.actions import Action, Risk
 from supervisor.errors import ConfigError
-from supervisor.policy import OUTCOMES, Condition, Decision, Op, Policy, Rule
+from supervisor.governance.policy import OUTCOMES, Condition, Decision, Op, Policy, Rule
 
 
 def act(name: str = "db.read", risk: Risk = "low", **params: Any) -> Action:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from supervisor.actions import Action, Risk
-from supervisor.policy import Policy
+from supervisor.governance.policy import Policy
 
 POLICY = Policy.from_config(
     {

@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 LAZY_PROBE = """
 import json, sys
 from supervisor import Action, CycleContext, Worker
-heavy = ["supervisor.daemon", "supervisor.store.sqlite", "supervisor.store.postgres",
+heavy = ["supervisor.runtime.daemon", "supervisor.store.sqlite", "supervisor.store.postgres",
          "supervisor.console", "asyncpg", "apscheduler"]
 loaded_early = [m for m in heavy if m in sys.modules]
 import supervisor
 missing = [n for n in supervisor.__all__ if getattr(supervisor, n, None) is None]
 print(json.dumps({"loaded_early": loaded_early, "missing": missing,
-                  "daemon_after": "supervisor.daemon" in sys.modules,
+                  "daemon_after": "supervisor.runtime.daemon" in sys.modules,
                   "in_dir": sorted(set(supervisor.__all__) - set(dir(supervisor)))}))
 """
 

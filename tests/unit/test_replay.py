@@ -9,8 +9,8 @@ from typing import Any
 
 from supervisor.actions import Action, Risk
 from supervisor.config import Candidate, load_config
-from supervisor.policy import Policy
-from supervisor.replay import Proposal, govern, replay
+from supervisor.governance.policy import Policy
+from supervisor.governance.replay import Proposal, govern, replay
 from supervisor.store import Session
 
 POLICY = Policy.from_config({"rules": [

@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo, available_timezones
 
 import pytest
 
-from supervisor.daemon import run_end
-from supervisor.horizons import DEFAULTS, HorizonProfile
-from supervisor.windows import WindowLength, window_at
+from supervisor.runtime.daemon import run_end
+from supervisor.timing.horizons import DEFAULTS, HorizonProfile
+from supervisor.timing.windows import WindowLength, window_at
 
 FROM = datetime(2026, 1, 1, tzinfo=UTC)
 TO = datetime(2028, 1, 1, tzinfo=UTC)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.systemd import NOTIFY_ENV_VARS, Notifier
+from supervisor.ops.systemd import NOTIFY_ENV_VARS, Notifier
 
 
 @pytest.fixture

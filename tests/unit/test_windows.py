@@ -1,4 +1,4 @@
-"""Session-window boundaries and cron schedules (supervisor.windows)."""
+"""Session-window boundaries and cron schedules (supervisor.timing.windows)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from supervisor.errors import ConfigError
-from supervisor.windows import (
+from supervisor.timing.windows import (
     DUE_COUNT_CAP,
     CronSchedule,
     Window,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor import sandbox
 from supervisor.config import load_config
-from supervisor.daemon import build_factories
 from supervisor.errors import ConfigError
-from supervisor.sandbox import Identity, launch_argv, resolve
+from supervisor.runtime import sandbox
+from supervisor.runtime.daemon import build_factories
+from supervisor.runtime.sandbox import Identity, launch_argv, resolve
 
 WORKER = """
 [[workers]]
@@ -112,7 +112,7 @@ def test_ambient_capabilities_of_a_service_do_not_reach_the_worker() -> None:
 
 
 def test_a_database_outside_the_state_dir_is_closed_and_masked(tmp_path: Path) -> None:
-    from supervisor.daemon import hidden_paths, private_files, sqlite_files
+    from supervisor.runtime.daemon import hidden_paths, private_files, sqlite_files
 
     db = tmp_path / "elsewhere" / "acp.db"
     db.parent.mkdir()
@@ -127,7 +127,7 @@ def test_a_database_outside_the_state_dir_is_closed_and_masked(tmp_path: Path) -
 
 
 def test_switching_user_needs_root_or_the_two_capabilities() -> None:
-    from supervisor.sandbox import can_switch_user
+    from supervisor.runtime.sandbox import can_switch_user
 
     assert can_switch_user("CapEff:\t00000000000000c0\n")  # CAP_SETUID and CAP_SETGID
     assert not can_switch_user("CapEff:\t0000000000000080\n")  # CAP_SETUID alone
@@ -216,7 +216,7 @@ def test_a_worker_program_under_tmp_is_bound_back_read_only_and_hidden_paths_sta
 ) -> None:
     """The sandbox's /tmp is its own tmpfs: a worker script in a checkout under /tmp must be bound
     back (read-only) or the command cannot start; a hidden path named in argv stays masked."""
-    from supervisor.sandbox import bwrap_args
+    from supervisor.runtime.sandbox import bwrap_args
 
     script = tmp_path / "worker.py"
     script.write_text("print('hi')\n")

@@ -317,7 +317,7 @@ WHERE a.fleet = ? AND a.status = 'started' AND a.status IN ('started', 'in_doubt
         WHERE h.fleet = a.fleet AND h.status = 'running' AND h.heartbeat_at > ?))
 ORDER BY a.started_at LIMIT ?;
 
--- Alerts (supervisor/alerts.py). All three run on the events (session_id, kind, reason) index
+-- Alerts (supervisor/ops/alerts/engine.py). All three run on the events (session_id, kind, reason) index
 -- and the sessions (fleet, starts_at) index.
 
 -- name: alert_state

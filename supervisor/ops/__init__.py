@@ -1,0 +1,1 @@
+"""What operators see and run: alerts, metrics, systemd notification, drills, the scorecard."""

@@ -1,0 +1,1 @@
+"""Time: the injected clocks, window boundaries, horizon profiles and the open window."""
