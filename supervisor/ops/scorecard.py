@@ -11,9 +11,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
+
 from .. import events as ev
 from ..store import Store
-from ..store.counts import EventCount
+from ..store.counts import EventCount, EventTallies
 
 # scorecard field -> event kind it counts
 FIELDS: dict[str, str] = {
@@ -97,7 +99,14 @@ def _fields(kinds: Counter[str]) -> dict[str, int]:
 
 
 async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Scorecard:
+    # Both halves off the event loop: the read (its own connection) and the tally, whose cost
+    # grows with the windows and kinds in the log (tens of thousands of counts at a million
+    # events held the loop for over 100 ms).
     tallies = await store.event_tallies(fleet, windows=per_window)
+    return await anyio.to_thread.run_sync(_card, fleet, tallies)
+
+
+def _card(fleet: str, tallies: EventTallies) -> Scorecard:
     by_session: dict[str, list[EventCount]] = defaultdict(list)
     for c in tallies.counts:
         by_session[c.session_id].append(c)

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
@@ -40,6 +41,7 @@ Reads = Sequence[tuple[str, Sequence[Any]]]
 # How many telemetry events wait in memory before they are written in one transaction.
 TELEMETRY_BATCH = 256
 TELEMETRY_MAX_BUFFER = 10_000
+TELEMETRY_YIELD_EVERY = 16  # events written between two turns of the event loop
 
 # Every statement's bound on a networked backend (config: daemon.query_timeout).
 DEFAULT_QUERY_TIMEOUT = 5.0
@@ -532,8 +534,12 @@ class StoreCore:
             return 0
         try:
             async with self._transaction() as tx:
-                for event, at in batch:
+                for n, (event, at) in enumerate(batch, 1):
                     await self.append_in(tx, event, at)
+                    if n % TELEMETRY_YIELD_EVERY == 0:
+                        # A SQLite statement runs on the loop: a batch of hundreds in one go
+                        # held it for tens of milliseconds (the kill switch's watch included).
+                        await anyio.lowlevel.checkpoint()
         except StoreError as exc:
             self.telemetry_dropped += len(batch)
             log.warning(
