@@ -215,24 +215,16 @@ class Gate:
         """Whether `mode` stops effects already running (not only new ones)."""
         return stops_in_flight(mode, halt_all_stops=self.halt_in_flight == "terminate")
 
-    def _host_stop_verdict(self) -> str | None:
-        """Whether this host's own switch (its file, or an unreadable fleet switch) stops
-        effects in flight; the store checks its rows itself (`stopping_switch`)."""
-        if self.fleet_unknown is not None and self._stops(Mode.HALT_ALL):
-            return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
-        state = self.host_switch.read()
-        if self._stops(state.mode):
-            return f"host {state.mode.value}"
-        return None
-
     def _target(
         self, action: Action, worker: str, session: Session, *, host: bool = False
     ) -> SwitchTarget:
         """What the store needs to decide which of its switches reach this action; with `host`,
-        the host switch file too, for the store to read inside its transaction."""
+        the host switch file too, for the store to read inside its transaction (each attempt
+        of it: an outcome retried across a lost connection reads it again)."""
         return SwitchTarget(worker=worker, session_id=session.id,
                             group=self.worker_groups.get(worker), critical=action.critical,
-                            host=self.host_switch if host else None)  # fmt: skip
+                            host=self.host_switch if host else None,
+                            fleet_unknown=self.fleet_unknown)  # fmt: skip
 
     def stop_in_flight(self, scope: str, target: str, mode: Mode) -> int:
         """An engage was observed: stop the effects it reaches (emergency; halt_all when
@@ -757,9 +749,8 @@ class Gate:
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
             token_charges=self.reserved.pop(command_id, ()), tokens_used=tokens_used,
             # An emergency engaged while the effect ran: its outcome is not recorded as done.
-            stop_target=self._target(action, worker, session) if ok else None,
-            halt_all_stops=self.halt_in_flight == "terminate",
-            stopped_by=self._host_stop_verdict() if ok else None, fleet=self.fleet,
+            stop_target=self._target(action, worker, session, host=True) if ok else None,
+            halt_all_stops=self.halt_in_flight == "terminate", fleet=self.fleet,
         )  # fmt: skip
         if stopped is not None:
             log.error("action.stopped_in_flight", action=action.name, command_id=command_id,

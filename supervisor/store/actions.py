@@ -261,19 +261,18 @@ class ActionsRepo(StoreCore):
         reason: str | None = None,
         stop_target: SwitchTarget | None = None,
         halt_all_stops: bool = False,
-        stopped_by: str | None = None,
         fleet: str = "",
         token_charges: Sequence[TokenCharge] = (),
         tokens_used: int | None = None,
     ) -> str | None:
         """The outcome record: action row, budget charge (success) or release, event, ledger.
 
-        With `stop_target`, the store switches that reach the action are read inside the
-        transaction (on Postgres under the fleet's shared switch lock, so an engage and this
-        outcome serialize): if one now stops effects in flight (emergency; halt_all with
-        `halt_all_stops`), or the caller already knows one did (`stopped_by`: the host's switch),
-        the action is recorded in-doubt instead and that verdict is returned: no success lands
-        after such an engage returned. `token_charges` reserved with the started record are
+        With `stop_target`, the switches that reach the action (the host file it names, the
+        store's, read on Postgres under the fleet's shared switch lock, so an engage and this
+        outcome serialize) are read inside the transaction, again on every attempt: if one now
+        stops effects in flight (emergency; halt_all with `halt_all_stops`), the action is
+        recorded in-doubt instead and that verdict is returned: no success lands after such an
+        engage returned. `token_charges` reserved with the started record are
         settled to `tokens_used` (a success) or released; an in-doubt action keeps them."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
@@ -291,8 +290,8 @@ class ActionsRepo(StoreCore):
                         if landed["status"] == "in_doubt" and final != "in_doubt":
                             stopped.append("killswitch")
                         return
-                problem = stopped_by
-                if problem is None and stop_target is not None:
+                problem = None
+                if stop_target is not None:
                     rows = await tx.fetchall("kill_switches_for_start", fleet)
                     problem = stopping_switch([SwitchRecord.from_row(r) for r in rows],
                                               stop_target, halt_all_stops=halt_all_stops)  # fmt: skip

@@ -53,6 +53,8 @@ class SwitchTarget:
     critical: bool = False
     # The host's switch file, read again where the verdict is taken (a file, not the gate).
     host: HostSwitchFile | None = None
+    # Why the fleet's own switch cannot be read, when it cannot (then it counts as halt_all).
+    fleet_unknown: str | None = None
 
     def reached_by(self, record: SwitchRecord) -> bool:
         return (
@@ -66,6 +68,8 @@ def switch_verdict(records: Sequence[SwitchRecord], target: SwitchTarget) -> str
     """The verdict on starting an action: None when the switches permit it, else the host's
     verdict (when `target.host` is given) or the store's strictest mode and the scopes that
     forbid it (only the engaged switches that reach it explain it)."""
+    if target.fleet_unknown is not None:
+        return f"fleet switch unknown ({target.fleet_unknown}): halt_all"
     if target.host is not None:
         problem = host_verdict(target.host.read(), critical=target.critical)
         if problem is not None:
@@ -87,7 +91,16 @@ def stops_in_flight(mode: Mode, *, halt_all_stops: bool) -> bool:
 def stopping_switch(
     records: Sequence[SwitchRecord], target: SwitchTarget, *, halt_all_stops: bool
 ) -> str | None:
-    """The first store switch that stops this action's effect in flight, or None."""
+    """The first switch that stops this action's effect in flight, or None: the fleet's own
+    switch when it cannot be read, the host file (when `target.host` is given), the store's."""
+    if target.fleet_unknown is not None and stops_in_flight(
+        Mode.HALT_ALL, halt_all_stops=halt_all_stops
+    ):
+        return f"fleet switch unknown ({target.fleet_unknown}): halt_all"
+    if target.host is not None:
+        mode = target.host.read().mode
+        if stops_in_flight(mode, halt_all_stops=halt_all_stops):
+            return f"host {mode.value}"
     for r in records:
         if target.reached_by(r) and stops_in_flight(r.mode, halt_all_stops=halt_all_stops):
             return f"{r.scope} {r.mode.value}"

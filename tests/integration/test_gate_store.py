@@ -676,6 +676,28 @@ async def test_engage_while_waiting_for_the_store_leaves_no_started_record(
     assert row is not None and row["reserved_actions"] == 0
 
 
+async def test_a_host_emergency_engaged_while_the_outcome_waits_for_the_store_lands_no_success(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The effect has returned; its outcome waits for the store (a lost connection's retry, the
+    group commit's writer) while an operator engages the host's emergency. The outcome's
+    transaction reads the host file itself: the action is in-doubt, never a success."""
+    original = rig.store.finish_action
+
+    async def engage_then_finish(**kw: Any) -> Any:
+        rig.engage(Mode.EMERGENCY)
+        return await original(**kw)
+
+    monkeypatch.setattr(rig.store, "finish_action", engage_then_finish)
+    with pytest.raises(ActionDenied) as info:
+        await rig.run(act(), "late-emergency")
+    assert info.value.reason == "killswitch" and "host emergency" in str(info.value)
+    assert rig.effects == ["late-emergency"]  # it ran; what it did is not recorded as done
+    row = await rig.store.get_action("late-emergency")
+    assert row is not None and row.status == "in_doubt"
+    assert await rig.events(ev.ACTION_SUCCEEDED) == []
+
+
 # --- one attempt path: dispatch and guard record alike -------------------------------------------
 
 
