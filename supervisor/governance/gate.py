@@ -135,8 +135,6 @@ class Gate:
         # "terminate" makes halt_all stop them too.
         self.in_flight: dict[str, InFlight] = {}
         self.halt_in_flight = halt_in_flight
-        # Token charges reserved with each started record, until its outcome settles them.
-        self.reserved: dict[str, tuple[TokenCharge, ...]] = {}
         # [policy] shadow: a candidate decided beside the live policy; it never stops an action.
         self.shadow = shadow
 
@@ -452,6 +450,9 @@ class Gate:
                 )
                 charge = TokenCharge(key_, budget.label, action.tokens, action.cost,
                                      budget.max_tokens, budget.max_cost)  # fmt: skip
+                charges.append(charge)
+                if rerun:
+                    continue  # it may hold this charge already: the started record's check knows
                 used = await self.store.token_usage(key_)
                 over_tokens = used.tokens + charge.tokens > charge.max_tokens
                 over_cost = (
@@ -459,7 +460,6 @@ class Gate:
                 )
                 if over_tokens or over_cost:
                     raise await self._token_budget_spent(action, charge, used.tokens, args)
-                charges.append(charge)
 
         # 6. budget reservation, store kill switches and the started record: one transaction.
         # In flight from before the record is written: a recovery scan that reads the committed
@@ -543,8 +543,6 @@ class Gate:
             )
         if stored is None and action.safe_to_retry is False and info.get("status") != "started":
             raise StateWriteError(f"unexpected begin result {info}")
-        if charges:
-            self.reserved[command_id] = tuple(charges)
         used = next((g for g in grants if g.id == info.get("grant")), None)
         if used is not None:
             permit = Permit(used.id, used.decided_by, used.decided_at, command_id,
@@ -618,7 +616,6 @@ class Gate:
                     yield attempt
             finally:
                 self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
-                self.reserved.pop(command_id, None)  # in-doubt or abandoned: the charge stays
 
     async def run(
         self,
@@ -724,7 +721,7 @@ class Gate:
         await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=False, cost=action.cost,
             error=f"kill switch: {problem}", worker=worker, status="halted", reason="killswitch",
-            token_charges=self.reserved.pop(command_id, ()),
+            tokens_held=_may_hold_tokens(action),
         )  # fmt: skip
         raise ActionDenied(f"{action.name}: kill switch: {problem}", reason="killswitch",
                            command_id=command_id)  # fmt: skip
@@ -747,7 +744,7 @@ class Gate:
         stopped = await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
-            token_charges=self.reserved.pop(command_id, ()), tokens_used=tokens_used,
+            tokens_held=_may_hold_tokens(action), tokens_used=tokens_used,
             # An emergency engaged while the effect ran: its outcome is not recorded as done.
             stop_target=self._target(action, worker, session, host=True) if ok else None,
             halt_all_stops=self.halt_in_flight == "terminate", fleet=self.fleet,
@@ -760,6 +757,12 @@ class Gate:
                                command_id=command_id)  # fmt: skip
         if self.observer is not None:
             self.observer.observe_action("succeeded" if ok else "failed")
+
+
+def _may_hold_tokens(action: Action) -> bool:
+    """Whether the action's started record may hold token charges (an identity a budget can
+    name, and an estimate): only then does its outcome read its holds."""
+    return bool(action.identity) and bool(action.tokens or action.cost)
 
 
 class _GrantSpent(Exception):

@@ -128,7 +128,7 @@ class ActionsRepo(StoreCore):
 
         async def body(tx: Tx) -> dict[str, Any]:
             grant = await self._may_start_in(
-                tx, fleet=fleet, session_id=session_id, cost=cost,
+                tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                 switches=switches, refused=refused, grant_ids=grant_ids,
                 token_charges=token_charges,
             )  # fmt: skip
@@ -165,7 +165,7 @@ class ActionsRepo(StoreCore):
         return "started", {**result, "grant": used[-1] if used else None}
 
     async def _may_start_in(
-        self, tx: Tx, *, fleet: str, session_id: str, cost: float,
+        self, tx: Tx, *, command_id: str, fleet: str, session_id: str, cost: float,
         switches: SwitchTarget, refused: dict[str, str],
         grant_ids: Sequence[str] = (), token_charges: Sequence[TokenCharge] = (),
     ) -> str | None:  # fmt: skip
@@ -187,7 +187,7 @@ class ActionsRepo(StoreCore):
             )
             refused["reason"] = "budget" if window_open else "no_window"
             raise _Refused()
-        over = await reserve_tokens_in(tx, token_charges)
+        over = await reserve_tokens_in(tx, command_id, token_charges)
         if over is not None:
             refused.update(reason="token_budget", detail=over.label, period=over.key.period_key)
             raise _Refused()
@@ -228,7 +228,7 @@ class ActionsRepo(StoreCore):
         try:
             async with self._transaction() as tx:
                 grant = await self._may_start_in(
-                    tx, fleet=fleet, session_id=session_id, cost=cost,
+                    tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                     switches=switches, refused=refused, grant_ids=grant_ids,
                 token_charges=token_charges,
                 )  # fmt: skip
@@ -262,7 +262,7 @@ class ActionsRepo(StoreCore):
         stop_target: SwitchTarget | None = None,
         halt_all_stops: bool = False,
         fleet: str = "",
-        token_charges: Sequence[TokenCharge] = (),
+        tokens_held: bool = False,
         tokens_used: int | None = None,
     ) -> str | None:
         """The outcome record: action row, budget charge (success) or release, event, ledger.
@@ -272,8 +272,9 @@ class ActionsRepo(StoreCore):
         outcome serialize) are read inside the transaction, again on every attempt: if one now
         stops effects in flight (emergency; halt_all with `halt_all_stops`), the action is
         recorded in-doubt instead and that verdict is returned: no success lands after such an
-        engage returned. `token_charges` reserved with the started record are
-        settled to `tokens_used` (a success) or released; an in-doubt action keeps them."""
+        engage returned. `tokens_held`: the action may hold token charges (it names an identity
+        and an estimate); they are settled to `tokens_used` (a success) or given back. An
+        in-doubt action keeps them."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
@@ -310,7 +311,8 @@ class ActionsRepo(StoreCore):
                     await tx.execute("settle_budget", cost, cost, session_id)
                 else:
                     await tx.execute("release_budget", cost, session_id)
-                await settle_tokens_in(tx, token_charges, ok=ok, tokens_used=tokens_used)
+                if tokens_held:
+                    await settle_tokens_in(tx, command_id, spent=ok, tokens_used=tokens_used)
                 await self.append_in(
                     tx,
                     NewEvent(
@@ -385,8 +387,8 @@ class ActionsRepo(StoreCore):
 
     async def resolve_in_doubt(self, *, command_id: str, done: bool, by: str) -> ActionRow | None:
         """An operator's verdict on an in-doubt action, with its event, in one transaction:
-        done charges the window's budget (the reservation was released when it went in-doubt),
-        failed does not. None when the action is not in-doubt (unknown, or resolved meanwhile)."""
+        done charges the window's budget (the reservation was released when it went in-doubt)
+        and keeps its token holds counted; failed gives the tokens back. None when the action is not in-doubt (unknown, or resolved meanwhile)."""
         from ..events import ACTION_RESOLVED
 
         async with self._transaction() as tx:
@@ -399,6 +401,8 @@ class ActionsRepo(StoreCore):
                 return None
             if done:
                 await tx.execute("charge_budget", float(row["cost"]), row["session_id"])
+            # Its token holds: counted as spent (done) or given back (failed).
+            await settle_tokens_in(tx, command_id, spent=done, tokens_used=None)
             await self.append_in(tx, NewEvent(
                 kind=ACTION_RESOLVED, session_id=row["session_id"],
                 payload={"as": "done" if done else "failed", "by": by},

@@ -21,8 +21,10 @@ class TokenKey:
 @dataclass(frozen=True, slots=True)
 class TokenCharge:
     """One action's estimate against one budget: reserved with its started record (refused
-    there if it no longer fits, so concurrent actions cannot overrun the budget), settled to
-    the reported usage with a success, released with a failure or a halt."""
+    there if it no longer fits, so concurrent actions cannot overrun the budget) and held under
+    its command_id (table token_holds) until its outcome settles it to the reported usage (a
+    success) or gives it back (a failure, a halt). An in-doubt action keeps its hold, since it
+    may have spent the tokens, until an operator resolves it."""
 
     key: TokenKey
     label: str
@@ -54,30 +56,46 @@ class TokensRepo(StoreCore):
                            float(r["cost"])) for r in rows]  # fmt: skip
 
 
-async def reserve_tokens_in(tx: Tx, charges: Sequence[TokenCharge]) -> TokenCharge | None:
-    """Reserve every charge inside `tx`; the first that does not fit is returned (the caller
-    rolls the transaction back), None when all fit."""
+async def reserve_tokens_in(
+    tx: Tx, command_id: str, charges: Sequence[TokenCharge]
+) -> TokenCharge | None:
+    """Reserve every charge inside `tx`, each held under `command_id`; the first that does not
+    fit is returned (the caller rolls the transaction back), None when all fit. A re-run keeps
+    what its first start holds (it went in-doubt holding it) instead of reserving it again."""
+    if not charges:
+        return None
+    held = {(h["scope"], h["identity"], h["period_key"])
+            for h in await tx.fetchall("token_holds_of", command_id)}  # fmt: skip
     for c in charges:
+        key = c.key
+        if (key.scope, key.identity, key.period_key) in held:
+            continue
         max_cost = c.max_cost if c.max_cost is not None else math.inf
         if c.tokens > c.max_tokens or c.cost > max_cost:
             return c  # does not fit even an unused budget (the statement checks only a row's sum)
-        row = await tx.fetchrow("reserve_tokens", c.key.scope, c.key.identity, c.key.period_key,
+        row = await tx.fetchrow("reserve_tokens", key.scope, key.identity, key.period_key,
                                 c.tokens, c.cost, c.max_tokens, max_cost)  # fmt: skip
         if row is None:
             return c
+        await tx.execute("insert_token_hold", command_id, key.scope, key.identity,
+                         key.period_key, c.tokens, c.cost)  # fmt: skip
     return None
 
 
 async def settle_tokens_in(
-    tx: Tx, charges: Sequence[TokenCharge], *, ok: bool, tokens_used: int | None
+    tx: Tx, command_id: str, *, spent: bool, tokens_used: int | None
 ) -> None:
-    """With the outcome: a success counts what the effect reported (the estimate if nothing),
-    a failure or a halt gives the reservation back."""
-    for c in charges:
-        if ok:
-            tokens, cost = (tokens_used - c.tokens if tokens_used is not None else 0), 0.0
+    """What `command_id` holds, settled: `spent` keeps it counted (to what the effect reported,
+    when it said; else its estimate), otherwise it is given back. The holds go either way."""
+    holds = await tx.fetchall("token_holds_of", command_id)
+    for h in holds:
+        if spent:
+            tokens = tokens_used - int(h["tokens"]) if tokens_used is not None else 0
+            cost = 0.0
         else:
-            tokens, cost = -c.tokens, -c.cost
+            tokens, cost = -int(h["tokens"]), -float(h["cost"])
         if tokens or cost:
-            await tx.execute("adjust_tokens", tokens, cost, c.key.scope, c.key.identity,
-                             c.key.period_key)  # fmt: skip
+            await tx.execute("adjust_tokens", tokens, cost, h["scope"], h["identity"],
+                             h["period_key"])  # fmt: skip
+    if holds:
+        await tx.execute("delete_token_holds", command_id)

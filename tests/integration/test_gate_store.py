@@ -32,6 +32,7 @@ from supervisor.governance.escalation import EscalationChain
 from supervisor.governance.gate import Gate, Outcome
 from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
+from supervisor.runtime.recovery import resolve_in_doubt
 from supervisor.store import Event, Session, Store
 from supervisor.store.records import ApprovalStatus
 from supervisor.store.tokens import TokenKey
@@ -421,6 +422,50 @@ async def test_a_failed_or_halted_action_gives_its_token_reservation_back(
                                  session=rig.session, command_id="r1")  # fmt: skip
     assert outcome.status == "succeeded"
     assert (await rig.store.token_usage(key)).tokens == 25
+
+
+async def stop_in_flight(rig: Rig, command_id: str, tokens: int = 60) -> None:
+    """Run a safe-to-retry action whose effect an emergency stops midway: it is in-doubt."""
+
+    async def stopped_midway() -> None:
+        rig.gate.stop_in_flight("fleet", "", Mode.EMERGENCY)
+        await anyio.sleep(1)  # cancelled here, at its next await
+        rig.effects.append("never")
+
+    with pytest.raises(ActionDenied):
+        await rig.gate.run(act(tokens=tokens, identity=SUPPORT, safe_to_retry=True),
+                           stopped_midway, worker="w1", session=rig.session,
+                           command_id=command_id)  # fmt: skip
+    row = await rig.store.get_action(command_id)
+    assert row is not None and row.status == "in_doubt"
+
+
+async def test_an_in_doubt_action_keeps_its_tokens_once_and_a_rerun_does_not_take_them_again(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig(tokens=TEAM_BUDGET)
+    key = TokenKey("team", "support", "2026-11-02")
+    await stop_in_flight(rig, "k1")
+    assert (await rig.store.token_usage(key)).tokens == 60  # it may have spent them
+    # Re-run under the same command_id (safe to retry): it holds the 60 already; 60 more would
+    # not fit the 100, and must not be asked for.
+    outcome = await rig.run(act(tokens=60, identity=SUPPORT, safe_to_retry=True), "k1")
+    assert outcome.status == "succeeded"
+    assert (await rig.store.token_usage(key)).tokens == 60
+    assert await rig.events(ev.TOKEN_BUDGET_EXHAUSTED) == []
+
+
+@pytest.mark.parametrize(("verdict", "left"), [("failed", 0), ("done", 60)])
+async def test_resolving_an_in_doubt_action_settles_its_tokens(
+    make_rig: MakeRig, verdict: str, left: int
+) -> None:
+    rig = await make_rig(tokens=TEAM_BUDGET)
+    key = TokenKey("team", "support", "2026-11-02")
+    await stop_in_flight(rig, "k2")
+    await resolve_in_doubt(rig.store, "k2", done=verdict == "done", by="op")
+    assert (await rig.store.token_usage(key)).tokens == left
+    # Nothing is held any more: a second resolution finds no in-doubt action to settle.
+    assert await storetools.fetchall(rig.store, "token_holds_of", "k2") == []
 
 
 # --- approvals --------------------------------------------------------------------------------------

@@ -462,3 +462,13 @@ SELECT * FROM runs WHERE fleet = ? AND simulated = ? ORDER BY ends_at DESC LIMIT
 -- status, the overview and the emergency snapshot is, and the store-boundary test flags any
 -- string outside the store equal to a query name.
 SELECT * FROM approvals WHERE fleet = ? AND status = 'pending' ORDER BY created_at LIMIT ?;
+
+-- name: insert_token_hold
+INSERT INTO token_holds (command_id, scope, identity, period_key, tokens, cost)
+VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (command_id, scope, identity, period_key) DO NOTHING;
+
+-- name: token_holds_of
+SELECT scope, identity, period_key, tokens, cost FROM token_holds WHERE command_id = ?;
+
+-- name: delete_token_holds
+DELETE FROM token_holds WHERE command_id = ?;
