@@ -34,8 +34,8 @@ import pytest
 
 from supervisor.store import Event, Store, open_store, system_stream
 from supervisor.store.base import Row
+from supervisor.store.records import ActionStatus
 from supervisor.timing.clock import SystemClock
-from tests import storetools
 from tests.waiting import EVERY, WITHIN, eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,18 +209,14 @@ class Daemon:
                 and (after is None or e.created_at > after)]  # fmt: skip
 
     async def actions(self) -> list[Row]:
+        """Every action row of the fleet, read in one snapshot: read status by status in
+        separate reads, an action finishing in between was listed twice (started, succeeded)."""
+        reads = [("actions_with_status", (FLEET, s.value, 1_000_000)) for s in ActionStatus]
         async with self.store() as store:
-            statuses = [
-                r["status"]
-                for r in await storetools.fetchall(store, "count_actions_by_status", FLEET)
-            ]
-            return [
-                row
-                for status in statuses
-                for row in await storetools.fetchall(
-                    store, "actions_with_status", FLEET, status, 1_000_000
-                )
-            ]
+            rows: list[Row] = await store.read_off_loop(
+                reads, lambda found: [row for rows in found for row in rows]
+            )
+        return rows
 
     async def approvals(self) -> list[Row]:
         async with self.store() as store:
