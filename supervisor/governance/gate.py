@@ -27,7 +27,13 @@ from ..killswitch import HostSwitchFile, Mode, host_verdict
 from ..store import NewEvent, Session, Store
 from ..store.approvals import ApprovalRecord
 from ..store.records import ApprovalStatus
-from ..store.switches import SwitchRecord, SwitchTarget, stops_in_flight, switch_verdict
+from ..store.switches import (
+    SwitchRecord,
+    SwitchTarget,
+    fleet_unknown_verdict,
+    stops_in_flight,
+    switch_verdict,
+)
 from ..store.tokens import TokenCharge, TokenKey
 from .approvals import Approvals, Permit, grant_covers
 from .budgets import ModelGovernor, TokenBudgets
@@ -159,7 +165,7 @@ class Gate:
 
     def _host_verdict(self, critical: bool) -> str | None:
         if self.fleet_unknown is not None:
-            return f"fleet switch unknown ({self.fleet_unknown}): halt_all"
+            return fleet_unknown_verdict(self.fleet_unknown)
         return host_verdict(self.host_switch.read(), critical=critical)
 
     async def _usable_grants(
@@ -213,16 +219,13 @@ class Gate:
         """Whether `mode` stops effects already running (not only new ones)."""
         return stops_in_flight(mode, halt_all_stops=self.halt_in_flight == "terminate")
 
-    def _target(
-        self, action: Action, worker: str, session: Session, *, host: bool = False
-    ) -> SwitchTarget:
-        """What the store needs to decide which of its switches reach this action; with `host`,
-        the host switch file too, for the store to read inside its transaction (each attempt
-        of it: an outcome retried across a lost connection reads it again)."""
+    def _target(self, action: Action, worker: str, session: Session) -> SwitchTarget:
+        """Which switches reach this action: the host file (read where the verdict is taken, so
+        inside the store's transaction, on each attempt of it), the fleet switch's state, and
+        what the store's switch rows are matched against."""
         return SwitchTarget(worker=worker, session_id=session.id,
                             group=self.worker_groups.get(worker), critical=action.critical,
-                            host=self.host_switch if host else None,
-                            fleet_unknown=self.fleet_unknown)  # fmt: skip
+                            host=self.host_switch, fleet_unknown=self.fleet_unknown)  # fmt: skip
 
     def stop_in_flight(self, scope: str, target: str, mode: Mode) -> int:
         """An engage was observed: stop the effects it reaches (emergency; halt_all when
@@ -275,9 +278,7 @@ class Gate:
         self, action: Action, records: list[SwitchRecord], worker: str, session: Session
     ) -> str | None:
         """Every switch at once (host file, then the store's records); None when all permit."""
-        return self._host_verdict(action.critical) or switch_verdict(
-            records, self._target(action, worker, session)
-        )
+        return switch_verdict(records, self._target(action, worker, session))
 
     async def refuse(
         self,
@@ -496,7 +497,7 @@ class Gate:
         # Inside the started record's transaction the store reads its switches and, again, the
         # host file (`switches.host`): an engage that landed while this action waited for the
         # store leaves no started record after it returned. Data, not a call into the gate.
-        switches = self._target(action, worker, session, host=True)
+        switches = self._target(action, worker, session)
 
         grant_ids = [g.id for g in grants]
         if rerun:
@@ -746,7 +747,7 @@ class Gate:
             result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
             tokens_held=_may_hold_tokens(action), tokens_used=tokens_used,
             # An emergency engaged while the effect ran: its outcome is not recorded as done.
-            stop_target=self._target(action, worker, session, host=True) if ok else None,
+            stop_target=self._target(action, worker, session) if ok else None,
             halt_all_stops=self.halt_in_flight == "terminate", fleet=self.fleet,
         )  # fmt: skip
         if stopped is not None:

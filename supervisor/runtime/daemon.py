@@ -535,24 +535,18 @@ class Daemon:
         return Duty("rotation", rotate, follow, retry=self.config.heartbeat, first=True)
 
     def _every(self, seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> Duty:
-        async def run() -> None:
-            await work()
-
-        return Duty(name, run, lambda: self.clock.now() + timedelta(seconds=seconds))
+        return Duty(name, work, lambda: self.clock.now() + timedelta(seconds=seconds))
 
     def _alerts_duty(self, alerts: Alerts, approvals: Approvals) -> Duty:
         """Evaluate the approval alerts every evaluate_every while approvals are pending; with none
         pending (and none counted last time) nothing can change until one is created."""
-
-        async def evaluate() -> None:
-            await alerts.evaluate()
 
         def next_look() -> datetime:
             idle = approvals.next_due is None and alerts.pending_approvals == 0
             wait = self.config.recovery_every if idle else self.config.alerts.evaluate_every
             return self.clock.now() + timedelta(seconds=wait)
 
-        return Duty("alerts", evaluate, next_look, wake=approvals.watch)
+        return Duty("alerts", alerts.evaluate, next_look, wake=approvals.watch)
 
     async def _escalation(self, approvals: Approvals) -> None:
         """Sleep until the next approval is due (at most escalation_every), then move it on."""

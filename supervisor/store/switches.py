@@ -64,12 +64,17 @@ class SwitchTarget:
         )
 
 
+def fleet_unknown_verdict(reason: str) -> str:
+    """The verdict while the fleet's own switch cannot be read: it counts as halt_all."""
+    return f"fleet switch unknown ({reason}): halt_all"
+
+
 def switch_verdict(records: Sequence[SwitchRecord], target: SwitchTarget) -> str | None:
     """The verdict on starting an action: None when the switches permit it, else the host's
     verdict (when `target.host` is given) or the store's strictest mode and the scopes that
     forbid it (only the engaged switches that reach it explain it)."""
     if target.fleet_unknown is not None:
-        return f"fleet switch unknown ({target.fleet_unknown}): halt_all"
+        return fleet_unknown_verdict(target.fleet_unknown)
     if target.host is not None:
         problem = host_verdict(target.host.read(), critical=target.critical)
         if problem is not None:
@@ -96,7 +101,7 @@ def stopping_switch(
     if target.fleet_unknown is not None and stops_in_flight(
         Mode.HALT_ALL, halt_all_stops=halt_all_stops
     ):
-        return f"fleet switch unknown ({target.fleet_unknown}): halt_all"
+        return fleet_unknown_verdict(target.fleet_unknown)
     if target.host is not None:
         mode = target.host.read().mode
         if stops_in_flight(mode, halt_all_stops=halt_all_stops):
