@@ -251,11 +251,6 @@ RETURNING id;
 -- name: stream_seq
 SELECT last_seq FROM streams WHERE id = ?;
 
--- name: scoped_approval
-SELECT * FROM approvals
-WHERE session_id = ? AND worker = ? AND action = ? AND scope = 'window' AND status = 'approved'
-ORDER BY decided_at LIMIT 1;
-
 -- name: count_actions_by_status
 SELECT status, count(*) AS n FROM actions WHERE fleet = ? GROUP BY status;
 
