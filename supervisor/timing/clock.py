@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 # A long wall-clock sleep is cut into slices so a wall-clock step (NTP, suspend) is noticed.
@@ -62,6 +63,10 @@ class SystemClock:
         while True:
             remaining = (when - self.now()).total_seconds()
             if remaining <= 0:
+                # An instant already past still yields once: a worker behind its schedule (or
+                # with no cadence) whose cycle never waits would otherwise keep the loop from
+                # every other task: signals, the kill switch's watch, the store's commits.
+                await anyio.lowlevel.checkpoint()
                 return True
             if wake is not None and wake.is_set():
                 return False

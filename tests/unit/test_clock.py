@@ -406,3 +406,19 @@ async def test_system_clock_sleep_until_returns_true_at_the_instant() -> None:
     wake = anyio.Event()
     wake.set()
     assert await clock.sleep_until(clock.now() + timedelta(seconds=30), wake) is False
+
+
+async def test_system_clock_yields_for_an_instant_already_past() -> None:
+    """A worker with no cadence (every slot already due) must not keep the loop to itself: the
+    daemon's other tasks (signals, the kill switch's watch) run between its cycles."""
+    clock = SystemClock()
+    ran = anyio.Event()
+
+    async def other_task() -> None:
+        ran.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        for _ in range(3):
+            assert await clock.sleep_until(clock.now() - timedelta(seconds=1)) is True
+        assert ran.is_set()
