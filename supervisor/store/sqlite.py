@@ -102,10 +102,13 @@ class _Batch:
 
 
 class _SQLiteTx:
-    def __init__(self, conn: sqlite3.Connection, queries: dict[str, str], write: bool) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, queries: dict[str, str], write: bool, rollbacks: int
+    ) -> None:
         self._conn = conn
         self._q = queries
         self._write = write
+        self._rollbacks = rollbacks
 
     def _run(self, name: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
         try:
@@ -128,6 +131,17 @@ class _SQLiteTx:
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
         return [_decode(r) for r in self._run(name, args).fetchall()]
 
+    async def change_stamp(self) -> tuple[int, int]:
+        """`PRAGMA data_version` moves when another connection commits (a CLI's engage, say),
+        never for this connection's own writes; a rollback here (a member's, a batch's) is
+        counted beside it, since it undoes writes a cache may have seen."""
+        try:
+            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            error = StateWriteError if self._write else StoreError
+            raise error(f"sqlite data_version: {exc}") from exc
+        return version, self._rollbacks
+
 
 class SQLiteBackend(Backend):
     dialect = "sqlite"
@@ -147,6 +161,7 @@ class SQLiteBackend(Backend):
         self._lost: str | None = None
         self._readers: list[sqlite3.Connection] = []  # idle read-only connections
         self._batch: _Batch | None = None  # the write transaction open for group commit
+        self._rollbacks = 0  # writes undone on this connection (see _SQLiteTx.change_stamp)
 
     @property
     def identity_path(self) -> Path:
@@ -337,11 +352,14 @@ class SQLiteBackend(Backend):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SQLiteTx]:
-        """Group commit. Each transaction's body runs in a SAVEPOINT of the open batch; the
-        batch's first member (its leader) queues for the connection again and commits every
-        body that ran meanwhile with one COMMIT (one fsync). Nobody leaves this block before
-        the COMMIT holding their writes has returned; when it fails, every member fails closed.
-        A lone writer queues behind nobody, so it commits at once."""
+        """Group commit. The batch's first member (its leader) opens the write transaction and
+        runs its body in it; each later member's body runs in a SAVEPOINT of it. The leader
+        then queues for the connection again and commits every body that ran meanwhile with
+        one COMMIT (one fsync). Nobody leaves this block before the COMMIT holding their writes
+        has returned; when it fails, every member fails closed. A lone writer queues behind
+        nobody, so it commits at once. While a COMMIT waits for the disk, the next members
+        queue for the connection: they form the next batch (SQLite holds its write lock
+        through the fsync, so no write of theirs could run before it anyway)."""
         conn = self._require()
         batch: _Batch | None = None
         leader = joined = False
@@ -351,29 +369,41 @@ class SQLiteBackend(Backend):
                     await self._begin(conn)
                     self._batch, leader = _Batch(), True
                 batch = self._batch
-                conn.execute("SAVEPOINT tx")
+                if not leader:  # the leader's body is the transaction's start: no savepoint
+                    conn.execute("SAVEPOINT tx")
                 try:
-                    yield _SQLiteTx(conn, self._queries, write=True)
+                    yield _SQLiteTx(conn, self._queries, write=True, rollbacks=self._rollbacks)
                 except BaseException:
-                    if conn.in_transaction:
+                    self._rollbacks += 1
+                    if not conn.in_transaction:  # SQLite rolled the batch back (I/O, full disk)
+                        self._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
+                    elif leader:  # nobody else is in the batch yet (the lock is still ours)
+                        conn.execute("ROLLBACK")
+                        self._fail_batch(StateWriteError("the batch's first body failed"))
+                    else:
                         conn.execute("ROLLBACK TO tx")
                         conn.execute("RELEASE tx")
-                    else:  # SQLite rolled the whole batch back (an I/O error, a full disk)
-                        self._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
                     raise
-                conn.execute("RELEASE tx")
+                if not leader:
+                    conn.execute("RELEASE tx")
                 joined = True
         finally:
             if leader and batch is not None:
                 with anyio.CancelScope(shield=True):
                     await self._lead(batch)
         if joined and batch is not None:
-            if not batch.done.is_set():  # a leader alone committed already
-                with anyio.CancelScope(shield=True):  # the outcome is learnt, whatever cancels us
-                    await batch.done.wait()
-            if batch.error is not None:
-                error = batch.error
-                raise type(error)(*error.args) from error  # each member its own exception
+            await self._settled(batch)
+
+    @staticmethod
+    async def _settled(batch: _Batch) -> None:
+        """Wait for the COMMIT of `batch` (whatever cancels us: the outcome is learnt), and
+        fail as it did."""
+        if not batch.done.is_set():  # a leader alone committed already
+            with anyio.CancelScope(shield=True):
+                await batch.done.wait()
+        if batch.error is not None:
+            error = batch.error
+            raise type(error)(*error.args) from error  # each member its own exception
 
     async def _lead(self, batch: _Batch) -> None:
         """Behind every body queued meanwhile (the lock is fair), commit the batch, unless a
@@ -392,6 +422,7 @@ class SQLiteBackend(Backend):
         if lost is not None:
             # Committing into a deleted inode would "succeed" and be lost: fail closed.
             conn.execute("ROLLBACK")
+            self._rollbacks += 1
             batch.settle(StoreLost(lost))
             return
         try:
@@ -400,6 +431,7 @@ class SQLiteBackend(Backend):
             else:
                 await anyio.to_thread.run_sync(conn.execute, "COMMIT")
         except BaseException as exc:
+            self._rollbacks += 1
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             batch.settle(StateWriteError(f"sqlite commit failed: {exc}"))
@@ -425,8 +457,16 @@ class SQLiteBackend(Backend):
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[_SQLiteTx]:
-        async with self._idle_connection() as conn:
-            yield _SQLiteTx(conn, self._queries, write=False)
+        """Reads on the loop's connection. With a batch open they run inside it, so they may
+        see its writes before they are durable: the block's result is only let go once that
+        batch's COMMIT has returned (and fails if it failed). Reading does not commit the
+        batch early: a read between writes would cut every batch short."""
+        conn = self._require()
+        async with self._lock:
+            batch = self._batch
+            yield _SQLiteTx(conn, self._queries, write=False, rollbacks=self._rollbacks)
+        if batch is not None:
+            await self._settled(batch)
 
     def _open_reader(self) -> sqlite3.Connection:
         """A read-only connection (in a worker thread: opening reads the file)."""

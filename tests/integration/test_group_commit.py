@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,8 @@ async def test_a_transaction_that_raises_leaves_the_rest_of_its_batch_alone(
 
 
 async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) -> None:
-    """A read on the store's connection while a batch is open commits that batch first, so
-    what it returns is on disk."""
+    """A read on the store's connection while a batch is open returns only once that batch is
+    committed, so whatever it saw is on disk by then."""
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     seen: list[int] = []
 
@@ -195,6 +196,81 @@ async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) ->
     finally:
         await store.close()
     assert seen
+
+
+async def test_a_read_does_not_cut_a_batch_short(sqlite_url: str) -> None:
+    """Workers read between their writes (an action's last look): a read queued between two
+    writers runs inside their open batch instead of committing it early, so they still share
+    one COMMIT, and it returns once that COMMIT has."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    commits: list[str] = []
+    conn = _backend(store)._require()
+    conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    order: list[str] = []
+
+    async def write(name: str) -> None:
+        await store.append(NewEvent(kind="X", session_id=name))
+        order.append(name)
+
+    async def read() -> None:
+        async with store.backend.reader() as tx:
+            await tx.fetchrow("stream_seq", "a")
+        assert ("a", 1) in _committed(sqlite_url), "the read returned before the batch's COMMIT"
+        order.append("read")
+
+    try:
+        # Queued in this order behind a held read: writer a (opens the batch), the read,
+        # writer b (joins it), then a's COMMIT.
+        async with anyio.create_task_group() as tg, store.backend.reader():
+            for step in (partial(write, "a"), read, partial(write, "b")):
+                tg.start_soon(step)
+                await anyio.wait_all_tasks_blocked()
+    finally:
+        conn.set_trace_callback(None)
+        await store.close()
+    assert _committed(sqlite_url) == {("a", 1), ("b", 1)}
+    assert len(commits) == 1, f"{len(commits)} COMMITs: the read committed the batch early"
+    assert sorted(order) == ["a", "b", "read"]
+
+
+async def test_a_read_inside_a_batch_fails_with_the_batch(sqlite_url: str) -> None:
+    """A read that ran inside an open batch may have seen its writes before they were durable:
+    when that batch's COMMIT fails, the read fails too, so nothing acts on what it saw."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    failing = _FailingCommit(backend._require())
+    backend._conn = failing  # type: ignore[assignment]
+    seen: list[int] = []
+    read_error: list[str] = []
+
+    async def write() -> None:
+        with pytest.raises(StateWriteError):
+            await store.append(NewEvent(kind="X", session_id="s0"))
+
+    async def read() -> None:
+        try:
+            async with store.backend.reader() as tx:
+                row = await tx.fetchrow("stream_seq", "s0")
+                assert row is not None
+                seen.append(int(row["last_seq"]))
+        except StateWriteError as exc:
+            read_error.append(str(exc))
+
+    try:
+        failing.armed = True
+        # Queued in this order behind a held read: the writer opens the batch, the reader
+        # reads inside it, then the writer's COMMIT (which fails).
+        async with anyio.create_task_group() as tg, store.backend.reader():
+            tg.start_soon(write)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(read)
+            await anyio.wait_all_tasks_blocked()
+    finally:
+        backend._conn = failing._conn
+        await store.close()
+    assert seen == [1], "the read ran inside the open batch and saw its uncommitted event"
+    assert read_error and "sqlite commit failed" in read_error[0]
+    assert _committed(sqlite_url) == set()
 
 
 CHILD = """
