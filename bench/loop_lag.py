@@ -3,15 +3,22 @@ kill-switch engage made during them takes to reach idle workers.
 
     .venv/bin/python bench/loop_lag.py [--events 1000000] [--big-session 100000] [--rounds 3]
                                        [--backend sqlite|postgres] [--quick] [--json]
+                                       [--keep-store FILE] [--gc-probe] [--no-gc-tune]
 
 A store (SQLite: a temporary file, the store's own settings, synchronous=full; Postgres: a
 temporary database at ACP_TEST_PG, created and dropped) is seeded with
 `--events` events: the history of bench/recovery.py (hourly windows of about 120 events, actions,
 the command ledger, approvals, a few crash leftovers) plus one big session, the current window,
 holding `--big-session` of them. Seeding is one transaction straight into the tables (executemany
-on SQLite, COPY on Postgres): setup, not what is measured.
+on SQLite, COPY on Postgres): setup, not what is measured. `--keep-store FILE` (SQLite) seeds
+into FILE once and starts each later run with the same --events and --big-session from a fresh
+copy of it (reseeded when it is a day old: the live host's heartbeat is a day ahead). Its
+windows keep the hours of its seeding: in a later hour the current window is overdue too, and
+the first recovery pass closes it beside the crash leftovers it repairs anyway.
 
 Then, in one event loop, as the daemon has them: the store opened the daemon's way, the
+garbage collector tuned as the daemon tunes it once started (`gctune.settle()`; `--no-gc-tune`
+leaves the interpreter's defaults, for comparison), the
 kill-switch keeper (the daemon's `SwitchKeeper`) polling the host switch file every `killswitch.watch_interval` (the default
 config's), idle workers waiting on the gate's `switch_changed` (as a halted worker waits; the daemon's own
 `SwitchKeeper` watches the switch), and
@@ -36,6 +43,9 @@ running, and engage-to-wake: from the engage's return to the last idle worker wo
 when the keeper saw the switch file before the CLI had recorded its event and returned), and
 call-to-wake, from the engage's start.
 The aims (issue 16): worst lag at most 50 ms and engage-to-wake at most 100 ms at 1M events.
+`--gc-probe` also times every garbage collection (`gc.callbacks`) and prints, per phase, the
+collections of each generation and the longest, on whichever thread it ran: a collection holds
+the GIL, so one started in a read's worker thread stops the loop as well.
 The figures move with the machine's load; the script stops by itself.
 """
 
@@ -43,14 +53,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import io
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +89,7 @@ from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noq
 from supervisor.killswitch.engage import host_switch_path  # noqa: E402
 from supervisor.killswitch.keeper import SwitchKeeper  # noqa: E402
 from supervisor.logging import configure  # noqa: E402
+from supervisor.ops import gctune  # noqa: E402
 from supervisor.ops.alerts import Alerts  # noqa: E402
 from supervisor.ops.scorecard import compute  # noqa: E402
 from supervisor.runtime import recovery  # noqa: E402
@@ -156,6 +170,34 @@ async def seed_sqlite(path: Path, total: int, big: int, now: datetime) -> str:
     return big_sid
 
 
+def _reuse(keep: Path, path: Path, shape: dict[str, int], now: datetime) -> str | None:
+    """Copy the kept store to `path` if it holds `shape` and is under a day old: its big
+    session's id; None (and the stale files removed) when it must be seeded again."""
+    meta_path = keep.with_name(keep.name + ".json")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        meta = json.loads(meta_path.read_text())
+        fresh = now - datetime.fromisoformat(meta["seeded_at"]) < timedelta(hours=23)
+        if {k: meta.get(k) for k in shape} == shape and keep.exists() and fresh:
+            shutil.copyfile(keep, path)
+            return str(meta["big_sid"])
+    for suffix in ("", "-wal", "-shm", ".identity", ".json"):
+        keep.with_name(keep.name + suffix).unlink(missing_ok=True)
+    return None
+
+
+async def kept_sqlite(keep: Path, path: Path, total: int, big: int, now: datetime) -> str:
+    """`--keep-store`: seed into `keep` unless it holds this shape already, then copy it to
+    `path`, so every run starts from the same store; the big session's id."""
+    shape = {"events": total, "big_session": big}
+    big_sid = _reuse(keep, path, shape, now)
+    if big_sid is None:
+        big_sid = await seed_sqlite(keep, total, big, now)
+        meta = {**shape, "big_sid": big_sid, "seeded_at": now.isoformat()}
+        keep.with_name(keep.name + ".json").write_text(json.dumps(meta))
+        shutil.copyfile(keep, path)
+    return big_sid
+
+
 async def seed_postgres(url: str, total: int, big: int, now: datetime) -> str:
     """COPY in one transaction straight into the tables, then ANALYZE; the big session's id."""
     import asyncpg
@@ -212,6 +254,35 @@ async def admin(statement: str) -> None:
 # --- the loop -----------------------------------------------------------------------------------
 
 
+class GcProbe:
+    """`--gc-probe`: every collection's (end instant, generation, seconds, on the loop's thread)."""
+
+    def __init__(self) -> None:
+        self.loop_thread = threading.get_ident()
+        self.collections: list[tuple[float, int, float, bool]] = []
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        thread = threading.get_ident()
+        if phase == "start":
+            self._started[thread] = now
+        elif thread in self._started:
+            t0 = self._started.pop(thread)
+            self.collections.append((now, info["generation"], now - t0,
+                                     thread == self.loop_thread))  # fmt: skip
+
+    def between(self, t0: float, t1: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for gen in (0, 1, 2):
+            seen = [(s, on_loop) for at, g, s, on_loop in self.collections
+                    if g == gen and t0 <= at <= t1]  # fmt: skip
+            worst = max(seen, default=(0.0, True))
+            out[f"gen{gen}"] = {"n": len(seen), "max_ms": round(worst[0] * 1000, 1),
+                                "max_on_loop": worst[1] if seen else None}  # fmt: skip
+        return out
+
+
 @dataclass
 class Phase:
     name: str
@@ -222,10 +293,12 @@ class Phase:
     engaged_during_pass: bool = False
     wake_ms: float = 0.0  # engage returned -> the last idle worker woken
     call_wake_ms: float = 0.0  # engage called -> the last idle worker woken
+    gc: list[dict[str, Any]] = field(default_factory=list)  # --gc-probe: one entry per round
 
     def merge(self, other: Phase) -> None:
         """Another round of the same phase: worst figures kept, samples pooled."""
         self.passes += other.passes
+        self.gc += other.gc
         self.pass_ms += other.pass_ms
         self.lags_ms += other.lags_ms
         self.engage_ms = max(self.engage_ms, other.engage_ms)
@@ -247,7 +320,17 @@ class Phase:
             "engaged_during_pass": self.engaged_during_pass,
             "engage_to_wake_ms": round(self.wake_ms, 1),
             "call_to_wake_ms": round(self.call_wake_ms, 1),
+            **({"gc": self._gc_summary()} if self.gc else {}),
         }
+
+    def _gc_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for gen in ("gen0", "gen1", "gen2"):
+            rounds = [r[gen] for r in self.gc]
+            worst = max(rounds, key=lambda r: r["max_ms"])
+            out[gen] = {"n": sum(r["n"] for r in rounds), "max_ms": worst["max_ms"],
+                        "max_on_loop": worst["max_on_loop"]}  # fmt: skip
+        return out
 
 
 @dataclass
@@ -259,6 +342,7 @@ class Loop:
     waiters: int
     ticks: list[tuple[float, float]] = field(default_factory=list)  # (end, lag seconds)
     stop: bool = False
+    probe: GcProbe | None = None
 
 
 async def ticker(loop: Loop) -> None:
@@ -327,6 +411,8 @@ async def phase(loop: Loop, name: str, work: Callable[[], Awaitable[object]] | N
     result.engaged_during_pass = any(a <= engaged["return"] <= b for a, b in running)
     result.wake_ms = (max(woke) - engaged["return"]) * 1000
     result.call_wake_ms = (max(woke) - engaged["call"]) * 1000
+    if loop.probe is not None:
+        result.gc.append(loop.probe.between(t_start, t_end))
 
     # Disengage, and wait until the keeper has seen it, before the next phase.
     seen = anyio.Event()
@@ -359,7 +445,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str, Any]:
     now = datetime.now(UTC)
     t0 = time.perf_counter()
-    if args.backend == "sqlite":
+    if args.backend == "sqlite" and args.keep_store is not None:
+        big_sid = await kept_sqlite(args.keep_store.resolve(), Path(url.removeprefix("sqlite:///")),
+                                    args.events, args.big_session, now)  # fmt: skip
+    elif args.backend == "sqlite":
         big_sid = await seed_sqlite(Path(url.removeprefix("sqlite:///")), args.events,
                                     args.big_session, now)  # fmt: skip
     else:
@@ -381,6 +470,12 @@ async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str,
         watch_interval=config.killswitch_watch_interval, store_poll=config.killswitch_store_poll,
     )  # fmt: skip
     loop = Loop(store, config, keeper, gate, args.waiters)
+    tracked = len(gc.get_objects())  # what a full collection walks, untuned
+    if not args.no_gc_tune:
+        gctune.settle()  # as the daemon does once started, before its tasks run
+    if args.gc_probe:
+        loop.probe = GcProbe()
+        gc.callbacks.append(loop.probe)
 
     async def scorecard() -> None:
         await compute(store, FLEET)
@@ -419,6 +514,8 @@ async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str,
             loop.stop = True
             tg.cancel_scope.cancel()
     finally:
+        if loop.probe is not None:
+            gc.callbacks.remove(loop.probe)
         await store.close()
     heavy = [p for p in phases.values() if p.name != "baseline"]
     return {
@@ -426,6 +523,8 @@ async def measure(args: argparse.Namespace, folder: Path, url: str) -> dict[str,
         "events": stored,
         "big_session_events": in_big,
         "seed_s": round(seed_s, 1),
+        "gc_tuned": not args.no_gc_tune,
+        "gc_tracked_objects": tracked,
         "tick_ms": TICK * 1000,
         "idle_workers": args.waiters,
         "rounds": args.rounds,
@@ -441,7 +540,9 @@ def render(r: dict[str, Any]) -> str:
         f"loop lag, {r['backend']}: {r['events']:,} events "
         f"({r['big_session_events']:,} in the replayed session), "
         f"seeded in {r['seed_s']} s; ticker every {r['tick_ms']:g} ms, {r['idle_workers']} idle "
-        f"workers, switch watched every {r['watch_interval_ms']:g} ms, {r['rounds']} round(s)",
+        f"workers, switch watched every {r['watch_interval_ms']:g} ms, {r['rounds']} round(s), "
+        f"gc {'tuned' if r['gc_tuned'] else 'defaults'} ({r['gc_tracked_objects']:,} objects "
+        "tracked at the start)",
         f"{'phase':<14} {'passes':>6} {'pass ms':>9} {'worst lag ms':>12} {'p99 lag ms':>10} "
         f"{'engage in pass':>14} {'engage->wake ms':>15} {'call->wake ms':>13}",
     ]
@@ -453,6 +554,12 @@ def render(r: dict[str, Any]) -> str:
             f"{p['p99_lag_ms']:>10.1f} {during:>14} {p['engage_to_wake_ms']:>15.1f} "
             f"{p['call_to_wake_ms']:>13.1f}"
         )
+    for p in r["phases"]:
+        if "gc" in p:
+            where = {None: "", True: ", on the loop", False: ", in a thread"}
+            lines.append(f"gc in {p['name']:<14} " + "  ".join(
+                f"{gen}: {g['n']} (max {g['max_ms']:.1f} ms{where[g['max_on_loop']]})"
+                for gen, g in p["gc"].items()))  # fmt: skip
     lines.append(
         f"worst lag {r['worst_lag_ms']:.1f} ms (aim: at most 50), worst engage-to-wake "
         f"{r['worst_engage_to_wake_ms']:.1f} ms (aim: at most 100)"
@@ -471,7 +578,15 @@ def main() -> int:
                         help="the store (postgres: a temporary database at ACP_TEST_PG)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="one round (about a minute)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--keep-store", type=Path, metavar="FILE",
+                        help="SQLite: seed FILE once, start each run from a copy of it")  # fmt: skip
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="time every garbage collection, per phase and generation")  # fmt: skip
+    parser.add_argument("--no-gc-tune", action="store_true",
+                        help="leave the collector as the interpreter sets it (for comparison)")  # fmt: skip
     args = parser.parse_args()
+    if args.keep_store is not None and args.backend != "sqlite":
+        parser.error("--keep-store is for the SQLite backend")
     if args.quick:
         args.rounds = 1
     if args.events < 10_000 or not 0 < args.big_session < args.events:

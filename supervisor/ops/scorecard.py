@@ -85,12 +85,12 @@ class Scorecard:
 def _tally(counts: list[EventCount]) -> tuple[Counter[str], Counter[str]]:
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for c in counts:
-        if c.kind == ev.RECOVERY and c.reason == "clean":
+    for _session, kind, reason, n in counts:
+        if kind == ev.RECOVERY and reason == "clean":
             continue  # "recoveries" counts scans that repaired something
-        kinds[c.kind] += c.n
-        if c.kind == ev.ACTION_DENIED:
-            reasons[c.reason or "unknown"] += c.n
+        kinds[kind] += n
+        if kind == ev.ACTION_DENIED:
+            reasons[reason or "unknown"] += n
     return kinds, reasons
 
 
@@ -109,7 +109,7 @@ async def compute(store: Store, fleet: str, *, per_window: bool = True) -> Score
 def _card(fleet: str, tallies: EventTallies) -> Scorecard:
     by_session: dict[str, list[EventCount]] = defaultdict(list)
     for c in tallies.counts:
-        by_session[c.session_id].append(c)
+        by_session[c[0]].append(c)
     kinds, reasons = _tally(tallies.counts)
     card = Scorecard(
         fleet=fleet,
@@ -133,11 +133,11 @@ async def shadow(store: Store, fleet: str) -> dict[str, Any]:
     tallies = await store.event_tallies(fleet)
     decided: Counter[str] = Counter()
     disagreed: dict[str, Counter[str]] = defaultdict(Counter)
-    for c in tallies.counts:
-        if c.kind in (ev.ACTION_STARTED, ev.ACTION_DENIED):
-            decided[c.session_id] += c.n
-        elif c.kind == ev.POLICY_SHADOW:
-            disagreed[c.session_id][c.reason or "unknown"] += c.n
+    for session_id, kind, reason, n in tallies.counts:
+        if kind in (ev.ACTION_STARTED, ev.ACTION_DENIED):
+            decided[session_id] += n
+        elif kind == ev.POLICY_SHADOW:
+            disagreed[session_id][reason or "unknown"] += n
     windows: list[dict[str, Any]] = []
     total: Counter[str] = Counter()
     for session in sorted(tallies.windows, key=lambda s: s.starts_at):

@@ -34,6 +34,7 @@ from ..killswitch import HostSwitchFile, SwitchState, load_secret
 # host_switch_path is re-exported while drills.py still imports it from here.
 from ..killswitch.engage import host_switch_path as host_switch_path
 from ..killswitch.keeper import SwitchKeeper
+from ..ops import gctune
 from ..ops.alerts import STATE_WRITE_FAILED
 from ..ops.alerts.engine import Alerts
 from ..ops.metrics import Metrics
@@ -412,6 +413,8 @@ class Daemon:
         log.info("daemon.ready", horizon=plan.horizon, simulated=clock.virtual,
                  window=session.window_key if session else None, recovered=report.repairs,
                  workers=sum(s.replicas for s in cfg.workers))  # fmt: skip
+        if self.install_signals:  # the process is the daemon's own, not a test's or a drill's
+            gctune.settle()  # start-up's objects out of the collector's way (ops/gctune.py)
 
         async with anyio.create_task_group() as tg:
             if self.install_signals and not clock.virtual:
