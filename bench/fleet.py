@@ -272,6 +272,11 @@ async def measure(
                 if time.perf_counter() - t_start > 120:
                     raise SystemExit(f"{workers} workers did not all start within 120 s")
             startup = time.perf_counter() - t_start
+            # What the daemon's own process does once it is ready (install_signals is off here,
+            # so the daemon leaves it to its host process).
+            from supervisor.ops import gctune
+
+            gctune.settle()
             gate.stats.latencies = []
             DISPATCH_LATENCIES.clear()
             RECORDING = True

@@ -339,13 +339,15 @@ class Gate:
         correlation_id: str | None = None,
         pending_cap: int | None = None,
         grants: bool = True,
+        read_first: bool = False,
     ) -> tuple[Permit | None, Outcome | None]:
         """Run every check up to and including the started record.
 
         Returns (permit, None) when the effect may run now, or (None, outcome) when a stored
         outcome answers the command (a retry). Raises ActionDenied, ApprovalPending, ActionExpired.
         `grants=False`: ask for an approval even where a window grant covered the action (one
-        that a concurrent action spent before this one's started record).
+        that a concurrent action spent before this one's started record). `read_first`: read
+        the command's stored record before anything else, even on the common path.
         """
         refuse = self.refuse
         action = self.policy.mark(action)  # critical / safe_to_retry: policy decides
@@ -357,9 +359,23 @@ class Gate:
         if problem is not None:
             raise await refuse(action, reason="killswitch", detail=problem, **args)
 
+        # The common case (an open window, the policy allows, the model may be used) reads
+        # nothing first: the started record's ledger claim finds a stored command itself, and
+        # the action is then admitted again, reading first (`_Known`). Every other path reads
+        # first, so that a stored outcome answers before any refusal, approval or event.
+        now = self.store.clock.now()
+        window_open = session.status == "open" and session.starts_at <= now < session.ends_at
+        decision = self.policy.decide(action, worker)
+        allowed, detail = True, ""
+        if decision.outcome != "deny":
+            allowed, detail = self.models.check(action.model, action.identity)
+        common = window_open and decision.outcome == "allow" and allowed and not read_first
+
         # 2. idempotency: a stored outcome answers; the same id with other params is a conflict
         operation = f"action:{action.name}"
-        stored = await self.store.lookup_action(command_id, operation, action.params)
+        stored = None
+        if not common:
+            stored = await self.store.lookup_action(command_id, operation, action.params)
         rerun = False
         if stored is not None:
             if stored.status in ("succeeded", "failed"):
@@ -376,17 +392,12 @@ class Gate:
                 )  # fmt: skip
 
         # promise 4: nothing runs outside an open window (the started record re-checks it)
-        now = self.store.clock.now()
-        if session.status != "open" or not session.starts_at <= now < session.ends_at:
+        if not window_open:
             raise await refuse(action, reason="no_window",
                                detail=f"window {session.window_key} is not open", **args)  # fmt: skip
 
-        # 3. policy, then model access
-        decision = self.policy.decide(action, worker)
+        # 3. policy, then model access (decided above)
         args["decision"] = decision  # every later refusal records the decision and the proposal
-        allowed, detail = True, ""
-        if decision.outcome != "deny":
-            allowed, detail = self.models.check(action.model, action.identity)
         if self.shadow is not None:
             self._shadow(action, worker, session, command_id, decision, allowed)
         if decision.outcome == "deny":
@@ -459,6 +470,13 @@ class Gate:
                 over_cost = (
                     charge.max_cost is not None and used.cost + charge.cost > charge.max_cost
                 )
+                if (over_tokens or over_cost) and common:
+                    # A refusal: first what the ledger knows (a re-run may hold these tokens).
+                    return await self.admit(
+                        action, worker=worker, session=session, command_id=command_id,
+                        approval_key=approval_key, correlation_id=correlation_id,
+                        pending_cap=pending_cap, grants=grants, read_first=True,
+                    )  # fmt: skip
                 if over_tokens or over_cost:
                     raise await self._token_budget_spent(action, charge, used.tokens, args)
 
@@ -469,14 +487,15 @@ class Gate:
         self.owned.add(command_id)
         try:
             return await self._start(action, permit, decision, operation, stored, rerun, args,
-                                     usable, charges)  # fmt: skip
-        except _GrantSpent:
+                                     usable, charges, read=not common)  # fmt: skip
+        except (_GrantSpent, _Known) as again:
             if claimed:
                 self.owned.discard(command_id)
             return await self.admit(
                 action, worker=worker, session=session, command_id=command_id,
                 approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
-                grants=False,
+                grants=grants and not isinstance(again, _GrantSpent),
+                read_first=read_first or isinstance(again, _Known),
             )  # fmt: skip
         except BaseException:
             if claimed:
@@ -486,10 +505,12 @@ class Gate:
     async def _start(
         self, action: Action, permit: Permit, decision: Decision, operation: str, stored: Any,
         rerun: bool, args: dict[str, Any], grants: list[ApprovalRecord],
-        charges: list[TokenCharge],
+        charges: list[TokenCharge], *, read: bool,
     ) -> tuple[Permit | None, Outcome | None]:  # fmt: skip
         """Step 6 of `admit`: the started record (or a re-run's), with its refusals; with the use
-        of one of `grants` (window-scoped approvals that cover the action) when there are any."""
+        of one of `grants` (window-scoped approvals that cover the action) when there are any.
+        `read`: the command's record was read before (else a ledger row already there raises
+        _Known, and the action is admitted again reading first)."""
         refuse = self.refuse
         worker, session, command_id = args["worker"], args["session"], args["command_id"]
         correlation_id = args["correlation_id"]
@@ -537,6 +558,8 @@ class Gate:
             if fresh and self.on_alert:
                 await self.on_alert("budget_exhausted", {"session": session.id})
             raise await refuse(action, reason="budget", detail="window budget spent", **args)
+        if status == "replay" and not read:
+            raise _Known()  # a command this ledger knows: read what became of it, then decide
         if status == "replay":
             # A racing twin wrote the started record (or the re-run's) first: it owns the effect.
             raise await refuse(
@@ -768,6 +791,11 @@ def _may_hold_tokens(action: Action) -> bool:
 
 class _GrantSpent(Exception):
     """Internal: every window grant the action counted on was spent before its started record."""
+
+
+class _Known(Exception):
+    """Internal: the started record's ledger claim found the command_id already there (a retry,
+    a conflict or a racing twin), on the path that had not read it first."""
 
 
 # Refusals where governance itself said no (the rest refuse what governance let through).

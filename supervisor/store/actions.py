@@ -11,10 +11,17 @@ from datetime import datetime
 from typing import Any
 
 from ..actions import canonical_json, params_hash
-from ..errors import StateWriteError
-from .base import ActionRecord, NewEvent, Row, StoreCore, Tx
+from ..errors import StateWriteError, StoreError
+from .base import ActionRecord, NewEvent, Row, StoreCore, Tx, current_fence
 from .records import ActionStatus
-from .switches import SwitchRecord, SwitchTarget, stopping_switch, switch_verdict
+from .switches import (
+    SwitchRecord,
+    SwitchTarget,
+    stopping_switch,
+    switch_verdict,
+    switches_in,
+    switches_with_print,
+)
 from .tokens import TokenCharge, reserve_tokens_in, settle_tokens_in
 
 
@@ -123,6 +130,17 @@ class ActionsRepo(StoreCore):
         is "started", "budget" (no room), "killswitch" (a store switch forbids), or "replay"."""
         from ..events import ACTION_STARTED
 
+        if self.backend.one_statement_writes and not grant_ids and not token_charges:
+            at_once = await self._begin_at_once(
+                command_id=command_id, operation=operation, params=params, fleet=fleet,
+                session_id=session_id, worker=worker, name=name, risk=risk, cost=cost,
+                critical=critical, safe_to_retry=safe_to_retry, rule=rule,
+                correlation_id=correlation_id, agent_id=agent_id, switches=switches, host=host,
+                owner=owner, identity=identity, model=model, tokens=tokens, decision=decision,
+            )  # fmt: skip
+            if at_once is not None:
+                return at_once
+
         refused: dict[str, str] = {}
         used: list[str] = []
 
@@ -164,6 +182,58 @@ class ActionsRepo(StoreCore):
             return "replay", result
         return "started", {**result, "grant": used[-1] if used else None}
 
+    async def _begin_at_once(
+        self, *, command_id: str, operation: str, params: Mapping[str, Any], fleet: str,
+        session_id: str, worker: str, name: str, risk: str, cost: float, critical: bool,
+        safe_to_retry: bool, rule: str, correlation_id: str | None, agent_id: str | None,
+        switches: SwitchTarget, host: str | None, owner: str | None,
+        identity: Mapping[str, str] | None, model: str | None, tokens: int,
+        decision: str | None,
+    ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+        """The started record in one statement (Postgres: acp_begin_action), decided on the
+        switch rows as last read, which the statement finds unchanged under the fleet's switch
+        lock or writes nothing. None: take the general path (the switches moved or forbid, a
+        fence, a lost connection), which decides everything again in one transaction."""
+        from ..events import ACTION_STARTED
+
+        if current_fence.get() is not None:
+            return None
+        digest = params_hash(operation, params)
+        print_, records = await self._switch_print(fleet)
+        if switch_verdict(records, switches) is not None:  # the host file too
+            return None  # the general path refuses, after what the ledger knows
+        try:
+            row = await self.backend.batched("begin_action", (
+                command_id, operation, digest, canonical_json({"status": "started"}),
+                self.clock.now(), print_, fleet, session_id, worker, name,
+                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, host,
+                owner, canonical_json(dict(identity)) if identity else None, model, tokens,
+                decision, ACTION_STARTED,
+                canonical_json({"action": name, "risk": risk, "cost": cost, "rule": rule}),
+                correlation_id, agent_id,
+            ))  # fmt: skip
+        except StoreError as exc:
+            if exc.transient:
+                return None  # the general path finds out whether it landed
+            raise
+        status = row["status"]
+        if status == "started":
+            return "started", {"status": "started", "grant": None}
+        if status == "replay":
+            return "replay", self._stored(command_id, row, operation, digest)
+        if status in ("budget", "no_window"):
+            return status, {"reason": status}
+        self.switch_cache.prints.pop(fleet, None)  # "switches": they moved since last read
+        return None
+
+    async def _switch_print(self, fleet: str) -> tuple[str, list[SwitchRecord]]:
+        """The fleet's switch rows and their fingerprint: as last read, else read now."""
+        known = self.switch_cache.prints.get(fleet)
+        if known is not None:
+            return known
+        async with self.backend.reader() as tx:
+            return await switches_with_print(tx, fleet, self.switch_cache)
+
     async def _may_start_in(
         self, tx: Tx, *, command_id: str, fleet: str, session_id: str, cost: float,
         switches: SwitchTarget, refused: dict[str, str],
@@ -173,12 +243,11 @@ class ActionsRepo(StoreCore):
         reservation in an open window and, when the action counts on window-scoped approvals,
         one use of the first of `grant_ids` with room left (returned). Raises _Refused with the
         reason in `refused`; "grant_spent" when every grant was spent meanwhile."""
-        rows = await tx.fetchall("kill_switches_for_start", fleet)
-        problem = switch_verdict([SwitchRecord.from_row(r) for r in rows], switches)
+        problem = switch_verdict(await switches_in(tx, fleet, self.switch_cache), switches)
         if problem is not None:
             refused.update(reason="killswitch", detail=problem)
             raise _Refused()
-        if await tx.fetchrow("reserve_budget", cost, session_id, cost, self.clock.now()) is None:
+        if await tx.fetchrow("reserve_budget", session_id, cost, self.clock.now()) is None:
             session = await tx.fetchrow("get_session", session_id)
             window_open = (
                 session is not None
@@ -280,8 +349,16 @@ class ActionsRepo(StoreCore):
         final = status or ("succeeded" if ok else "failed")
 
         stopped: list[str] = []
+        at_once = self.backend.one_statement_writes and not tokens_held
 
         async def attempt(n: int) -> None:
+            if at_once and n == 0 and await self._finish_at_once(
+                command_id=command_id, session_id=session_id, final=final, ok=ok, cost=cost,
+                result=result, error=error, worker=worker, correlation_id=correlation_id,
+                reason=reason, stop_target=stop_target, halt_all_stops=halt_all_stops,
+                fleet=fleet,
+            ):  # fmt: skip
+                return
             async with self._transaction() as tx:
                 now = self.clock.now()
                 if n > 0:
@@ -293,9 +370,8 @@ class ActionsRepo(StoreCore):
                         return
                 problem = None
                 if stop_target is not None:
-                    rows = await tx.fetchall("kill_switches_for_start", fleet)
-                    problem = stopping_switch([SwitchRecord.from_row(r) for r in rows],
-                                              stop_target, halt_all_stops=halt_all_stops)  # fmt: skip
+                    problem = stopping_switch(await switches_in(tx, fleet, self.switch_cache), stop_target,
+                                              halt_all_stops=halt_all_stops)  # fmt: skip
                 if problem is not None:
                     await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
                                             cost=cost, worker=worker, reason="killswitch",
@@ -308,9 +384,9 @@ class ActionsRepo(StoreCore):
                 if row is None:
                     raise StateWriteError(f"action {command_id} has no open started record")
                 if ok:
-                    await tx.execute("settle_budget", cost, cost, session_id)
+                    await tx.execute("settle_budget", session_id, cost)
                 else:
-                    await tx.execute("release_budget", cost, session_id)
+                    await tx.execute("release_budget", session_id, cost)
                 if tokens_held:
                     await settle_tokens_in(tx, command_id, spent=ok, tokens_used=tokens_used)
                 await self.append_in(
@@ -331,6 +407,34 @@ class ActionsRepo(StoreCore):
         await self.retrying(attempt, what="action.outcome", tries=None, command_id=command_id)
         return stopped[0] if stopped else None
 
+    async def _finish_at_once(
+        self, *, command_id: str, session_id: str, final: str, ok: bool, cost: float,
+        result: Any, error: str | None, worker: str | None, correlation_id: str | None,
+        reason: str | None, stop_target: SwitchTarget | None, halt_all_stops: bool, fleet: str,
+    ) -> bool:  # fmt: skip
+        """The outcome in one statement (Postgres: acp_finish_action); with `stop_target`,
+        decided on the switch rows as last read, which the statement finds unchanged under the
+        fleet's switch lock or writes nothing. False: nothing was written, take the general
+        path (the switches moved or one stops this effect, no open record, a fence)."""
+        from ..events import ACTION_FAILED, ACTION_SUCCEEDED
+
+        if current_fence.get() is not None:
+            return False
+        print_ = None
+        if stop_target is not None:
+            print_, records = await self._switch_print(fleet)
+            if stopping_switch(records, stop_target, halt_all_stops=halt_all_stops):
+                return False  # the general path records it in-doubt
+        row = await self.backend.batched("finish_action", (
+            command_id, session_id, final, self.clock.now(),
+            canonical_json(result) if result is not None else None, error, cost, ok, print_,
+            fleet, ACTION_SUCCEEDED if ok else ACTION_FAILED, reason,
+            canonical_json({"status": final, "error": error}), correlation_id, worker,
+        ))  # fmt: skip
+        if row["status"] == "switches":
+            self.switch_cache.prints.pop(fleet, None)
+        return bool(row["status"] == "done")
+
     async def mark_in_doubt(
         self, *, command_id: str, session_id: str, cost: float, worker: str | None,
         reason: str, payload: Mapping[str, Any],
@@ -350,7 +454,7 @@ class ActionsRepo(StoreCore):
 
         if await tx.fetchrow("mark_in_doubt", command_id) is None:
             return False
-        await tx.execute("release_budget", cost, session_id)
+        await tx.execute("release_budget", session_id, cost)
         await self.append_in(tx, NewEvent(
             kind=ACTION_IN_DOUBT, session_id=session_id, reason=reason, command_id=command_id,
             worker=worker, payload=_json_safe(dict(payload)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -95,6 +95,12 @@ class Tx(Protocol):
 
     async def fetchall(self, name: str, *args: Any) -> list[Row]: ...
 
+    async def change_stamp(self) -> Hashable | None:
+        """A value that differs whenever rows this transaction reads may have changed since
+        the last call by anyone but this store's own statements (another connection's commit,
+        a rollback); None when the backend cannot tell (then nothing may be cached)."""
+        ...
+
 
 class Subscription(Protocol):
     """A standing LISTEN (see Backend.listen)."""
@@ -112,6 +118,10 @@ class Backend(ABC):
     create: bool = True  # connect may create a missing database (SQLite); False for reads
     # `db migrate --new`: the operator starts a new store where another one was.
     allow_new: bool = False
+    # Whether `batched()` runs an action's start and outcome as one statement each, one round
+    # trip for every call queued meanwhile (Postgres); elsewhere writes go through
+    # `transaction()`.
+    one_statement_writes: bool = False
 
     @abstractmethod
     async def connect(self) -> None: ...
@@ -126,6 +136,11 @@ class Backend(ABC):
     @abstractmethod
     def reader(self) -> AbstractAsyncContextManager[Tx]:
         """A read-only snapshot."""
+
+    async def batched(self, name: str, args: tuple[Any, ...]) -> Row:
+        """One call of the write statement `name`, committed on its own or with the calls of
+        the same statement queued meanwhile. Only where `one_statement_writes`."""
+        raise NotImplementedError(f"{self.dialect}: no one-statement writes")
 
     @abstractmethod
     async def schema_versions(self) -> list[int] | None:
@@ -275,6 +290,9 @@ class StoreCore:
         self.latest_version = latest_version
         self._telemetry: list[tuple[NewEvent, datetime]] = []
         self.telemetry_dropped = 0
+        from .switches import SwitchCache
+
+        self.switch_cache = SwitchCache()
 
     @property
     def dialect(self) -> str:

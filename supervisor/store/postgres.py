@@ -11,9 +11,10 @@ error with `transient` set, so the layer above may redo the whole unit of work.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -49,6 +50,15 @@ _SCAN_PAGE = 1000
 
 T = TypeVar("T")
 LISTEN_APPLICATION_NAME = "acp-supervisor:listen"
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing to send. asyncpg's default sends a query (RESET ALL,
+    UNLISTEN, CLOSE ALL, advisory unlocks), one more round trip for every store operation,
+    for state these connections never leave: no SET (settings are startup parameters), no
+    LISTEN (a subscription has a connection of its own), only transaction-scoped advisory
+    locks, cursors inside transactions. A transaction left open is still rolled back: the pool
+    does that before it calls this."""
 
 
 def _rowcount(status: str) -> int:
@@ -93,6 +103,10 @@ class _PgTx:
         self._backend = backend
         self._timeout = timeout
         self.broken = False  # the connection must be terminated, not given back to the pool
+
+    async def change_stamp(self) -> None:
+        """Other hosts write the same rows at any moment: nothing read here may be cached."""
+        return None
 
     def _translate(self, name: str, exc: BaseException) -> StoreError:
         if isinstance(exc, asyncpg.UniqueViolationError):
@@ -172,8 +186,67 @@ class _PgSubscription:
             self._conn.terminate()
 
 
+class _Call:
+    __slots__ = ("args", "done", "error", "row", "wake")
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.wake = anyio.Event()  # set when its batch has run, or when it is to lead the next
+        self.done = False
+        self.row: Row | None = None
+        self.error: BaseException | None = None
+
+
+class _Batcher:
+    """Calls queued while a batch is in flight form the next one; the first of them sends it.
+    One batch at a time, so one writer's COMMIT holds the hot rows, not fifty in a row."""
+
+    def __init__(self, run: Callable[[list[tuple[Any, ...]]], Awaitable[list[Row]]]) -> None:
+        self._run = run
+        self._queue: list[_Call] = []
+        self._busy = False
+
+    async def call(self, args: tuple[Any, ...]) -> Row:
+        me = _Call(args)
+        self._queue.append(me)
+        if self._busy:
+            # Shielded: once queued, the call may run; its outcome is learnt, whatever cancels.
+            with anyio.CancelScope(shield=True):
+                await me.wake.wait()
+        if not me.done:  # no batch in flight: this one sends everything queued so far
+            self._busy = True
+            batch, self._queue = self._queue, []
+            try:
+                with anyio.CancelScope(shield=True):
+                    rows = await self._run([c.args for c in batch])
+            except BaseException as exc:
+                for c in batch:
+                    c.error = exc
+            else:
+                for c, row in zip(batch, rows, strict=True):
+                    c.row = row
+            finally:
+                for c in batch:
+                    c.done = True
+                    c.wake.set()
+                if self._queue:
+                    self._queue[0].wake.set()  # the next batch's sender
+                else:
+                    self._busy = False
+        if me.error is not None:
+            error = me.error
+            if isinstance(error, StoreError):  # each member its own exception
+                mine = type(error)(str(error), reason=error.reason)
+                mine.transient = error.transient
+                raise mine from error
+            raise error
+        assert me.row is not None
+        return me.row
+
+
 class PostgresBackend(Backend):
     dialect = "postgres"
+    one_statement_writes = True
 
     def __init__(
         self,
@@ -190,6 +263,7 @@ class PostgresBackend(Backend):
         self.query_timeout = query_timeout
         # Stale pooled connections are tried one after another: at most the whole pool, then one.
         self.fresh_tries = max_size + 1
+        self._batchers: dict[str, _Batcher] = {}
 
     async def connect(self) -> None:
         # The server side of the same bound: a session whose client vanished mid-transaction (a
@@ -202,6 +276,7 @@ class PostgresBackend(Backend):
                 timeout=max(10.0, self.query_timeout), command_timeout=self.query_timeout,
                 server_settings={"application_name": APPLICATION_NAME,
                                  "idle_in_transaction_session_timeout": str(idle_ms)},
+                reset=_keep_session,
             )  # fmt: skip
         except asyncpg.InvalidCatalogNameError as exc:
             raise StoreConfigError(
@@ -310,6 +385,34 @@ class PostgresBackend(Backend):
                 raise StateWriteError(message) from exc
         finally:
             await self.release(tx._conn, broken=tx.broken)
+
+    async def batched(self, name: str, args: tuple[Any, ...]) -> Row:
+        """One call of a write function (acp_begin_action, acp_finish_action) in its own
+        transaction, sent with every call of the same function queued meanwhile: one statement
+        (`<name>_batch`, one array per argument) and one COMMIT for all of them, so a busy host
+        locks its window's row and stream once per batch, not once per action. Nothing here is
+        retried: a failure (a lost connection, an error that aborts the statement) is every
+        member's, raised; the caller redoes its own work the careful way, where the ledger
+        finds a write that landed."""
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            batcher = self._batchers[name] = _Batcher(partial(self._run_batch, name))
+        return await batcher.call(args)
+
+    async def _run_batch(self, name: str, calls: list[tuple[Any, ...]]) -> list[Row]:
+        columns = [list(column) for column in zip(*calls, strict=True)]
+        tx = _PgTx(await self.acquire(write=True), self._queries, write=True,
+                   timeout=self.query_timeout)  # fmt: skip
+        try:
+            rows = await tx.fetchall(f"{name}_batch", *columns)
+        except BaseException as exc:
+            tx.broken = tx.broken or not isinstance(exc, Exception)
+            raise
+        finally:
+            await self.release(tx._conn, broken=tx.broken)
+        if len(rows) != len(calls):
+            raise StateWriteError(f"postgres {name}_batch: {len(rows)} rows for {len(calls)} calls")
+        return rows
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[_PgTx]:

@@ -7,13 +7,13 @@ the gate."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from ..killswitch.hostfile import HostSwitchFile
 from ..killswitch.modes import Mode, host_verdict, permits, strictest
-from .base import NewEvent, Row, StoreCore
+from .base import NewEvent, Row, StoreCore, Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +112,69 @@ def stopping_switch(
     return None
 
 
+class SwitchCache:
+    """The fleet's switch rows as last read, and the stamp they were read under. Every action
+    reads the switches three times (its started record, the last look, its outcome); on a
+    backend that can tell when rows changed under it (SQLite: another connection's commit, a
+    rollback) an unchanged stamp answers without the read. This store's own switch writes
+    count in `writes`."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], tuple[Hashable, list[SwitchRecord]]] = {}
+        self.writes = 0
+        # Postgres: the rows of each fleet with the fingerprint the database gave them; a
+        # one-statement start or outcome passes it, and writes nothing if the rows moved since.
+        self.prints: dict[str, tuple[str, list[SwitchRecord]]] = {}
+
+    def wrote(self) -> None:
+        """This store changed switch rows: nothing read before may answer again."""
+        self.writes += 1
+        self.prints.clear()
+
+
+async def switches_with_print(
+    tx: Tx, fleet: str, cache: SwitchCache
+) -> tuple[str, list[SwitchRecord]]:
+    """The fleet's switch rows and their fingerprint, as the cache holds them or read afresh
+    (one statement, one snapshot; Postgres only)."""
+    known = cache.prints.get(fleet)
+    if known is not None:
+        return known
+    rows = await tx.fetchall("switches_with_print", fleet)
+    known = rows[0]["print"], [SwitchRecord.from_row(r) for r in rows if r["scope"] is not None]
+    cache.prints[fleet] = known
+    return known
+
+
+async def switches_in(
+    tx: Tx, fleet: str, cache: SwitchCache, *, ordered: bool = False
+) -> list[SwitchRecord]:
+    """The fleet's switches as this transaction sees them: on Postgres under the fleet's shared
+    switch lock unless `ordered` (a listing); from `cache` when the stamp says nothing moved."""
+    query = "kill_switches" if ordered else "kill_switches_for_start"
+    stamp = await tx.change_stamp()
+    key = (fleet, query)
+    if stamp is not None:
+        seen = cache.rows.get(key)
+        if seen is not None and seen[0] == (stamp, cache.writes):
+            return seen[1]
+    records = [SwitchRecord.from_row(r) for r in await tx.fetchall(query, fleet)]
+    if stamp is not None:
+        cache.rows[key] = ((stamp, cache.writes), records)
+    return records
+
+
 class SwitchesRepo(StoreCore):
     async def kill_switches(self, fleet: str) -> list[SwitchRecord]:
         """Every store switch of the fleet, in scope and target order."""
-        return [SwitchRecord.from_row(r) for r in await self._fetchall("kill_switches", fleet)]
+        async with self.backend.reader() as tx:
+            return await switches_in(tx, fleet, self.switch_cache, ordered=True)
 
     async def ensure_fleet_switch(self, fleet: str) -> None:
         """The fleet's switch row, disengaged, unless it exists: the row an engage locks."""
         async with self._transaction() as tx:
             await tx.execute("ensure_fleet_switch", fleet, self.clock.now())
+            self.switch_cache.wrote()  # after the write: no read before it stays cached
 
     async def set_switches(
         self, *, fleet: str, scope: str, targets: Sequence[str], mode: Mode, reason: str | None,
@@ -135,6 +189,7 @@ class SwitchesRepo(StoreCore):
             for each in targets:
                 await tx.execute("upsert_kill_switch", fleet, scope, each, mode.value, reason,
                                  by, self.clock.now())  # fmt: skip
+            self.switch_cache.wrote()  # after the writes: no read before them stays cached
             await self.append_in(tx, event)
             await self.backend.notify_in(tx, "acp_killswitch", fleet)
 

@@ -621,10 +621,7 @@ async def test_the_kill_switch_reaches_the_child_as_a_denial(h: Harness) -> None
 
 
 async def _engage(h: Harness, scope: str, target: str, mode: str) -> None:
-    async with storetools.transaction(h.store) as tx:
-        await tx.execute(
-            "upsert_kill_switch", FLEET, scope, target, mode, "test", "op", h.clock.now()
-        )
+    await storetools.write_switch(h.store, FLEET, scope, target, mode, "test", "op", h.clock.now())
 
 
 async def _events(h: Harness, kind: str) -> list[Any]:

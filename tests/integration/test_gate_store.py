@@ -33,8 +33,9 @@ from supervisor.governance.gate import Gate, Outcome
 from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.runtime.recovery import resolve_in_doubt
-from supervisor.store import Event, Session, Store
+from supervisor.store import Event, NewEvent, Session, Store
 from supervisor.store.records import ApprovalStatus
+from supervisor.store.switches import switches_in
 from supervisor.store.tokens import TokenKey
 from supervisor.timing.clock import VirtualClock
 from tests import storetools
@@ -99,9 +100,8 @@ class Rig:
         self.switch.write(mode, reason="test", by="pytest", at=AT)
 
     async def store_switch(self, scope: str, target: str, mode: str, fleet: str = FLEET) -> None:
-        async with self.store.backend.transaction() as tx:
-            await tx.execute("upsert_kill_switch", fleet, scope, target, mode, "test", "pytest",
-                             self.clock.now())  # fmt: skip
+        await storetools.write_switch(self.store, fleet, scope, target, mode, "test", "pytest",
+                                      self.clock.now())  # fmt: skip
 
     async def reload_session(self) -> Session:
         session = await self.store.get_session(self.session.id)
@@ -252,6 +252,35 @@ async def test_worker_switch_refuses_only_that_worker(rig: Rig) -> None:
     await rig.store_switch("worker", "w1", "disengaged")
     assert (await rig.run(act(), "w1-b", worker="w1")).status == "succeeded"
     assert rig.effects == ["w2-a", "w1-b"]
+
+
+async def test_an_engage_through_this_store_reaches_the_next_action(rig: Rig) -> None:
+    """The switch rows an action decided on are remembered (SQLite: while nothing moved);
+    an engage written through this very store (the console's) must not be answered from
+    what was remembered before it."""
+    assert (await rig.run(act(), "before", worker="w1")).status == "succeeded"
+    event = NewEvent(kind=ev.KILLSWITCH_ENGAGED, session_id=rig.session.id,
+                     payload={"scope": "worker", "target": "w1"})  # fmt: skip
+    await rig.store.set_switches(fleet=FLEET, scope="worker", targets=["w1"], mode=Mode.HALT_ALL,
+                                 reason="test", by="pytest", event=event)  # fmt: skip
+    await rig.refused(act(), "after", "killswitch", worker="w1")
+    assert rig.effects == ["before"]
+
+
+async def test_a_switch_write_rolled_back_is_not_remembered(rig: Rig) -> None:
+    """A transaction of this store wrote a switch, read the rows back (remembered), then
+    rolled back: the rows remembered are not the database's, and the next action reads again."""
+    assert (await rig.run(act(), "before", worker="w1")).status == "succeeded"
+    with pytest.raises(RuntimeError):
+        async with storetools.transaction(rig.store) as tx:
+            await tx.execute("upsert_kill_switch", FLEET, "worker", "w1", "halt_all", "test",
+                             "pytest", rig.clock.now())  # fmt: skip
+            rig.store.switch_cache.wrote()  # as set_switches does after its writes
+            seen = await switches_in(tx, FLEET, rig.store.switch_cache)
+            assert [r.mode for r in seen if r.target == "w1"] == [Mode.HALT_ALL]
+            raise RuntimeError("the engage's transaction fails after its read")
+    assert (await rig.run(act(), "after", worker="w1")).status == "succeeded"
+    assert rig.effects == ["before", "after"]
 
 
 async def test_session_switch_refuses_only_that_session(rig: Rig) -> None:
@@ -654,12 +683,25 @@ def _failing_commit(original: Any) -> Any:
     return transaction
 
 
+def _failing_batch(what: str) -> Any:
+    """One-statement writes (Postgres) failing as their connection or implicit COMMIT would:
+    nothing written."""
+
+    async def batched(name: str, args: tuple[Any, ...]) -> Any:
+        raise StateWriteError(f"injected: {what}")
+
+    return batched
+
+
 @pytest.mark.parametrize("breaker", [_failing_begin, _failing_commit], ids=["begin", "commit"])
 async def test_failed_started_write_stops_the_action(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, breaker: Any
 ) -> None:
     backend = rig.store.backend
     monkeypatch.setattr(backend, "transaction", breaker(backend.transaction))
+    if backend.one_statement_writes:  # Postgres writes the started record in one statement
+        what = "commit failed" if breaker is _failing_commit else "cannot begin a write"
+        monkeypatch.setattr(backend, "batched", _failing_batch(what))
     with pytest.raises(StateWriteError, match="injected"):
         await rig.run(act(), "doomed")
     assert rig.effects == []
@@ -795,7 +837,10 @@ async def test_a_guarded_action_is_recorded_like_a_dispatched_one(
 #: insert_event (started); kill_switches (last look); kill_switches_for_start, finish_action,
 #: settle_budget, insert_event (outcome). It was 17 with the sequence number read apart from
 #: each event, the ledger read twice, written apart from its claim and again with the outcome.
-HOT_PATH_STATEMENTS = 11
+HOT_PATH_STATEMENTS = 8  # named statements of an auto-approved action (the issue's bound)
+# Everything SQLite executes for one, transaction control aside: the named statements and a
+# `PRAGMA data_version` in each place the switches are read (the stamp the cache answers by).
+SQLITE_ALL_STATEMENTS = 10
 
 
 async def test_a_governed_action_costs_at_most_its_statement_budget(
@@ -819,7 +864,20 @@ async def test_a_governed_action_costs_at_most_its_statement_budget(
             monkeypatch.setattr(tx_class, method, counting(original))
     await rig.run(act(), "cmd-warm")  # the stream's first event and other first-time work
     ran.clear()
-    outcome = await rig.run(act(params={"n": 2}), "cmd-counted")
+    executed: list[str] = []
+    conn = getattr(rig.store.backend, "_conn", None)
+    if conn is not None:  # SQLite: every statement the connection runs
+        control = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+        conn.set_trace_callback(
+            lambda sql: None if sql.startswith(control) else executed.append(sql)
+        )
+    try:
+        outcome = await rig.run(act(params={"n": 2}), "cmd-counted")
+    finally:
+        if conn is not None:
+            conn.set_trace_callback(None)
     assert outcome.status == "succeeded"
     assert len(ran) <= HOT_PATH_STATEMENTS, f"{len(ran)} statements: {ran}"
-    assert ran.count("lookup_action") <= 1 and ran.count("kill_switches") <= 1, ran
+    assert ran.count("lookup_action") == 0 and ran.count("kill_switches") <= 1, ran
+    if conn is not None:
+        assert len(executed) <= SQLITE_ALL_STATEMENTS, executed

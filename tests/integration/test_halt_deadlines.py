@@ -133,4 +133,4 @@ async def test_no_start_after_the_window_ends_even_if_rotation_is_late(
     # and the reservation statement itself refuses, whatever the caller checked before
     assert await storetools.fetchrow(store, "get_action", "late") is None
     async with storetools.transaction(store) as tx:
-        assert await tx.fetchrow("reserve_budget", 0.0, session.id, 0.0, clock.now()) is None
+        assert await tx.fetchrow("reserve_budget", session.id, 0.0, clock.now()) is None

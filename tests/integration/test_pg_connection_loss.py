@@ -150,7 +150,19 @@ async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twi
             lost.transient = True
             raise lost
 
+    real_batched = backend.batched
+
+    async def batched(name: str, args: tuple[Any, ...]) -> Any:
+        row = await real_batched(name, args)  # the one-statement outcome (acp_finish_action)
+        if armed["finish"] and await _finished(rig.store, "landed-1"):
+            armed["finish"] = False
+            lost = StateWriteError("postgres connection lost during finish_action_batch (test)")
+            lost.transient = True
+            raise lost
+        return row
+
     monkeypatch.setattr(backend, "transaction", transaction)
+    monkeypatch.setattr(backend, "batched", batched)
     outcome = await rig.run(act(), "landed-1")
     assert outcome.status == "succeeded"
     assert armed["finish"] is False, "the lost acknowledgement was injected"

@@ -48,7 +48,7 @@ async def test_an_engage_is_not_starved_by_starts_that_always_overlap(
         while not stop.is_set():
             async with storetools.transaction(store) as tx:
                 await tx.fetchall("kill_switches_for_start", FLEET)
-                await tx.fetchrow("reserve_budget", 0.0, session.id, 0.0, store.clock.now())
+                await tx.fetchrow("reserve_budget", session.id, 0.0, store.clock.now())
                 await anyio.sleep(0.01)
                 reads += 1
 

@@ -17,7 +17,7 @@ from supervisor.killswitch.keeper import SwitchKeeper
 from supervisor.ops.alerts import AlertConfig, Alerts
 from supervisor.store import NewEvent, Store, system_stream
 from supervisor.timing.clock import VirtualClock
-from tests.storetools import transaction
+from tests.storetools import write_switch
 from tests.waiting import eventually
 
 SECRET = b"keeper-test-secret"
@@ -114,9 +114,8 @@ async def test_a_store_switch_change_is_seen_and_an_unknown_mode_fails_closed(
             await store.set_switches(fleet=FLEET, scope="worker", targets=["w1"],
                                      mode=Mode.EMERGENCY, reason="fire", by="carol", event=event)  # fmt: skip
         else:  # a forged row: the store never writes one
-            async with transaction(store) as tx:
-                await tx.execute("upsert_kill_switch", FLEET, "worker", "w1", mode, "forged",
-                                 "mallory", clock.now())  # fmt: skip
+            await write_switch(store, FLEET, "worker", "w1", mode, "forged", "mallory",
+                               clock.now())  # fmt: skip
         await eventually(lambda: reached.stopped, "the store switch reaching the effects")
         tg.cancel_scope.cancel()
     expected = Mode.EMERGENCY if mode == "emergency" else Mode.HALT_ALL

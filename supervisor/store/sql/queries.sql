@@ -50,23 +50,27 @@ SELECT * FROM sessions WHERE fleet = ? ORDER BY starts_at DESC LIMIT ?;
 SELECT * FROM sessions WHERE fleet = ? ORDER BY starts_at DESC LIMIT 1;
 
 -- name: reserve_budget
+-- (session, cost, now): room for one action in an open window, or no row. On Postgres the
+-- rule is acp_reserve_budget (migration 0010), which the one-statement start calls too.
 UPDATE sessions
-SET reserved_cost = reserved_cost + ?, reserved_actions = reserved_actions + 1
-WHERE id = ? AND status = 'open'
-  AND (max_cost IS NULL OR used_cost + reserved_cost + ? <= max_cost)
+SET reserved_cost = reserved_cost + ?2, reserved_actions = reserved_actions + 1
+WHERE id = ?1 AND status = 'open'
+  AND (max_cost IS NULL OR used_cost + reserved_cost + ?2 <= max_cost)
   AND (max_actions IS NULL OR used_actions + reserved_actions + 1 <= max_actions)
-  AND ends_at > ?
-RETURNING id;
+  AND ends_at > ?3
+RETURNING 1 AS ok;
 
 -- name: settle_budget
+-- (session, cost): the reservation charged (a success).
 UPDATE sessions
-SET reserved_cost = reserved_cost - ?, reserved_actions = reserved_actions - 1,
-    used_cost = used_cost + ?, used_actions = used_actions + 1
-WHERE id = ?;
+SET reserved_cost = reserved_cost - ?2, reserved_actions = reserved_actions - 1,
+    used_cost = used_cost + ?2, used_actions = used_actions + 1
+WHERE id = ?1;
 
 -- name: release_budget
-UPDATE sessions SET reserved_cost = reserved_cost - ?, reserved_actions = reserved_actions - 1
-WHERE id = ?;
+-- (session, cost): the reservation given back.
+UPDATE sessions SET reserved_cost = reserved_cost - ?2, reserved_actions = reserved_actions - 1
+WHERE id = ?1;
 
 -- name: insert_action
 INSERT INTO actions (command_id, fleet, session_id, worker, name, params, risk, cost, critical,
