@@ -13,10 +13,15 @@ Risk = Literal["low", "medium", "high", "critical"]
 RISKS: tuple[Risk, ...] = ("low", "medium", "high", "critical")
 
 
+# One encoder for every call: json.dumps with these options builds a new one each time, and an
+# action encodes five values on its way through the gate.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
     """Deterministic JSON: sorted keys, no spaces, no NaN. Raises UsageError if not serializable."""
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return _CANONICAL.encode(value)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"params do not serialize to JSON: {exc}", reason="params") from exc
 

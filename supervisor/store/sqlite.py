@@ -17,7 +17,7 @@ import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,16 +56,38 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _decode(row: sqlite3.Row) -> Row:
-    out: Row = {}
-    for key in row.keys():  # noqa: SIM118 - sqlite3.Row is not a mapping
-        value = row[key]
-        if value is not None and (key.endswith("_at") or key == "deadline"):
-            value = datetime.fromisoformat(value)
-        elif key in _BOOL_COLUMNS and value is not None:
-            value = bool(value)
-        out[key] = value
-    return out
+def _encoded(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(map(_encode, args))
+
+
+Decoder = Callable[[sqlite3.Row], Row]
+# One decoder per result shape (its column names), made on first sight: which columns hold
+# times and flags is decided once, not for every column of every row.
+_DECODERS: dict[tuple[str, ...], Decoder] = {}
+
+
+def _decoder(cursor: sqlite3.Cursor) -> Decoder:
+    names = tuple(d[0] for d in cursor.description)
+    found = _DECODERS.get(names)
+    if found is not None:
+        return found
+    times = [n for n in names if n.endswith("_at") or n == "deadline"]
+    flags = [n for n in names if n in _BOOL_COLUMNS]
+
+    def decode(row: sqlite3.Row) -> Row:
+        out: Row = dict(zip(names, row, strict=True))
+        for key in times:
+            value = out[key]
+            if value is not None:
+                out[key] = datetime.fromisoformat(value)
+        for key in flags:
+            value = out[key]
+            if value is not None:
+                out[key] = bool(value)
+        return out
+
+    _DECODERS[names] = decode
+    return decode
 
 
 def _size_cache(conn: sqlite3.Connection) -> None:
@@ -112,7 +134,7 @@ class _SQLiteTx:
 
     def _run(self, name: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
         try:
-            return self._conn.execute(self._q[name], tuple(_encode(a) for a in args))
+            return self._conn.execute(self._q[name], _encoded(args))
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 raise UniqueViolation(f"{name}: {exc}") from exc
@@ -125,11 +147,17 @@ class _SQLiteTx:
         return self._run(name, args).rowcount
 
     async def fetchrow(self, name: str, *args: Any) -> Row | None:
-        row = self._run(name, args).fetchone()
-        return _decode(row) if row is not None else None
+        cursor = self._run(name, args)
+        row = cursor.fetchone()
+        return _decoder(cursor)(row) if row is not None else None
 
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
-        return [_decode(r) for r in self._run(name, args).fetchall()]
+        cursor = self._run(name, args)
+        rows = cursor.fetchall()
+        if not rows:
+            return []
+        decode = _decoder(cursor)
+        return [decode(r) for r in rows]
 
     async def change_stamp(self) -> tuple[int, int]:
         """`PRAGMA data_version` moves when another connection commits (a CLI's engage, say),
@@ -493,8 +521,9 @@ class SQLiteBackend(Backend):
             conn.execute("BEGIN")  # one snapshot for every read of the batch
             try:
                 for name, args in reads:
-                    cursor = conn.execute(self._queries[name], tuple(_encode(a) for a in args))
-                    results.append([_decode(r) for r in cursor])
+                    cursor = conn.execute(self._queries[name], _encoded(args))
+                    decode = _decoder(cursor)  # rows decoded as they come, not all held twice
+                    results.append([decode(r) for r in cursor])
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
