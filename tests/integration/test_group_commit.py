@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -196,6 +197,55 @@ async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) ->
     finally:
         await store.close()
     assert seen
+
+
+class _WatchedCommits:
+    """The store's own connection, noting which thread ran each COMMIT (and slowing it down
+    when asked, as a degraded disk would)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.threads: list[int] = []
+        self.delay = 0.0
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.threads.append(threading.get_ident())
+            if self.delay:
+                time.sleep(self.delay)
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_lone_writer_commits_on_the_loop_until_the_disk_is_slow(sqlite_url: str) -> None:
+    """One writer alone: the COMMIT's hand-off to a thread costs more than its fsync, so it
+    runs on the loop. One COMMIT slower than the limit sends the next ones to a thread (the
+    loop is held at most once by a disk that degrades); concurrent writers always use one."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    watched = _WatchedCommits(backend._require())
+    backend._conn = watched  # type: ignore[assignment]
+    loop_thread = threading.get_ident()
+    assert backend._threaded_until == 0.0, "a migration's COMMIT counted as the disk's"
+    try:
+        for _ in range(3):
+            await store.append(NewEvent(kind="X", session_id="alone"))
+        assert watched.threads == [loop_thread] * 3
+        watched.delay = 0.01  # slower than the limit: this one still runs on the loop
+        await store.append(NewEvent(kind="X", session_id="alone"))
+        watched.delay = 0.0
+        watched.threads.clear()
+        await store.append(NewEvent(kind="X", session_id="alone"))
+        assert watched.threads and loop_thread not in watched.threads
+        backend._threaded_until = 0.0  # the pause is over
+        watched.threads.clear()
+        await _write_all(store, 10)  # one batch of ten
+        assert watched.threads and loop_thread not in watched.threads
+    finally:
+        backend._conn = watched._conn
+        await store.close()
 
 
 async def test_a_read_does_not_cut_a_batch_short(sqlite_url: str) -> None:
