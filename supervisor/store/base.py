@@ -298,18 +298,20 @@ class StoreCore:
     def dialect(self) -> str:
         return self.backend.dialect
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Tx]:
+    def _transaction(self) -> AbstractAsyncContextManager[Tx]:
         """A write transaction; under a fence, refused unless the lease is still held."""
         fence = current_fence.get()
+        if fence is None:
+            return self.backend.transaction()  # the hot path: no wrapper around it
+        return self._fenced_transaction(fence)
+
+    @asynccontextmanager
+    async def _fenced_transaction(self, fence: Fence) -> AsyncIterator[Tx]:
         async with self.backend.transaction() as tx:
-            if fence is not None:
-                now = await self._db_now_in(tx)
-                if (
-                    await tx.fetchrow("check_fence", fence.lease, fence.holder, fence.token, now)
-                    is None
-                ):
-                    raise FenceLost(f"lease {fence.lease} (token {fence.token}) is no longer held")
+            now = await self._db_now_in(tx)
+            if await tx.fetchrow("check_fence", fence.lease, fence.holder, fence.token,
+                                 now) is None:  # fmt: skip
+                raise FenceLost(f"lease {fence.lease} (token {fence.token}) is no longer held")
             yield tx
 
     async def _db_now_in(self, tx: Tx) -> datetime:
