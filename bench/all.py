@@ -28,8 +28,12 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("store", "bench/store.py", [], ["--rows", "500"]),
     ("gate, SQLite", "bench/fleet.py", ["--seconds", "10"],
      ["--seconds", "3", "--raw-seconds", "2"]),
-    ("gate, Postgres", "bench/fleet.py", ["--seconds", "10", "--backend", "postgres"],
-     ["--seconds", "3", "--raw-seconds", "2", "--backend", "postgres"]),
+    ("gate, Postgres", "bench/fleet.py", ["--seconds", "10", "--backend", "postgres",
+                                          "--sizes", "1,50"],
+     ["--seconds", "3", "--raw-seconds", "2", "--backend", "postgres", "--sizes", "1,50"]),
+    ("gate, SQLite, 1M events", "bench/fleet.py",
+     ["--seconds", "10", "--sizes", "1,50", "--history-events", "1000000"],
+     ["--seconds", "3", "--raw-seconds", "2", "--sizes", "50", "--history-events", "100000"]),
     ("kill switch", "bench/killswitch.py", [], []),
     ("month simulation", "bench/horizon.py", [], ["--quick"]),
     ("recovery scan", "bench/recovery.py", [], ["--events", "100000"]),
@@ -51,7 +55,7 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
 # script's own output has the rest.
 KEEP: dict[str, str] = {
     "store": r"results\[\w+\]\.(exactly_once_per_s|raw_per_s|ratio)$",
-    "gate": r"results\[\d+\]\.(actions_per_s|raw_commits_per_s|ratio_to_raw|raw_connections|admit_p50_ms|admit_p99_ms|dispatch_p50_ms|dispatch_p99_ms|rss_mib)$",
+    "gate": r"results\[\d+\]\.(workers|actions_per_s|x_first|raw_commits_per_s|ratio_to_raw|raw_connections|admit_p50_ms|admit_p99_ms|dispatch_p50_ms|dispatch_p99_ms|cpu_ms_per_action|rss_mib|history_events)$",
     "kill switch": r"^(started_after_engage_returned|effects_after_engage_returned|engage_call_ms\.median|idle_wake_after_return_ms\.(median|max)|actions_per_second_running)$",
     "month simulation": r"rows\[\d+\]\.(wall_s|cycles|actions|cycles_per_s)$",
     "recovery scan": r"results\[\w+\]\.(events|empty_ms|full_ms|history_ratio|under_1s|all_indexed)$",

@@ -3,7 +3,7 @@ beside the raw single-row commit rate of the same database measured in the same 
 
     .venv/bin/python bench/fleet.py [--seconds 10] [--sizes 1,50,1000] [--cadence 0]
                                     [--synchronous full|normal] [--backend sqlite|postgres]
-                                    [--raw-seconds 4] [--json]
+                                    [--raw-seconds 4] [--history-events N] [--json]
 
 For each fleet size, in a child process of its own (so memory figures do not mix):
 
@@ -24,6 +24,10 @@ For each fleet size, in a child process of its own (so memory figures do not mix
    gate's capacity. A real cadence (`--cadence 10ms`) caps each worker at 1/cadence actions/s.
 3. raw commits again (second half): the load of the machine moves during a run; the raw rate is
    the mean of both halves (both are in the JSON).
+
+`--history-events N` (SQLite): the daemon's database holds N events of another fleet's history
+before it starts (windows, actions, ledger rows: bench/loop_lag.py's seeding, one bulk
+transaction, not measured), so the figures show the gate on a large store beside an empty one.
 
 Printed per fleet size, over the measured window after every worker is running:
 
@@ -55,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +92,7 @@ class NoopWorker(Worker):
 
 CONFIG = """
 [daemon]
-fleet = "bench"
+fleet = "gate"  # not "bench": --history-events seeds that fleet's history
 profile = "hour"
 shutdown_timeout = "10s"
 flush_every = "1s"
@@ -219,6 +224,7 @@ async def pg_raw_rate(url: str, connections: int, seconds: float) -> tuple[float
 async def measure(
     workers: int, seconds: float, cycle_every: str, checkpoint_every: int, synchronous: str,
     backend: str = "sqlite", raw_seconds: float = 4.0, raw_connections: int = 50,
+    history_events: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """One daemon with `workers` replicas, measured for `seconds` once they all run, between two
     halves of the raw commit loop on the same kind of database."""
@@ -252,6 +258,9 @@ async def measure(
                 return await pg_raw_rate(db, pg_conns, span)
             return sqlite_raw_rate(folder / "raw.db", synchronous, span)
 
+        if history_events:
+            lag = _bench_module("loop_lag")
+            await lag.seed_sqlite(folder / "bench.db", history_events, 0, datetime.now(UTC))
         raw_before = await raw(raw_seconds / 2)
         config = load_config(path, env={}, db=db, state_dir=folder)
         daemon = Daemon(config, env={}, install_signals=False)
@@ -321,7 +330,7 @@ async def measure(
             ratio_to_raw=round(result["actions_per_s"] / raw_rate, 4) if raw_rate else None,
         )
         # cross-check: every action the workers saw succeed has its outcome in the store
-        query = "SELECT status, count(*) FROM actions GROUP BY status"
+        query = "SELECT status, count(*) FROM actions WHERE fleet = 'gate' GROUP BY status"
         if backend == "postgres":
             stored = {r[0]: r[1] for r in await _pg(query, db)}
             await _pg(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
@@ -333,7 +342,20 @@ async def measure(
                 conn.close()
         result["stored_outcomes"] = stored
         result["backend"] = backend
+        result["history_events"] = history_events
         return result
+
+
+def _bench_module(name: str) -> Any:
+    """Another benchmark's module (its seeding), loaded from this folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def child(args: argparse.Namespace) -> int:
@@ -342,7 +364,7 @@ def child(args: argparse.Namespace) -> int:
     configure(level="error", stream=sys.stderr, json=True)
     result = anyio.run(measure, args.only, args.seconds, args.cadence, args.checkpoint_every,
                        args.synchronous, args.backend, args.raw_seconds,
-                       args.raw_connections)  # fmt: skip
+                       args.raw_connections, args.history_events)  # fmt: skip
     print(json.dumps(result))
     return 0
 
@@ -423,6 +445,8 @@ def main() -> int:
     )
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
                         help="the store (postgres: a temporary database at ACP_TEST_PG)")  # fmt: skip
+    parser.add_argument("--history-events", type=int, default=0, metavar="N",
+                        help="SQLite: N events of history in the store before the daemon starts")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one size, in this process
     args = parser.parse_args()
@@ -432,6 +456,8 @@ def main() -> int:
         parser.error("--raw-seconds must be > 0")
     if args.raw_connections < 1:
         parser.error("--raw-connections must be >= 1")
+    if args.history_events < 0 or (args.history_events and args.backend != "sqlite"):
+        parser.error("--history-events takes a count >= 0, for the SQLite backend")
     if args.only is not None:
         return child(args)
 
@@ -443,7 +469,8 @@ def main() -> int:
                 "--raw-seconds", str(args.raw_seconds),
                 "--raw-connections", str(args.raw_connections),
                 "--checkpoint-every", str(args.checkpoint_every),
-                "--synchronous", args.synchronous, "--backend", args.backend]  # fmt: skip
+                "--synchronous", args.synchronous, "--backend", args.backend,
+                "--history-events", str(args.history_events)]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_")}
         env.pop("NOTIFY_SOCKET", None)
         done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -452,6 +479,8 @@ def main() -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for row in rows:  # throughput beside the first (smallest) fleet's
+        row["x_first"] = round(row["actions_per_s"] / max(rows[0]["actions_per_s"], 1e-9), 2)
     if args.json:
         print(json.dumps({"seconds": args.seconds, "cadence": args.cadence,
                           "store": f"sqlite synchronous={args.synchronous}" if args.backend == "sqlite"

@@ -233,7 +233,7 @@ async def test_a_lone_writer_commits_on_the_loop_until_the_disk_is_slow(sqlite_u
         for _ in range(3):
             await store.append(NewEvent(kind="X", session_id="alone"))
         assert watched.threads == [loop_thread] * 3
-        watched.delay = 0.01  # slower than the limit: this one still runs on the loop
+        watched.delay = 0.02  # slower than the limit: this one still runs on the loop
         await store.append(NewEvent(kind="X", session_id="alone"))
         watched.delay = 0.0
         watched.threads.clear()
