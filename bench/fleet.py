@@ -446,7 +446,7 @@ def main() -> int:
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
                         help="the store (postgres: a temporary database at ACP_TEST_PG)")  # fmt: skip
     parser.add_argument("--history-events", type=int, default=0, metavar="N",
-                        help="SQLite: N events of history in the store before the daemon starts")
+                        help="SQLite: N events of history in the store before the daemon starts")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one size, in this process
     args = parser.parse_args()
