@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from ..actions import canonical_json, params_hash
@@ -17,6 +18,8 @@ from .records import ActionStatus
 from .switches import (
     SwitchRecord,
     SwitchTarget,
+    host_lets_finish,
+    host_permits,
     stopping_switch,
     switch_verdict,
     switches_in,
@@ -192,8 +195,11 @@ class ActionsRepo(StoreCore):
     ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
         """The started record in one statement (Postgres: acp_begin_action), decided on the
         switch rows as last read, which the statement finds unchanged under the fleet's switch
-        lock or writes nothing. None: take the general path (the switches moved or forbid, a
-        fence, a lost connection), which decides everything again in one transaction."""
+        lock or writes nothing. None: take the general path, which decides everything again in
+        one transaction of its own: the switches moved or forbid, the host file forbids as the
+        batch is sent, a fence, or the batch's statement failed (a lost connection: the ledger
+        finds a start that landed; any other error rolled the whole statement back, and this
+        start may not be the one that caused it)."""
         from ..events import ACTION_STARTED
 
         if current_fence.get() is not None:
@@ -201,9 +207,11 @@ class ActionsRepo(StoreCore):
         digest = params_hash(operation, params)
         print_, records = await self._switch_print(fleet)
         if switch_verdict(records, switches) is not None:  # the host file too
+            self.switch_cache.prints.pop(fleet, None)  # decided again on fresh rows next time
             return None  # the general path refuses, after what the ledger knows
         try:
-            row = await self.backend.batched("begin_action", (
+            row = await self.backend.batched("begin_action", order=session_id,
+                                             still=partial(host_permits, switches), args=(
                 command_id, operation, digest, canonical_json({"status": "started"}),
                 self.clock.now(), print_, fleet, session_id, worker, name,
                 canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, host,
@@ -212,10 +220,10 @@ class ActionsRepo(StoreCore):
                 canonical_json({"action": name, "risk": risk, "cost": cost, "rule": rule}),
                 correlation_id, agent_id,
             ))  # fmt: skip
-        except StoreError as exc:
-            if exc.transient:
-                return None  # the general path finds out whether it landed
-            raise
+        except StoreError:
+            return None
+        if row is None:  # the host file forbade it as the batch was sent: nothing written
+            return None
         status = row["status"]
         if status == "started":
             return "started", {"status": "started", "grant": None}
@@ -347,6 +355,7 @@ class ActionsRepo(StoreCore):
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         final = status or ("succeeded" if ok else "failed")
+        error = storable_text(error)  # a worker's words: an effect's error text is theirs
 
         stopped: list[str] = []
         at_once = self.backend.one_statement_writes and not tokens_held
@@ -415,22 +424,36 @@ class ActionsRepo(StoreCore):
         """The outcome in one statement (Postgres: acp_finish_action); with `stop_target`,
         decided on the switch rows as last read, which the statement finds unchanged under the
         fleet's switch lock or writes nothing. False: nothing was written, take the general
-        path (the switches moved or one stops this effect, no open record, a fence)."""
+        path (the switches moved or one stops this effect, the host file does as the batch is
+        sent, no open record, a fence, a batch statement that failed other than by a lost
+        connection, which is raised for `retrying`: the general path then finds whether it
+        landed)."""
         from ..events import ACTION_FAILED, ACTION_SUCCEEDED
 
         if current_fence.get() is not None:
             return False
         print_ = None
+        still = None
         if stop_target is not None:
             print_, records = await self._switch_print(fleet)
             if stopping_switch(records, stop_target, halt_all_stops=halt_all_stops):
+                self.switch_cache.prints.pop(fleet, None)  # fresh rows next time
                 return False  # the general path records it in-doubt
-        row = await self.backend.batched("finish_action", (
+            still = partial(host_lets_finish, stop_target, halt_all_stops=halt_all_stops)
+        try:
+            row = await self.backend.batched("finish_action", order=session_id, still=still,
+                                             args=(
             command_id, session_id, final, self.clock.now(),
             canonical_json(result) if result is not None else None, error, cost, ok, print_,
             fleet, ACTION_SUCCEEDED if ok else ACTION_FAILED, reason,
             canonical_json({"status": final, "error": error}), correlation_id, worker,
-        ))  # fmt: skip
+            ))  # fmt: skip
+        except StoreError as exc:
+            if exc.transient:
+                raise
+            return False  # rolled back with its whole batch: written again on its own
+        if row is None:
+            return False
         if row["status"] == "switches":
             self.switch_cache.prints.pop(fleet, None)
         return bool(row["status"] == "done")
@@ -526,6 +549,14 @@ class ActionsRepo(StoreCore):
 
 # The statuses the partial index `actions_unfinished` covers.
 _UNFINISHED = frozenset({ActionStatus.STARTED, ActionStatus.IN_DOUBT})
+
+
+def storable_text(text: str | None) -> str | None:
+    """Text a worker chose (an effect's error) as every backend can store it: Postgres text
+    holds no NUL character, and one NUL made the whole outcome fail to write."""
+    if text is None or "\x00" not in text:
+        return text
+    return text.replace("\x00", "\\x00")
 
 
 def _json_safe(value: dict[str, Any]) -> dict[str, Any]:

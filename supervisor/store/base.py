@@ -137,9 +137,14 @@ class Backend(ABC):
     def reader(self) -> AbstractAsyncContextManager[Tx]:
         """A read-only snapshot."""
 
-    async def batched(self, name: str, args: tuple[Any, ...]) -> Row:
+    async def batched(
+        self, name: str, *, args: tuple[Any, ...], order: str = "",
+        still: Callable[[], bool] | None = None,
+    ) -> Row | None:  # fmt: skip
         """One call of the write statement `name`, committed on its own or with the calls of
-        the same statement queued meanwhile. Only where `one_statement_writes`."""
+        the same statement queued meanwhile, sent in `order` (the rows a call locks: calls of
+        several batches lock them in one order). `still` is asked as the batch is sent; a call
+        it turns down is not sent (None). Only where `one_statement_writes`."""
         raise NotImplementedError(f"{self.dialect}: no one-statement writes")
 
     @abstractmethod

@@ -187,14 +187,25 @@ class _PgSubscription:
 
 
 class _Call:
-    __slots__ = ("args", "done", "error", "row", "wake")
+    __slots__ = ("args", "done", "error", "order", "row", "still", "wake")
 
-    def __init__(self, args: tuple[Any, ...]) -> None:
+    def __init__(self, args: tuple[Any, ...], order: str, still: Callable[[], bool] | None) -> None:
         self.args = args
+        self.order = order
+        self.still = still
         self.wake = anyio.Event()  # set when its batch has run, or when it is to lead the next
         self.done = False
         self.row: Row | None = None
         self.error: BaseException | None = None
+
+
+def _still(call: _Call) -> bool:
+    """Whether `call` is still to be sent; a check that fails keeps it back (fail closed)."""
+    try:
+        return call.still is None or call.still()
+    except Exception:
+        log.exception("store.batch_check_failed")
+        return False
 
 
 class _Batcher:
@@ -206,8 +217,10 @@ class _Batcher:
         self._queue: list[_Call] = []
         self._busy = False
 
-    async def call(self, args: tuple[Any, ...]) -> Row:
-        me = _Call(args)
+    async def call(
+        self, args: tuple[Any, ...], order: str, still: Callable[[], bool] | None
+    ) -> Row | None:
+        me = _Call(args, order, still)
         self._queue.append(me)
         if self._busy:
             # Shielded: once queued, the call may run; its outcome is learnt, whatever cancels.
@@ -215,10 +228,16 @@ class _Batcher:
                 await me.wake.wait()
         if not me.done:  # no batch in flight: this one sends everything queued so far
             self._busy = True
-            batch, self._queue = self._queue, []
+            queued, self._queue = self._queue, []
+            # In the order of the rows they lock, so two hosts' batches cannot deadlock; the
+            # host's own switch file read last, as they are sent.
+            queued.sort(key=lambda c: c.order)
+            batch = [c for c in queued if _still(c)]
+            rows: list[Row] = []
             try:
-                with anyio.CancelScope(shield=True):
-                    rows = await self._run([c.args for c in batch])
+                if batch:
+                    with anyio.CancelScope(shield=True):
+                        rows = await self._run([c.args for c in batch])
             except BaseException as exc:
                 for c in batch:
                     c.error = exc
@@ -226,7 +245,7 @@ class _Batcher:
                 for c, row in zip(batch, rows, strict=True):
                     c.row = row
             finally:
-                for c in batch:
+                for c in queued:
                     c.done = True
                     c.wake.set()
                 if self._queue:
@@ -240,7 +259,6 @@ class _Batcher:
                 mine.transient = error.transient
                 raise mine from error
             raise error
-        assert me.row is not None
         return me.row
 
 
@@ -386,7 +404,10 @@ class PostgresBackend(Backend):
         finally:
             await self.release(tx._conn, broken=tx.broken)
 
-    async def batched(self, name: str, args: tuple[Any, ...]) -> Row:
+    async def batched(
+        self, name: str, *, args: tuple[Any, ...], order: str = "",
+        still: Callable[[], bool] | None = None,
+    ) -> Row | None:  # fmt: skip
         """One call of a write function (acp_begin_action, acp_finish_action) in its own
         transaction, sent with every call of the same function queued meanwhile: one statement
         (`<name>_batch`, one array per argument) and one COMMIT for all of them, so a busy host
@@ -397,7 +418,7 @@ class PostgresBackend(Backend):
         batcher = self._batchers.get(name)
         if batcher is None:
             batcher = self._batchers[name] = _Batcher(partial(self._run_batch, name))
-        return await batcher.call(args)
+        return await batcher.call(args, order, still)
 
     async def _run_batch(self, name: str, calls: list[tuple[Any, ...]]) -> list[Row]:
         columns = [list(column) for column in zip(*calls, strict=True)]

@@ -87,6 +87,20 @@ def switch_verdict(records: Sequence[SwitchRecord], target: SwitchTarget) -> str
     return f"{mode.value} ({', '.join(scopes)})"
 
 
+def host_permits(target: SwitchTarget) -> bool:
+    """Whether the host's switch file (read now) and the fleet switch's state let the action
+    start: the part of `switch_verdict` that no row holds."""
+    if target.fleet_unknown is not None:
+        return False
+    return target.host is None or host_verdict(target.host.read(), critical=target.critical) is None
+
+
+def host_lets_finish(target: SwitchTarget, *, halt_all_stops: bool) -> bool:
+    """Whether the host's switch file (read now) and the fleet switch's state let a finished
+    effect's outcome be recorded as done: the part of `stopping_switch` no row holds."""
+    return stopping_switch((), target, halt_all_stops=halt_all_stops) is None
+
+
 def stops_in_flight(mode: Mode, *, halt_all_stops: bool) -> bool:
     """Whether `mode` stops effects already running, not only new ones: emergency always,
     halt_all when the fleet is configured so (`halt_in_flight = "terminate"`)."""

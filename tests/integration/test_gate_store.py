@@ -687,7 +687,7 @@ def _failing_batch(what: str) -> Any:
     """One-statement writes (Postgres) failing as their connection or implicit COMMIT would:
     nothing written."""
 
-    async def batched(name: str, args: tuple[Any, ...]) -> Any:
+    async def batched(name: str, **call: Any) -> Any:
         raise StateWriteError(f"injected: {what}")
 
     return batched

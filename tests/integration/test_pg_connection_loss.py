@@ -152,8 +152,8 @@ async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twi
 
     real_batched = backend.batched
 
-    async def batched(name: str, args: tuple[Any, ...]) -> Any:
-        row = await real_batched(name, args)  # the one-statement outcome (acp_finish_action)
+    async def batched(name: str, **call: Any) -> Any:
+        row = await real_batched(name, **call)  # the one-statement outcome (acp_finish_action)
         if armed["finish"] and await _finished(rig.store, "landed-1"):
             armed["finish"] = False
             lost = StateWriteError("postgres connection lost during finish_action_batch (test)")

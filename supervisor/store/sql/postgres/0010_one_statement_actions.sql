@@ -123,10 +123,11 @@ END
 $$;
 
 -- The outcome: the action row, the budget charged or given back, ACTION_SUCCEEDED or
--- ACTION_FAILED. With a fingerprint, the switches first, under the fleet's shared switch lock:
--- changed, nothing is written (status switches, with the new fingerprint), so the caller can
--- look whether one stops this effect. Status: done; switches; not_open (no open started record:
--- nothing written).
+-- ACTION_FAILED, under the fleet's shared switch lock (taken first, as every start takes it:
+-- an engage queued for it then waits for this outcome, never the other way round). With a
+-- fingerprint, the switches first: changed, nothing is written (status switches, with the new
+-- fingerprint), so the caller can look whether one stops this effect. Status: done; switches;
+-- not_open (no open started record: nothing written).
 CREATE FUNCTION acp_finish_action(
     p_command_id TEXT, p_session TEXT, p_status TEXT, p_now TIMESTAMPTZ, p_result TEXT,
     p_error TEXT, p_cost DOUBLE PRECISION, p_ok BOOLEAN, p_print TEXT, p_fleet TEXT,
@@ -135,8 +136,8 @@ CREATE FUNCTION acp_finish_action(
 DECLARE
     v_print TEXT;
 BEGIN
+    PERFORM pg_advisory_xact_lock_shared(4242, hashtext(p_fleet));
     IF p_print IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock_shared(4242, hashtext(p_fleet));
         v_print := acp_switch_print(p_fleet);
         IF v_print IS DISTINCT FROM p_print THEN
             RETURN QUERY SELECT 'switches'::TEXT, v_print;
