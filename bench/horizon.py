@@ -15,6 +15,9 @@ The store is the simulation's own SQLite file with synchronous=normal, which is 
 per commit, which is what a real run pays.
 
 Prints one row per size: workers, wall seconds, cycles, actions started, cycles per second.
+The machine is shared and the figures noisy: `--repeat K` runs each size K times and prints the
+best and the worst. `--profile DIR` runs the daemon under cProfile (slower) and keeps one
+profile per run in DIR, with its top functions printed (`python -m pstats DIR/FILE` for more).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -51,6 +55,7 @@ class Row:
     actions: int
     succeeded: int
     denials: int
+    worst: float = 0.0  # the slowest of the --repeat runs (wall is the best)
 
     @property
     def rate(self) -> float:
@@ -80,7 +85,7 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_month(workers: int, args: argparse.Namespace) -> Row:
+def run_month(workers: int, args: argparse.Namespace, run: int = 0) -> Row:
     with tempfile.TemporaryDirectory(prefix=f"acp-bench-month-{workers}-") as tmp:
         folder = Path(tmp)
         config = folder / "bench.toml"
@@ -90,6 +95,10 @@ def run_month(workers: int, args: argparse.Namespace) -> Row:
         argv = [sys.executable, "-m", "supervisor", "--config", str(config), "--state-dir",
                 str(state), "--db", db, "--log-level", args.log_level, "run", "--horizon",
                 "month", "--simulate", "--start", START, "--json"]  # fmt: skip
+        profile = None
+        if args.profile is not None:
+            profile = args.profile / f"horizon-{workers}-{run}.prof"
+            argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
         log = folder / "daemon.log"
         with open(log, "w") as err:
             t0 = time.perf_counter()
@@ -102,8 +111,24 @@ def run_month(workers: int, args: argparse.Namespace) -> Row:
                 f"month with {workers} workers failed (exit {done.returncode}):\n{tail}"
             )
         total = json.loads(done.stdout)["total"]
+    if profile is not None:
+        print_profile(profile)
     return Row(workers, wall, int(total["cycles"]), int(total["actions_started"]),
                int(total["actions_succeeded"]), int(total["denials"]))  # fmt: skip
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    print(f"profile {path} (top {top} by own time):", file=sys.stderr)
+    stats = pstats.Stats(str(path), stream=sys.stderr)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def run_size(workers: int, args: argparse.Namespace) -> Row:
+    """The best of --repeat runs, with the worst beside it."""
+    rows = [run_month(workers, args, run) for run in range(args.repeat)]
+    best = min(rows, key=lambda r: r.wall)
+    best.worst = max(r.wall for r in rows)
+    return best
 
 
 def startup_seconds() -> float:
@@ -130,15 +155,26 @@ def main() -> int:
                         "alerts costs the same per simulated minute whatever the workers")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                         help="the daemon's log level (default info, as a real run)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="run each size K times; the best wall time is shown, and the worst")  # fmt: skip
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run the daemon under cProfile, one profile per run in DIR")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profile = args.profile.absolute()
     sizes = args.workers or ([1, 10] if args.quick else [1, 10, 100])
     if args.json:
-        rows = [run_month(n, args) for n in sizes]
+        measured = [run_size(n, args) for n in sizes]
         print(json.dumps({
-            "sync": args.sync, "reference": REFERENCE,
+            "sync": args.sync, "reference": REFERENCE, "repeat": args.repeat,
             "rows": [{"workers": r.workers, "wall_s": round(r.wall, 2), "cycles": r.cycles,
-                      "actions": r.actions, "cycles_per_s": round(r.rate, 1)} for r in rows],
+                      "actions": r.actions, "cycles_per_s": round(r.rate, 1),
+                      **({"worst_wall_s": round(r.worst, 2)} if args.repeat > 1 else {})}
+                     for r in measured],
         }))  # fmt: skip
         return 0
 
@@ -150,16 +186,23 @@ def main() -> int:
           f"maintenance agent {'included' if args.maintenance else 'not included'}; alerts "
           f"evaluated every {args.alerts_every or '1m (the default)'}")  # fmt: skip
     print(f"process startup alone (`run --help`): {startup_seconds():.2f} s")
+    if args.repeat > 1:
+        print(f"each size run {args.repeat} times: wall s is the best, worst s the slowest")
+    if args.profile is not None:
+        print(f"under cProfile (slower than without), profiles in {args.profile}")
     print()
     header = f"{'workers':>7}  {'wall s':>8}  {'cycles':>7}  {'actions':>7}  {'cycles/s':>8}"
+    if args.repeat > 1:
+        header += f"  {'worst s':>8}"
     print(header)
     print("-" * len(header))
     rows: list[Row] = []
     for n in sizes:
-        row = run_month(n, args)
+        row = run_size(n, args)
         rows.append(row)
+        worst = f"  {row.worst:>8.2f}" if args.repeat > 1 else ""
         print(f"{row.workers:>7}  {row.wall:>8.2f}  {row.cycles:>7}  {row.actions:>7}  "
-              f"{row.rate:>8.1f}", flush=True)  # fmt: skip
+              f"{row.rate:>8.1f}{worst}", flush=True)  # fmt: skip
         expected = MONTH_CYCLES * n + (30 if args.maintenance else 0)
         if row.cycles != expected:
             print(f"  ! expected {expected} cycles, the scorecard says {row.cycles}")

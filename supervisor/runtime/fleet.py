@@ -347,13 +347,13 @@ class Fleet:
                         if self.clock.monotonic() - started_at >= spec.stable_after:
                             backoff = spec.backoff.initial  # a stable period resets the backoff
                         since_checkpoint += 1
-                        counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
-                                    "run": self.run_key, "run_base": base,
-                                    "slot_at": slot_at.isoformat()}  # fmt: skip
                         if (
                             cycle % self.profile.checkpoint_every
                             == self.profile.checkpoint_every - 1
                         ):
+                            counters = {"cycles": st.cycles, "last_run": last_run.isoformat() if last_run else None,
+                                        "run": self.run_key, "run_base": base,
+                                        "slot_at": slot_at.isoformat()}  # fmt: skip
                             await self._checkpoint(st, worker, cycle, session, counters)
                             since_checkpoint = 0
                         continue
@@ -415,11 +415,19 @@ class Fleet:
     async def _run_cycle(
         self, st: WorkerStatus, worker: Worker, cycle: int, session: Session
     ) -> bool:
+        # The cycle's id is also CYCLE_COMPLETED's command_id (derived once).
+        cycle_id = derive_id(self.fleet, st.name, "cycle", str(cycle))
         ctx = CycleContext(
             fleet=self.fleet, worker=st.name, cycle=cycle, session=session, gate=self.gate,
             clock=self.clock, rng=random.Random(f"{self.seed}:{st.name}:{cycle}"),
-            effects=self.effects, correlation_id=derive_id(self.fleet, st.name, "cycle", str(cycle)),
+            effects=self.effects, correlation_id=cycle_id,
         )  # fmt: skip
+        # Per cycle, so the cheap forms: a bare cancel scope with a deadline instead of
+        # fail_after (two generator layers around the same scope), and tokens instead of
+        # bound_contextvars (which copies the whole context to save what it overwrites). Same
+        # semantics: the deadline is on the event loop's clock, only it can cancel this scope,
+        # and the log context is given back before the outcome is logged.
+        deadline = anyio.CancelScope(deadline=anyio.current_time() + st.spec.cycle_deadline)
         st.cycle = cycle
         st.session_id = session.id
         self.in_flight += 1
@@ -427,18 +435,19 @@ class Fleet:
         error: str | None = None
         lost: StoreError | None = None
         try:
-            with structlog.contextvars.bound_contextvars(
-                worker=st.name, window=session.window_key, cycle=cycle,
-                correlation_id=ctx.correlation_id,
-            ):  # fmt: skip
-                with anyio.fail_after(st.spec.cycle_deadline) as deadline:
+            bound = structlog.contextvars.bind_contextvars(
+                worker=st.name, window=session.window_key, cycle=cycle, correlation_id=cycle_id
+            )
+            try:
+                with deadline:
                     await worker.cycle(ctx)
-        except TimeoutError as exc:
+            finally:
+                structlog.contextvars.reset_contextvars(**bound)
             if deadline.cancelled_caught:
                 st.hangs += 1
                 error = f"hung: cycle {cycle} passed its {st.spec.cycle_deadline}s deadline"
-            else:  # the worker's own timeout (a network call, say) is a crash, not a hang
-                error = f"{type(exc).__name__}: {exc}"
+        except TimeoutError as exc:  # the worker's own timeout (a network call, say): a crash
+            error = f"{type(exc).__name__}: {exc}"
         except GovernedRefusal as exc:
             log.debug("cycle.governed", worker=st.name, reason=exc.reason)
         except StoreError as exc:
@@ -480,8 +489,7 @@ class Fleet:
             log.info("worker.unstalled", worker=st.name, cycle=cycle)
         st.pending.append((NewEvent(
             kind=ev.CYCLE_COMPLETED, session_id=session.id, worker=st.name, state_bearing=False,
-            command_id=derive_id(self.fleet, st.name, "cycle", str(cycle)),
-            payload={"cycle": cycle},
+            command_id=cycle_id, payload={"cycle": cycle},
         ), self.clock.now()))  # fmt: skip
         return True
 
