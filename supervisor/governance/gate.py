@@ -624,7 +624,9 @@ class Gate:
         (the outcome is unknown: the recovery scan marks it in-doubt, guessing would be a lie)."""
         t0 = time.perf_counter()
         action = self.policy.mark(action)
-        with structlog.contextvars.bound_contextvars(command_id=command_id):
+        # Tokens, not bound_contextvars (which copies the whole log context on every action).
+        bound = structlog.contextvars.bind_contextvars(command_id=command_id)
+        try:
             permit, replay = await self.admit(
                 action, worker=worker, session=session, command_id=command_id,
                 approval_key=approval_key, correlation_id=correlation_id, pending_cap=pending_cap,
@@ -640,6 +642,8 @@ class Gate:
                     yield attempt
             finally:
                 self.owned.discard(command_id)  # finished, refused at the last look, or abandoned
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
 
     async def run(
         self,
