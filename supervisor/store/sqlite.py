@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ..errors import DatabaseMissing, StateWriteError, StoreConfigError, StoreError, StoreLost
@@ -448,7 +449,10 @@ class SQLiteBackend(Backend):
 
     async def _lead(self, batch: _Batch) -> None:
         """Behind every body queued meanwhile (the lock is fair), commit the batch, unless a
-        reader or a failure has settled it already."""
+        reader or a failure has settled it already. First every task that is ready runs: a
+        write it is about to make joins this batch (with nothing else to wait on, as when
+        COMMITs run on the loop, nobody would ever queue behind the leader)."""
+        await anyio.lowlevel.checkpoint()  # shielded by the caller: never a cancellation
         async with self._lock:
             if self._batch is batch:
                 await self._commit_batch()

@@ -248,6 +248,30 @@ async def test_a_lone_writer_commits_on_the_loop_until_the_disk_is_slow(sqlite_u
         await store.close()
 
 
+async def test_writers_that_never_wait_still_share_commits(sqlite_url: str) -> None:
+    """Writers whose work never waits on anything else (the gate's with nothing but the store
+    to wait on): a COMMIT on the loop for each, and each would run alone, one after another.
+    The batch's leader lets every ready task run before it commits, so they join it."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    commits: list[str] = []
+    conn = _backend(store)._require()
+    conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+
+    async def writer(i: int) -> None:
+        for _ in range(5):
+            await store.append(NewEvent(kind="X", session_id=f"s{i}"))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(writer, i)
+    finally:
+        conn.set_trace_callback(None)
+        await store.close()
+    assert len(_committed(sqlite_url)) == 100
+    assert len(commits) <= 30, f"{len(commits)} COMMITs for 100 writes by 20 writers"
+
+
 async def test_a_read_does_not_cut_a_batch_short(sqlite_url: str) -> None:
     """Workers read between their writes (an action's last look): a read queued between two
     writers runs inside their open batch instead of committing it early, so they still share
