@@ -67,15 +67,19 @@ KEEP: dict[str, str] = {
 
 AIMS = [
     "The aims the figures answer to: no action or effect started after a kill-switch engage",
-    "returns, idle waiters noticing within 100 ms; a 10-worker simulated month under 5 s (a",
-    "well-known governance library's one-worker month takes about 10 s here); the startup recovery",
-    "scan under 1 s at 1,000,000 events on each backend; fleet halt propagation under 100 ms; the",
-    "soak's promise checks all passing with RSS flat from the first week to the last; the event",
-    "loop's worst lag at most 50 ms and an engage reaching idle workers within 100 ms while the",
-    "scorecard, a replay and the recovery scan run on 1,000,000 events. The gate's actions/s stand",
-    "beside the raw single-row commit rate of the same database in the same run (ratio). Month",
-    "simulations use their own SQLite file with synchronous=normal (as `run --simulate`); the gate",
-    "and store figures use synchronous=full (as a real run).",
+    "returns, idle waiters noticing within 100 ms; the startup recovery scan under 1 s at",
+    "1,000,000 events on each backend; fleet halt propagation under 100 ms; the soak's promise",
+    "checks all passing; the event loop's worst lag at most 50 ms and an engage reaching idle",
+    "workers within 100 ms while the scorecard, a replay and the recovery scan run on 1,000,000",
+    "events. The write path (synchronous=full, no cadence): SQLite at least 1,000 actions/s at 1",
+    "worker and at least 2,500/s at 50 (aim 5,000), at least half the raw single-row commit rate",
+    "of the same run and three times one worker, admit p99 at most 25 ms, within 10% at",
+    "1,000,000 events of an empty store; Postgres at least 1,500/s at 50 workers (aim 3,000) and",
+    "three times one worker. A simulated month of 10 workers in at most 3 s, of 100 in at most",
+    "20 s. The gate's actions/s stand beside the raw single-row commit rate of the same database",
+    "in the same run (ratio), and beside the first fleet size's (x_first). Month simulations use",
+    "their own SQLite file with synchronous=normal (as `run --simulate`); the gate and store",
+    "figures use synchronous=full (as a real run).",
 ]
 
 
