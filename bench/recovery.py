@@ -425,7 +425,7 @@ def plan_args(now: datetime) -> list[tuple[str, tuple[Any, ...]]]:
         ("next_approval_check", (FLEET,)),
         ("get_command", ("x",)),
         ("mark_in_doubt", ("x",)),
-        ("release_budget", (0.05, "x")),
+        ("release_budget", ("x", 0.05)),
         ("close_session", ("recovered", HOST, now, "x")),
         ("decide_approval", ("expired", "deadline", now, "r", "once", None, None, "x")),
         ("escalate_approval", ("oncall", now, "x")),

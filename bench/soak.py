@@ -40,9 +40,11 @@ left open; each window opened and closed exactly once; every worker's cycles con
 restarts (no cycle completed twice, no slot lost); every injected write failure reported as a
 crash (fail-closed, never swallowed); daemon RSS flat.
 
-RSS: /proc/<pid>/status VmRSS of the daemon every 0.5 s, mapped to simulated progress through the
-latest closed window in the store; reported for the first and the last simulated week (day, for
-horizons of a week or less).
+RSS: /proc/<pid>/status RssAnon of the daemon (its own memory: heap, SQLite's page cache) every
+0.5 s, mapped to simulated progress through the latest closed window in the store; reported for
+the first and the last simulated week (day, for horizons of a week or less). Not VmRSS: that
+counts the database file's pages the store reads through mmap (up to 256 MB), which are the
+OS's page cache, shared and reclaimable, and grow with the file, not with a leak.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ def rss_kb(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1])
     except OSError:
         return None

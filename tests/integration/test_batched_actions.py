@@ -6,12 +6,6 @@ only records whose callers had not been told."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -30,6 +24,7 @@ from supervisor.store.postgres import PostgresBackend
 from supervisor.store.switches import SwitchTarget
 from supervisor.timing.clock import SystemClock
 from tests import storetools
+from tests.crashing import told_before_kill
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -247,26 +242,8 @@ anyio.run(main, sys.argv[1])
 async def test_a_crash_mid_batch_loses_no_start_a_worker_was_told_of(
     store_url: str, tmp_path: Path
 ) -> None:
-    script = tmp_path / "starts.py"
-    script.write_text(textwrap.dedent(CHILD))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # Blocking reads on purpose: nothing else runs on this test's loop.
-    proc = subprocess.Popen([sys.executable, str(script), store_url], stdout=subprocess.PIPE,  # noqa: ASYNC220
-                            stderr=subprocess.PIPE, env=env)  # fmt: skip
-    assert proc.stdout is not None
-    told: list[str] = []
-    deadline = time.monotonic() + 60
-    try:
-        while len(told) < 1500 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            told.append(line.decode().strip())
-    finally:
-        proc.send_signal(signal.SIGKILL)  # mid-batch: starts are always in flight
-        rest, err = proc.communicate(timeout=30)
-    assert len(told) >= 1500, err.decode()[-2000:]
-    told += [line.strip() for line in rest.decode().splitlines()]
+    # Blocking reads on purpose (in told_before_kill): nothing else runs on this test's loop.
+    told = told_before_kill(CHILD, store_url, tmp_path, at_least=1500)
     store = await open_store(store_url, SystemClock())
     try:
         missing = [cid for cid in told if await store.get_action(cid) is None]

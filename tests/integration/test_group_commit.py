@@ -4,12 +4,7 @@ runs on both backends: whatever a writer was told is durable survives a SIGKILL.
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from functools import partial
@@ -25,6 +20,7 @@ from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
 from supervisor.timing.clock import SystemClock
 from tests import storetools
+from tests.crashing import told_before_kill
 
 pytestmark = pytest.mark.anyio
 
@@ -374,29 +370,9 @@ anyio.run(main, sys.argv[1])
 async def test_a_crash_mid_batch_loses_only_what_nobody_was_told_was_durable(
     store_url: str, tmp_path: Path
 ) -> None:
-    script = tmp_path / "writers.py"
-    script.write_text(textwrap.dedent(CHILD))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # Blocking reads on purpose: nothing else runs on this test's loop.
-    proc = subprocess.Popen([sys.executable, str(script), store_url], stdout=subprocess.PIPE,  # noqa: ASYNC220
-                            stderr=subprocess.PIPE, env=env)  # fmt: skip
-    assert proc.stdout is not None
-    told: list[tuple[str, int]] = []
-    deadline = time.monotonic() + 60
-    try:
-        while len(told) < 2000 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            name, seq = line.decode().split()
-            told.append((name, int(seq)))
-    finally:
-        proc.send_signal(signal.SIGKILL)  # mid-batch: writers are always in flight
-        rest, err = proc.communicate(timeout=30)
-    assert len(told) >= 2000, err.decode()[-2000:]
-    for line in rest.decode().splitlines():  # told before the kill, read after it
-        name, seq = line.split()
-        told.append((name, int(seq)))
+    # Blocking reads on purpose (in told_before_kill): nothing else runs on this test's loop.
+    lines = told_before_kill(CHILD, store_url, tmp_path, at_least=2000)
+    told = [(name, int(seq)) for name, seq in (line.split() for line in lines)]
     store = await open_store(store_url, SystemClock())
     try:
         missing = []
