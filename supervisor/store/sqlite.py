@@ -510,8 +510,15 @@ class SQLiteBackend(Backend):
         """With the lock held, in a thread: the WAL into the database file (PASSIVE: it waits
         for no reader; what a reader still needs is copied by a later one)."""
         self._commits = 0
+
+        def checkpoint() -> None:
+            # Its row read to the end: a cursor left holding it (the worker thread keeps the
+            # last result until its next job) is a statement in progress, and the next COMMIT
+            # fails ("SQL statements in progress").
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
         try:
-            await anyio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+            await anyio.to_thread.run_sync(checkpoint)
         except sqlite3.Error as exc:  # the writes are committed; the WAL only stays longer
             log.warning("store.checkpoint_failed", error=str(exc))
 
