@@ -186,8 +186,8 @@ def _takes_arguments(effect: Callable[..., Any]) -> bool:
     """Whether `effect` declares any parameter. A plain function (the usual effect, a closure
     made each cycle) answers from its code object: `inspect.signature` cost about 25 us per
     action. Anything else (a bound method, a partial, a callable object) asks inspect."""
-    code = getattr(effect, "__code__", None)
-    if isinstance(effect, types.FunctionType) and code is not None:
+    if isinstance(effect, types.FunctionType):
+        code = effect.__code__
         flags = code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
         return bool(code.co_argcount or code.co_kwonlyargcount or flags)
     try:

@@ -440,14 +440,15 @@ class ActionsRepo(StoreCore):
                 self.switch_cache.prints.pop(fleet, None)  # fresh rows next time
                 return False  # the general path records it in-doubt
             still = partial(host_lets_finish, stop_target, halt_all_stops=halt_all_stops)
-        try:
-            row = await self.backend.batched("finish_action", order=session_id, still=still,
-                                             args=(
+        args = (
             command_id, session_id, final, self.clock.now(),
             canonical_json(result) if result is not None else None, error, cost, ok, print_,
             fleet, ACTION_SUCCEEDED if ok else ACTION_FAILED, reason,
             canonical_json({"status": final, "error": error}), correlation_id, worker,
-            ))  # fmt: skip
+        )  # fmt: skip
+        try:
+            row = await self.backend.batched("finish_action", order=session_id, still=still,
+                                             args=args)  # fmt: skip
         except StoreError as exc:
             if exc.transient:
                 raise

@@ -90,9 +90,7 @@ def switch_verdict(records: Sequence[SwitchRecord], target: SwitchTarget) -> str
 def host_permits(target: SwitchTarget) -> bool:
     """Whether the host's switch file (read now) and the fleet switch's state let the action
     start: the part of `switch_verdict` that no row holds."""
-    if target.fleet_unknown is not None:
-        return False
-    return target.host is None or host_verdict(target.host.read(), critical=target.critical) is None
+    return switch_verdict((), target) is None
 
 
 def host_lets_finish(target: SwitchTarget, *, halt_all_stops: bool) -> bool:
@@ -149,11 +147,8 @@ class SwitchCache:
 async def switches_with_print(
     tx: Tx, fleet: str, cache: SwitchCache
 ) -> tuple[str, list[SwitchRecord]]:
-    """The fleet's switch rows and their fingerprint, as the cache holds them or read afresh
-    (one statement, one snapshot; Postgres only)."""
-    known = cache.prints.get(fleet)
-    if known is not None:
-        return known
+    """The fleet's switch rows and their fingerprint, read afresh (one statement, one snapshot;
+    Postgres only) and kept in `cache.prints`, which the caller looks in first."""
     rows = await tx.fetchall("switches_with_print", fleet)
     known = rows[0]["print"], [SwitchRecord.from_row(r) for r in rows if r["scope"] is not None]
     cache.prints[fleet] = known
