@@ -584,9 +584,12 @@ class StoreCore:
         )
 
     async def events_for_command(self, command_id: str) -> list[Event]:
-        async with self.backend.reader() as tx:
-            rows = await tx.fetchall("events_by_command", command_id)
-        return [Event.from_row(r) for r in rows]
+        """Off the loop: on SQLite no index keys events by command_id (see its migration 0009),
+        so this is a scan of the event log."""
+        return await self.read_off_loop(
+            [("events_by_command", (command_id,))],
+            lambda rows: [Event.from_row(r) for r in rows[0]],
+        )
 
     # -- plain reads --------------------------------------------------------------------------
 
