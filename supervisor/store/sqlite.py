@@ -17,7 +17,9 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -57,9 +59,13 @@ _INLINE_COMMIT_LIMIT = 0.010  # seconds
 _SLOW_DISK_PAUSE = 10.0  # seconds
 # SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold: it copies the
 # WAL into the database file and fsyncs that, which on a large store took 115-207 ms, on the
-# loop when the COMMIT ran there. It is off on the store's connection; this many COMMITs (a few
-# MB of WAL at a governed action's pages) run one in a thread instead.
-_CHECKPOINT_EVERY = 200
+# loop when the COMMIT ran there. It is off on the store's connection; once the WAL has grown by
+# this much, one runs in a thread instead. A checkpoint copies each page once however many
+# COMMITs rewrote it, so fewer, larger ones cost less in all (measured: one every 200 COMMITs,
+# about 12 MB of a simulation's WAL, made a tenth of a simulated month).
+_CHECKPOINT_BYTES = 64 * 1024 * 1024
+_FIRST_CHECKPOINT_AFTER = 200  # COMMITs, before the first checkpoint has measured the rate
+_CHECKPOINT_AFTER_AT_MOST = 10_000  # COMMITs (small ones: a tiny WAL, still checkpointed)
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -125,6 +131,53 @@ def parse_sqlite_url(url: str) -> tuple[Path, str]:
     if options:
         raise StoreConfigError(f"database URL {url!r}: unknown option {sorted(options)[0]!r}")
     return Path(path_part), _SYNC_MODES[sync]
+
+
+class _ConnectionLock:
+    """The connection's lock: first come, first served, for the tasks of one event loop.
+
+    anyio.Lock looks the current task up on every acquire and release and checks for
+    cancellation when free; at two or three acquisitions per transaction that was a tenth of a
+    simulated month. Here a free lock is one flag; a taken one queues an Event and the releaser
+    hands the lock to the first waiter (ownership passes, so nobody can overtake the queue).
+    Waiting is cancellable; a waiter cancelled after it was handed the lock passes it on."""
+
+    __slots__ = ("_held", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        handed = anyio.Event()
+        self._waiters.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:
+            if handed.is_set():
+                self.release()  # it was ours already: the next in line gets it
+            else:
+                self._waiters.remove(handed)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # still held: it passes to the first waiter
+        else:
+            self._held = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Batch:
@@ -198,14 +251,18 @@ class SQLiteBackend(Backend):
         self.path, self._sync = parse_sqlite_url(url)
         self._queries = load_queries("sqlite")
         self._conn: sqlite3.Connection | None = None
-        # No checkpoint when free: a lone writer's transaction and its COMMIT never yield for it.
-        self._lock = anyio.Lock(fast_acquire=True)
+        # Free: no yield, so a lone writer's transaction and its COMMIT run without one.
+        self._lock = _ConnectionLock()
         self.write_wait = _WRITE_WAIT
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
         self._threaded_until = 0.0  # perf_counter instant: COMMITs go to a thread until then
-        self._commits = 0  # since the last checkpoint
+        self._commits = 0  # since the last checkpoint began
+        self._commits_before = 0  # the COMMITs before the checkpoint in progress began
+        self._checkpointer = _Checkpointer(self)
+        self._checkpoint_every = _FIRST_CHECKPOINT_AFTER  # COMMITs; see _checkpoint
+        self._frame_bytes = 4096 + 24  # a WAL frame: a page and its header (see connect)
         self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
         self._readers: list[sqlite3.Connection] = []  # idle read-only connections
@@ -310,8 +367,7 @@ class SQLiteBackend(Backend):
         return self._lost
 
     async def connect(self) -> None:
-        plain = str(self.path)
-        plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain  # as a person types it
+        plain = self._plain_path()
         if not self.create and not self.path.exists():
             raise DatabaseMissing(f"database {plain} does not exist", plain)
         if not self.path.parent.is_dir():
@@ -337,7 +393,7 @@ class SQLiteBackend(Backend):
                 conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self._sync}")
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # see _CHECKPOINT_EVERY
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # see _CHECKPOINT_BYTES
                 conn.execute("PRAGMA foreign_keys=ON")
                 _size_cache(conn)
                 conn.execute("PRAGMA busy_timeout=0")
@@ -359,8 +415,11 @@ class SQLiteBackend(Backend):
             conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         self._watch_file(self.path)
         self._watch_file(self.path.with_name(self.path.name + "-wal"))
+        with contextlib.suppress(sqlite3.Error):
+            self._frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + 24
 
     async def close(self) -> None:
+        await anyio.to_thread.run_sync(self._checkpointer.close)
         readers, self._readers = self._readers, []
         for reader in readers:
             reader.close()
@@ -400,8 +459,7 @@ class SQLiteBackend(Backend):
         except sqlite3.Error as exc:
             raise StateWriteError(f"sqlite cannot begin a write: {exc}") from exc
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_SQLiteTx]:
+    def transaction(self) -> _Write:
         """Group commit. The batch's first member (its leader) opens the write transaction and
         runs its body in it; each later member's body runs in a SAVEPOINT of it. The leader
         then queues for the connection again and commits every body that ran meanwhile with
@@ -410,40 +468,7 @@ class SQLiteBackend(Backend):
         nobody, so it commits at once. While a COMMIT waits for the disk, the next members
         queue for the connection: they form the next batch (SQLite holds its write lock
         through the fsync, so no write of theirs could run before it anyway)."""
-        conn = self._require()
-        batch: _Batch | None = None
-        leader = joined = False
-        try:
-            async with self._lock:
-                if self._batch is None:
-                    await self._begin(conn)
-                    self._batch, leader = _Batch(), True
-                batch = self._batch
-                batch.members += 1
-                if not leader:  # the leader's body is the transaction's start: no savepoint
-                    conn.execute("SAVEPOINT tx")
-                try:
-                    yield _SQLiteTx(conn, self._queries, write=True, rollbacks=self._rollbacks)
-                except BaseException:
-                    self._rollbacks += 1
-                    if not conn.in_transaction:  # SQLite rolled the batch back (I/O, full disk)
-                        self._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
-                    elif leader:  # nobody else is in the batch yet (the lock is still ours)
-                        conn.execute("ROLLBACK")
-                        self._fail_batch(StateWriteError("the batch's first body failed"))
-                    else:
-                        conn.execute("ROLLBACK TO tx")
-                        conn.execute("RELEASE tx")
-                    raise
-                if not leader:
-                    conn.execute("RELEASE tx")
-                joined = True
-        finally:
-            if leader and batch is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._lead(batch)
-        if joined and batch is not None:
-            await self._settled(batch)
+        return _Write(self)
 
     @staticmethod
     async def _settled(batch: _Batch) -> None:
@@ -479,9 +504,13 @@ class SQLiteBackend(Backend):
             self._rollbacks += 1
             batch.settle(StoreLost(lost))
             return
+        # A checkpointer syncing the database file makes a COMMIT's fsync wait for that one:
+        # meanwhile COMMITs go to a thread, and their time says nothing of the disk.
+        checkpointing = self._checkpointer.running
         inline = self._commit_inline or (
             batch.members == 1  # a lone writer, and nobody queued for the connection
-            and not self._lock.statistics().tasks_waiting
+            and not self._lock.waiting
+            and not checkpointing
             and time.perf_counter() >= self._threaded_until
         )
         began = time.perf_counter()
@@ -491,7 +520,8 @@ class SQLiteBackend(Backend):
             else:
                 await anyio.to_thread.run_sync(conn.execute, "COMMIT")
             took = time.perf_counter() - began
-            if not self._commit_inline and batch.timed and took > _INLINE_COMMIT_LIMIT:
+            timed = batch.timed and not checkpointing
+            if not self._commit_inline and timed and took > _INLINE_COMMIT_LIMIT:
                 self._threaded_until = time.perf_counter() + _SLOW_DISK_PAUSE
             self._commits += 1
         except BaseException as exc:
@@ -503,13 +533,26 @@ class SQLiteBackend(Backend):
                 raise
             return
         batch.settle(None)
-        if self._commits >= _CHECKPOINT_EVERY:
+        checkpointer = self._checkpointer
+        if checkpointer.done:
             await self._checkpoint(conn)
+        elif self._commits >= self._checkpoint_every and not checkpointer.running:
+            self._commits_before, self._commits = self._commits, 0
+            checkpointer.start()
 
     async def _checkpoint(self, conn: sqlite3.Connection) -> None:
-        """With the lock held, in a thread: the WAL into the database file (PASSIVE: it waits
-        for no reader; what a reader still needs is copied by a later one)."""
-        self._commits = 0
+        """With the lock held, in a thread: the second half of a checkpoint, once the
+        checkpointer copied the bulk of the WAL beside the writes (see _Checkpointer). What
+        was written meanwhile is copied here, and with no writer in between the WAL restarts
+        at the next write (else it would only grow). PASSIVE: it waits for no reader; what a
+        reader still needs is copied by a later one. The first half's answer said how many
+        frames the WAL held: the next one is due after as many COMMITs as write about
+        _CHECKPOINT_BYTES at this rate (SQLite tells frames, not bytes, only there)."""
+        frames = self._checkpointer.consume()
+        if frames:
+            per_commit = frames * self._frame_bytes / max(self._commits_before, 1)
+            every = int(_CHECKPOINT_BYTES / per_commit)
+            self._checkpoint_every = min(max(every, 10), _CHECKPOINT_AFTER_AT_MOST)
 
         def checkpoint() -> None:
             # Its row read to the end: a cursor left holding it (the worker thread keeps the
@@ -537,23 +580,28 @@ class SQLiteBackend(Backend):
                     await self._commit_batch()
             yield conn
 
-    @asynccontextmanager
-    async def reader(self) -> AsyncIterator[_SQLiteTx]:
+    def reader(self) -> _Read:
         """Reads on the loop's connection. With a batch open they run inside it, so they may
         see its writes before they are durable: the block's result is only let go once that
         batch's COMMIT has returned (and fails if it failed). Reading does not commit the
         batch early: a read between writes would cut every batch short."""
-        conn = self._require()
-        async with self._lock:
-            batch = self._batch
-            yield _SQLiteTx(conn, self._queries, write=False, rollbacks=self._rollbacks)
-        if batch is not None:
-            await self._settled(batch)
+        return _Read(self)
+
+    def _open_checkpointer(self) -> sqlite3.Connection:
+        """The checkpointer's connection (in its thread). mode=rw: a file deleted meanwhile is
+        not created again."""
+        conn = sqlite3.connect(f"file:{quote(self._plain_path())}?mode=rw", uri=True, timeout=0,
+                               isolation_level=None, check_same_thread=False)  # fmt: skip
+        conn.execute(f"PRAGMA synchronous={self._sync}")
+        return conn
+
+    def _plain_path(self) -> str:
+        plain = str(self.path)
+        return "/" + plain.lstrip("/") if plain.startswith("//") else plain  # as a person types it
 
     def _open_reader(self) -> sqlite3.Connection:
         """A read-only connection (in a worker thread: opening reads the file)."""
-        plain = str(self.path)
-        plain = "/" + plain.lstrip("/") if plain.startswith("//") else plain
+        plain = self._plain_path()
         try:
             # It waits for a busy database in its thread (the loop is not waiting on it).
             conn = sqlite3.connect(f"file:{quote(plain)}?mode=ro", uri=True, timeout=_READ_WAIT,
@@ -640,3 +688,145 @@ class SQLiteBackend(Backend):
                     raise StateWriteError(f"migration {version}: {exc}") from exc
             await tx.execute("record_version", version, now)
         return True
+
+
+class _Checkpointer:
+    """The first half of each checkpoint: the WAL copied into the database file (and, but for
+    synchronous=off, that file synced) on a connection and a thread of its own, while the
+    store's connection goes on committing. On a store of a million events a whole checkpoint
+    took about 50 ms, with every writer waiting behind the lock it held."""
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self._backend = backend
+        self._conn: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._frames = 0  # the WAL's frames when the last run began (0: unknown)
+        self.done = False  # a run ended that the store has not followed up yet
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self.done
+
+    def start(self) -> None:
+        self.done = False
+        self._thread = threading.Thread(target=self._run, name="acp-sqlite-checkpoint",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def consume(self) -> int:
+        """The run's frame count, and the next run may start."""
+        self.done, self._thread = False, None
+        return self._frames
+
+    def _run(self) -> None:
+        self._frames = 0
+        try:
+            if self._conn is None:
+                self._conn = self._backend._open_checkpointer()
+            self._frames = int(
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
+            )
+            if self._backend._sync != "OFF":
+                # SQLite syncs the database file only at the end of a checkpoint that copied
+                # the whole WAL, which with writes going on is never this one: the store's own
+                # follow-up would then sync every page copied here, holding the lock (60-75 ms
+                # on a store of a million events). Synced here, it has only its own to sync.
+                fd = os.open(self._backend.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except (sqlite3.Error, OSError) as exc:  # the writes are committed; the WAL stays longer
+            log.warning("store.checkpoint_failed", error=str(exc))
+        finally:
+            self.done = True
+
+    def close(self) -> None:
+        """Blocking (in a thread): the run in progress ends first."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        self.done = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _Write:
+    """SQLiteBackend.transaction: a class, not a generator (one per write; see _Read)."""
+
+    __slots__ = ("_backend", "_batch", "_leader")
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self._backend = backend
+        self._batch: _Batch | None = None
+        self._leader = False
+
+    async def __aenter__(self) -> _SQLiteTx:
+        backend = self._backend
+        conn = backend._require()
+        await backend._lock.acquire()
+        try:
+            if backend._batch is None:
+                await backend._begin(conn)
+                backend._batch, self._leader = _Batch(), True
+            batch = self._batch = backend._batch
+            batch.members += 1
+            if not self._leader:  # the leader's body is the transaction's start: no savepoint
+                conn.execute("SAVEPOINT tx")
+        except BaseException:
+            backend._lock.release()
+            raise
+        return _SQLiteTx(conn, backend._queries, write=True, rollbacks=backend._rollbacks)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        backend, batch = self._backend, self._batch
+        assert batch is not None
+        conn = backend._require()
+        try:
+            if exc is not None:
+                backend._rollbacks += 1
+                if not conn.in_transaction:  # SQLite rolled the batch back (I/O, full disk)
+                    backend._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
+                elif self._leader:  # nobody else is in the batch yet (the lock is still ours)
+                    conn.execute("ROLLBACK")
+                    backend._fail_batch(StateWriteError("the batch's first body failed"))
+                else:
+                    conn.execute("ROLLBACK TO tx")
+                    conn.execute("RELEASE tx")
+            elif not self._leader:
+                conn.execute("RELEASE tx")
+        finally:
+            backend._lock.release()
+            if self._leader:
+                with anyio.CancelScope(shield=True):
+                    await backend._lead(batch)
+        if exc is None:
+            await backend._settled(batch)
+
+
+class _Read:
+    """SQLiteBackend.reader. A class, not an asynccontextmanager: several per governed action,
+    and the generator's frames and wrappers cost more than the reads they wrap."""
+
+    __slots__ = ("_backend", "_batch")
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self._backend = backend
+        self._batch: _Batch | None = None
+
+    async def __aenter__(self) -> _SQLiteTx:
+        backend = self._backend
+        conn = backend._require()
+        await backend._lock.acquire()
+        self._batch = backend._batch
+        return _SQLiteTx(conn, backend._queries, write=False, rollbacks=backend._rollbacks)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        self._backend._lock.release()
+        if self._batch is not None and exc is None:
+            await self._backend._settled(self._batch)

@@ -195,6 +195,14 @@ async def test_reads_between_batches_see_committed_rows_only(sqlite_url: str) ->
     assert seen
 
 
+class _Rows:
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
 class _WatchedCommits:
     """The store's own connection, noting which thread ran each COMMIT (and slowing it down
     when asked, as a degraded disk would)."""
@@ -255,7 +263,8 @@ async def test_checkpoints_run_in_a_thread_never_inside_a_commit(
     on the store's connection, and every so many COMMITs a checkpoint runs in a thread."""
     from supervisor.store import sqlite as sqlite_backend
 
-    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(sqlite_backend, "_FIRST_CHECKPOINT_AFTER", 10)
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_BYTES", 1)  # then every 10, the least
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     backend = _backend(store)
     conn = backend._require()
@@ -269,9 +278,112 @@ async def test_checkpoints_run_in_a_thread_never_inside_a_commit(
     finally:
         backend._conn = watched._conn
         await store.close()
-    assert watched.threads.count(loop_thread) >= 20, "the lone writer's COMMITs ran on the loop"
+    # On the loop but while a checkpoint syncs the database file (its fsync would wait for that)
+    assert watched.threads.count(loop_thread) >= 15, "the lone writer's COMMITs ran on the loop"
     assert len(watched.checkpoints) >= 2 and loop_thread not in watched.checkpoints
     assert len(_committed(sqlite_url)) == 25
+
+
+async def test_writers_go_on_while_a_checkpoint_copies_the_wal(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bulk of a checkpoint runs on a connection of its own: writers are not held while it
+    copies the WAL and syncs the database file (about 50 ms on a store of a million events,
+    with the connection's lock held, before). Then a short one on the store's connection lets
+    the WAL restart, so it does not grow without end."""
+    from supervisor.store import sqlite as sqlite_backend
+
+    monkeypatch.setattr(sqlite_backend, "_FIRST_CHECKPOINT_AFTER", 10)
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    opened = backend._open_checkpointer
+    copying = threading.Event()
+
+    class _SlowCheckpointer:
+        """Its copy takes 0.5 s, and the writes meanwhile are left in the WAL (a reader's
+        snapshot from before them keeps it from copying those, as writes during a real copy
+        do): only a checkpoint after it can copy them, and only then may the WAL restart."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self._conn = conn
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if not sql.startswith("PRAGMA wal_checkpoint"):
+                return self._conn.execute(sql, *args)
+            reader = sqlite3.connect(backend.path, isolation_level=None)
+            try:
+                reader.execute("BEGIN")
+                reader.execute("SELECT count(*) FROM events").fetchall()
+                copying.set()
+                time.sleep(0.5)
+                rows = self._conn.execute(sql, *args).fetchall()
+            finally:
+                reader.close()
+            return _Rows(rows)
+
+        def close(self) -> None:
+            self._conn.close()
+
+    monkeypatch.setattr(backend, "_open_checkpointer", lambda: _SlowCheckpointer(opened()))
+    try:
+        for n in range(10):
+            await store.append(NewEvent(kind="X", session_id="s", payload={"n": n}))
+        with anyio.fail_after(5):
+            while not copying.is_set():
+                await anyio.sleep(0.001)
+        began = time.perf_counter()
+        for n in range(20):
+            await store.append(NewEvent(kind="Y", session_id="s", payload={"n": n}))
+        took = time.perf_counter() - began
+        assert backend._checkpointer.running, "the checkpoint is still copying"
+        assert took < 0.4, f"20 writes took {took:.2f} s behind the checkpoint"
+        with anyio.fail_after(5):
+            while backend._checkpointer.running:
+                await anyio.sleep(0.01)
+        await store.append(NewEvent(kind="Z", session_id="s"))  # the store's half
+        await store.append(NewEvent(kind="Z", session_id="s"))  # the WAL restarts
+        other = sqlite3.connect(backend.path)
+        try:  # the frames the WAL holds now: only the last write's when it restarted
+            _busy, frames, _copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            other.close()
+    finally:
+        await store.close()
+    assert 0 < frames < 10, f"the WAL did not restart ({frames} frames)"
+    assert len(_committed(sqlite_url)) == 32
+
+
+async def test_checkpoints_come_as_the_wal_grows_by_its_target_size(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint is due once the WAL has grown by _CHECKPOINT_BYTES, whatever a COMMIT
+    writes: the WAL never holds much more than that, and small COMMITs are checkpointed
+    together instead of every so many (each checkpoint copies a page once, however many
+    COMMITs rewrote it)."""
+    from supervisor.store import sqlite as sqlite_backend
+
+    target = 2 * 1024 * 1024
+    monkeypatch.setattr(sqlite_backend, "_FIRST_CHECKPOINT_AFTER", 20)
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_BYTES", target)
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    watched = _WatchedCommits(backend._require())
+    backend._conn = watched  # type: ignore[assignment]
+    try:
+        for n in range(600):  # one event a COMMIT: a few pages each
+            await store.append(NewEvent(kind="X", session_id="s", payload={"n": n}))
+        small, small_every = len(watched.checkpoints), backend._checkpoint_every
+        for n in range(200):  # a large payload a COMMIT: a dozen pages more each
+            await store.append(NewEvent(kind="Y", session_id="s", payload={"x": f"{n}" * 48_000}))
+    finally:
+        backend._conn = watched._conn
+        await store.close()
+    wal = Path(str(backend.path) + "-wal")
+    assert 2 <= small < 600 // 20, "checkpoints are due by the WAL's growth, not every 20"
+    assert len(watched.checkpoints) > small
+    assert backend._checkpoint_every * 2 < small_every, "larger COMMITs bring the next sooner"
+    assert not wal.exists() or wal.stat().st_size <= 3 * target
+    assert len(_committed(sqlite_url)) == 800
 
 
 async def test_writers_that_never_wait_still_share_commits(sqlite_url: str) -> None:
