@@ -241,7 +241,10 @@ class Daemon:
         install_signals: bool = True,
         reload_config: Callable[[], Config] | None = None,
         effects_dir: Path | None = None,
+        side_by_side: bool = True,
     ) -> None:
+        """`side_by_side`: a simulation may run the workers due on one slot side by side (see
+        `run`); False keeps one at a time, the order a store that waits on a network gets."""
         if simulate and horizon is None:
             raise UsageError("--simulate needs --horizon (a simulated run must end)")
         self.config = config
@@ -254,6 +257,7 @@ class Daemon:
         self.install_signals = install_signals
         self.reload_config = reload_config
         self.effects_dir = effects_dir  # a simulated run keeps its effect log with its database
+        self.side_by_side = side_by_side
         self.finished = False  # the horizon ran to its end
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._factories: dict[str, WorkerFactory] = {}
@@ -327,7 +331,12 @@ class Daemon:
                 await self.coordinator.register()
             plan = await self._plan(store, system.now())
             if self.simulate:
-                self.clock = VirtualClock(plan.anchor)
+                # Workers due on the same slot run side by side when nothing they wait for
+                # ends on its own time: in-process workers, on a store that keeps its work on
+                # the event loop. Else one at a time (see VirtualClock).
+                in_process = all(spec.target is not None for spec in cfg.workers)
+                together = self.side_by_side and in_process and store.backend.keep_on_loop()
+                self.clock = VirtualClock(plan.anchor, together=together)
                 store.clock = self.clock
             return await self._run(store, plan, factories, secret)
         finally:
@@ -600,9 +609,11 @@ class Daemon:
         self, store: Store, approvals: Approvals, host_switch: HostSwitchFile
     ) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
+        margin = timedelta(seconds=longest * 2)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
-                            started_before=self.clock.now() - timedelta(seconds=longest * 2),
+                            started_before=self.clock.now() - margin,
+                            ended_before=self.clock.now() - margin,
                             host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store),
                             owner=self.gate.owner, in_flight=self.gate.owned)  # fmt: skip

@@ -56,6 +56,7 @@ async def scan(
     host_switch: HostSwitchFile | None,
     by: str,
     started_before: datetime | None = None,
+    ended_before: datetime | None = None,
     host: str | None = None,
     live_after: datetime | None = None,
     dry_run: bool = False,
@@ -68,7 +69,10 @@ async def scan(
     are orphans (abandoned by a cancelled cycle). Actions of another incarnation of this host,
     or of a host whose heartbeat stopped, are orphans. Wall time decides only for actions that
     record no owner (started before owners were recorded): `started_before`, at startup the
-    daemon's own start, on the schedule now minus the longest an action may take."""
+    daemon's own start, on the schedule now minus the longest an action may take.
+    `ended_before`: only windows that ended before it are overdue (on the schedule: the
+    daemon's own rotation closes a window at its end, and a scan at that instant is not to
+    take it for abandoned and close it as recovered)."""
     # A clean scan never waits (its reads run on the loop's connection, its RECOVERY event is
     # buffered telemetry): yield once, or scans back to back hold the loop until the buffer's
     # flush (measured: 20-75 ms at 1M events, bench/loop_lag.py). No new cancellation point.
@@ -76,7 +80,7 @@ async def scan(
     now = store.clock.now()
     report = RecoveryReport()
 
-    overdue = await store.overdue_windows(fleet=fleet, now=now)
+    overdue = await store.overdue_windows(fleet=fleet, now=min(now, ended_before or now))
     report.found["windows"] = [w.window_key for w in overdue]
     # Incarnations whose host row is running with a fresh heartbeat (and, on this host, whose
     # process exists: a daemon killed a moment ago still has a fresh heartbeat) own their actions.

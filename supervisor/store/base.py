@@ -123,6 +123,13 @@ class Backend(ABC):
     # `transaction()`.
     one_statement_writes: bool = False
 
+    def keep_on_loop(self) -> bool:
+        """From now on, run everything on the event loop: no thread and no other wait that
+        ends on its own time, so tasks that run side by side on a virtual clock interleave the
+        same way on every run. True where that holds (SQLite: its COMMITs, checkpoints and
+        scans then block the loop, which a simulation does not mind); False: it cannot."""
+        return False
+
     @abstractmethod
     async def connect(self) -> None: ...
 

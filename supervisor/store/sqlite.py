@@ -260,9 +260,10 @@ class SQLiteBackend(Backend):
         # Without an fsync a COMMIT is a write into the page cache: cheaper on the loop than the
         # thread hand-off (measured: ~55k hand-offs were half a 10-worker simulated month).
         self._commit_inline = self._sync == "NORMAL"
+        self._on_loop = False  # see keep_on_loop
         self._threaded_until = 0.0  # perf_counter instant: COMMITs go to a thread until then
-        self._commits = 0  # since the last checkpoint began
-        self._commits_before = 0  # the COMMITs before the checkpoint in progress began
+        self._commits = 0  # since the last checkpoint ended (the WAL's restart)
+        self._commits_before = 0  # of those, the ones before the checkpoint in progress began
         self._checkpointer = _Checkpointer(self)
         self._checkpoint_every = _FIRST_CHECKPOINT_AFTER  # COMMITs; see _checkpoint
         self._frame_bytes = 4096 + 24  # a WAL frame: a page and its header (see connect)
@@ -421,8 +422,14 @@ class SQLiteBackend(Backend):
         with contextlib.suppress(sqlite3.Error):
             self._frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + 24
 
+    def keep_on_loop(self) -> bool:
+        self._on_loop = self._commit_inline = True
+        return True
+
     async def close(self) -> None:
-        await anyio.to_thread.run_sync(self._checkpointer.close)
+        if self._checkpointer.running:
+            await anyio.to_thread.run_sync(self._checkpointer.close)
+        self._checkpointer.close()
         readers, self._readers = self._readers, []
         for reader in readers:
             reader.close()
@@ -537,10 +544,13 @@ class SQLiteBackend(Backend):
             return
         batch.settle(None)
         checkpointer = self._checkpointer
-        if checkpointer.done:
+        if self._on_loop:
+            if self._commits >= self._checkpoint_every:
+                self._checkpoint_on_loop(conn)
+        elif checkpointer.done:
             await self._checkpoint(conn)
         elif self._commits >= self._checkpoint_every and not checkpointer.running:
-            self._commits_before, self._commits = self._commits, 0
+            self._commits_before = self._commits  # their frames are what it will count
             checkpointer.start()
 
     async def _checkpoint(self, conn: sqlite3.Connection) -> None:
@@ -551,11 +561,8 @@ class SQLiteBackend(Backend):
         reader still needs is copied by a later one. The first half's answer said how many
         frames the WAL held: the next one is due after as many COMMITs as write about
         _CHECKPOINT_BYTES at this rate (SQLite tells frames, not bytes, only there)."""
-        frames = self._checkpointer.consume()
-        if frames:
-            per_commit = frames * self._frame_bytes / max(self._commits_before, 1)
-            every = int(_CHECKPOINT_BYTES / per_commit)
-            self._checkpoint_every = min(max(every, 10), _CHECKPOINT_AFTER_AT_MOST)
+        self._checkpoint_due(self._checkpointer.consume())
+        self._commits = 0  # the WAL restarts at the next write
 
         def checkpoint() -> None:
             # Its row read to the end: a cursor left holding it (the worker thread keeps the
@@ -567,6 +574,24 @@ class SQLiteBackend(Backend):
             await anyio.to_thread.run_sync(checkpoint)
         except sqlite3.Error as exc:  # the writes are committed; the WAL only stays longer
             log.warning("store.checkpoint_failed", error=str(exc))
+
+    def _checkpoint_on_loop(self, conn: sqlite3.Connection) -> None:
+        """keep_on_loop's checkpoint: all of it, here (nothing writes meanwhile)."""
+        self._commits_before, self._commits = self._commits, 0
+        try:
+            frames = int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1])
+        except sqlite3.Error as exc:
+            log.warning("store.checkpoint_failed", error=str(exc))
+            return
+        self._checkpoint_due(frames)
+
+    def _checkpoint_due(self, frames: int) -> None:
+        """The next checkpoint after as many COMMITs as write about _CHECKPOINT_BYTES at the
+        rate the WAL's `frames` (since the last one) tell."""
+        if frames:
+            per_commit = frames * self._frame_bytes / max(self._commits_before, 1)
+            every = int(_CHECKPOINT_BYTES / per_commit)
+            self._checkpoint_every = min(max(every, 10), _CHECKPOINT_AFTER_AT_MOST)
 
     def _fail_batch(self, error: Exception) -> None:
         batch, self._batch = self._batch, None
@@ -648,8 +673,11 @@ class SQLiteBackend(Backend):
         if lost is not None:
             raise StoreLost(lost)  # a path that names another file now: do not read that one
         idle = self._readers.pop() if self._readers else None
-        # Not abandoned on cancellation: the connection is in use until the thread returns.
-        conn, result = await anyio.to_thread.run_sync(self._read_in_thread, idle, reads, then)
+        if self._on_loop:
+            conn, result = self._read_in_thread(idle, reads, then)
+        else:
+            # Not abandoned on cancellation: the connection is in use until the thread returns.
+            conn, result = await anyio.to_thread.run_sync(self._read_in_thread, idle, reads, then)
         if self._conn is not None and len(self._readers) < _IDLE_READERS:
             self._readers.append(conn)
         else:

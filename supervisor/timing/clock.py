@@ -97,13 +97,22 @@ class _Sleeper:
 
 
 class VirtualClock:
-    """Deterministic simulated time. The task that creates it is its first runner."""
+    """Deterministic simulated time. The task that creates it is its first runner.
+
+    Tasks take turns: time moves on only when no task runs. By default one sleeper is woken
+    at a time. `together`: every sleeper due at the same instant is woken at once, so a fleet's
+    workers due on the same slot run side by side and their writes share COMMITs (a simulated
+    month of 100 workers made 136,000 COMMITs of one transaction each). That interleaving is
+    the event loop's, the same on every run, only while nothing the tasks wait for finishes on
+    its own time: a thread, a subprocess, a network. The daemon asks for it only with
+    in-process workers on a store that then keeps its work on the loop (Backend.keep_on_loop)."""
 
     virtual = True
 
-    def __init__(self, start: datetime) -> None:
+    def __init__(self, start: datetime, *, together: bool = False) -> None:
         if start.tzinfo is None:
             raise ValueError("the virtual clock needs an aware start instant")
+        self.together = together
         self._now = start.astimezone(UTC)
         self._mono = 0.0
         self._heap: list[tuple[datetime, int, _Sleeper]] = []
@@ -147,6 +156,13 @@ class VirtualClock:
             self._set(when)
             self._running += 1
             sleeper.event.set()
+            while self.together and self._heap and self._heap[0][0] == when:
+                _w, _n, other = heapq.heappop(self._heap)
+                if other.cancelled or other.fired:
+                    continue
+                other.fired = True
+                self._running += 1
+                other.event.set()
 
     async def _wait(self, sleeper: _Sleeper) -> None:
         try:
