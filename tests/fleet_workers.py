@@ -171,3 +171,12 @@ class DiskFull(Worker):
         from supervisor.errors import StateWriteError
 
         raise StateWriteError("database or disk is full")
+
+
+class RealWait(Worker):
+    """Waits a little real time (0 to 2 ms, as a network call would) before one action per
+    cycle: a class that does not say its cycles await only the gate."""
+
+    async def cycle(self, ctx: CycleContext) -> None:
+        await anyio.sleep(int.from_bytes(os.urandom(1)) / 128_000)
+        await ctx.dispatch(Action(name="test.after_wait", params={"cycle": ctx.cycle}, risk="low"))

@@ -15,6 +15,8 @@ TASKS = ("prune_logs", "clear_cache", "rotate_keys")
 
 
 class MaintenanceAgent(Worker):
+    awaits_only_the_gate = True  # its effects are in-process records
+
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         super().__init__(name, params)
         self.done: dict[str, str] = {}  # task -> last day it ran

@@ -17,6 +17,8 @@ _MIX: list[tuple[Risk, int]] = [("low", 50), ("medium", 30), ("high", 15), ("cri
 
 
 class SupportAgent(Worker):
+    awaits_only_the_gate = True  # its effects are in-process records
+
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         super().__init__(name, params)
         self.cases_per_cycle = int(params.get("cases_per_cycle", 1))

@@ -332,10 +332,13 @@ class Daemon:
             plan = await self._plan(store, system.now())
             if self.simulate:
                 # Workers due on the same slot run side by side when nothing they wait for
-                # ends on its own time: in-process workers, on a store that keeps its work on
-                # the event loop. Else one at a time (see VirtualClock).
-                in_process = all(spec.target is not None for spec in cfg.workers)
-                together = self.side_by_side and in_process and store.backend.keep_on_loop()
+                # ends on its own time: workers whose classes await only the gate, no alert
+                # sink (a delivery's failure is recorded when a thread or a child ends), and
+                # a store that keeps its work on the event loop. Else one at a time.
+                gate_only = all(getattr(factories.get(spec.name), "awaits_only_the_gate", False)
+                                for spec in cfg.workers)  # fmt: skip
+                together = (self.side_by_side and gate_only and not cfg.alerts.sinks
+                            and store.backend.keep_on_loop())  # fmt: skip
                 self.clock = VirtualClock(plan.anchor, together=together)
                 store.clock = self.clock
             return await self._run(store, plan, factories, secret)

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..actions import Action, Risk, derive_id
 from ..errors import GovernedRefusal
@@ -43,7 +43,15 @@ class ActionAlreadyDone(GovernedRefusal):
 
 
 class Worker:
-    """Base class of in-process workers. State to keep across restarts goes in snapshot()."""
+    """Base class of in-process workers. State to keep across restarts goes in snapshot().
+
+    `awaits_only_the_gate`: the class's cycles await nothing but the gate and the store (no
+    network, no thread, no real sleep). A simulation whose workers all say so may run those due
+    on one slot side by side (VirtualClock `together`); one that waits on anything real must
+    keep one turn at a time, or how the workers interleave would follow its waits' real
+    durations, and two runs would write their events in different orders (promise 8)."""
+
+    awaits_only_the_gate: ClassVar[bool] = False
 
     def __init__(self, name: str, params: Mapping[str, Any]) -> None:
         self.name = name

@@ -267,6 +267,9 @@ class SQLiteBackend(Backend):
         self._checkpointer = _Checkpointer(self)
         self._checkpoint_every = _FIRST_CHECKPOINT_AFTER  # COMMITs; see _checkpoint
         self._frame_bytes = 4096 + 24  # a WAL frame: a page and its header (see connect)
+        self._wal_path = ""
+        self._wal_size = 0  # bytes, as lost() last saw the WAL's file (see _CHECKPOINT_BYTES)
+        self._closing = False
         self._watched: dict[str, tuple[int, tuple[int, int]]] = {}
         self._lost: str | None = None
         self._readers: list[sqlite3.Connection] = []  # idle read-only connections
@@ -364,6 +367,8 @@ class SQLiteBackend(Backend):
                 now = None
             except OSError:
                 continue  # cannot tell; the commit itself reports real I/O trouble
+            if path == self._wal_path:
+                self._wal_size = st.st_size if now is not None else 0
             if now is not None and now != ident:
                 self._lost = f"sqlite database file {path} was replaced by another file in use"
             elif now is None or (not quick and os.fstat(fd).st_nlink == 0):
@@ -398,6 +403,9 @@ class SQLiteBackend(Backend):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self._sync}")
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see _CHECKPOINT_BYTES
+                # Cut back to the target when it restarts: a WAL file larger than that is one
+                # whose checkpoint is overdue (see _commit_batch).
+                conn.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_BYTES}")
                 conn.execute("PRAGMA foreign_keys=ON")
                 _size_cache(conn)
                 conn.execute("PRAGMA busy_timeout=0")
@@ -418,7 +426,8 @@ class SQLiteBackend(Backend):
         with contextlib.suppress(sqlite3.Error):
             conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         self._watch_file(self.path)
-        self._watch_file(self.path.with_name(self.path.name + "-wal"))
+        self._wal_path = str(self.path.with_name(self.path.name + "-wal"))
+        self._watch_file(Path(self._wal_path))
         with contextlib.suppress(sqlite3.Error):
             self._frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + 24
 
@@ -427,6 +436,7 @@ class SQLiteBackend(Backend):
         return True
 
     async def close(self) -> None:
+        self._closing = True  # no checkpoint starts from here on
         if self._checkpointer.running:
             await anyio.to_thread.run_sync(self._checkpointer.close)
         self._checkpointer.close()
@@ -544,12 +554,21 @@ class SQLiteBackend(Backend):
             return
         batch.settle(None)
         checkpointer = self._checkpointer
+        # Due after as many COMMITs as write about _CHECKPOINT_BYTES at the last rate, or
+        # sooner when the WAL's file is half as large again: COMMITs grew (a busy fleet after
+        # a quiet night) and the count would let the WAL grow by as much. (Ten COMMITs apart
+        # at least: a reader's snapshot can keep a WAL from restarting for a while.)
+        due = self._commits >= self._checkpoint_every or (
+            self._wal_size > _CHECKPOINT_BYTES * 3 // 2 and self._commits >= 10
+        )
+        if self._closing:
+            return
         if self._on_loop:
-            if self._commits >= self._checkpoint_every:
+            if due:
                 self._checkpoint_on_loop(conn)
         elif checkpointer.done:
             await self._checkpoint(conn)
-        elif self._commits >= self._checkpoint_every and not checkpointer.running:
+        elif due and not checkpointer.running:
             self._commits_before = self._commits  # their frames are what it will count
             checkpointer.start()
 
@@ -588,7 +607,7 @@ class SQLiteBackend(Backend):
     def _checkpoint_due(self, frames: int) -> None:
         """The next checkpoint after as many COMMITs as write about _CHECKPOINT_BYTES at the
         rate the WAL's `frames` (since the last one) tell."""
-        if frames:
+        if frames > 0:  # -1: another connection's checkpoint was running; nothing learnt
             per_commit = frames * self._frame_bytes / max(self._commits_before, 1)
             every = int(_CHECKPOINT_BYTES / per_commit)
             self._checkpoint_every = min(max(every, 10), _CHECKPOINT_AFTER_AT_MOST)
@@ -739,10 +758,16 @@ class _Checkpointer:
         return self._thread is not None and not self.done
 
     def start(self) -> None:
+        """Called after a COMMIT its members were told of: it raises nothing (no thread to be
+        had, say: the checkpoint waits for the next COMMIT)."""
         self.done = False
-        self._thread = threading.Thread(target=self._run, name="acp-sqlite-checkpoint",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="acp-sqlite-checkpoint", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            log.warning("store.checkpoint_failed", error=str(exc))
+            return
+        self._thread = thread
 
     def consume(self) -> int:
         """The run's frame count, and the next run may start."""
@@ -752,21 +777,28 @@ class _Checkpointer:
     def _run(self) -> None:
         self._frames = 0
         try:
+            backend = self._backend
+            watched = backend._watched.get(str(backend.path))
+            if watched is None:
+                return  # the store closed meanwhile
+            fd, ident = watched
             if self._conn is None:
-                self._conn = self._backend._open_checkpointer()
+                # Opened by name: only while the name is still our database's (a file put in
+                # its place would be handed our WAL's pages; the store fails closed on it).
+                st = os.stat(backend.path)
+                if (st.st_dev, st.st_ino) != ident:
+                    raise OSError(f"{backend.path} is no longer the store's database file")
+                self._conn = backend._open_checkpointer()
             self._frames = int(
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
             )
-            if self._backend._sync != "OFF":
+            if backend._sync != "OFF":
                 # SQLite syncs the database file only at the end of a checkpoint that copied
                 # the whole WAL, which with writes going on is never this one: the store's own
                 # follow-up would then sync every page copied here, holding the lock (60-75 ms
-                # on a store of a million events). Synced here, it has only its own to sync.
-                fd = os.open(self._backend.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                # on a store of a million events). Synced here (our own descriptor of the file),
+                # it has only its own pages to sync.
+                os.fsync(fd)
         except (sqlite3.Error, OSError) as exc:  # the writes are committed; the WAL stays longer
             log.warning("store.checkpoint_failed", error=str(exc))
         finally:

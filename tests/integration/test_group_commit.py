@@ -4,6 +4,7 @@ runs on both backends: whatever a writer was told is durable survives a SIGKILL.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -526,3 +527,60 @@ async def test_a_crash_mid_batch_loses_only_what_nobody_was_told_was_durable(
     finally:
         await store.close()
     assert not missing, f"{len(missing)} writes were reported durable and are not: {missing[:5]}"
+
+
+async def test_the_checkpointer_opens_no_file_put_in_the_databases_place(sqlite_url: str) -> None:
+    """The checkpointer opens its connection by name: a file put where the database was (the
+    store's next COMMIT fails closed on it) must not be handed this store's WAL pages."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    path = backend.path
+    try:
+        await store.append(NewEvent(kind="X", session_id="s"))
+        forged = path.with_name("forged.db")
+        other = sqlite3.connect(forged)
+        other.execute("CREATE TABLE t (x)")
+        other.close()
+        planted = forged.read_bytes()
+        await anyio.to_thread.run_sync(os.replace, forged, path)
+        checkpointer = backend._checkpointer
+        checkpointer.start()
+        await eventually(lambda: checkpointer.done or None, "the checkpointer's run", within=5)
+        assert checkpointer._conn is None, "it opened the file now at the database's path"
+        assert path.read_bytes() == planted, "the file put in its place was written"
+    finally:
+        await store.close()
+
+
+async def test_the_wal_stays_near_its_target_when_commits_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet spell of lone writers, then a busy fleet whose COMMITs hold fifty transactions
+    each: the COMMIT count learnt in the quiet spell would let the WAL grow by as much as the
+    COMMITs did (a review measured 15 times the target). A WAL's file half as large again as
+    the target brings the checkpoint sooner."""
+    from supervisor.store import sqlite as sqlite_backend
+
+    target = 2 * 1024 * 1024
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_BYTES", target)
+    url = f"sqlite:///{tmp_path / 'grow.db'}?synchronous=normal"
+    store = await open_store(url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    wal = tmp_path / "grow.db-wal"
+    peak = 0
+    try:
+        for _ in range(300):
+            await store.append(NewEvent(kind="X", session_id="quiet"))
+        learnt = backend._checkpoint_every
+        for r in range(150):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    event = NewEvent(kind="Y", session_id=f"s{i}", payload={"r": r, "p": "x" * 300})
+                    tg.start_soon(store.append, event)
+            peak = max(peak, await anyio.to_thread.run_sync(os.path.getsize, wal))
+    finally:
+        await store.close()
+    assert learnt > 100, "the quiet spell's COMMITs were small"
+    assert peak <= 4 * target, (
+        f"WAL grew to {peak / 2**20:.1f} MB against a {target >> 20} MB target"
+    )

@@ -146,3 +146,32 @@ async def test_a_store_kept_on_the_loop_uses_no_thread(tmp_path: Path) -> None:
     assert set(watched.threads) == {loop}
     assert watched.checkpoints and set(watched.checkpoints) == {loop}
     assert seen == [loop]
+
+
+async def test_workers_that_wait_on_real_time_keep_one_turn_at_a_time(tmp_path: Path) -> None:
+    """An in-process worker whose cycle waits on something real (a network call, a real
+    sleep) does not say it awaits only the gate: its simulation runs one worker at a time, so
+    its events come in the same order however long each wait took (side by side they did
+    not: a review saw 134 of 157 rows differ between two runs)."""
+    text = _fleet_config_text(4).replace(
+        "workers.support:SupportAgent", "tests.fleet_workers:RealWait"
+    )
+    runs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "supervisor.toml").write_text(text)
+        config = load_config(folder / "supervisor.toml", env={}, state_dir=folder / "state",
+                             db=f"sqlite:///{folder / 'sim.db'}?synchronous=normal")  # fmt: skip
+        daemon = Daemon(config, horizon="hour", simulate=True, start=NOV1, seed=3, env={},
+                        install_signals=False)  # fmt: skip
+        assert await daemon.run() is not None
+        assert not getattr(daemon.clock, "together", True)
+        conn = sqlite3.connect(folder / "sim.db")
+        try:
+            runs.append(conn.execute("SELECT session_id, seq, kind, command_id, worker, payload"
+                                     " FROM events ORDER BY id").fetchall())  # fmt: skip
+        finally:
+            conn.close()
+    assert len(runs[0]) > 20
+    assert runs[0] == runs[1]
