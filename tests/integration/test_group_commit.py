@@ -584,3 +584,32 @@ async def test_the_wal_stays_near_its_target_when_commits_grow(
     assert peak <= 4 * target, (
         f"WAL grew to {peak / 2**20:.1f} MB against a {target >> 20} MB target"
     )
+
+
+async def test_no_thread_for_a_checkpoint_fails_no_write(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpointer starts after a COMMIT whose writers were told it landed: a thread it
+    cannot have (a process at its limit) must not make the leader's write raise, nor leave
+    the checkpointer looking busy for good (no checkpoint would ever come again)."""
+    from supervisor.store import sqlite as sqlite_backend
+
+    class _NoThreads:
+        class Thread(threading.Thread):
+            def start(self) -> None:
+                raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(sqlite_backend, "_FIRST_CHECKPOINT_AFTER", 10)
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    try:
+        monkeypatch.setattr(sqlite_backend, "threading", _NoThreads)
+        for n in range(15):  # the tenth COMMIT makes a checkpoint due
+            await store.append(NewEvent(kind="X", session_id="s", payload={"n": n}))
+        assert not backend._checkpointer.running
+        monkeypatch.setattr(sqlite_backend, "threading", threading)
+        await store.append(NewEvent(kind="X", session_id="s"))
+        assert backend._checkpointer._thread is not None, "the next COMMIT starts one"
+    finally:
+        await store.close()
+    assert len(_committed(sqlite_url)) == 16
