@@ -71,6 +71,15 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
+def _wal_checkpoint(conn: sqlite3.Connection) -> int:
+    """A PASSIVE checkpoint on `conn` (it waits for no reader; what a reader still needs is
+    copied by a later one): the WAL's frames as it began, -1 when another connection's was
+    running. Its row is read to the end: a cursor left holding it (a worker thread keeps its
+    last result until its next job) is a statement in progress, and the next COMMIT fails
+    ("SQL statements in progress")."""
+    return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1])
+
+
 def _encode(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -437,9 +446,10 @@ class SQLiteBackend(Backend):
 
     async def close(self) -> None:
         self._closing = True  # no checkpoint starts from here on
-        if self._checkpointer.running:
+        if self._checkpointer.running:  # its run ends first, off the loop
             await anyio.to_thread.run_sync(self._checkpointer.close)
-        self._checkpointer.close()
+        else:
+            self._checkpointer.close()
         readers, self._readers = self._readers, []
         for reader in readers:
             reader.close()
@@ -553,6 +563,8 @@ class SQLiteBackend(Backend):
                 raise
             return
         batch.settle(None)
+        if self._closing:
+            return
         checkpointer = self._checkpointer
         # Due after as many COMMITs as write about _CHECKPOINT_BYTES at the last rate, or
         # sooner when the WAL's file is half as large again: COMMITs grew (a busy fleet after
@@ -561,8 +573,6 @@ class SQLiteBackend(Backend):
         due = self._commits >= self._checkpoint_every or (
             self._wal_size > _CHECKPOINT_BYTES * 3 // 2 and self._commits >= 10
         )
-        if self._closing:
-            return
         if self._on_loop:
             if due:
                 self._checkpoint_on_loop(conn)
@@ -576,21 +586,12 @@ class SQLiteBackend(Backend):
         """With the lock held, in a thread: the second half of a checkpoint, once the
         checkpointer copied the bulk of the WAL beside the writes (see _Checkpointer). What
         was written meanwhile is copied here, and with no writer in between the WAL restarts
-        at the next write (else it would only grow). PASSIVE: it waits for no reader; what a
-        reader still needs is copied by a later one. The first half's answer said how many
-        frames the WAL held: the next one is due after as many COMMITs as write about
-        _CHECKPOINT_BYTES at this rate (SQLite tells frames, not bytes, only there)."""
+        at the next write (else it would only grow). The first half's frame count says when
+        the next one is due (_checkpoint_due: SQLite tells frames only there)."""
         self._checkpoint_due(self._checkpointer.consume())
         self._commits = 0  # the WAL restarts at the next write
-
-        def checkpoint() -> None:
-            # Its row read to the end: a cursor left holding it (the worker thread keeps the
-            # last result until its next job) is a statement in progress, and the next COMMIT
-            # fails ("SQL statements in progress").
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
         try:
-            await anyio.to_thread.run_sync(checkpoint)
+            await anyio.to_thread.run_sync(_wal_checkpoint, conn)
         except sqlite3.Error as exc:  # the writes are committed; the WAL only stays longer
             log.warning("store.checkpoint_failed", error=str(exc))
 
@@ -598,7 +599,7 @@ class SQLiteBackend(Backend):
         """keep_on_loop's checkpoint: all of it, here (nothing writes meanwhile)."""
         self._commits_before, self._commits = self._commits, 0
         try:
-            frames = int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1])
+            frames = _wal_checkpoint(conn)
         except sqlite3.Error as exc:
             log.warning("store.checkpoint_failed", error=str(exc))
             return
@@ -789,9 +790,7 @@ class _Checkpointer:
                 if (st.st_dev, st.st_ino) != ident:
                     raise OSError(f"{backend.path} is no longer the store's database file")
                 self._conn = backend._open_checkpointer()
-            self._frames = int(
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
-            )
+            self._frames = _wal_checkpoint(self._conn)
             if backend._sync != "OFF":
                 # SQLite syncs the database file only at the end of a checkpoint that copied
                 # the whole WAL, which with writes going on is never this one: the store's own
