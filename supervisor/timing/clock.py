@@ -148,7 +148,10 @@ class VirtualClock:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._running == 0 and self._heap:
+        """While no task runs, wake the earliest sleeper; `together`, every other one due at
+        the instant it was woken for too."""
+        woken: datetime | None = None
+        while self._heap and (self._running == 0 or (self.together and self._heap[0][0] == woken)):
             when, _n, sleeper = heapq.heappop(self._heap)
             if sleeper.cancelled or sleeper.fired:
                 continue
@@ -156,13 +159,7 @@ class VirtualClock:
             self._set(when)
             self._running += 1
             sleeper.event.set()
-            while self.together and self._heap and self._heap[0][0] == when:
-                _w, _n, other = heapq.heappop(self._heap)
-                if other.cancelled or other.fired:
-                    continue
-                other.fired = True
-                self._running += 1
-                other.event.set()
+            woken = when
 
     async def _wait(self, sleeper: _Sleeper) -> None:
         try:
