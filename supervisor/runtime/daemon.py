@@ -612,11 +612,11 @@ class Daemon:
         self, store: Store, approvals: Approvals, host_switch: HostSwitchFile
     ) -> None:
         longest = max((s.cycle_deadline for s in self.config.workers), default=300.0)
-        margin = timedelta(seconds=longest * 2)
+        # Actions started and windows that ended this recently are still the daemon's own.
+        settled = self.clock.now() - timedelta(seconds=longest * 2)
         await recovery.scan(store, fleet=self.config.fleet, approvals=approvals,
                             host_switch=host_switch, by=self.config.host_id,
-                            started_before=self.clock.now() - margin,
-                            ended_before=self.clock.now() - margin,
+                            started_before=settled, ended_before=settled,
                             host=self.config.host_id, approvals_due=False,
                             live_after=await self._live_after(store),
                             owner=self.gate.owner, in_flight=self.gate.owned)  # fmt: skip
