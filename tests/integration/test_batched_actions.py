@@ -19,7 +19,7 @@ from supervisor import events as ev
 from supervisor.errors import StateWriteError, StoreUnavailable
 from supervisor.killswitch.hostfile import SwitchState
 from supervisor.killswitch.modes import Mode
-from supervisor.store import NewEvent, Session, Store, open_store
+from supervisor.store import Event, NewEvent, Session, Store, open_store
 from supervisor.store.postgres import PostgresBackend
 from supervisor.store.switches import SwitchTarget
 from supervisor.timing.clock import SystemClock
@@ -64,6 +64,20 @@ async def _all_at_once(store: Store, session: Session, ids: list[str]) -> dict[s
         for command_id in ids:
             tg.start_soon(one, command_id)
     return results
+
+
+async def _starts_then_close(
+    store: Store, count: int
+) -> tuple[list[str], dict[str, Any], list[Event]]:
+    """`count` starts at once in a fresh window: their ids, their results, the window's
+    events; the store closed."""
+    try:
+        session = await _window(store)
+        ids = [f"c{i}" for i in range(count)]
+        results = await _all_at_once(store, session, ids)
+        return ids, results, await store.replay(session.id)
+    finally:
+        await store.close()
 
 
 def _pg(store: Store) -> PostgresBackend:
@@ -126,13 +140,7 @@ async def test_a_failed_batch_is_written_again_member_by_member(pg_url: str) -> 
         return await real(name, calls)
 
     backend._run_batch = failing_once  # type: ignore[method-assign]
-    try:
-        session = await _window(store)
-        ids = [f"c{i}" for i in range(20)]
-        results = await _all_at_once(store, session, ids)
-        events = await store.replay(session.id)
-    finally:
-        await store.close()
+    ids, results, events = await _starts_then_close(store, 20)
     assert failed and failed[0] > 1, "no batch of several was failed"
     assert results == dict.fromkeys(ids, "started")
     started = sorted(e.command_id for e in events if e.kind == ev.ACTION_STARTED)
@@ -188,13 +196,7 @@ async def test_a_batch_whose_answer_is_lost_is_found_in_the_ledger(pg_url: str) 
         return rows
 
     backend._run_batch = answer_lost_once  # type: ignore[method-assign]
-    try:
-        session = await _window(store)
-        ids = [f"c{i}" for i in range(20)]
-        results = await _all_at_once(store, session, ids)
-        events = await store.replay(session.id)
-    finally:
-        await store.close()
+    ids, results, events = await _starts_then_close(store, 20)
     assert sorted(set(results.values())) in (["replay", "started"], ["replay"])
     assert list(results.values()).count("replay") == lost[0]
     started = sorted(e.command_id for e in events if e.kind == ev.ACTION_STARTED)
