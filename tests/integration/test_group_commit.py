@@ -613,3 +613,16 @@ async def test_no_thread_for_a_checkpoint_fails_no_write(
     finally:
         await store.close()
     assert len(_committed(sqlite_url)) == 16
+
+
+async def test_a_busy_checkpoints_answer_is_no_frame_count(sqlite_url: str) -> None:
+    """While another connection checkpoints, SQLite answers (1, -1, -1): no count of the WAL's
+    frames, and the interval learnt from the last real one stays (it became 10 COMMITs)."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    try:
+        backend._checkpoint_every = 500
+        backend._checkpoint_due(-1)
+        assert backend._checkpoint_every == 500
+    finally:
+        await store.close()
