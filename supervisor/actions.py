@@ -27,7 +27,12 @@ def canonical_json(value: Any) -> str:
 
 
 def params_hash(operation: str, params: Any) -> str:
-    return hashlib.sha256(f"{operation}\n{canonical_json(params)}".encode()).hexdigest()
+    return params_digest(operation, canonical_json(params))
+
+
+def params_digest(operation: str, params_json: str) -> str:
+    """`params_hash` of params already written as canonical JSON."""
+    return hashlib.sha256(f"{operation}\n{params_json}".encode()).hexdigest()
 
 
 def derive_id(*parts: str) -> str:

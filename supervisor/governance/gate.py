@@ -771,7 +771,7 @@ class Gate:
             tokens_used = int(result["tokens"])  # actual usage reported by the effect
         stopped = await self.store.finish_action(
             command_id=command_id, session_id=session.id, ok=ok, cost=action.cost,
-            result=_jsonable(result), error=error, worker=worker, correlation_id=correlation_id,
+            result=result, error=error, worker=worker, correlation_id=correlation_id,
             tokens_held=_may_hold_tokens(action), tokens_used=tokens_used,
             # An emergency engaged while the effect ran: its outcome is not recorded as done.
             stop_target=self._target(action, worker, session) if ok else None,
@@ -804,15 +804,3 @@ class _Known(Exception):
 
 # Refusals where governance itself said no (the rest refuse what governance let through).
 _GOVERNANCE_DENIALS = frozenset({"policy", "model_access", "token_budget"})
-
-
-def _jsonable(value: Any) -> Any:
-    """Results are stored as JSON; anything else is stored as its repr, never dropped."""
-    from ..actions import canonical_json
-    from ..errors import UsageError
-
-    try:
-        canonical_json(value)
-        return value
-    except UsageError:
-        return repr(value)

@@ -11,8 +11,8 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from ..actions import canonical_json, params_hash
-from ..errors import StateWriteError, StoreError
+from ..actions import canonical_json, params_digest, params_hash
+from ..errors import StateWriteError, StoreError, UsageError
 from .base import ActionRecord, NewEvent, Row, StoreCore, Tx, current_fence
 from .records import ActionStatus
 from .switches import (
@@ -146,6 +146,7 @@ class ActionsRepo(StoreCore):
 
         refused: dict[str, str] = {}
         used: list[str] = []
+        params_json = canonical_json(dict(params))
 
         async def body(tx: Tx) -> dict[str, Any]:
             grant = await self._may_start_in(
@@ -157,9 +158,8 @@ class ActionsRepo(StoreCore):
                 used.append(grant)
             now = self.clock.now()
             await tx.execute(
-                "insert_action", command_id, fleet, session_id, worker, name,
-                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, now, host,
-                owner,
+                "insert_action", command_id, fleet, session_id, worker, name, params_json, risk,
+                cost, critical, safe_to_retry, rule, now, host, owner,
                 canonical_json(dict(identity)) if identity else None, model, tokens, decision,
             )  # fmt: skip
             await self.append_in(
@@ -177,8 +177,10 @@ class ActionsRepo(StoreCore):
             return {"status": "started"}
 
         try:
-            result, fresh = await self.run_command(command_id, operation, params, body,
-                                                   claim={"status": "started"})  # fmt: skip
+            result, fresh = await self.run_command(
+                command_id, operation, params, body, claim={"status": "started"},
+                digest=params_digest(operation, params_json),
+            )  # fmt: skip
         except _Refused:
             return refused["reason"], dict(refused)
         if not fresh:
@@ -204,7 +206,8 @@ class ActionsRepo(StoreCore):
 
         if current_fence.get() is not None:
             return None
-        digest = params_hash(operation, params)
+        params_json = canonical_json(dict(params))
+        digest = params_digest(operation, params_json)
         print_, records = await self._switch_print(fleet)
         if switch_verdict(records, switches) is not None:  # the host file too
             self.switch_cache.prints.pop(fleet, None)  # decided again on fresh rows next time
@@ -213,10 +216,10 @@ class ActionsRepo(StoreCore):
             row = await self.backend.batched("begin_action", order=session_id,
                                              still=partial(host_permits, switches), args=(
                 command_id, operation, digest, canonical_json({"status": "started"}),
-                self.clock.now(), print_, fleet, session_id, worker, name,
-                canonical_json(dict(params)), risk, cost, critical, safe_to_retry, rule, host,
-                owner, canonical_json(dict(identity)) if identity else None, model, tokens,
-                decision, ACTION_STARTED,
+                self.clock.now(), print_, fleet, session_id, worker, name, params_json, risk,
+                cost, critical, safe_to_retry, rule, host, owner,
+                canonical_json(dict(identity)) if identity else None, model, tokens, decision,
+                ACTION_STARTED,
                 canonical_json({"action": name, "risk": risk, "cost": cost, "rule": rule}),
                 correlation_id, agent_id,
             ))  # fmt: skip
@@ -356,6 +359,7 @@ class ActionsRepo(StoreCore):
 
         final = status or ("succeeded" if ok else "failed")
         error = storable_text(error)  # a worker's words: an effect's error text is theirs
+        encoded = result_json(result)
 
         stopped: list[str] = []
         at_once = self.backend.one_statement_writes and not tokens_held
@@ -363,7 +367,7 @@ class ActionsRepo(StoreCore):
         async def attempt(n: int) -> None:
             if at_once and n == 0 and await self._finish_at_once(
                 command_id=command_id, session_id=session_id, final=final, ok=ok, cost=cost,
-                result=result, error=error, worker=worker, correlation_id=correlation_id,
+                encoded=encoded, error=error, worker=worker, correlation_id=correlation_id,
                 reason=reason, stop_target=stop_target, halt_all_stops=halt_all_stops,
                 fleet=fleet,
             ):  # fmt: skip
@@ -382,13 +386,13 @@ class ActionsRepo(StoreCore):
                     problem = stopping_switch(await switches_in(tx, fleet, self.switch_cache), stop_target,
                                               halt_all_stops=halt_all_stops)  # fmt: skip
                 if problem is not None:
+                    reported = json.loads(encoded) if encoded is not None else None
                     await self._in_doubt_in(tx, command_id=command_id, session_id=session_id,
                                             cost=cost, worker=worker, reason="killswitch",
-                                            payload={"stopped_by": problem, "reported": result,
+                                            payload={"stopped_by": problem, "reported": reported,
                                                      "reported_error": error})  # fmt: skip
                     stopped.append(problem)
                     return
-                encoded = canonical_json(result) if result is not None else None
                 row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
                 if row is None:
                     raise StateWriteError(f"action {command_id} has no open started record")
@@ -418,7 +422,7 @@ class ActionsRepo(StoreCore):
 
     async def _finish_at_once(
         self, *, command_id: str, session_id: str, final: str, ok: bool, cost: float,
-        result: Any, error: str | None, worker: str | None, correlation_id: str | None,
+        encoded: str | None, error: str | None, worker: str | None, correlation_id: str | None,
         reason: str | None, stop_target: SwitchTarget | None, halt_all_stops: bool, fleet: str,
     ) -> bool:  # fmt: skip
         """The outcome in one statement (Postgres: acp_finish_action); with `stop_target`,
@@ -442,7 +446,7 @@ class ActionsRepo(StoreCore):
             still = partial(host_lets_finish, stop_target, halt_all_stops=halt_all_stops)
         args = (
             command_id, session_id, final, self.clock.now(),
-            canonical_json(result) if result is not None else None, error, cost, ok, print_,
+            encoded, error, cost, ok, print_,
             fleet, ACTION_SUCCEEDED if ok else ACTION_FAILED, reason,
             canonical_json({"status": final, "error": error}), correlation_id, worker,
         )  # fmt: skip
@@ -558,6 +562,17 @@ def storable_text(text: str | None) -> str | None:
     if text is None or "\x00" not in text:
         return text
     return text.replace("\x00", "\\x00")
+
+
+def result_json(value: Any) -> str | None:
+    """An effect's result as stored: its JSON, or when it has none the JSON of its repr (a
+    result is never dropped); None stays NULL."""
+    if value is None:
+        return None
+    try:
+        return canonical_json(value)
+    except UsageError:
+        return canonical_json(repr(value))
 
 
 def _json_safe(value: dict[str, Any]) -> dict[str, Any]:

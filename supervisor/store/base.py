@@ -403,21 +403,22 @@ class StoreCore:
 
     async def run_command(
         self, command_id: str, operation: str, params: Any, body: CommandBody,
-        *, claim: dict[str, Any] | None = None,
+        *, claim: dict[str, Any] | None = None, digest: str | None = None,
     ) -> tuple[dict[str, Any], bool]:  # fmt: skip
         """Run `body` once per command_id, in one transaction with its ledger row.
 
         `claim`: the result `body` returns, known in advance. The ledger row is then written
         first, so a racing twin waits on it (Postgres) and comes back as a replay, and a fresh
         command costs one ledger statement instead of a read and a write.
+        `digest`: `params_hash(operation, params)`, when the caller has it already.
         Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
         """
-        digest = params_hash(operation, params)
+        hashed = params_hash(operation, params) if digest is None else digest
 
         async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
             if claim is not None:
-                return await self._claim_command_once(command_id, operation, digest, body, claim)
-            return await self._run_command_once(command_id, operation, digest, body)
+                return await self._claim_command_once(command_id, operation, hashed, body, claim)
+            return await self._run_command_once(command_id, operation, hashed, body)
 
         # A retry after a lost connection is safe: an earlier attempt that did commit left its
         # ledger row, and the retry returns that stored result instead of running `body` again.

@@ -80,16 +80,26 @@ def _wal_checkpoint(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1])
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetime passed to the store")
-        return value.astimezone(UTC).isoformat(timespec="microseconds")
-    return value
+# The instant last written as text, as one tuple (threads encode too: one assignment is
+# atomic). A statement's times are mostly one `clock.now()`, and on the virtual clock one
+# object serves a whole slot, so most are written without converting them again.
+_last_instant: tuple[datetime | None, str] = (None, "")
+
+
+def _iso(value: datetime) -> str:
+    global _last_instant
+    last = _last_instant
+    if value is last[0]:
+        return last[1]
+    if value.tzinfo is None:
+        raise ValueError("naive datetime passed to the store")
+    text = value.astimezone(UTC).isoformat(timespec="microseconds")
+    _last_instant = (value, text)
+    return text
 
 
 def _encoded(args: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(map(_encode, args))
+    return tuple([_iso(v) if isinstance(v, datetime) else v for v in args])
 
 
 Decoder = Callable[[sqlite3.Row], Row]
@@ -200,6 +210,9 @@ class _Batch:
         self.done = anyio.Event()
         self.error: Exception | None = None
         self.members = 0
+        # PRAGMA data_version as the batch first read it: while its write transaction is
+        # open no other connection can commit, so it cannot move before the COMMIT.
+        self.version: int | None = None
         self.timed = True  # its COMMIT's time says how fast this disk commits (not a migration's)
 
     def settle(self, error: Exception | None) -> None:
@@ -209,12 +222,14 @@ class _Batch:
 
 class _SQLiteTx:
     def __init__(
-        self, conn: sqlite3.Connection, queries: dict[str, str], write: bool, rollbacks: int
-    ) -> None:
+        self, conn: sqlite3.Connection, queries: dict[str, str], write: bool, rollbacks: int,
+        batch: _Batch | None,
+    ) -> None:  # fmt: skip
         self._conn = conn
         self._q = queries
         self._write = write
         self._rollbacks = rollbacks
+        self._batch = batch  # the write transaction this runs in, if one is open
 
     def _run(self, name: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
         try:
@@ -246,12 +261,18 @@ class _SQLiteTx:
     async def change_stamp(self) -> tuple[int, int]:
         """`PRAGMA data_version` moves when another connection commits (a CLI's engage, say),
         never for this connection's own writes; a rollback here (a member's, a batch's) is
-        counted beside it, since it undoes writes a cache may have seen."""
+        counted beside it, since it undoes writes a cache may have seen. Read once per batch
+        (see _Batch.version)."""
+        batch = self._batch
+        if batch is not None and batch.version is not None:
+            return batch.version, self._rollbacks
         try:
             version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error as exc:
             error = StateWriteError if self._write else StoreError
             raise error(f"sqlite data_version: {exc}") from exc
+        if batch is not None:
+            batch.version = version
         return version, self._rollbacks
 
 
@@ -839,7 +860,9 @@ class _Write:
         except BaseException:
             backend._lock.release()
             raise
-        return _SQLiteTx(conn, backend._queries, write=True, rollbacks=backend._rollbacks)
+        return _SQLiteTx(
+            conn, backend._queries, write=True, rollbacks=backend._rollbacks, batch=batch
+        )
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
@@ -884,7 +907,9 @@ class _Read:
         conn = backend._require()
         await backend._lock.acquire()
         self._batch = backend._batch
-        return _SQLiteTx(conn, backend._queries, write=False, rollbacks=backend._rollbacks)
+        return _SQLiteTx(
+            conn, backend._queries, write=False, rollbacks=backend._rollbacks, batch=self._batch
+        )
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object

@@ -17,10 +17,11 @@ from supervisor.errors import ActionDenied, StateWriteError
 from supervisor.governance.approvals import Approvals
 from supervisor.governance.budgets import ModelGovernor, TokenBudgets
 from supervisor.governance.escalation import EscalationChain
-from supervisor.governance.gate import Gate, _jsonable
+from supervisor.governance.gate import Gate
 from supervisor.governance.policy import Policy
 from supervisor.killswitch import HostSwitchFile, Mode
 from supervisor.store import NewEvent, Session, Store
+from supervisor.store.actions import result_json
 from supervisor.store.switches import SwitchRecord, SwitchTarget, switch_verdict
 from supervisor.timing.clock import VirtualClock
 
@@ -234,5 +235,6 @@ async def test_last_look_honours_store_switches(tmp_path: Path) -> None:
 
 
 def test_results_that_are_not_json_are_kept_as_repr() -> None:
-    assert _jsonable({"a": [1, 2]}) == {"a": [1, 2]}
-    assert _jsonable({1, 2}) == repr({1, 2})
+    assert result_json({"a": [1, 2]}) == '{"a":[1,2]}'
+    assert result_json({1, 2}) == '"{1, 2}"'
+    assert result_json(None) is None
