@@ -264,7 +264,7 @@ class _SQLiteTx:
         counted beside it, since it undoes writes a cache may have seen. Read once per batch
         (see _Batch.version)."""
         batch = self._batch
-        if batch is not None and batch.version is not None:
+        if batch is not None and batch.version is not None and self._conn.in_transaction:
             return batch.version, self._rollbacks
         try:
             version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
@@ -835,6 +835,10 @@ class _Checkpointer:
             conn.close()
 
 
+def _ended() -> StateWriteError:
+    return StateWriteError("sqlite rolled back a batch of writes")
+
+
 class _Write:
     """SQLiteBackend.transaction: a class, not a generator (one per write; see _Read)."""
 
@@ -850,6 +854,8 @@ class _Write:
         conn = backend._require()
         await backend._lock.acquire()
         try:
+            if backend._batch is not None and not conn.in_transaction:
+                backend._fail_batch(_ended())  # see _Read.__aexit__: never join a dead batch
             if backend._batch is None:
                 await backend._begin(conn)
                 backend._batch, self._leader = _Batch(), True
@@ -874,7 +880,7 @@ class _Write:
             if exc is not None:
                 backend._rollbacks += 1
                 if not conn.in_transaction:  # SQLite rolled the batch back (I/O, full disk)
-                    backend._fail_batch(StateWriteError("sqlite rolled back a batch of writes"))
+                    backend._fail_batch(_ended())
                 elif self._leader:  # nobody else is in the batch yet (the lock is still ours)
                     conn.execute("ROLLBACK")
                     backend._fail_batch(StateWriteError("the batch's first body failed"))
@@ -914,6 +920,13 @@ class _Read:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        self._backend._lock.release()
+        backend = self._backend
+        if self._batch is not None and backend._batch is self._batch:
+            conn = backend._conn
+            if conn is not None and not conn.in_transaction:
+                # A statement here failed and SQLite ended the batch's transaction (I/O, a
+                # full disk): its writes are gone, and nothing holds the write lock.
+                backend._fail_batch(_ended())
+        backend._lock.release()
         if self._batch is not None and exc is None:
-            await self._backend._settled(self._batch)
+            await backend._settled(self._batch)

@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from supervisor.errors import StateWriteError
+from supervisor.errors import StateWriteError, StoreError
 from supervisor.store import NewEvent, Store, open_store
 from supervisor.store.sqlite import SQLiteBackend, parse_sqlite_url
 from supervisor.timing.clock import SystemClock
@@ -485,6 +485,82 @@ async def test_a_read_inside_a_batch_fails_with_the_batch(sqlite_url: str) -> No
     assert seen == [1], "the read ran inside the open batch and saw its uncommitted event"
     assert read_error and "sqlite commit failed" in read_error[0]
     assert _committed(sqlite_url) == set()
+
+
+class _RollbackInRead:
+    """The store's own connection, except that the next `stream_seq` read finds SQLite has
+    ended the open transaction (as an I/O error, a full disk or no memory can), and another
+    process commits a row before the error reaches the store."""
+
+    def __init__(self, conn: sqlite3.Connection, query: str, other: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._query = query
+        self._other = other
+        self.armed = True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.armed and sql == self._query:
+            self.armed = False
+            self._conn.execute("ROLLBACK")
+            self._other.execute("INSERT INTO streams (id, last_seq) VALUES ('cli', 1)")
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_batch_sqlite_ended_during_a_read_fails_and_the_next_writer_begins_anew(
+    sqlite_url: str,
+) -> None:
+    """SQLite may end a write transaction itself when a statement in it fails (I/O, a full
+    disk): the batch fails closed, and the next writer begins a transaction of its own, where
+    the switch cache's stamp is read afresh (another process may have committed meanwhile),
+    instead of joining a batch that is no longer open."""
+    store = await open_store(sqlite_url, SystemClock(), migrate=True)
+    backend = _backend(store)
+    path = "/" + str(parse_sqlite_url(sqlite_url)[0]).lstrip("/")
+    other = sqlite3.connect(path, isolation_level=None, timeout=10)
+    failing = _RollbackInRead(backend._require(), backend._queries["stream_seq"], other)
+    backend._conn = failing  # type: ignore[assignment]
+    got: dict[str, Any] = {}
+
+    async def first() -> None:
+        try:
+            async with store.backend.transaction() as tx:
+                await tx.change_stamp()  # the batch's data_version, read once
+                await store.append_in(tx, NewEvent(kind="X", session_id="first"))
+        except StateWriteError as exc:
+            got["first"] = str(exc)
+
+    async def read() -> None:
+        try:
+            async with store.backend.reader() as tx:
+                await tx.fetchrow("stream_seq", "first")
+        except StoreError as exc:
+            got["read"] = str(exc)
+
+    async def second() -> None:
+        async with store.backend.transaction() as tx:
+            got["stamp"] = (await tx.change_stamp())[0]
+            got["version"] = failing._conn.execute("PRAGMA data_version").fetchone()[0]
+            await store.append_in(tx, NewEvent(kind="X", session_id="second"))
+
+    try:
+        # Queued in this order behind a held read: the first writer opens the batch, the
+        # read fails inside it, the second writer comes after.
+        async with anyio.create_task_group() as tg, store.backend.reader():
+            for step in (first, read, second):
+                tg.start_soon(step)
+                await anyio.wait_all_tasks_blocked()
+    finally:
+        backend._conn = failing._conn
+        other.close()
+        await store.close()
+    assert "read" in got, "the failing read did not fail"
+    assert "rolled back" in got.get("first", ""), got
+    assert got["stamp"] == got["version"], "the second writer's stamp came from the ended batch"
+    assert _committed(sqlite_url) == {("second", 1)}
 
 
 CHILD = """
