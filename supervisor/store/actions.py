@@ -572,7 +572,11 @@ def result_json(value: Any) -> str | None:
     try:
         return canonical_json(value)
     except UsageError:
+        pass
+    try:
         return canonical_json(repr(value))
+    except Exception:  # a repr that raises (an int past Python's digit limit, say)
+        return canonical_json(f"<{type(value).__name__} without a representation>")
 
 
 def _json_safe(value: dict[str, Any]) -> dict[str, Any]:

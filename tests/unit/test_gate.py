@@ -238,3 +238,6 @@ def test_results_that_are_not_json_are_kept_as_repr() -> None:
     assert result_json({"a": [1, 2]}) == '{"a":[1,2]}'
     assert result_json({1, 2}) == '"{1, 2}"'
     assert result_json(None) is None
+    # Not even a repr (an int past Python's digit limit): still a result, never an exception
+    # that would leave the outcome unrecorded.
+    assert result_json({"n": 10**5000}) == '"<dict without a representation>"'
