@@ -13,7 +13,7 @@ from typing import Any
 
 from ..actions import canonical_json, params_digest, params_hash
 from ..errors import StateWriteError, StoreError, UsageError
-from .base import ActionRecord, NewEvent, Row, StoreCore, Tx, current_fence
+from .base import COMMAND_TRIES, ActionRecord, NewEvent, Row, StoreCore, Tx, current_fence
 from .records import ActionStatus
 from .switches import (
     SwitchRecord,
@@ -26,6 +26,9 @@ from .switches import (
     switches_with_print,
 )
 from .tokens import TokenCharge, reserve_tokens_in, settle_tokens_in
+
+# What a started action's ledger row holds (an outcome lives in its action row).
+_STARTED_JSON = canonical_json({"status": "started"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,47 +148,49 @@ class ActionsRepo(StoreCore):
                 return at_once
 
         refused: dict[str, str] = {}
-        used: list[str] = []
         params_json = canonical_json(dict(params))
+        digest = params_digest(operation, params_json)
 
-        async def body(tx: Tx) -> dict[str, Any]:
-            grant = await self._may_start_in(
-                tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
-                switches=switches, refused=refused, grant_ids=grant_ids,
-                token_charges=token_charges,
-            )  # fmt: skip
-            if grant is not None:
-                used.append(grant)
-            now = self.clock.now()
-            await tx.execute(
-                "insert_action", command_id, fleet, session_id, worker, name, params_json, risk,
-                cost, critical, safe_to_retry, rule, now, host, owner,
-                canonical_json(dict(identity)) if identity else None, model, tokens, decision,
-            )  # fmt: skip
-            await self.append_in(
-                tx,
-                NewEvent(
-                    kind=ACTION_STARTED,
-                    session_id=session_id,
+        async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
+            async with self._transaction() as tx:
+                now = self.clock.now()
+                # The ledger row first, holding the result it will keep: a racing twin waits on
+                # it (Postgres) and comes back as a replay, and a fresh start costs one ledger
+                # statement instead of a read and a write.
+                claimed = await tx.fetchrow("claim_command", command_id, operation, digest,
+                                            _STARTED_JSON, now)  # fmt: skip
+                if claimed is None:
+                    stored = await tx.fetchrow("get_command", command_id)
+                    if stored is None:
+                        raise StateWriteError(
+                            f"command {command_id}: claimed, but no stored result"
+                        )
+                    return "replay", self._stored(command_id, stored, operation, digest)
+                grant = await self._may_start_in(
+                    tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
+                    switches=switches, refused=refused, grant_ids=grant_ids,
+                    token_charges=token_charges,
+                )  # fmt: skip
+                await tx.execute(
+                    "insert_action", command_id, fleet, session_id, worker, name, params_json,
+                    risk, cost, critical, safe_to_retry, rule, now, host, owner,
+                    canonical_json(dict(identity)) if identity else None, model, tokens, decision,
+                )  # fmt: skip
+                await self.append_in(tx, NewEvent(
+                    kind=ACTION_STARTED, session_id=session_id, command_id=command_id,
                     payload={"action": name, "risk": risk, "cost": cost, "rule": rule},
-                    command_id=command_id,
-                    correlation_id=correlation_id,
-                    worker=worker,
-                    agent_id=agent_id,
-                ),
-            )
-            return {"status": "started"}
+                    correlation_id=correlation_id, worker=worker, agent_id=agent_id,
+                ), now)  # fmt: skip
+            return "started", {"status": "started", "grant": grant}
 
         try:
-            result, fresh = await self.run_command(
-                command_id, operation, params, body, claim={"status": "started"},
-                digest=params_digest(operation, params_json),
-            )  # fmt: skip
+            # A retry after a lost connection is safe: a start that did commit left its ledger
+            # row, and the retry comes back as a replay instead of starting it again.
+            return await self.retrying(
+                attempt, what=operation, tries=COMMAND_TRIES, command_id=command_id
+            )
         except _Refused:
             return refused["reason"], dict(refused)
-        if not fresh:
-            return "replay", result
-        return "started", {**result, "grant": used[-1] if used else None}
 
     async def _begin_at_once(
         self, *, command_id: str, operation: str, params: Mapping[str, Any], fleet: str,
@@ -215,7 +220,7 @@ class ActionsRepo(StoreCore):
         try:
             row = await self.backend.batched("begin_action", order=session_id,
                                              still=partial(host_permits, switches), args=(
-                command_id, operation, digest, canonical_json({"status": "started"}),
+                command_id, operation, digest, _STARTED_JSON,
                 self.clock.now(), print_, fleet, session_id, worker, name, params_json, risk,
                 cost, critical, safe_to_retry, rule, host, owner,
                 canonical_json(dict(identity)) if identity else None, model, tokens, decision,

@@ -402,23 +402,16 @@ class StoreCore:
     # -- commands and events ------------------------------------------------------------------
 
     async def run_command(
-        self, command_id: str, operation: str, params: Any, body: CommandBody,
-        *, claim: dict[str, Any] | None = None, digest: str | None = None,
-    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        self, command_id: str, operation: str, params: Any, body: CommandBody
+    ) -> tuple[dict[str, Any], bool]:
         """Run `body` once per command_id, in one transaction with its ledger row.
 
-        `claim`: the result `body` returns, known in advance. The ledger row is then written
-        first, so a racing twin waits on it (Postgres) and comes back as a replay, and a fresh
-        command costs one ledger statement instead of a read and a write.
-        `digest`: `params_hash(operation, params)`, when the caller has it already.
         Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
         """
-        hashed = params_hash(operation, params) if digest is None else digest
+        digest = params_hash(operation, params)
 
         async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
-            if claim is not None:
-                return await self._claim_command_once(command_id, operation, hashed, body, claim)
-            return await self._run_command_once(command_id, operation, hashed, body)
+            return await self._run_command_once(command_id, operation, digest, body)
 
         # A retry after a lost connection is safe: an earlier attempt that did commit left its
         # ledger row, and the retry returns that stored result instead of running `body` again.
@@ -479,23 +472,6 @@ class StoreCore:
         if stored is None:
             raise StateWriteError(f"command {command_id}: write conflict without a stored result")
         return self._stored(command_id, stored, operation, digest), False
-
-    async def _claim_command_once(
-        self, command_id: str, operation: str, digest: str, body: CommandBody,
-        claim: dict[str, Any],
-    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
-        async with self._transaction() as tx:
-            claimed = await tx.fetchrow("claim_command", command_id, operation, digest,
-                                        canonical_json(claim), self.clock.now())  # fmt: skip
-            if claimed is None:
-                stored = await tx.fetchrow("get_command", command_id)
-                if stored is None:
-                    raise StateWriteError(f"command {command_id}: claimed, but no stored result")
-                return self._stored(command_id, stored, operation, digest), False
-            result = await body(tx)
-            if result != claim:
-                raise StateWriteError(f"command {command_id}: ran to {result}, claimed {claim}")
-        return result, True
 
     @staticmethod
     def _same_command(command_id: str, stored: Row, operation: str, digest: str) -> None:
