@@ -153,19 +153,11 @@ class ActionsRepo(StoreCore):
 
         async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
             async with self._transaction() as tx:
+                # The ledger row first: a racing twin waits on it and comes back as a replay.
+                stored = await self.claim_in(tx, command_id, operation, digest, _STARTED_JSON)
+                if stored is not None:
+                    return "replay", stored
                 now = self.clock.now()
-                # The ledger row first, holding the result it will keep: a racing twin waits on
-                # it (Postgres) and comes back as a replay, and a fresh start costs one ledger
-                # statement instead of a read and a write.
-                claimed = await tx.fetchrow("claim_command", command_id, operation, digest,
-                                            _STARTED_JSON, now)  # fmt: skip
-                if claimed is None:
-                    stored = await tx.fetchrow("get_command", command_id)
-                    if stored is None:
-                        raise StateWriteError(
-                            f"command {command_id}: claimed, but no stored result"
-                        )
-                    return "replay", self._stored(command_id, stored, operation, digest)
                 grant = await self._may_start_in(
                     tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                     switches=switches, refused=refused, grant_ids=grant_ids,

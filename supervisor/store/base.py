@@ -473,6 +473,23 @@ class StoreCore:
             raise StateWriteError(f"command {command_id}: write conflict without a stored result")
         return self._stored(command_id, stored, operation, digest), False
 
+    async def claim_in(
+        self, tx: Tx, command_id: str, operation: str, digest: str, result_json: str
+    ) -> dict[str, Any] | None:
+        """Claim `command_id`'s ledger row in `tx`, holding the result it will keep (known in
+        advance): None when this claimed it (a fresh command; one statement, not a read and a
+        write), else the result an earlier run stored (IdempotencyConflict if it was another
+        operation or params). A racing twin's claim waits for this transaction (Postgres) and
+        then comes back with the stored result. `digest`: `params_hash(operation, params)`."""
+        claimed = await tx.fetchrow("claim_command", command_id, operation, digest, result_json,
+                                    self.clock.now())  # fmt: skip
+        if claimed is not None:
+            return None
+        stored = await tx.fetchrow("get_command", command_id)
+        if stored is None:
+            raise StateWriteError(f"command {command_id}: claimed, but no stored result")
+        return self._stored(command_id, stored, operation, digest)
+
     @staticmethod
     def _same_command(command_id: str, stored: Row, operation: str, digest: str) -> None:
         if stored["operation"] != operation or stored["params_hash"] != digest:
@@ -597,14 +614,20 @@ class StoreCore:
         self._buffer(event)
 
     async def once(self, command_id: str, event: NewEvent) -> bool:
-        """Append `event` exactly once for this command_id (alerts, exhaustion notices)."""
+        """Append `event` exactly once for this command_id (refusals, alerts, exhaustion
+        notices): True when this call appended it."""
+        operation = f"once:{event.kind}"
+        digest = params_hash(operation, {})
 
-        async def body(tx: Tx) -> dict[str, Any]:
-            await self.append_in(tx, event)
-            return {}
+        async def attempt(_n: int) -> bool:
+            async with self._transaction() as tx:
+                if await self.claim_in(tx, command_id, operation, digest, "{}") is not None:
+                    return False
+                await self.append_in(tx, event)
+            return True
 
-        _r, fresh = await self.run_command(command_id, f"once:{event.kind}", {}, body)
-        return fresh
+        return await self.retrying(attempt, what=operation, tries=COMMAND_TRIES,
+                                   command_id=command_id)  # fmt: skip
 
     # -- store identity and the host kill switch's replay mark -------------------------------
 
