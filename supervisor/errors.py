@@ -34,8 +34,9 @@ class StoreError(SupervisorError):
     """The store failed at runtime (driver errors are translated into this family)."""
 
     reason = "store"
-    # True when the connection was lost or a query timed out: nothing is wrong with the request
-    # itself, and the same work on a fresh connection may succeed (a crash it is not).
+    # True when the connection was lost, a query timed out or the server aborted the
+    # transaction to break a deadlock: nothing is wrong with the request itself, and the same
+    # work on a fresh connection may succeed (a crash it is not).
     transient = False
 
 

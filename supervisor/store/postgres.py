@@ -39,6 +39,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # ("cannot switch to state ..."): the connection is unusable, like a lost one.
     asyncpg.InternalClientError,
 )
+# Transactions the server rolled back to let others go on: worth running again as they were.
+_ABORTED_TO_RESOLVE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _MIGRATION_LOCK = zlib.crc32(b"acp-supervisor:migrate")
 # DDL and the wait for another host's migration may take longer than a query timeout.
 _MIGRATION_TIMEOUT = 600.0
@@ -117,7 +119,11 @@ class _PgTx:
         if isinstance(exc, _CONNECTION_ERRORS):
             return _store_error(self._write, f"postgres connection lost during {name}: {exc}", exc)
         error = StateWriteError if self._write else StoreError
-        return error(f"postgres {name}: {exc}")
+        translated = error(f"postgres {name}: {exc}")
+        # The server aborted the transaction to break a deadlock (or a serialization conflict):
+        # nothing of it was written, and the same work again may pass (Store.retrying).
+        translated.transient = isinstance(exc, _ABORTED_TO_RESOLVE)
+        return translated
 
     async def _call(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
         retries = 0 if self._backend is None else self._backend.fresh_tries
