@@ -157,12 +157,12 @@ class ActionsRepo(StoreCore):
                 stored = await self.claim_in(tx, command_id, operation, digest, _STARTED_JSON)
                 if stored is not None:
                     return "replay", stored
-                now = self.clock.now()
                 grant = await self._may_start_in(
                     tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                     switches=switches, refused=refused, grant_ids=grant_ids,
                     token_charges=token_charges,
                 )  # fmt: skip
+                now = self.clock.now()  # after any wait for the window's row (Postgres)
                 await tx.execute(
                     "insert_action", command_id, fleet, session_id, worker, name, params_json,
                     risk, cost, critical, safe_to_retry, rule, now, host, owner,

@@ -615,7 +615,8 @@ class StoreCore:
 
     async def once(self, command_id: str, event: NewEvent) -> bool:
         """Append `event` exactly once for this command_id (refusals, alerts, exhaustion
-        notices): True when this call appended it."""
+        notices). True when this call appended it; False when it was there already, which
+        includes a retry after a lost connection whose first attempt had landed."""
         operation = f"once:{event.kind}"
         digest = params_hash(operation, {})
 
