@@ -6,7 +6,6 @@ are denied by policy. Effects go to the effect log so tests can count them.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from supervisor.actions import Action, Risk
@@ -14,6 +13,8 @@ from supervisor.errors import ActionDenied, ApprovalPending
 from supervisor.runtime.worker import CycleContext, Worker
 
 _MIX: list[tuple[Risk, int]] = [("low", 50), ("medium", 30), ("high", 15), ("critical", 5)]
+_RISKS = [r for r, _ in _MIX]
+_WEIGHTS = [w for _, w in _MIX]
 
 
 class SupportAgent(Worker):
@@ -28,8 +29,7 @@ class SupportAgent(Worker):
 
     async def cycle(self, ctx: CycleContext) -> None:
         for n in range(self.cases_per_cycle):
-            rng = random.Random(f"{ctx.rng.random()}")
-            risk = rng.choices([r for r, _ in _MIX], weights=[w for _, w in _MIX])[0]
+            risk = ctx.rng.choices(_RISKS, weights=_WEIGHTS)[0]
             case_id = f"{self.name}-{ctx.cycle}-{n}"
             action = Action(
                 name="support.resolve_case",
