@@ -27,7 +27,8 @@ For each fleet size, in a child process of its own (so memory figures do not mix
 
 `--history-events N` (SQLite): the daemon's database holds N events of another fleet's history
 before it starts (windows, actions, ledger rows: bench/loop_lag.py's seeding, one bulk
-transaction, not measured), so the figures show the gate on a large store beside an empty one.
+transaction, synced to disk and not measured), so the figures show the gate on a large store
+beside an empty one.
 
 Printed per fleet size, over the measured window after every worker is running:
 
