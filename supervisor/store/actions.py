@@ -255,7 +255,7 @@ class ActionsRepo(StoreCore):
         if problem is not None:
             refused.update(reason="killswitch", detail=problem)
             raise _Refused()
-        if await tx.fetchrow("reserve_budget", session_id, cost, self.clock.now()) is None:
+        if await tx.fetchval("reserve_budget", session_id, cost, self.clock.now()) is None:
             session = await tx.fetchrow("get_session", session_id)
             window_open = (
                 session is not None
@@ -390,8 +390,8 @@ class ActionsRepo(StoreCore):
                                                      "reported_error": error})  # fmt: skip
                     stopped.append(problem)
                     return
-                row = await tx.fetchrow("finish_action", final, now, encoded, error, command_id)
-                if row is None:
+                if await tx.fetchval("finish_action", final, now, encoded, error,
+                                     command_id) is None:  # fmt: skip
                     raise StateWriteError(f"action {command_id} has no open started record")
                 if ok:
                     await tx.execute("settle_budget", session_id, cost)

@@ -93,6 +93,11 @@ class Tx(Protocol):
 
     async def fetchrow(self, name: str, *args: Any) -> Row | None: ...
 
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        """The first column of the first row as the driver gives it (no times decoded), None
+        when there is no row: for a statement's RETURNING of a column that is never NULL."""
+        ...
+
     async def fetchall(self, name: str, *args: Any) -> list[Row]: ...
 
     async def change_stamp(self) -> Hashable | None:
@@ -481,7 +486,7 @@ class StoreCore:
         write), else the result an earlier run stored (IdempotencyConflict if it was another
         operation or params). A racing twin's claim waits for this transaction (Postgres) and
         then comes back with the stored result. `digest`: `params_hash(operation, params)`."""
-        claimed = await tx.fetchrow("claim_command", command_id, operation, digest, result_json,
+        claimed = await tx.fetchval("claim_command", command_id, operation, digest, result_json,
                                     self.clock.now())  # fmt: skip
         if claimed is not None:
             return None
@@ -519,7 +524,7 @@ class StoreCore:
 
     async def append_in(self, tx: Tx, event: NewEvent, at: datetime | None = None) -> int:
         """Append inside an open transaction; returns the seq."""
-        row = await tx.fetchrow(
+        seq = await tx.fetchval(
             "insert_event",
             event.session_id,
             event.kind,
@@ -532,9 +537,8 @@ class StoreCore:
             event.agent_id,
             at or self.clock.now(),
         )
-        assert row is not None
-        seq = int(row["seq"])
-        return seq
+        assert seq is not None
+        return int(seq)
 
     async def append(self, event: NewEvent) -> int | None:
         """State-bearing: committed before returning (seq), or StateWriteError. Telemetry: buffered."""

@@ -156,6 +156,9 @@ class _PgTx:
         row = await self._call("fetchrow", name, args)
         return dict(row) if row is not None else None
 
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self._call("fetchval", name, args)
+
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
         rows = await self._call("fetch", name, args)
         return [dict(r) for r in rows]

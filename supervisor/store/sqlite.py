@@ -250,6 +250,10 @@ class _SQLiteTx:
         row = cursor.fetchone()
         return _decoder(cursor)(row) if row is not None else None
 
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        row = self._run(name, args).fetchone()
+        return row[0] if row is not None else None
+
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
         cursor = self._run(name, args)
         rows = cursor.fetchall()
