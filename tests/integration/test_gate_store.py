@@ -851,7 +851,7 @@ async def test_a_governed_action_costs_at_most_its_statement_budget(
 
     ran: list[str] = []
     for tx_class in (_SQLiteTx, _PgTx):
-        for method in ("execute", "fetchrow", "fetchall"):
+        for method in ("execute", "fetchrow", "fetchval", "fetchall"):
             original = getattr(tx_class, method)
 
             def counting(original: Any) -> Any:

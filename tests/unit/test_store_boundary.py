@@ -14,7 +14,7 @@ from supervisor.store.queries import load_queries
 PACKAGE = Path(__file__).resolve().parents[2] / "supervisor"
 STORE = PACKAGE / "store"
 # The primitives an aggregate's operation is made of, private to the store package.
-RAW = {"fetchrow", "fetchall", "execute", "transaction", "_fetchrow", "_fetchall",
+RAW = {"fetchrow", "fetchval", "fetchall", "execute", "transaction", "_fetchrow", "_fetchall",
        "_transaction"}  # fmt: skip
 QUERY_NAMES = frozenset(load_queries("sqlite")) | frozenset(load_queries("postgres"))
 
