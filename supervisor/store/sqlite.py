@@ -859,6 +859,7 @@ class _Write:
         await backend._lock.acquire()
         try:
             if backend._batch is not None and not conn.in_transaction:
+                backend._rollbacks += 1  # its writes are undone (see _SQLiteTx.change_stamp)
                 backend._fail_batch(_ended())  # see _Read.__aexit__: never join a dead batch
             if backend._batch is None:
                 await backend._begin(conn)
@@ -930,6 +931,7 @@ class _Read:
             if conn is not None and not conn.in_transaction:
                 # A statement here failed and SQLite ended the batch's transaction (I/O, a
                 # full disk): its writes are gone, and nothing holds the write lock.
+                backend._rollbacks += 1
                 backend._fail_batch(_ended())
         backend._lock.release()
         if self._batch is not None and exc is None:
