@@ -409,7 +409,9 @@ class PostgresBackend(Backend):
                     message = f"postgres commit failed: {exc}"
                 if _lost(exc):  # the commit may have landed: a redo must find out (idempotent)
                     raise _store_error(True, message, exc) from exc
-                raise StateWriteError(message) from exc
+                failed = StateWriteError(message)
+                failed.transient = isinstance(exc, _ABORTED_TO_RESOLVE)  # as in a statement
+                raise failed from exc
         finally:
             await self.release(tx._conn, broken=tx.broken)
 
