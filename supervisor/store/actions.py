@@ -568,7 +568,7 @@ def result_json(value: Any) -> str | None:
         return None
     try:
         return canonical_json(value)
-    except UsageError:
+    except (UsageError, RecursionError):  # not JSON, or nested too deep to encode
         pass
     try:
         return canonical_json(repr(value))

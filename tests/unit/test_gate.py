@@ -241,3 +241,7 @@ def test_results_that_are_not_json_are_kept_as_repr() -> None:
     # Not even a repr (an int past Python's digit limit): still a result, never an exception
     # that would leave the outcome unrecorded.
     assert result_json({"n": 10**5000}) == '"<dict without a representation>"'
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert result_json(deep) == '"<list without a representation>"'
