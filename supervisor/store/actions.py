@@ -136,9 +136,12 @@ class ActionsRepo(StoreCore):
         is "started", "budget" (no room), "killswitch" (a store switch forbids), or "replay"."""
         from ..events import ACTION_STARTED
 
+        params_json = canonical_json(dict(params))
+        digest = params_digest(operation, params_json)
         if self.backend.one_statement_writes and not grant_ids and not token_charges:
             at_once = await self._begin_at_once(
-                command_id=command_id, operation=operation, params=params, fleet=fleet,
+                command_id=command_id, operation=operation, params_json=params_json,
+                digest=digest, fleet=fleet,
                 session_id=session_id, worker=worker, name=name, risk=risk, cost=cost,
                 critical=critical, safe_to_retry=safe_to_retry, rule=rule,
                 correlation_id=correlation_id, agent_id=agent_id, switches=switches, host=host,
@@ -148,8 +151,6 @@ class ActionsRepo(StoreCore):
                 return at_once
 
         refused: dict[str, str] = {}
-        params_json = canonical_json(dict(params))
-        digest = params_digest(operation, params_json)
 
         async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
             async with self._transaction() as tx:
@@ -185,7 +186,7 @@ class ActionsRepo(StoreCore):
             return refused["reason"], dict(refused)
 
     async def _begin_at_once(
-        self, *, command_id: str, operation: str, params: Mapping[str, Any], fleet: str,
+        self, *, command_id: str, operation: str, params_json: str, digest: str, fleet: str,
         session_id: str, worker: str, name: str, risk: str, cost: float, critical: bool,
         safe_to_retry: bool, rule: str, correlation_id: str | None, agent_id: str | None,
         switches: SwitchTarget, host: str | None, owner: str | None,
@@ -203,8 +204,6 @@ class ActionsRepo(StoreCore):
 
         if current_fence.get() is not None:
             return None
-        params_json = canonical_json(dict(params))
-        digest = params_digest(operation, params_json)
         print_, records = await self._switch_print(fleet)
         if switch_verdict(records, switches) is not None:  # the host file too
             self.switch_cache.prints.pop(fleet, None)  # decided again on fresh rows next time
