@@ -638,6 +638,14 @@ class SQLiteBackend(Backend):
             every = int(_CHECKPOINT_BYTES / per_commit)
             self._checkpoint_every = min(max(every, 10), _CHECKPOINT_AFTER_AT_MOST)
 
+    def _drop_ended_batch(self, conn: sqlite3.Connection) -> None:
+        """With the lock held: when a statement failed and SQLite ended the open batch's
+        transaction itself (an I/O error, a full disk), its writes are gone and nothing holds
+        the write lock. The batch fails at once (a rollback, for the switch cache's stamp)."""
+        if self._batch is not None and not conn.in_transaction:
+            self._rollbacks += 1
+            self._fail_batch(_ended())
+
     def _fail_batch(self, error: Exception) -> None:
         batch, self._batch = self._batch, None
         if batch is not None:
@@ -858,9 +866,7 @@ class _Write:
         conn = backend._require()
         await backend._lock.acquire()
         try:
-            if backend._batch is not None and not conn.in_transaction:
-                backend._rollbacks += 1  # its writes are undone (see _SQLiteTx.change_stamp)
-                backend._fail_batch(_ended())  # see _Read.__aexit__: never join a dead batch
+            backend._drop_ended_batch(conn)  # never join a batch SQLite ended
             if backend._batch is None:
                 await backend._begin(conn)
                 backend._batch, self._leader = _Batch(), True
@@ -926,13 +932,8 @@ class _Read:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         backend = self._backend
-        if self._batch is not None and backend._batch is self._batch:
-            conn = backend._conn
-            if conn is not None and not conn.in_transaction:
-                # A statement here failed and SQLite ended the batch's transaction (I/O, a
-                # full disk): its writes are gone, and nothing holds the write lock.
-                backend._rollbacks += 1
-                backend._fail_batch(_ended())
+        if backend._conn is not None:
+            backend._drop_ended_batch(backend._conn)  # a statement here may have ended it
         backend._lock.release()
         if self._batch is not None and exc is None:
             await backend._settled(self._batch)
