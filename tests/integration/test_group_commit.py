@@ -55,8 +55,12 @@ class _FailingCommit:
         return getattr(self._conn, name)
 
 
+def _db_path(url: str) -> str:
+    return "/" + str(parse_sqlite_url(url)[0]).lstrip("/")
+
+
 def _committed(url: str) -> set[tuple[str, int]]:
-    path = "/" + str(parse_sqlite_url(url)[0]).lstrip("/")
+    path = _db_path(url)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         return {(s, int(q)) for s, q in conn.execute("SELECT session_id, seq FROM events")}
@@ -519,8 +523,7 @@ async def test_a_batch_sqlite_ended_during_a_read_fails_and_the_next_writer_begi
     instead of joining a batch that is no longer open."""
     store = await open_store(sqlite_url, SystemClock(), migrate=True)
     backend = _backend(store)
-    path = "/" + str(parse_sqlite_url(sqlite_url)[0]).lstrip("/")
-    other = sqlite3.connect(path, isolation_level=None, timeout=10)
+    other = sqlite3.connect(_db_path(sqlite_url), isolation_level=None, timeout=10)
     failing = _RollbackInRead(backend._require(), backend._queries["stream_seq"], other)
     backend._conn = failing  # type: ignore[assignment]
     got: dict[str, Any] = {}
