@@ -8,6 +8,7 @@ sequences, budget reservations, fail-closed state-bearing writes) live once, in 
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -619,15 +620,20 @@ class StoreCore:
 
     async def once(self, command_id: str, event: NewEvent) -> bool:
         """Append `event` exactly once for this command_id (refusals, alerts, exhaustion
-        notices). True when this call appended it; False when it was there already, which
-        includes a retry after a lost connection whose first attempt had landed."""
+        notices). True when this call appended it, also when a retry after a lost connection
+        finds that its first attempt had landed; False when it was there already."""
         operation = f"once:{event.kind}"
         digest = params_hash(operation, {})
+        # The claim keeps this call's mark, so a retry tells its own landed attempt from a
+        # twin's (the ledger compares operation and params only, never the result).
+        mine = {"once": os.urandom(8).hex()}
+        mark = canonical_json(mine)
 
         async def attempt(_n: int) -> bool:
             async with self._transaction() as tx:
-                if await self.claim_in(tx, command_id, operation, digest, "{}") is not None:
-                    return False
+                stored = await self.claim_in(tx, command_id, operation, digest, mark)
+                if stored is not None:
+                    return stored == mine
                 await self.append_in(tx, event)
             return True
 

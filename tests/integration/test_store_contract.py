@@ -258,6 +258,31 @@ async def test_once_appends_a_single_event(store: Store) -> None:
     assert await kinds(store, "s") == Counter({"ALERT": 1})
 
 
+async def test_once_whose_reply_was_lost_after_it_landed_is_still_this_calls_append(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT landed but the caller heard "connection lost": the retry finds its own claim,
+    so the append is reported as this call's (an alert is announced), and it is still one."""
+    real = store.backend.transaction
+    armed = [True]
+
+    @asynccontextmanager
+    async def reply_lost() -> AsyncIterator[Tx]:
+        async with real() as tx:
+            yield tx
+        if armed[0]:
+            armed[0] = False
+            lost = StateWriteError("commit's acknowledgement lost (test)")
+            lost.transient = True
+            raise lost
+
+    monkeypatch.setattr(store.backend, "transaction", reply_lost)
+    assert await store.once("alert-1", ev("s", "ALERT")) is True
+    assert armed == [False], "the lost acknowledgement was injected"
+    assert await store.once("alert-1", ev("s", "ALERT")) is False  # a twin, later: not its own
+    assert await kinds(store, "s") == Counter({"ALERT": 1})
+
+
 @pytest.mark.parametrize(
     ("operation", "params"), [("op", {"x": 2}), ("other-op", {"x": 1})], ids=["params", "operation"]
 )
