@@ -360,15 +360,12 @@ def _bench_module(name: str) -> Any:
 
 
 def child(args: argparse.Namespace) -> int:
-    from supervisor.config import loop_options
     from supervisor.logging import configure
 
     configure(level="error", stream=sys.stderr, json=True)
-    # The daemon's own event loop (uvloop where installed), as `acp-supervisor run` has it.
     result = anyio.run(measure, args.only, args.seconds, args.cadence, args.checkpoint_every,
                        args.synchronous, args.backend, args.raw_seconds,
-                       args.raw_connections, args.history_events,
-                       backend_options=loop_options())  # fmt: skip
+                       args.raw_connections, args.history_events)  # fmt: skip
     print(json.dumps(result))
     return 0
 
@@ -398,14 +395,11 @@ def store_label(args: argparse.Namespace) -> str:
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    from supervisor.config import loop_options
-
     cadence = "none (back to back)" if no_cadence(args.cadence) else args.cadence
     lines = [
         f"fleet bench: {args.seconds:g} s per fleet size, cadence {cadence}, "
         + store_label(args)
-        + ", no-op low-risk actions through the full gate, on "
-        + ("uvloop" if loop_options()["use_uvloop"] else "asyncio"),
+        + ", no-op low-risk actions through the full gate",
         "raw commits/s: single-row INSERT+COMMIT loop on the same kind of database in the same "
         "run; ratio = actions/s / raw commits/s",
         "  ".join(f"{title:>{len(fmt.format(0))}}" for title, _, fmt in COLUMNS),

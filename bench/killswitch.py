@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from supervisor import events as ev  # noqa: E402
 from supervisor.actions import Action  # noqa: E402
 from supervisor.cli import commands  # noqa: E402
-from supervisor.config import Config, load_config, loop_options  # noqa: E402
+from supervisor.config import Config, load_config  # noqa: E402
 from supervisor.errors import ActionDenied  # noqa: E402
 from supervisor.governance.approvals import Approvals  # noqa: E402
 from supervisor.governance.gate import Gate  # noqa: E402
@@ -84,9 +84,7 @@ def _cli(handler: Any, config: Config, **args: Any) -> None:
     """One CLI subcommand, on this (worker) thread with its own event loop, output captured."""
     namespace = argparse.Namespace(scope=["host"], reason="bench drill", by="bench", **args)
     with contextlib.redirect_stdout(io.StringIO()):
-        code = anyio.run(
-            handler, namespace, config, backend_options=loop_options(config.event_loop)
-        )
+        code = anyio.run(handler, namespace, config)
     if code != 0:
         raise SystemExit(f"killswitch command failed with exit code {code}")
 
@@ -280,7 +278,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configure(level="error", stream=sys.stderr)  # the gate logs every refusal at info
-    result = anyio.run(run, args, backend_options=loop_options())  # the daemon's own loop
+    result = anyio.run(run, args)
     print(json.dumps(result, indent=2) if args.json else render(result))
     slipped = result["started_after_engage_returned"] + result["effects_after_engage_returned"]
     return 1 if slipped else 0

@@ -82,7 +82,7 @@ import anyio.to_thread  # noqa: E402
 
 from supervisor.actions import derive_id  # noqa: E402
 from supervisor.cli import commands  # noqa: E402
-from supervisor.config import Config, load_config, loop_options  # noqa: E402
+from supervisor.config import Config, load_config  # noqa: E402
 from supervisor.governance.approvals import Approvals  # noqa: E402
 from supervisor.governance.gate import Gate  # noqa: E402
 from supervisor.killswitch import SECRET_ENV, HostSwitchFile, load_secret  # noqa: E402
@@ -371,9 +371,7 @@ def _cli(handler: Any, config: Config, **args: Any) -> None:
     """One CLI subcommand, on this (worker) thread with its own event loop, output captured."""
     namespace = argparse.Namespace(scope=["host"], reason="loop-lag bench", by="bench", **args)
     with contextlib.redirect_stdout(io.StringIO()):
-        code = anyio.run(
-            handler, namespace, config, backend_options=loop_options(config.event_loop)
-        )
+        code = anyio.run(handler, namespace, config)
     if code != 0:
         raise SystemExit(f"killswitch command failed with exit code {code}")
 
@@ -610,7 +608,7 @@ def main() -> int:
     if args.waiters < 1 or args.rounds < 1:
         parser.error("--waiters and --rounds must be >= 1")
     configure(level="error", stream=sys.stderr, json=True)
-    result = anyio.run(run, args, backend_options=loop_options())  # the daemon's own loop
+    result = anyio.run(run, args)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 

@@ -383,12 +383,6 @@ def build_config(
     )
 
 
-def loop_options(event_loop: str = "auto") -> dict[str, Any]:
-    """`anyio.run`'s backend options for an `event_loop` choice (a Config's, or the default's,
-    for what runs a Daemon outside the CLI: the benches)."""
-    return {"use_uvloop": _event_loop(event_loop) == "uvloop"}
-
-
 def _event_loop(chosen: str) -> str | None:
     """uvloop where it is installed, unless asyncio is asked for; None when uvloop is asked
     for and missing. Measured: the gate's actions/s on the real clock at 50 workers, +8-13%

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from ..config import Config, load_config, loop_options
+from ..config import Config, load_config
 from ..errors import SupervisorError, UsageError
 
 PROG = "acp-supervisor"
@@ -428,7 +428,7 @@ def _main(argv: Sequence[str] | None) -> int:
             state_dir=args.state_dir,
         )
         config = _select_run(args, config)
-        options = loop_options(config.event_loop)
+        options = {"use_uvloop": config.event_loop == "uvloop"}
         code: int = anyio.run(args.handler, args, config, backend_options=options)
         return code
     except SupervisorError as exc:
