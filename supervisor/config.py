@@ -6,7 +6,6 @@ line. Nothing is written anywhere before the whole config has been checked.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -110,7 +109,6 @@ class Config:
     alerts: AlertConfig
     metrics: MetricsConfig
     query_timeout: float  # on a networked store; shorter than the lease (see load_config)
-    event_loop: str  # "uvloop" or "asyncio", resolved from "auto" (see _event_loop)
     killswitch_store_poll: float  # while LISTEN works, the switches are re-read this often too
     policy_shadow: Path | None = None  # [policy] shadow: a candidate evaluated beside the policy
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
@@ -334,19 +332,6 @@ def build_config(
             f"time ({lease_ttl}s)",
             "query_timeout",
         )
-    loop_env = env.get("ACP_EVENT_LOOP")
-    chosen_loop = loop_env or daemon.get("event_loop", "auto")
-    problem = None
-    if chosen_loop not in ("auto", "uvloop", "asyncio"):
-        problem = f"must be 'auto', 'uvloop' or 'asyncio', got {chosen_loop!r}"
-    event_loop = _event_loop(str(chosen_loop))
-    if problem is None and event_loop is None:
-        problem = "uvloop is not installed (pip install uvloop, or choose 'asyncio' or 'auto')"
-    if problem is not None:
-        if loop_env:
-            raise ConfigError(f"ACP_EVENT_LOOP: {problem}")
-        raise c.fail("daemon.event_loop", problem, "event_loop")
-    assert event_loop is not None
     return Config(
         path=file,
         fleet=fleet,
@@ -368,7 +353,6 @@ def build_config(
         killswitch_secret_file=secret_file,
         killswitch_watch_interval=c.duration(ks, "watch_interval", 0.05, "killswitch"),
         query_timeout=query_timeout,
-        event_loop=event_loop,
         killswitch_store_poll=c.duration(ks, "store_poll", 1.0, "killswitch"),
         halt_in_flight=str(halt_in_flight),
         policy=policy,
@@ -381,17 +365,6 @@ def build_config(
         console=console,
         policy_shadow=shadow,
     )
-
-
-def _event_loop(chosen: str) -> str | None:
-    """uvloop where it is installed, unless asyncio is asked for; None when uvloop is asked
-    for and missing. Measured: the gate's actions/s on the real clock at 50 workers, +8-13%
-    on SQLite and +6-17% on Postgres (docs/performance.md)."""
-    if chosen == "asyncio":
-        return "asyncio"
-    if importlib.util.find_spec("uvloop") is not None:
-        return "uvloop"
-    return None if chosen == "uvloop" else "asyncio"
 
 
 def _token_budgets(data: Mapping[str, Any]) -> TokenBudgets:

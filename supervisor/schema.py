@@ -72,9 +72,6 @@ SECTIONS: tuple[Section, ...] = (
             "fleet switch count as halt_all."),
         Key("query_timeout", _DUR, "5s, or half `lease_ttl` when that is shorter than 10s",
             "Bound of every statement and pool wait on Postgres; shorter than `lease_ttl`."),
-        Key("event_loop", "string", '"auto"', "`uvloop`, `asyncio`, or `auto`: uvloop where "
-            "it is installed (a dependency on Linux and macOS), else asyncio. Env "
-            "`ACP_EVENT_LOOP`."),
     )),
     Section("horizons.NAME", "Overrides of one horizon profile (NAME: hour, day, week, month); "
             "defaults are the horizon table of docs/design.md.", (

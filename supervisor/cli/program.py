@@ -428,8 +428,7 @@ def _main(argv: Sequence[str] | None) -> int:
             state_dir=args.state_dir,
         )
         config = _select_run(args, config)
-        options = {"use_uvloop": config.event_loop == "uvloop"}
-        code: int = anyio.run(args.handler, args, config, backend_options=options)
+        code: int = anyio.run(args.handler, args, config)
         return code
     except SupervisorError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -9,7 +9,6 @@ actions get the shutdown timeout, each worker checkpoints, exit 0.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import signal
@@ -425,8 +424,7 @@ class Daemon:
         session = await windows.ensure(clock.now())
         log.info("daemon.ready", horizon=plan.horizon, simulated=clock.virtual,
                  window=session.window_key if session else None, recovered=report.repairs,
-                 workers=sum(s.replicas for s in cfg.workers),
-                 event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0])  # fmt: skip
+                 workers=sum(s.replicas for s in cfg.workers))  # fmt: skip
         if self.install_signals:  # the process is the daemon's own, not a test's or a drill's
             gctune.settle()  # start-up's objects out of the collector's way (ops/gctune.py)
 

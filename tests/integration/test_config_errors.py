@@ -26,10 +26,9 @@ class Result:
     err: str
 
 
-def acp(folder: Path, *argv: str, env_extra: dict[str, str] | None = None) -> Result:
+def acp(folder: Path, *argv: str) -> Result:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACP_") and k != "NOTIFY_SOCKET"}
     env["PYTHONPATH"] = str(ROOT)
-    env.update(env_extra or {})
     done = subprocess.run([sys.executable, "-m", "supervisor", *argv], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     return Result(done.returncode, done.stdout, done.stderr)
@@ -221,23 +220,3 @@ def test_the_line_of_a_table_after_a_blank_line_is_its_own(tmp_path: Path) -> No
 def test_policy_shadow_must_be_a_path(tmp_path: Path) -> None:
     result = run_with(tmp_path, "[policy]\nunmatched = 'deny'\nshadow = 5\n")
     assert_refused(tmp_path, result, "policy.shadow", "bad.toml", "line 3")
-
-
-def test_an_unknown_event_loop_is_refused(tmp_path: Path) -> None:
-    result = run_with(tmp_path, SUPPORT + "[daemon]\nevent_loop = 'trio'\n")
-    assert_refused(tmp_path, result, "daemon.event_loop", "'trio'", "bad.toml", "line 5")
-
-
-def test_an_unknown_event_loop_in_the_environment_is_refused(tmp_path: Path) -> None:
-    result = acp(tmp_path, "--state-dir", "state", *RUN, env_extra={"ACP_EVENT_LOOP": "fast"})
-    assert_refused(tmp_path, result, "ACP_EVENT_LOOP", "'fast'")
-
-
-def test_uvloop_asked_for_but_not_installed_is_refused(tmp_path: Path) -> None:
-    site = tmp_path / "site"  # sys.modules[name] = None: the interpreter's "not installed"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None\n")
-    pythonpath = f"{site}{os.pathsep}{ROOT}"
-    result = acp(tmp_path, "--state-dir", "state", *RUN,
-                 env_extra={"ACP_EVENT_LOOP": "uvloop", "PYTHONPATH": pythonpath})  # fmt: skip
-    assert_refused(tmp_path, result, "ACP_EVENT_LOOP", "uvloop is not installed")
