@@ -238,7 +238,7 @@ def test_kill_9_mid_day_then_restart_loses_and_repeats_nothing(tmp_path: Path) -
 
     ok_crashed, ok_clean = succeeded(crashed), succeeded(clean)
     unfinished_rows = crashed.sql(
-        "SELECT command_id, worker FROM actions WHERE status IN ('started', 'in_doubt')"
+        "SELECT command_id, worker, started_at FROM actions WHERE status IN ('started', 'in_doubt')"
     )
     unfinished = {r[0] for r in unfinished_rows}
     print(
@@ -250,8 +250,10 @@ def test_kill_9_mid_day_then_restart_loses_and_repeats_nothing(tmp_path: Path) -
     # A worker has one action in flight at most. Several workers can each have one: on the
     # virtual clock the slot's workers wake at one instant and their started records share a
     # group commit, so a kill after that COMMIT can leave each of them started, in doubt.
+    # And all of one slot: time moves on only once every task of a slot waits for the clock.
     per_worker_unfinished = Counter(r[1] for r in unfinished_rows)
     assert all(n == 1 for n in per_worker_unfinished.values()), per_worker_unfinished
+    assert len({r[2] for r in unfinished_rows}) <= 1, unfinished_rows
     clean_ids = {e["command_id"] for e in clean.effects()}
     assert set(ids) <= clean_ids and clean_ids - set(ids) <= unfinished
     if not unfinished:
