@@ -28,6 +28,15 @@ from ..timing.clock import Clock
 
 log = structlog.get_logger("supervisor.store")
 
+# The key of a ledger result that names the call which wrote it (stripped on every read): a
+# retry after a lost acknowledgement tells its own landed attempt from a twin's by it.
+_MARK = "~call"
+
+
+def _call_mark() -> str:
+    return os.urandom(8).hex()
+
+
 Row = dict[str, Any]
 IdKind = Literal["session", "approval", "action"]
 _ID_QUERIES: dict[str, str] = {
@@ -412,15 +421,17 @@ class StoreCore:
     ) -> tuple[dict[str, Any], bool]:
         """Run `body` once per command_id, in one transaction with its ledger row.
 
-        Returns (result, fresh): fresh is False when the stored result of an earlier run came back.
+        Returns (result, fresh): fresh is False when the result another call stored came back.
         """
         digest = params_hash(operation, params)
+        mark = _call_mark()
 
         async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
-            return await self._run_command_once(command_id, operation, digest, body)
+            return await self._run_command_once(command_id, operation, digest, body, mark)
 
         # A retry after a lost connection is safe: an earlier attempt that did commit left its
-        # ledger row, and the retry returns that stored result instead of running `body` again.
+        # ledger row, and the retry returns that stored result instead of running `body` again
+        # (fresh all the same: the row carries this call's mark).
         return await self.retrying(
             attempt, what=operation, tries=COMMAND_TRIES, command_id=command_id
         )
@@ -453,21 +464,22 @@ class StoreCore:
             delay = min(delay * 2, RETRY_MAX)
 
     async def _run_command_once(
-        self, command_id: str, operation: str, digest: str, body: CommandBody
+        self, command_id: str, operation: str, digest: str, body: CommandBody, mark: str
     ) -> tuple[dict[str, Any], bool]:
         for _attempt in range(2):
             try:
                 async with self._transaction() as tx:
                     stored = await tx.fetchrow("get_command", command_id)
                     if stored is not None:
-                        return self._stored(command_id, stored, operation, digest), False
+                        found, by = self._stored_by(command_id, stored, operation, digest)
+                        return found, by == mark
                     result = await body(tx)
                     await tx.execute(
                         "insert_command",
                         command_id,
                         operation,
                         digest,
-                        canonical_json(result),
+                        canonical_json({**result, _MARK: mark}),
                         self.clock.now(),
                     )
                 return result, True
@@ -487,6 +499,13 @@ class StoreCore:
         write), else the result an earlier run stored (IdempotencyConflict if it was another
         operation or params). A racing twin's claim waits for this transaction (Postgres) and
         then comes back with the stored result. `digest`: `params_hash(operation, params)`."""
+        found = await self._claim_by_in(tx, command_id, operation, digest, result_json)
+        return None if found is None else found[0]
+
+    async def _claim_by_in(
+        self, tx: Tx, command_id: str, operation: str, digest: str, result_json: str
+    ) -> tuple[dict[str, Any], str | None] | None:
+        """claim_in, with the mark of the call whose row was there (see _stored_by)."""
         claimed = await tx.fetchval("claim_command", command_id, operation, digest, result_json,
                                     self.clock.now())  # fmt: skip
         if claimed is not None:
@@ -494,7 +513,7 @@ class StoreCore:
         stored = await tx.fetchrow("get_command", command_id)
         if stored is None:
             raise StateWriteError(f"command {command_id}: claimed, but no stored result")
-        return self._stored(command_id, stored, operation, digest)
+        return self._stored_by(command_id, stored, operation, digest)
 
     @staticmethod
     def _same_command(command_id: str, stored: Row, operation: str, digest: str) -> None:
@@ -509,9 +528,17 @@ class StoreCore:
 
     @classmethod
     def _stored(cls, command_id: str, stored: Row, operation: str, digest: str) -> dict[str, Any]:
+        return cls._stored_by(command_id, stored, operation, digest)[0]
+
+    @classmethod
+    def _stored_by(
+        cls, command_id: str, stored: Row, operation: str, digest: str
+    ) -> tuple[dict[str, Any], str | None]:
+        """The stored result, and the mark of the call that wrote it (None before marks)."""
         cls._same_command(command_id, stored, operation, digest)
         result: dict[str, Any] = json.loads(stored["result"])
-        return result
+        mark = result.pop(_MARK, None)
+        return result, mark if isinstance(mark, str) else None
 
     async def lookup_command(
         self, command_id: str, operation: str, params: Any
@@ -624,16 +651,14 @@ class StoreCore:
         finds that its first attempt had landed; False when it was there already."""
         operation = f"once:{event.kind}"
         digest = params_hash(operation, {})
-        # The claim keeps this call's mark, so a retry tells its own landed attempt from a
-        # twin's (the ledger compares operation and params only, never the result).
-        mine = {"once": os.urandom(8).hex()}
-        mark = canonical_json(mine)
+        mark = _call_mark()
+        claim = canonical_json({_MARK: mark})
 
         async def attempt(_n: int) -> bool:
             async with self._transaction() as tx:
-                stored = await self.claim_in(tx, command_id, operation, digest, mark)
-                if stored is not None:
-                    return stored == mine
+                found = await self._claim_by_in(tx, command_id, operation, digest, claim)
+                if found is not None:  # there already: this call's landed attempt, or a twin's
+                    return found[1] == mark
                 await self.append_in(tx, event)
             return True
 

@@ -258,11 +258,9 @@ async def test_once_appends_a_single_event(store: Store) -> None:
     assert await kinds(store, "s") == Counter({"ALERT": 1})
 
 
-async def test_once_whose_reply_was_lost_after_it_landed_is_still_this_calls_append(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The COMMIT landed but the caller heard "connection lost": the retry finds its own claim,
-    so the append is reported as this call's (an alert is announced), and it is still one."""
+def lose_the_first_acknowledgement(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The next write transaction commits, then its caller hears "connection lost" (transient,
+    so Store.retrying runs the work again). Returns the flag, False once it was injected."""
     real = store.backend.transaction
     armed = [True]
 
@@ -277,10 +275,36 @@ async def test_once_whose_reply_was_lost_after_it_landed_is_still_this_calls_app
             raise lost
 
     monkeypatch.setattr(store.backend, "transaction", reply_lost)
+    return armed
+
+
+async def test_once_whose_reply_was_lost_after_it_landed_is_still_this_calls_append(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT landed but the caller heard "connection lost": the retry finds its own claim,
+    so the append is reported as this call's (an alert is announced), and it is still one."""
+    armed = lose_the_first_acknowledgement(store, monkeypatch)
     assert await store.once("alert-1", ev("s", "ALERT")) is True
     assert armed == [False], "the lost acknowledgement was injected"
     assert await store.once("alert-1", ev("s", "ALERT")) is False  # a twin, later: not its own
     assert await kinds(store, "s") == Counter({"ALERT": 1})
+
+
+async def test_a_command_whose_reply_was_lost_after_it_landed_is_still_fresh(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_command's retry finds the row its first attempt wrote: the result is this call's
+    (fresh: a window's close is announced), the body ran once, and reads see the result only."""
+    calls: list[int] = []
+    armed = lose_the_first_acknowledgement(store, monkeypatch)
+    body = appending_body(store, "s", calls, "cmd-1")
+    assert await store.run_command("cmd-1", "op", {"x": 1}, body) == ({"seq": 1}, True)
+    assert armed == [False], "the lost acknowledgement was injected"
+    assert calls == [1]
+    assert await store.run_command("cmd-1", "op", {"x": 1}, body) == ({"seq": 1}, False)
+    assert await store.lookup_command("cmd-1", "op", {"x": 1}) == {"seq": 1}
+    assert calls == [1]
+    assert await seqs(store, "s") == [1]
 
 
 @pytest.mark.parametrize(
