@@ -48,8 +48,7 @@ def bind(listen: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"console cannot listen on {listen}: {exc.strerror or exc}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
+    sock.listen(128)  # not inheritable (Python's default): no child, governed or not, holds it
     return sock
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from supervisor.console.auth import LoginLimiter, OperatorsFile, Role, Sessions, allows, hash_secret
 from supervisor.console.charts import line_chart, rate_changes
+from supervisor.console.serve import bind
 from supervisor.console.settings import ConsoleConfig
 from supervisor.errors import ConfigError
 
@@ -107,3 +108,13 @@ def test_the_wheel_carries_every_template_and_asset() -> None:
     assert shipped and all(any(fnmatch(f, g) for g in globs) for f in shipped), (shipped, globs)
     store_globs = data["tool"]["setuptools"]["package-data"]["supervisor.store"]
     assert "sql/*.sql" in store_globs  # the shared named queries, the console's among them
+
+
+def test_the_console_socket_is_not_inheritable() -> None:
+    # A child the daemon starts (a governed worker, an alert command) never holds it, whatever
+    # the spawning code's close_fds.
+    sock = bind("127.0.0.1:0")
+    try:
+        assert not sock.get_inheritable()
+    finally:
+        sock.close()
