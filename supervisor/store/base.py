@@ -489,7 +489,8 @@ class StoreCore:
             stored = await tx.fetchrow("get_command", command_id)
         if stored is None:
             raise StateWriteError(f"command {command_id}: write conflict without a stored result")
-        return self._stored(command_id, stored, operation, digest), False
+        found, by = self._stored_by(command_id, stored, operation, digest)
+        return found, by == mark
 
     async def claim_in(
         self, tx: Tx, command_id: str, operation: str, digest: str, result_json: str

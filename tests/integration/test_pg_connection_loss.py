@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -174,6 +175,45 @@ async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twi
 async def _finished(store: Store, command_id: str) -> bool:
     row = await store.get_action(command_id)
     return row is not None and row.status == "succeeded"
+
+
+def commit_lands_then_the_connection_resets(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """asyncpg's next COMMIT runs on the server, then the client hears the connection reset.
+    Returns the flag, False once it was injected."""
+    armed = [True]
+    real = asyncpg.transaction.Transaction.commit
+
+    async def commit(self: Any) -> None:
+        await real(self)
+        if armed[0]:
+            armed[0] = False
+            raise ConnectionResetError("connection reset after COMMIT (test)")
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", commit)
+    return armed
+
+
+async def test_an_alert_and_a_window_close_whose_commit_landed_are_this_calls(
+    store: Store, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's own failure after a COMMIT that landed: the retry finds this call's row, so
+    the alert is announced (once() True) and the close reported (True), each written once."""
+    stream = system_stream(FLEET)
+    armed = commit_lands_then_the_connection_resets(monkeypatch)
+    assert await store.once("alert-1", NewEvent(kind=ev.ALERT, session_id=stream,
+                                                payload={})) is True  # fmt: skip
+    assert armed == [False], "the reset was injected"
+    assert [e.kind for e in await store.replay(stream)] == [ev.ALERT]
+
+    now = clock.now()
+    session, _ = await store.open_window(fleet=FLEET, key="w1", starts_at=now,
+                                         ends_at=now + timedelta(hours=1), max_cost=None,
+                                         max_actions=None, by="t")  # fmt: skip
+    armed = commit_lands_then_the_connection_resets(monkeypatch)
+    assert await store.close_window(session.id, by="t") is True
+    assert armed == [False], "the reset was injected"
+    closes = [e for e in await store.replay(session.id) if e.kind == ev.WINDOW_CLOSED]
+    assert len(closes) == 1
 
 
 async def test_an_outcome_is_left_in_doubt_only_when_the_daemon_stops_before_it_lands(
