@@ -13,7 +13,17 @@ from typing import Any
 
 from ..actions import canonical_json, params_digest, params_hash
 from ..errors import StateWriteError, StoreError, UsageError
-from .base import COMMAND_TRIES, ActionRecord, NewEvent, Row, StoreCore, Tx, current_fence
+from .base import (
+    CALL_MARK,
+    COMMAND_TRIES,
+    ActionRecord,
+    NewEvent,
+    Row,
+    StoreCore,
+    Tx,
+    call_mark,
+    current_fence,
+)
 from .records import ActionStatus
 from .switches import (
     SwitchRecord,
@@ -27,8 +37,11 @@ from .switches import (
 )
 from .tokens import TokenCharge, reserve_tokens_in, settle_tokens_in
 
-# What a started action's ledger row holds (an outcome lives in its action row).
-_STARTED_JSON = canonical_json({"status": "started"})
+
+def _started_claim(mark: str) -> str:
+    """What a started action's ledger row holds (an outcome lives in its action row): the
+    status, and the mark of the call that wrote it (see base.CALL_MARK)."""
+    return canonical_json({"status": "started", CALL_MARK: mark})
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +151,14 @@ class ActionsRepo(StoreCore):
 
         params_json = canonical_json(dict(params))
         digest = params_digest(operation, params_json)
+        # A retry after a lost acknowledgement finds this call's own claim by its mark: the
+        # start is this call's (its effect may run), not a concurrent twin's.
+        mark = call_mark()
+        claim = _started_claim(mark)
         if self.backend.one_statement_writes and not grant_ids and not token_charges:
             at_once = await self._begin_at_once(
                 command_id=command_id, operation=operation, params_json=params_json,
-                digest=digest, fleet=fleet,
+                digest=digest, claim=claim, fleet=fleet,
                 session_id=session_id, worker=worker, name=name, risk=risk, cost=cost,
                 critical=critical, safe_to_retry=safe_to_retry, rule=rule,
                 correlation_id=correlation_id, agent_id=agent_id, switches=switches, host=host,
@@ -151,14 +168,17 @@ class ActionsRepo(StoreCore):
                 return at_once
 
         refused: dict[str, str] = {}
+        chosen: dict[str, str | None] = {}  # the grant of the attempt that wrote `claim`
 
         async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
             async with self._transaction() as tx:
                 # The ledger row first: a racing twin waits on it and comes back as a replay.
-                stored = await self.claim_in(tx, command_id, operation, digest, _STARTED_JSON)
-                if stored is not None:
-                    return "replay", stored
-                grant = await self._may_start_in(
+                found = await self._claim_by_in(tx, command_id, operation, digest, claim)
+                if found is not None and found[1] == mark:  # an attempt of ours landed
+                    return "started", {"status": "started", "grant": chosen.get("grant")}
+                if found is not None:
+                    return "replay", found[0]
+                grant = chosen["grant"] = await self._may_start_in(
                     tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                     switches=switches, refused=refused, grant_ids=grant_ids,
                     token_charges=token_charges,
@@ -186,7 +206,8 @@ class ActionsRepo(StoreCore):
             return refused["reason"], dict(refused)
 
     async def _begin_at_once(
-        self, *, command_id: str, operation: str, params_json: str, digest: str, fleet: str,
+        self, *, command_id: str, operation: str, params_json: str, digest: str, claim: str,
+        fleet: str,
         session_id: str, worker: str, name: str, risk: str, cost: float, critical: bool,
         safe_to_retry: bool, rule: str, correlation_id: str | None, agent_id: str | None,
         switches: SwitchTarget, host: str | None, owner: str | None,
@@ -198,7 +219,7 @@ class ActionsRepo(StoreCore):
         lock or writes nothing. None: take the general path, which decides everything again in
         one transaction of its own: the switches moved or forbid, the host file forbids as the
         batch is sent, a fence, or the batch's statement failed (a lost connection: the ledger
-        finds a start that landed; any other error rolled the whole statement back, and this
+        finds a start that landed, by `claim`'s mark this call's; any other error rolled the whole statement back, and this
         start may not be the one that caused it)."""
         from ..events import ACTION_STARTED
 
@@ -211,7 +232,7 @@ class ActionsRepo(StoreCore):
         try:
             row = await self.backend.batched("begin_action", order=session_id,
                                              still=partial(host_permits, switches), args=(
-                command_id, operation, digest, _STARTED_JSON,
+                command_id, operation, digest, claim,
                 self.clock.now(), print_, fleet, session_id, worker, name, params_json, risk,
                 cost, critical, safe_to_retry, rule, host, owner,
                 canonical_json(dict(identity)) if identity else None, model, tokens, decision,

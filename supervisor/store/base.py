@@ -30,10 +30,10 @@ log = structlog.get_logger("supervisor.store")
 
 # The key of a ledger result that names the call which wrote it (stripped on every read): a
 # retry after a lost acknowledgement tells its own landed attempt from a twin's by it.
-_MARK = "~call"
+CALL_MARK = "~call"
 
 
-def _call_mark() -> str:
+def call_mark() -> str:
     return os.urandom(8).hex()
 
 
@@ -424,7 +424,7 @@ class StoreCore:
         Returns (result, fresh): fresh is False when the result another call stored came back.
         """
         digest = params_hash(operation, params)
-        mark = _call_mark()
+        mark = call_mark()
 
         async def attempt(_n: int) -> tuple[dict[str, Any], bool]:
             return await self._run_command_once(command_id, operation, digest, body, mark)
@@ -479,7 +479,7 @@ class StoreCore:
                         command_id,
                         operation,
                         digest,
-                        canonical_json({**result, _MARK: mark}),
+                        canonical_json({**result, CALL_MARK: mark}),
                         self.clock.now(),
                     )
                 return result, True
@@ -538,7 +538,7 @@ class StoreCore:
         """The stored result, and the mark of the call that wrote it (None before marks)."""
         cls._same_command(command_id, stored, operation, digest)
         result: dict[str, Any] = json.loads(stored["result"])
-        mark = result.pop(_MARK, None)
+        mark = result.pop(CALL_MARK, None)
         return result, mark if isinstance(mark, str) else None
 
     async def lookup_command(
@@ -652,8 +652,8 @@ class StoreCore:
         finds that its first attempt had landed; False when it was there already."""
         operation = f"once:{event.kind}"
         digest = params_hash(operation, {})
-        mark = _call_mark()
-        claim = canonical_json({_MARK: mark})
+        mark = call_mark()
+        claim = canonical_json({CALL_MARK: mark})
 
         async def attempt(_n: int) -> bool:
             async with self._transaction() as tx:

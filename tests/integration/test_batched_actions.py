@@ -179,8 +179,9 @@ async def test_a_start_the_store_cannot_write_fails_closed(pg_url: str) -> None:
 @pytest.mark.postgres
 async def test_a_batch_whose_answer_is_lost_is_found_in_the_ledger(pg_url: str) -> None:
     """The statement committed, then the connection went before its answer came: each member
-    redoes its start the careful way, finds its own ledger row, and reports it as known (not a
-    second start): one action row and one ACTION_STARTED each."""
+    redoes its start the careful way, finds the ledger row its own call claimed, and reports
+    the start as its own (its effect may run), not a twin's and not a second start: one action
+    row and one ACTION_STARTED each."""
     store = await open_store(pg_url, SystemClock(), migrate=True)
     backend = _pg(store)
     real = backend._run_batch
@@ -197,8 +198,8 @@ async def test_a_batch_whose_answer_is_lost_is_found_in_the_ledger(pg_url: str) 
 
     backend._run_batch = answer_lost_once  # type: ignore[method-assign]
     ids, results, events = await _starts_then_close(store, 20)
-    assert sorted(set(results.values())) in (["replay", "started"], ["replay"])
-    assert list(results.values()).count("replay") == lost[0]
+    assert lost and lost[0] >= 1, "the lost answer was injected"
+    assert set(results.values()) == {"started"}, results
     started = sorted(e.command_id for e in events if e.kind == ev.ACTION_STARTED)
     assert started == sorted(ids), "a start was written twice or lost"
 

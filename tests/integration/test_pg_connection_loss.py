@@ -21,7 +21,7 @@ from test_gate_store import FLEET, Rig, act, build_rig
 
 from supervisor import events as ev
 from supervisor.config import load_config
-from supervisor.errors import ConfigError, StateWriteError, StoreError
+from supervisor.errors import ConfigError, StateWriteError, StoreError, StoreUnavailable
 from supervisor.runtime import recovery
 from supervisor.store import NewEvent, Store, open_store, system_stream
 from supervisor.store.postgres import APPLICATION_NAME
@@ -170,6 +170,40 @@ async def test_an_outcome_whose_commit_landed_before_the_loss_is_not_written_twi
     kinds = [e.kind for e in await rig.store.events_for_command("landed-1")]
     assert kinds.count(ev.ACTION_SUCCEEDED) == 1
     assert (await rig.reload_session()).used_actions == 1
+
+
+async def test_a_start_whose_statement_landed_before_the_loss_runs_its_effect_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one statement that writes the started record ran on the server, then the connection
+    went before its answer came: the start is retried the careful way, finds the ledger row
+    this call claimed, and the effect runs, once. (It was refused as in doubt, its reservation
+    held until recovery, as if a twin had started it.)"""
+    backend = rig.store.backend
+    real = backend._run_batch  # type: ignore[attr-defined]
+    lost: list[str] = []
+
+    async def answer_lost_once(name: str, calls: list[tuple[Any, ...]]) -> Any:
+        rows = await real(name, calls)
+        if name == "begin_action" and not lost:
+            lost.append(name)
+            error = StoreUnavailable("postgres connection lost during begin_action_batch (test)")
+            error.transient = True
+            raise error
+        return rows
+
+    monkeypatch.setattr(backend, "_run_batch", answer_lost_once)
+    outcome = await rig.run(act(), "lost-start-1")
+    assert lost == ["begin_action"], "the lost answer was injected"
+    assert outcome.status == "succeeded" and not outcome.replayed
+    assert rig.effects == ["lost-start-1"], "the effect ran once"
+    kinds = [e.kind for e in await rig.store.events_for_command("lost-start-1")]
+    assert kinds.count(ev.ACTION_STARTED) == 1 and kinds.count(ev.ACTION_SUCCEEDED) == 1
+    assert not [e for e in kinds if e == ev.ACTION_DENIED]
+    session = await rig.reload_session()
+    assert session.used_actions == 1, "charged once"
+    row = await storetools.fetchrow(rig.store, "get_session", session.id)
+    assert row is not None and row["reserved_actions"] == 0, "no reservation left held"
 
 
 async def _finished(store: Store, command_id: str) -> bool:

@@ -307,6 +307,46 @@ async def test_a_command_whose_reply_was_lost_after_it_landed_is_still_fresh(
     assert await seqs(store, "s") == [1]
 
 
+def lose_the_first_start_acknowledgement(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> list[bool]:
+    """As lose_the_first_acknowledgement, for the next started record on either path: a write
+    transaction's, or (Postgres) the one statement that writes it on its own."""
+    armed = lose_the_first_acknowledgement(store, monkeypatch)
+    if store.backend.one_statement_writes:
+        real = store.backend.batched
+
+        async def reply_lost(name: str, **kwargs: Any) -> Any:
+            row = await real(name, **kwargs)
+            if armed[0] and row is not None and row["status"] == "started":
+                armed[0] = False
+                lost = StateWriteError("the statement's acknowledgement lost (test)")
+                lost.transient = True
+                raise lost
+            return row
+
+        monkeypatch.setattr(store.backend, "batched", reply_lost)
+    return armed
+
+
+async def test_a_start_whose_reply_was_lost_after_it_landed_is_still_this_calls(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The started record landed, but its caller heard "connection lost": the retry finds the
+    ledger row its own first attempt claimed, so the start is this call's (the effect may run),
+    not a concurrent twin's (refused, in doubt until recovery). Still one record, one
+    reservation; a later twin is a replay."""
+    session, _ = await open_window(store, max_actions=5)
+    armed = lose_the_first_start_acknowledgement(store, monkeypatch)
+    assert await begin(store, session.id, "a1", 1.0) == "started"
+    assert armed == [False], "the lost acknowledgement was injected"
+    assert await begin(store, session.id, "a1", 1.0) == "replay"  # a twin, later
+    assert (await budget_row(store, session.id))["reserved_actions"] == 1
+    assert (await kinds(store, session.id))[ACTION_STARTED] == 1
+    action = await store.get_action("a1")
+    assert action is not None and action.status == "started"
+
+
 @pytest.mark.parametrize(
     ("operation", "params"), [("op", {"x": 2}), ("other-op", {"x": 1})], ids=["params", "operation"]
 )
