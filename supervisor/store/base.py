@@ -51,7 +51,7 @@ Reads = Sequence[tuple[str, Sequence[Any]]]
 # How many telemetry events wait in memory before they are written in one transaction.
 TELEMETRY_BATCH = 256
 TELEMETRY_MAX_BUFFER = 10_000
-TELEMETRY_YIELD_EVERY = 16  # events written between two turns of the event loop
+TELEMETRY_CHUNK = 256  # events written in one statement call, between two turns of the loop
 
 # Every statement's bound on a networked backend (config: daemon.query_timeout).
 DEFAULT_QUERY_TIMEOUT = 5.0
@@ -109,6 +109,12 @@ class Tx(Protocol):
         ...
 
     async def fetchall(self, name: str, *args: Any) -> list[Row]: ...
+
+    async def executemany(self, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Run a named statement once per row, in order, in one call to the driver (one round
+        trip on Postgres): a transaction writing many rows holds its locks for one statement's
+        time, not one round trip's per row."""
+        ...
 
     async def change_stamp(self) -> Hashable | None:
         """A value that differs whenever rows this transaction reads may have changed since
@@ -569,6 +575,20 @@ class StoreCore:
         assert seq is not None
         return int(seq)
 
+    async def append_many_in(
+        self, tx: Tx, events: Sequence[tuple[NewEvent, datetime | None]]
+    ) -> None:
+        """Append `events` inside an open transaction, in order, with consecutive seqs per
+        stream, in one statement call (see Tx.executemany)."""
+        if not events:
+            return
+        now = self.clock.now()
+        await tx.executemany("insert_event", [
+            (e.session_id, e.kind, e.reason, canonical_json(dict(e.payload)), e.state_bearing,
+             e.command_id, e.correlation_id, e.worker, e.agent_id, at or now)
+            for e, at in events
+        ])  # fmt: skip
+
     async def append(self, event: NewEvent) -> int | None:
         """State-bearing: committed before returning (seq), or StateWriteError. Telemetry: buffered."""
         if not event.state_bearing:
@@ -593,12 +613,12 @@ class StoreCore:
             return 0
         try:
             async with self._transaction() as tx:
-                for n, (event, at) in enumerate(batch, 1):
-                    await self.append_in(tx, event, at)
-                    if n % TELEMETRY_YIELD_EVERY == 0:
-                        # A SQLite statement runs on the loop: a batch of hundreds in one go
-                        # held it for tens of milliseconds (the kill switch's watch included).
+                for start in range(0, len(batch), TELEMETRY_CHUNK):
+                    if start:
+                        # A SQLite statement runs on the loop: a backlog of thousands in one
+                        # go would hold it for a long while (the kill switch's watch included).
                         await anyio.lowlevel.checkpoint()
+                    await self.append_many_in(tx, batch[start : start + TELEMETRY_CHUNK])
         except StoreError as exc:
             self.telemetry_dropped += len(batch)
             log.warning(

@@ -51,8 +51,7 @@ class CheckpointsRepo(StoreCore):
         the cycles it covers commits with it, so after a crash the cycles re-run from this
         checkpoint are exactly those not recorded."""
         async with self._transaction() as tx:
-            for event, at in pending:
-                await self.append_in(tx, event, at)
+            await self.append_many_in(tx, list(pending))
             seq_row = await tx.fetchrow("stream_seq", session_id) if session_id else None
             last_seq = int(seq_row["last_seq"]) if seq_row else 0
             row = await tx.fetchrow(

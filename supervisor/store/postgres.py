@@ -11,7 +11,7 @@ error with `transient` set, so the layer above may redo the whole unit of work.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -162,6 +162,10 @@ class _PgTx:
     async def fetchall(self, name: str, *args: Any) -> list[Row]:
         rows = await self._call("fetch", name, args)
         return [dict(r) for r in rows]
+
+    async def executemany(self, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        # asyncpg sends every row's Bind and Execute, then one Sync: one round trip.
+        await self._call("executemany", name, (list(rows),))
 
 
 class _PgSubscription:

@@ -234,13 +234,22 @@ class _SQLiteTx:
     def _run(self, name: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
         try:
             return self._conn.execute(self._q[name], _encoded(args))
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" in str(exc):
-                raise UniqueViolation(f"{name}: {exc}") from exc
-            raise StateWriteError(f"{name}: {exc}") from exc
         except sqlite3.Error as exc:
-            error = StateWriteError if self._write else StoreError
-            raise error(f"sqlite {name}: {exc}") from exc
+            raise self._translate(name, exc) from exc
+
+    def _translate(self, name: str, exc: sqlite3.Error) -> StoreError:
+        if isinstance(exc, sqlite3.IntegrityError):
+            if "UNIQUE" in str(exc):
+                return UniqueViolation(f"{name}: {exc}")
+            return StateWriteError(f"{name}: {exc}")
+        error = StateWriteError if self._write else StoreError
+        return error(f"sqlite {name}: {exc}")
+
+    async def executemany(self, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            self._conn.executemany(self._q[name], [_encoded(r) for r in rows])
+        except sqlite3.Error as exc:
+            raise self._translate(name, exc) from exc
 
     async def execute(self, name: str, *args: Any) -> int:
         return self._run(name, args).rowcount

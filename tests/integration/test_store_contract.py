@@ -32,6 +32,7 @@ from supervisor.events import (
     ACTION_FAILED,
     ACTION_STARTED,
     ACTION_SUCCEEDED,
+    CHECKPOINT,
     WINDOW_CLOSED,
     WINDOW_MISSED,
     WINDOW_OPENED,
@@ -603,6 +604,60 @@ async def test_telemetry_flushes_itself_when_the_batch_fills(store: Store) -> No
     for _ in range(TELEMETRY_BATCH):
         await store.append(ev("s", "TICK", state_bearing=False))
     assert len(await store.replay("s")) == TELEMETRY_BATCH
+
+
+def count_statement_calls(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every call a write transaction makes to the driver, by statement name, from now on."""
+    calls: list[str] = []
+    real = store.backend.transaction
+
+    class Counting:
+        def __init__(self, tx: Tx) -> None:
+            self._tx = tx
+
+        def __getattr__(self, method: str) -> Any:
+            original = getattr(self._tx, method)
+            if method not in ("execute", "fetchrow", "fetchval", "fetchall", "executemany"):
+                return original
+
+            async def call(name: str, *args: Any) -> Any:
+                calls.append(name)
+                return await original(name, *args)
+
+            return call
+
+    @asynccontextmanager
+    async def counted() -> AsyncIterator[Any]:
+        async with real() as tx:
+            yield Counting(tx)
+
+    monkeypatch.setattr(store.backend, "transaction", counted)
+    return calls
+
+
+async def test_telemetry_and_a_checkpoints_cycles_are_written_in_one_call_each(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction writing many events holds its stream's row (Postgres) and the write lock
+    (SQLite) for one statement call, not one round trip per event: on Postgres a checkpoint of
+    a hundred cycles locked the stream's row, and so every start and outcome of its window,
+    for a hundred round trips. The seqs are still consecutive, in order."""
+    calls = count_statement_calls(store, monkeypatch)
+    for i in range(300):
+        await store.append(ev("s", "TICK", state_bearing=False, payload={"i": i}))
+    await store.flush_telemetry()
+    assert calls.count("insert_event") <= 2, calls  # 256 flushed on the way, then the rest
+    pending = [(ev("s", "CYCLE", state_bearing=False, payload={"i": i}), store.clock.now())
+               for i in range(100)]  # fmt: skip
+    calls.clear()
+    await store.save_checkpoint(fleet=FLEET, worker="w", cycle=100, session_id="s", state={},
+                                counters={}, pending=pending)  # fmt: skip
+    assert len(calls) <= 4, calls  # the cycles, the seq, the checkpoint, its event
+    events = await store.replay("s")
+    assert [e.seq for e in events] == list(range(1, 402))
+    assert [e.payload.get("i") for e in events[:300]] == list(range(300))
+    assert [e.payload.get("i") for e in events[300:400]] == list(range(100))
+    assert events[-1].kind == CHECKPOINT
 
 
 async def test_failed_telemetry_flush_is_counted(store: Store, store_url: str) -> None:
