@@ -164,7 +164,13 @@ class _PgTx:
         return [dict(r) for r in rows]
 
     async def executemany(self, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        # asyncpg sends every row's Bind and Execute, then one Sync: one round trip.
+        """A statement with an array form (`<name>_arrays`: one array per column) runs once,
+        set-based; any other once per row, in one round trip (asyncpg sends every row's Bind
+        and Execute, then one Sync)."""
+        if f"{name}_arrays" in self._q:
+            columns = tuple(list(column) for column in zip(*rows, strict=True))
+            await self._call("execute", f"{name}_arrays", columns)
+            return
         await self._call("executemany", name, (list(rows),))
 
 

@@ -21,7 +21,7 @@ from supervisor.killswitch.hostfile import SwitchState
 from supervisor.killswitch.modes import Mode
 from supervisor.store import Event, NewEvent, Session, Store, open_store
 from supervisor.store.postgres import PostgresBackend
-from supervisor.store.switches import SwitchTarget
+from supervisor.store.switches import SwitchTarget, switches_with_print
 from supervisor.timing.clock import SystemClock
 from tests import storetools
 from tests.crashing import told_before_kill
@@ -114,6 +114,83 @@ async def test_concurrent_starts_share_one_statement(pg_url: str) -> None:
     events = await _replay_all(pg_url, session.id)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert sum(e.kind == ev.ACTION_STARTED for e in events) == 50
+
+
+def _begin_call(command_id: str, session_id: str, print_: str, *, cost: float = 1.0,
+                fleet: str = FLEET, now: Any = None) -> tuple[Any, ...]:  # fmt: skip
+    """One call's arguments, as ActionsRepo._begin_at_once sends them."""
+    from supervisor.actions import canonical_json, params_hash
+
+    params = {"n": command_id}
+    return (
+        command_id, "action:demo", params_hash("action:demo", params),
+        canonical_json({"status": "started", "~call": command_id}), now, print_, fleet,
+        session_id, "w1", "demo", canonical_json(params), "low", cost, False, False, "risk:low",
+        None, None, None, None, 0, "allow", ev.ACTION_STARTED,
+        canonical_json({"action": "demo"}), None, None,
+    )  # fmt: skip
+
+
+@pytest.mark.postgres
+async def test_one_batch_decides_each_start_in_call_order(pg_url: str) -> None:
+    """What each call of one batch statement comes back with, each decided in call order as
+    its own statement would have decided it: room for two actions in the window, so the third
+    is refused and nothing of it is written; a command_id twice is a replay of the first (or,
+    when the first was refused, "again": decided once more on its own); a window that is not
+    there, a stale switch fingerprint. Only the started ones hold a ledger row, an action row,
+    a reservation and an ACTION_STARTED, numbered in call order."""
+    store = await open_store(pg_url, SystemClock(), migrate=True)
+    backend = _pg(store)
+    try:
+        now = store.clock.now()
+        session, _ = await store.open_window(fleet=FLEET, key="w", starts_at=now - timedelta(minutes=1),
+                                             ends_at=now + timedelta(hours=1), max_cost=None,
+                                             max_actions=2, by="pytest")  # fmt: skip
+        async with backend.reader() as tx:
+            print_, _records = await switches_with_print(tx, FLEET, store.switch_cache)
+        calls = [
+            _begin_call("a1", session.id, print_, now=now),
+            _begin_call("a1", session.id, print_, now=now),  # its twin, in the same batch
+            _begin_call("a2", session.id, print_, now=now),
+            _begin_call("a3", session.id, print_, now=now),  # no room left
+            _begin_call("a3", session.id, print_, now=now),  # the twin of a refused one
+            _begin_call("b1", "no-such-window", print_, now=now),
+            _begin_call("s1", session.id, "stale", now=now),
+        ]
+        rows = await backend._run_batch("begin_action", calls)
+        statuses = [r["status"] for r in rows]
+        assert statuses == ["started", "replay", "started", "budget", "again", "no_window",
+                            "switches"]  # fmt: skip
+        assert rows[1]["operation"] == "action:demo" and "~call" in rows[1]["result"]
+        assert rows[6]["print"] == print_
+        for command_id, held in (("a1", True), ("a2", True), ("a3", False), ("b1", False),
+                                 ("s1", False)):  # fmt: skip
+            assert (await store.get_action(command_id) is not None) is held, command_id
+            ledger = await storetools.fetchrow(store, "get_command", command_id)
+            assert (ledger is not None) is held, command_id
+        window = await storetools.fetchrow(store, "get_session", session.id)
+        assert window is not None and window["reserved_actions"] == 2
+        events = await store.replay(session.id)
+        started = [(e.seq, e.command_id) for e in events if e.kind == ev.ACTION_STARTED]
+        assert [c for _s, c in started] == ["a1", "a2"]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+        # Their outcomes, one batch: one done, one stale fingerprint, one not open.
+        def finish(command_id: str, fingerprint: str | None) -> tuple[Any, ...]:
+            return (command_id, session.id, "succeeded", now, None, None, 1.0, True, fingerprint,
+                    FLEET, ev.ACTION_SUCCEEDED, None, "{}", None, "w1")  # fmt: skip
+
+        rows = await backend._run_batch("finish_action", [
+            finish("a1", print_), finish("a2", "stale"), finish("a3", None)])  # fmt: skip
+        assert [r["status"] for r in rows] == ["done", "switches", "not_open"]
+        window = await storetools.fetchrow(store, "get_session", session.id)
+        assert window is not None
+        assert (window["reserved_actions"], window["used_actions"]) == (1, 1)
+        events = await store.replay(session.id)
+        assert [e.command_id for e in events if e.kind == ev.ACTION_SUCCEEDED] == ["a1"]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    finally:
+        await store.close()
 
 
 async def _replay_all(url: str, session_id: str) -> list[Any]:
@@ -210,7 +287,7 @@ from datetime import timedelta
 import anyio
 from supervisor.timing.clock import SystemClock
 from supervisor.store import open_store
-from supervisor.store.switches import SwitchTarget
+from supervisor.store.switches import SwitchTarget, switches_with_print
 
 async def main(url):
     store = await open_store(url, SystemClock(), migrate=True)

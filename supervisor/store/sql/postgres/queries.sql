@@ -33,6 +33,12 @@ RETURNING id;
 -- The stream's next sequence number and the event (acp_append_event, migration 0010).
 SELECT acp_append_event(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) AS seq;
 
+-- name: insert_event_arrays
+-- insert_event's rows as one array per column, in one statement (acp_append_events, migration
+-- 0011): what Tx.executemany sends for insert_event.
+SELECT acp_append_events(NULL, ?::text[], ?::text[], ?::text[], ?::text[], ?::bool[],
+                         ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[]);
+
 -- name: reserve_budget
 SELECT 1 AS ok WHERE acp_reserve_budget(?, ?, ?);
 
@@ -43,34 +49,21 @@ SELECT acp_settle_budget(?, ?, true);
 SELECT acp_settle_budget(?, ?, false);
 
 -- name: begin_action_batch
--- Started records, one call of acp_begin_action (migration 0010) per element of the arrays, in
--- one statement and so one transaction and one COMMIT (see PostgresBackend.batched).
-SELECT r.* FROM unnest(
+-- Started records, one array per argument of acp_begin_actions (migration 0011), in one
+-- statement and so one transaction and one COMMIT (see PostgresBackend.batched).
+SELECT status, operation, params_hash, result, print FROM acp_begin_actions(
     ?::text[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[],
     ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::float8[], ?::bool[], ?::bool[],
     ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::int8[], ?::text[], ?::text[],
     ?::text[], ?::text[], ?::text[]
-) WITH ORDINALITY
-AS t(a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
-     a21, a22, a23, a24, a25, a26, n)
-CROSS JOIN LATERAL acp_begin_action(
-    t.a1, t.a2, t.a3, t.a4, t.a5, t.a6, t.a7, t.a8, t.a9, t.a10, t.a11, t.a12, t.a13, t.a14,
-    t.a15, t.a16, t.a17, t.a18, t.a19, t.a20, t.a21, t.a22, t.a23, t.a24, t.a25, t.a26
-) AS r
-ORDER BY t.n;
+) ORDER BY n;
 
 -- name: finish_action_batch
--- Outcomes, one call of acp_finish_action (migration 0010) per element, in one statement.
-SELECT r.* FROM unnest(
+-- Outcomes, one array per argument of acp_finish_actions (migration 0011), in one statement.
+SELECT status, print FROM acp_finish_actions(
     ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::float8[],
     ?::bool[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[]
-) WITH ORDINALITY
-AS t(a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, n)
-CROSS JOIN LATERAL acp_finish_action(
-    t.a1, t.a2, t.a3, t.a4, t.a5, t.a6, t.a7, t.a8, t.a9, t.a10, t.a11, t.a12, t.a13, t.a14,
-    t.a15
-) AS r
-ORDER BY t.n;
+) ORDER BY n;
 
 -- name: switches_with_print
 SELECT * FROM acp_switches_with_print(?);
