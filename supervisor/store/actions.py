@@ -23,6 +23,8 @@ from .base import (
     Tx,
     call_mark,
     current_fence,
+    stored_object,
+    unreadable,
 )
 from .records import ActionStatus
 from .switches import (
@@ -74,18 +76,22 @@ class ActionRow:
 
     @classmethod
     def from_row(cls, row: Row) -> ActionRow:
-        return cls(
-            command_id=row["command_id"], fleet=row["fleet"], session_id=row["session_id"],
-            worker=row["worker"], name=row["name"], params=json.loads(row["params"]),
-            risk=row["risk"], cost=float(row["cost"]), critical=bool(row["critical"]),
-            safe_to_retry=bool(row["safe_to_retry"]), status=ActionStatus(row["status"]),
-            rule=row["rule"], started_at=row["started_at"], finished_at=row["finished_at"],
-            result=json.loads(row["result"]) if row["result"] is not None else None,
-            error=row["error"], resolved_by=row["resolved_by"], host=row["host"],
-            owner=row["owner"],
-            identity=json.loads(row["identity"]) if row["identity"] else None,
-            model=row["model"], tokens=int(row["tokens"] or 0), decision=row["decision"],
-        )  # fmt: skip
+        what = f"action {row['command_id']}"
+        try:
+            return cls(
+                command_id=row["command_id"], fleet=row["fleet"], session_id=row["session_id"],
+                worker=row["worker"], name=row["name"], params=stored_object(row["params"], what),
+                risk=row["risk"], cost=float(row["cost"]), critical=bool(row["critical"]),
+                safe_to_retry=bool(row["safe_to_retry"]), status=ActionStatus(row["status"]),
+                rule=row["rule"], started_at=row["started_at"], finished_at=row["finished_at"],
+                result=json.loads(row["result"]) if row["result"] is not None else None,
+                error=row["error"], resolved_by=row["resolved_by"], host=row["host"],
+                owner=row["owner"],
+                identity=stored_object(row["identity"], what) if row["identity"] else None,
+                model=row["model"], tokens=int(row["tokens"] or 0), decision=row["decision"],
+            )  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise unreadable(what, exc) from exc
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601 text, the status as its value."""
@@ -114,7 +120,10 @@ class ActionsRepo(StoreCore):
             status = "succeeded"
         elif status == "resolved_failed":
             status, error = "failed", f"resolved as failed by {row['resolved_by']}"
-        result = json.loads(row["result"]) if row["result"] is not None else None
+        try:
+            result = json.loads(row["result"]) if row["result"] is not None else None
+        except ValueError as exc:
+            raise unreadable(f"action {command_id}", exc) from exc
         return ActionRecord(status, result, error, bool(row["safe_to_retry"]))
 
     async def begin_action(

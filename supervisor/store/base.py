@@ -37,6 +37,24 @@ def call_mark() -> str:
     return os.urandom(8).hex()
 
 
+def unreadable(what: str, exc: Exception) -> StoreError:
+    """A row this store wrote that no longer decodes (JSON that does not parse or is not what
+    was written, a status no version writes): the store was altered outside it. One error
+    naming the row; whatever needed it fails closed."""
+    return StoreError(f"{what} is unreadable ({exc}): the store was altered outside acp-supervisor")
+
+
+def stored_object(text: str, what: str) -> dict[str, Any]:
+    """A JSON object column as this store writes it (see `unreadable`)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise unreadable(what, exc) from exc
+    if not isinstance(value, dict):
+        raise unreadable(what, ValueError(f"a JSON {type(value).__name__}, not an object"))
+    return value
+
+
 Row = dict[str, Any]
 IdKind = Literal["session", "approval", "action"]
 _ID_QUERIES: dict[str, str] = {
@@ -247,20 +265,27 @@ class Event:
 
     @classmethod
     def from_row(cls, row: Row) -> Event:
-        return cls(
-            id=int(row["id"]),
-            session_id=row["session_id"],
-            seq=int(row["seq"]),
-            kind=row["kind"],
-            reason=row["reason"],
-            payload=json.loads(row["payload"]),
-            state_bearing=bool(row["state_bearing"]),
-            command_id=row["command_id"],
-            correlation_id=row["correlation_id"],
-            worker=row["worker"],
-            agent_id=row["agent_id"],
-            created_at=row["created_at"],
-        )
+        try:  # (a scorecard decodes every event: no per-row name unless one fails)
+            payload = json.loads(row["payload"])
+            event = cls(
+                id=int(row["id"]),
+                session_id=row["session_id"],
+                seq=int(row["seq"]),
+                kind=row["kind"],
+                reason=row["reason"],
+                payload=payload,
+                state_bearing=bool(row["state_bearing"]),
+                command_id=row["command_id"],
+                correlation_id=row["correlation_id"],
+                worker=row["worker"],
+                agent_id=row["agent_id"],
+                created_at=row["created_at"],
+            )
+        except (TypeError, ValueError) as exc:
+            raise unreadable(f"event {row.get('id')}", exc) from exc
+        if not isinstance(payload, dict):
+            raise unreadable(f"event {row.get('id')}", ValueError("its payload is not an object"))
+        return event
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__slots__}
@@ -543,7 +568,7 @@ class StoreCore:
     ) -> tuple[dict[str, Any], str | None]:
         """The stored result, and the mark of the call that wrote it (None before marks)."""
         cls._same_command(command_id, stored, operation, digest)
-        result: dict[str, Any] = json.loads(stored["result"])
+        result = stored_object(stored["result"], f"the ledger row of {command_id}")
         mark = result.pop(CALL_MARK, None)
         return result, mark if isinstance(mark, str) else None
 

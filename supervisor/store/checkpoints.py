@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,7 +9,7 @@ from typing import Any
 
 from .. import events as ev
 from ..actions import canonical_json
-from .base import NewEvent, Row, StoreCore, system_stream
+from .base import NewEvent, Row, StoreCore, stored_object, system_stream, unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +26,17 @@ class Checkpoint:
 
     @classmethod
     def from_row(cls, row: Row) -> Checkpoint:
-        return cls(
-            id=int(row["id"]), fleet=row["fleet"], worker=row["worker"], cycle=int(row["cycle"]),
-            session_id=row["session_id"], state=json.loads(row["state"]),
-            counters=json.loads(row["counters"]), last_seq=int(row["last_seq"]),
-            created_at=row["created_at"],
-        )  # fmt: skip
+        what = f"checkpoint {row['id']}"
+        try:
+            return cls(
+                id=int(row["id"]), fleet=row["fleet"], worker=row["worker"],
+                cycle=int(row["cycle"]), session_id=row["session_id"],
+                state=stored_object(row["state"], what),
+                counters=stored_object(row["counters"], what), last_seq=int(row["last_seq"]),
+                created_at=row["created_at"],
+            )  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise unreadable(what, exc) from exc
 
     def as_dict(self) -> dict[str, Any]:
         # Without the fleet: a listing is always of one fleet (`checkpoints list --json`).

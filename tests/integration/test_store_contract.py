@@ -27,7 +27,13 @@ import asyncpg
 import pytest
 
 from supervisor.actions import params_hash
-from supervisor.errors import IdempotencyConflict, SchemaMissing, SchemaTooNew, StateWriteError
+from supervisor.errors import (
+    IdempotencyConflict,
+    SchemaMissing,
+    SchemaTooNew,
+    StateWriteError,
+    StoreError,
+)
 from supervisor.events import (
     ACTION_FAILED,
     ACTION_STARTED,
@@ -670,6 +676,52 @@ async def test_failed_telemetry_flush_is_counted(store: Store, store_url: str) -
     await store.append(ev("s", "TICK", state_bearing=False))
     assert await store.flush_telemetry() == 1
     assert store.telemetry_dropped == 5
+
+
+# --- rows altered outside the store ---------------------------------------------------------
+
+
+async def alter(store_url: str, sql: str) -> None:
+    """Write straight into the database, as someone with the file or the server might."""
+    if store_url.startswith("sqlite"):
+        conn = sqlite3.connect(parse_sqlite_url(store_url)[0], isolation_level=None)
+        try:
+            conn.execute(sql)
+        finally:
+            conn.close()
+    else:
+        await pg_exec(store_url, sql)
+
+
+@pytest.mark.parametrize(
+    "bad", ["[1, 2]", "not json", '"text"'], ids=["array", "garbage", "string"]
+)
+async def test_a_row_altered_outside_the_store_is_one_error_naming_it(
+    store: Store, store_url: str, bad: str
+) -> None:
+    """JSON that no longer parses, or is not the object this store wrote, in a ledger row, an
+    event, an action row or a checkpoint: a StoreError naming the row (the action that needed
+    it fails closed), not an AttributeError or a JSONDecodeError from deep in the store."""
+    session, _ = await open_window(store, max_actions=5)
+    assert await begin(store, session.id, "a1", 1.0) == "started"
+    checkpoint = await store.save_checkpoint(fleet=FLEET, worker="w", cycle=1,
+                                             session_id=session.id, state={"n": 1}, counters={})  # fmt: skip
+    quoted = bad.replace("'", "''")
+    await alter(store_url, f"UPDATE commands SET result = '{quoted}' WHERE command_id = 'a1'")
+    await alter(store_url, f"UPDATE events SET payload = '{quoted}' WHERE session_id = '{session.id}'")  # fmt: skip
+    await alter(store_url, f"UPDATE actions SET params = '{quoted}' WHERE command_id = 'a1'")
+    await alter(store_url, f"UPDATE checkpoints SET state = '{quoted}' WHERE id = {checkpoint}")
+    for read, named in [
+        (lambda: begin(store, session.id, "a1", 1.0), "ledger row of a1"),  # its retry
+        (lambda: store.lookup_command("a1", "act", {"id": "a1"}), "ledger row of a1"),
+        (lambda: store.replay(session.id), "event "),
+        (lambda: store.get_action("a1"), "action a1"),
+        (lambda: store.get_checkpoint(checkpoint), f"checkpoint {checkpoint}"),
+    ]:
+        with pytest.raises(StoreError) as info:
+            await read()
+        assert named in str(info.value) and "altered" in str(info.value), str(info.value)
+    assert (await budget_row(store, session.id))["reserved_actions"] == 1  # nothing more ran
 
 
 # --- 8. migrations ------------------------------------------------------------------------------
