@@ -183,7 +183,11 @@ class ActionsRepo(StoreCore):
             async with self._transaction() as tx:
                 # The ledger row first: a racing twin waits on it and comes back as a replay.
                 found = await self._claim_by_in(tx, command_id, operation, digest, claim)
-                if found is not None and found[1] == mark:  # an attempt of ours landed
+                if (
+                    found is not None
+                    and found[1] == mark
+                    and await self._still_ours_in(tx, command_id, host=host, owner=owner)
+                ):  # an attempt of ours landed, and nothing moved its record since
                     return "started", {"status": "started", "grant": chosen.get("grant")}
                 if found is not None:
                     return "replay", found[0]
@@ -214,6 +218,22 @@ class ActionsRepo(StoreCore):
         except _Refused:
             return refused["reason"], dict(refused)
 
+    @staticmethod
+    async def _still_ours_in(
+        tx: Tx, command_id: str, *, host: str | None, owner: str | None
+    ) -> bool:
+        """Whether the started record this call's landed attempt wrote is still open and this
+        process's: a peer's recovery may have marked it in-doubt meanwhile (this host's
+        heartbeat was stale past the lease), and a re-run may have started it again elsewhere;
+        then its effect may not run here (a replay: refused in doubt)."""
+        row = await tx.fetchrow("get_action", command_id)
+        return (
+            row is not None
+            and row["status"] == "started"
+            and row["host"] == host
+            and row["owner"] == owner
+        )
+
     async def _begin_at_once(
         self, *, command_id: str, operation: str, params_json: str, digest: str, claim: str,
         fleet: str,
@@ -227,7 +247,8 @@ class ActionsRepo(StoreCore):
         switch rows as last read, which the statement finds unchanged under the fleet's switch
         lock or writes nothing. None: take the general path, which decides everything again in
         one transaction of its own: the switches moved or forbid, the host file forbids as the
-        batch is sent, a fence, or the batch's statement failed (a lost connection: the ledger
+        batch is sent, a fence, a twin in the same batch that was refused ("again"), or the
+        batch's statement failed (a lost connection: the ledger
         finds a start that landed, by `claim`'s mark this call's; any other error rolled the whole statement back, and this
         start may not be the one that caused it)."""
         from ..events import ACTION_STARTED
@@ -260,8 +281,9 @@ class ActionsRepo(StoreCore):
             return "replay", self._stored(command_id, row, operation, digest)
         if status in ("budget", "no_window"):
             return status, {"reason": status}
-        self.switch_cache.prints.pop(fleet, None)  # "switches": they moved since last read
-        return None
+        if status == "switches":  # they moved since last read
+            self.switch_cache.prints.pop(fleet, None)
+        return None  # (or "again": a twin in its batch claimed it and was refused)
 
     async def _switch_print(self, fleet: str) -> tuple[str, list[SwitchRecord]]:
         """The fleet's switch rows and their fingerprint: as last read, else read now."""

@@ -69,7 +69,6 @@ Reads = Sequence[tuple[str, Sequence[Any]]]
 # How many telemetry events wait in memory before they are written in one transaction.
 TELEMETRY_BATCH = 256
 TELEMETRY_MAX_BUFFER = 10_000
-TELEMETRY_CHUNK = 256  # events written in one statement call, between two turns of the loop
 
 # Every statement's bound on a networked backend (config: daemon.query_timeout).
 DEFAULT_QUERY_TIMEOUT = 5.0
@@ -161,6 +160,10 @@ class Backend(ABC):
     # trip for every call queued meanwhile (Postgres); elsewhere writes go through
     # `transaction()`.
     one_statement_writes: bool = False
+    # Rows one statement call writes (Tx.executemany) before the event loop gets a turn: a
+    # SQLite statement runs on the loop (64 events take a few milliseconds there), a Postgres
+    # one in the server.
+    rows_per_loop_turn: int = 1024
 
     def keep_on_loop(self) -> bool:
         """From now on, run everything on the event loop: no thread and no other wait that
@@ -604,15 +607,20 @@ class StoreCore:
         self, tx: Tx, events: Sequence[tuple[NewEvent, datetime | None]]
     ) -> None:
         """Append `events` inside an open transaction, in order, with consecutive seqs per
-        stream, in one statement call (see Tx.executemany)."""
-        if not events:
-            return
+        stream: one statement call (Tx.executemany) per `rows_per_loop_turn` of them."""
         now = self.clock.now()
-        await tx.executemany("insert_event", [
-            (e.session_id, e.kind, e.reason, canonical_json(dict(e.payload)), e.state_bearing,
-             e.command_id, e.correlation_id, e.worker, e.agent_id, at or now)
-            for e, at in events
-        ])  # fmt: skip
+        step = self.backend.rows_per_loop_turn
+        for start in range(0, len(events), step):
+            if start:
+                # The kill switch's watch and the heartbeats run meanwhile (a backlog of
+                # thousands in one go held the loop for a long while on SQLite).
+                await anyio.lowlevel.checkpoint()
+            await tx.executemany("insert_event", [
+                (e.session_id, e.kind, e.reason, canonical_json(dict(e.payload)),
+                 e.state_bearing, e.command_id, e.correlation_id, e.worker, e.agent_id,
+                 at or now)
+                for e, at in events[start : start + step]
+            ])  # fmt: skip
 
     async def append(self, event: NewEvent) -> int | None:
         """State-bearing: committed before returning (seq), or StateWriteError. Telemetry: buffered."""
@@ -638,12 +646,7 @@ class StoreCore:
             return 0
         try:
             async with self._transaction() as tx:
-                for start in range(0, len(batch), TELEMETRY_CHUNK):
-                    if start:
-                        # A SQLite statement runs on the loop: a backlog of thousands in one
-                        # go would hold it for a long while (the kill switch's watch included).
-                        await anyio.lowlevel.checkpoint()
-                    await self.append_many_in(tx, batch[start : start + TELEMETRY_CHUNK])
+                await self.append_many_in(tx, batch)
         except StoreError as exc:
             self.telemetry_dropped += len(batch)
             log.warning(

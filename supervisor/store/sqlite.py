@@ -291,6 +291,7 @@ class _SQLiteTx:
 
 class SQLiteBackend(Backend):
     dialect = "sqlite"
+    rows_per_loop_turn = 64  # events: about 2.5 ms of the loop on a slow afternoon
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -193,6 +193,47 @@ async def test_one_batch_decides_each_start_in_call_order(pg_url: str) -> None:
         await store.close()
 
 
+@pytest.mark.postgres
+async def test_a_batch_reserves_and_settles_as_one_action_statements_would(pg_url: str) -> None:
+    """Floats summed in another order decide a borderline window otherwise: with 0.1 of 0.7
+    reserved, 0.2 + 0.3 leave 0.6000000000000001, so a further 0.1 has no room, one statement
+    after another (the general path, SQLite). A batch reserves and settles one call after
+    another too, to the last bit."""
+    store = await open_store(pg_url, SystemClock(), migrate=True)
+    backend = _pg(store)
+    try:
+        now = store.clock.now()
+        session, _ = await store.open_window(fleet=FLEET, key="w", starts_at=now - timedelta(minutes=1),
+                                             ends_at=now + timedelta(hours=1), max_cost=0.7,
+                                             max_actions=None, by="pytest")  # fmt: skip
+        async with backend.reader() as tx:
+            print_, _records = await switches_with_print(tx, FLEET, store.switch_cache)
+        await backend._run_batch(
+            "begin_action", [_begin_call("a0", session.id, print_, cost=0.1, now=now)]
+        )
+        rows = await backend._run_batch("begin_action", [
+            _begin_call(f"a{i}", session.id, print_, cost=cost, now=now)
+            for i, cost in ((1, 0.2), (2, 0.3), (3, 0.1))
+        ])  # fmt: skip
+        assert [r["status"] for r in rows] == ["started", "started", "budget"]
+        window = await storetools.fetchrow(store, "get_session", session.id)
+        assert window is not None and window["reserved_cost"] == 0.1 + 0.2 + 0.3
+
+        def finish(command_id: str, cost: float) -> tuple[Any, ...]:
+            return (command_id, session.id, "succeeded", now, None, None, cost, True, None,
+                    FLEET, ev.ACTION_SUCCEEDED, None, "{}", None, "w1")  # fmt: skip
+
+        rows = await backend._run_batch("finish_action", [finish("a1", 0.2), finish("a2", 0.3)])
+        assert [r["status"] for r in rows] == ["done", "done"]
+        window = await storetools.fetchrow(store, "get_session", session.id)
+        assert window is not None
+        assert window["reserved_cost"] == (0.1 + 0.2 + 0.3) - 0.2 - 0.3
+        assert window["used_cost"] == 0.0 + 0.2 + 0.3
+        assert (window["reserved_actions"], window["used_actions"]) == (1, 2)
+    finally:
+        await store.close()
+
+
 async def _replay_all(url: str, session_id: str) -> list[Any]:
     store = await open_store(url, SystemClock())
     try:

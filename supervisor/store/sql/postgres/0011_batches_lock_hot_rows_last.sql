@@ -5,12 +5,16 @@
 -- both rows for about 25 actions' work, and the other batch (starts against outcomes) and every
 -- checkpoint waited that long. Now the per-action work that locks nothing hot (ledger claims,
 -- action rows) runs first; then the window rows, one UPDATE each, then the streams, one each,
--- then the events. Hot rows are taken in the order of their ids, windows before streams, as
--- every other writer takes them. 0010's functions stay (a host not yet upgraded calls them).
+-- then the events. A batch takes its hot rows in the order of their ids, windows before
+-- streams (a telemetry backlog or a checkpoint over several streams may not: a
+-- deadlock there is broken by the server, and the loser is written again or counted). 0010's
+-- functions stay: a host still running the previous version calls them until it restarts (a
+-- restarted one refuses this schema).
 --
 -- The rules keep one text each: the budget's room (acp_budget_room), the settlement
 -- (acp_settle_budget_many), the sequence numbers (acp_take_seqs); 0010's one-action functions
--- are redefined on them.
+-- are redefined on them. Reservations and settlements of a batch are applied one after
+-- another, in call order, so their sums are those of as many one-action statements.
 
 -- Whether a window has room for one more action of `p_cost`, given its row's values.
 CREATE FUNCTION acp_budget_room(
@@ -37,24 +41,39 @@ BEGIN
 END
 $$;
 
--- Reservations settled: `p_count` actions of `p_cost` in all given back, of which
--- `p_charged` actions of `p_charged_cost` charged (their successes).
+-- Reservations settled, one after another in the arrays' order (so the sums are those of as
+-- many one-action settlements): each action's cost given back, and charged where `p_charge`
+-- (its success). The window's row is locked first.
 CREATE FUNCTION acp_settle_budget_many(
-    p_session TEXT, p_cost DOUBLE PRECISION, p_count BIGINT, p_charged_cost DOUBLE PRECISION,
-    p_charged BIGINT
-) RETURNS VOID LANGUAGE sql VOLATILE AS $$
+    p_session TEXT, p_cost DOUBLE PRECISION[], p_charge BOOLEAN[]
+) RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_window sessions%ROWTYPE;
+    i INT;
+BEGIN
+    SELECT * INTO v_window FROM sessions WHERE id = p_session FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    FOR i IN 1 .. coalesce(array_length(p_cost, 1), 0) LOOP
+        v_window.reserved_cost := v_window.reserved_cost - p_cost[i];
+        v_window.reserved_actions := v_window.reserved_actions - 1;
+        IF p_charge[i] THEN
+            v_window.used_cost := v_window.used_cost + p_cost[i];
+            v_window.used_actions := v_window.used_actions + 1;
+        END IF;
+    END LOOP;
     UPDATE sessions
-    SET reserved_cost = reserved_cost - p_cost, reserved_actions = reserved_actions - p_count,
-        used_cost = used_cost + p_charged_cost, used_actions = used_actions + p_charged
+    SET reserved_cost = v_window.reserved_cost, reserved_actions = v_window.reserved_actions,
+        used_cost = v_window.used_cost, used_actions = v_window.used_actions
     WHERE id = p_session;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION acp_settle_budget(
     p_session TEXT, p_cost DOUBLE PRECISION, p_charge BOOLEAN
 ) RETURNS VOID LANGUAGE sql VOLATILE AS $$
-    SELECT acp_settle_budget_many(p_session, p_cost, 1,
-                                  CASE WHEN p_charge THEN p_cost ELSE 0 END,
-                                  CASE WHEN p_charge THEN 1 ELSE 0 END);
+    SELECT acp_settle_budget_many(p_session, ARRAY[p_cost], ARRAY[p_charge]);
 $$;
 
 -- The next `p_count` sequence numbers of a stream: the upsert locks its row, so concurrent
@@ -190,7 +209,6 @@ DECLARE
     v_sessions TEXT[] := '{}';
     v_session TEXT;
     v_window sessions%ROWTYPE;
-    v_cost DOUBLE PRECISION;
     v_actions BIGINT;
     v_refused BOOLEAN := FALSE;
     i INT;
@@ -228,16 +246,18 @@ BEGIN
     FOREACH v_session IN ARRAY v_sessions LOOP
         -- No such window: every field NULL, so no room and not open ("no_window").
         SELECT * INTO v_window FROM sessions WHERE id = v_session FOR UPDATE;
-        v_cost := 0;
         v_actions := 0;
         FOR i IN 1 .. v_count LOOP
             CONTINUE WHEN v_status[i] IS NOT NULL OR p_session[i] <> v_session;
+            -- One reservation after another, as acp_reserve_budget would make them (the
+            -- same sums, to the last bit of a float).
             IF acp_budget_room(v_window.status, v_window.ends_at, v_window.max_cost,
                                v_window.max_actions, v_window.used_cost,
-                               v_window.reserved_cost + v_cost, v_window.used_actions,
-                               v_window.reserved_actions + v_actions, p_cost[i], p_now[i]) THEN
+                               v_window.reserved_cost, v_window.used_actions,
+                               v_window.reserved_actions, p_cost[i], p_now[i]) THEN
                 v_status[i] := 'started';
-                v_cost := v_cost + p_cost[i];
+                v_window.reserved_cost := v_window.reserved_cost + p_cost[i];
+                v_window.reserved_actions := v_window.reserved_actions + 1;
                 v_actions := v_actions + 1;
             ELSE
                 v_status[i] := CASE WHEN v_window.status = 'open' AND v_window.ends_at > p_now[i]
@@ -247,8 +267,8 @@ BEGIN
         END LOOP;
         IF v_actions > 0 THEN
             UPDATE sessions
-            SET reserved_cost = reserved_cost + v_cost,
-                reserved_actions = reserved_actions + v_actions
+            SET reserved_cost = v_window.reserved_cost,
+                reserved_actions = v_window.reserved_actions
             WHERE id = v_session;
         END IF;
     END LOOP;
@@ -300,10 +320,8 @@ DECLARE
     v_prints TEXT[];
     v_sessions TEXT[] := '{}';
     v_session TEXT;
-    v_cost DOUBLE PRECISION;
-    v_count_of BIGINT;
-    v_charged_cost DOUBLE PRECISION;
-    v_charged BIGINT;
+    v_costs DOUBLE PRECISION[];
+    v_charges BOOLEAN[];
     i INT;
 BEGIN
     SELECT l.fleets, l.prints INTO v_fleets, v_prints FROM acp_lock_fleets(p_fleet) AS l;
@@ -330,21 +348,14 @@ BEGIN
         v_sessions := ARRAY(SELECT s FROM unnest(v_sessions) AS u(s) ORDER BY s);
     END IF;
     FOREACH v_session IN ARRAY v_sessions LOOP
-        v_cost := 0;
-        v_count_of := 0;
-        v_charged_cost := 0;
-        v_charged := 0;
+        v_costs := '{}';
+        v_charges := '{}';
         FOR i IN 1 .. v_count LOOP
             CONTINUE WHEN v_status[i] <> 'done' OR p_session[i] <> v_session;
-            v_cost := v_cost + p_cost[i];
-            v_count_of := v_count_of + 1;
-            IF p_ok[i] THEN
-                v_charged_cost := v_charged_cost + p_cost[i];
-                v_charged := v_charged + 1;
-            END IF;
+            v_costs := v_costs || p_cost[i];
+            v_charges := v_charges || p_ok[i];
         END LOOP;
-        PERFORM acp_settle_budget_many(v_session, v_cost, v_count_of, v_charged_cost,
-                                       v_charged);
+        PERFORM acp_settle_budget_many(v_session, v_costs, v_charges);
     END LOOP;
     PERFORM acp_append_events(
         ARRAY(SELECT s = 'done' FROM unnest(v_status) AS u(s)), p_session, p_kind, p_reason,
