@@ -58,12 +58,25 @@ SELECT status, operation, params_hash, result, print FROM acp_begin_actions(
     ?::text[], ?::text[], ?::text[]
 ) ORDER BY n;
 
+-- name: begin_action_one
+-- A batch of one: 0010's one-call function, fewer statements than the batch's for one call.
+SELECT status, operation, params_hash, result, print FROM acp_begin_action(
+    ?, ?, ?, ?, ?::timestamptz, ?, ?, ?, ?, ?, ?, ?, ?::float8, ?::bool, ?::bool, ?, ?, ?, ?, ?,
+    ?::int8, ?, ?, ?, ?, ?
+);
+
 -- name: finish_action_batch
 -- Outcomes, one array per argument of acp_finish_actions (migration 0011), in one statement.
 SELECT status, print FROM acp_finish_actions(
     ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[], ?::text[], ?::float8[],
     ?::bool[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[]
 ) ORDER BY n;
+
+-- name: finish_action_one
+-- A batch of one (see begin_action_one).
+SELECT status, print FROM acp_finish_action(
+    ?, ?, ?, ?::timestamptz, ?, ?, ?::float8, ?::bool, ?, ?, ?, ?, ?, ?, ?
+);
 
 -- name: switches_with_print
 SELECT * FROM acp_switches_with_print(?);
