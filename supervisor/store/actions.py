@@ -164,10 +164,12 @@ class ActionsRepo(StoreCore):
         # start is this call's (its effect may run), not a concurrent twin's.
         mark = call_mark()
         claim = _started_claim(mark)
+        landed: dict[str, Any] = {}  # the grant and the start time the claim's attempt wrote
         if self.backend.one_statement_writes and not grant_ids and not token_charges:
+            landed["at"] = self.clock.now()
             at_once = await self._begin_at_once(
                 command_id=command_id, operation=operation, params_json=params_json,
-                digest=digest, claim=claim, fleet=fleet,
+                digest=digest, claim=claim, now=landed["at"], fleet=fleet,
                 session_id=session_id, worker=worker, name=name, risk=risk, cost=cost,
                 critical=critical, safe_to_retry=safe_to_retry, rule=rule,
                 correlation_id=correlation_id, agent_id=agent_id, switches=switches, host=host,
@@ -177,7 +179,6 @@ class ActionsRepo(StoreCore):
                 return at_once
 
         refused: dict[str, str] = {}
-        chosen: dict[str, str | None] = {}  # the grant of the attempt that wrote `claim`
 
         async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
             async with self._transaction() as tx:
@@ -186,17 +187,19 @@ class ActionsRepo(StoreCore):
                 if (
                     found is not None
                     and found[1] == mark
-                    and await self._still_ours_in(tx, command_id, host=host, owner=owner)
+                    and await self._still_ours_in(
+                        tx, command_id, host=host, owner=owner, started_at=landed.get("at")
+                    )
                 ):  # an attempt of ours landed, and nothing moved its record since
-                    return "started", {"status": "started", "grant": chosen.get("grant")}
+                    return "started", {"status": "started", "grant": landed.get("grant")}
                 if found is not None:
                     return "replay", found[0]
-                grant = chosen["grant"] = await self._may_start_in(
+                grant = landed["grant"] = await self._may_start_in(
                     tx, command_id=command_id, fleet=fleet, session_id=session_id, cost=cost,
                     switches=switches, refused=refused, grant_ids=grant_ids,
                     token_charges=token_charges,
                 )  # fmt: skip
-                now = self.clock.now()  # after any wait for the window's row (Postgres)
+                now = landed["at"] = self.clock.now()  # after any wait for the window's row
                 await tx.execute(
                     "insert_action", command_id, fleet, session_id, worker, name, params_json,
                     risk, cost, critical, safe_to_retry, rule, now, host, owner,
@@ -220,23 +223,27 @@ class ActionsRepo(StoreCore):
 
     @staticmethod
     async def _still_ours_in(
-        tx: Tx, command_id: str, *, host: str | None, owner: str | None
-    ) -> bool:
-        """Whether the started record this call's landed attempt wrote is still open and this
-        process's: a peer's recovery may have marked it in-doubt meanwhile (this host's
-        heartbeat was stale past the lease), and a re-run may have started it again elsewhere;
-        then its effect may not run here (a replay: refused in doubt)."""
+        tx: Tx, command_id: str, *, host: str | None, owner: str | None,
+        started_at: datetime | None,
+    ) -> bool:  # fmt: skip
+        """Whether the started record this call's landed attempt wrote is still open and the
+        same one: a peer's recovery may have marked it in-doubt meanwhile (this host's
+        heartbeat was stale past the lease), and a re-run (elsewhere, or here by another task)
+        may have started it again; then its effect may not run for this call (a replay:
+        refused in doubt)."""
         row = await tx.fetchrow("get_action", command_id)
         return (
             row is not None
             and row["status"] == "started"
             and row["host"] == host
             and row["owner"] == owner
+            and started_at is not None
+            and row["started_at"] == started_at
         )
 
     async def _begin_at_once(
         self, *, command_id: str, operation: str, params_json: str, digest: str, claim: str,
-        fleet: str,
+        now: datetime, fleet: str,
         session_id: str, worker: str, name: str, risk: str, cost: float, critical: bool,
         safe_to_retry: bool, rule: str, correlation_id: str | None, agent_id: str | None,
         switches: SwitchTarget, host: str | None, owner: str | None,
@@ -263,7 +270,7 @@ class ActionsRepo(StoreCore):
             row = await self.backend.batched("begin_action", order=session_id,
                                              still=partial(host_permits, switches), args=(
                 command_id, operation, digest, claim,
-                self.clock.now(), print_, fleet, session_id, worker, name, params_json, risk,
+                now, print_, fleet, session_id, worker, name, params_json, risk,
                 cost, critical, safe_to_retry, rule, host, owner,
                 canonical_json(dict(identity)) if identity else None, model, tokens, decision,
                 ACTION_STARTED,

@@ -612,8 +612,8 @@ class StoreCore:
         step = self.backend.rows_per_loop_turn
         for start in range(0, len(events), step):
             if start:
-                # The kill switch's watch and the heartbeats run meanwhile (a backlog of
-                # thousands in one go held the loop for a long while on SQLite).
+                # Tasks that need no store run meanwhile (the kill switch file's watch, idle
+                # waiters): on SQLite a backlog of thousands in one go held the loop for long.
                 await anyio.lowlevel.checkpoint()
             await tx.executemany("insert_event", [
                 (e.session_id, e.kind, e.reason, canonical_json(dict(e.payload)),

@@ -446,17 +446,19 @@ class PostgresBackend(Backend):
                    timeout=self.query_timeout)  # fmt: skip
         try:
             if len(calls) == 1:  # (the one-call function: the same decision, fewer statements)
-                rows = await tx.fetchall(f"{name}_one", *calls[0])
+                query = f"{name}_one"
+                rows = await tx.fetchall(query, *calls[0])
             else:
+                query = f"{name}_batch"
                 columns = [list(column) for column in zip(*calls, strict=True)]
-                rows = await tx.fetchall(f"{name}_batch", *columns)
+                rows = await tx.fetchall(query, *columns)
         except BaseException as exc:
             tx.broken = tx.broken or not isinstance(exc, Exception)
             raise
         finally:
             await self.release(tx._conn, broken=tx.broken)
         if len(rows) != len(calls):
-            raise StateWriteError(f"postgres {name}_batch: {len(rows)} rows for {len(calls)} calls")
+            raise StateWriteError(f"postgres {query}: {len(rows)} rows for {len(calls)} calls")
         return rows
 
     @asynccontextmanager

@@ -386,6 +386,33 @@ async def test_a_start_whose_reply_was_lost_and_that_recovery_took_meanwhile_is_
     assert (await budget_row(store, session.id))["reserved_actions"] == 0
 
 
+async def test_a_start_whose_reply_was_lost_and_that_a_re_run_took_meanwhile_is_not_run(
+    store: Store, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and then another task of this same process re-ran it (it is safe to retry):
+    the record is open again with this host and owner, but it is the re-run's start, not this
+    call's (its start time tells), so this call's effect does not run; the re-run's does."""
+    session, _ = await open_window(store, max_actions=5)
+
+    async def recovered_then_re_run() -> None:
+        assert await store.mark_in_doubt(command_id="a1", session_id=session.id, cost=1.0,
+                                         worker="w", reason="orphaned", payload={})  # fmt: skip
+        clock.advance(timedelta(seconds=1))
+        status, _ = await store.restart_action(
+            command_id="a1", fleet=FLEET, session_id=session.id, worker="w", name="act",
+            risk="low", cost=1.0, rule="test", correlation_id=None, agent_id=None,
+            switches=NO_SWITCH_TARGET,
+        )  # fmt: skip
+        assert status == "started"
+
+    armed = lose_the_first_start_acknowledgement(store, monkeypatch, recovered_then_re_run)
+    assert await begin(store, session.id, "a1", 1.0) == "replay"
+    assert armed == [False], "the lost acknowledgement was injected"
+    action = await store.get_action("a1")
+    assert action is not None and action.status == "started"
+    assert (await budget_row(store, session.id))["reserved_actions"] == 1  # the re-run's
+
+
 @pytest.mark.parametrize(
     ("operation", "params"), [("op", {"x": 2}), ("other-op", {"x": 1})], ids=["params", "operation"]
 )

@@ -159,6 +159,24 @@ BEGIN
 END
 $$;
 
+-- Each value once, in order: the order a batch takes its hot rows in.
+CREATE FUNCTION acp_in_order(p_values TEXT[]) RETURNS TEXT[] LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_out TEXT[] := '{}';
+    v_value TEXT;
+BEGIN
+    FOREACH v_value IN ARRAY p_values LOOP
+        IF NOT v_value = ANY(v_out) THEN
+            v_out := v_out || v_value;
+        END IF;
+    END LOOP;
+    IF cardinality(v_out) > 1 THEN
+        v_out := ARRAY(SELECT v FROM unnest(v_out) AS u(v) ORDER BY v);
+    END IF;
+    RETURN v_out;
+END
+$$;
+
 -- The fleets of a batch, each once, in order, with their switches' fingerprint read under the
 -- fleet's shared switch lock (taken here, held to the COMMIT).
 CREATE FUNCTION acp_lock_fleets(p_fleet TEXT[], OUT fleets TEXT[], OUT prints TEXT[])
@@ -166,16 +184,8 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_fleet TEXT;
 BEGIN
-    fleets := '{}';
+    fleets := acp_in_order(p_fleet);
     prints := '{}';
-    FOREACH v_fleet IN ARRAY p_fleet LOOP
-        IF NOT v_fleet = ANY(fleets) THEN
-            fleets := fleets || v_fleet;
-        END IF;
-    END LOOP;
-    IF cardinality(fleets) > 1 THEN
-        fleets := ARRAY(SELECT f FROM unnest(fleets) AS u(f) ORDER BY f);
-    END IF;
     FOREACH v_fleet IN ARRAY fleets LOOP
         PERFORM pg_advisory_xact_lock_shared(4242, hashtext(v_fleet));
         prints := prints || acp_switch_print(v_fleet);
@@ -236,14 +246,9 @@ BEGIN
                 p_params[i], p_risk[i], p_cost[i], p_critical[i], p_safe_to_retry[i],
                 'started', p_rule[i], p_now[i], p_host[i], p_owner[i], p_identity[i],
                 p_model[i], p_tokens[i], p_decision[i]);
-        IF NOT p_session[i] = ANY(v_sessions) THEN
-            v_sessions := v_sessions || p_session[i];
-        END IF;
+        v_sessions := v_sessions || p_session[i];
     END LOOP;
-    IF cardinality(v_sessions) > 1 THEN
-        v_sessions := ARRAY(SELECT s FROM unnest(v_sessions) AS u(s) ORDER BY s);
-    END IF;
-    FOREACH v_session IN ARRAY v_sessions LOOP
+    FOREACH v_session IN ARRAY acp_in_order(v_sessions) LOOP
         -- No such window: every field NULL, so no room and not open ("no_window").
         SELECT * INTO v_window FROM sessions WHERE id = v_session FOR UPDATE;
         v_actions := 0;
@@ -337,17 +342,12 @@ BEGIN
         WHERE command_id = p_command_id[i] AND actions.status = 'started';
         IF FOUND THEN
             v_status[i] := 'done';
-            IF NOT p_session[i] = ANY(v_sessions) THEN
-                v_sessions := v_sessions || p_session[i];
-            END IF;
+            v_sessions := v_sessions || p_session[i];
         ELSE
             v_status[i] := 'not_open';
         END IF;
     END LOOP;
-    IF cardinality(v_sessions) > 1 THEN
-        v_sessions := ARRAY(SELECT s FROM unnest(v_sessions) AS u(s) ORDER BY s);
-    END IF;
-    FOREACH v_session IN ARRAY v_sessions LOOP
+    FOREACH v_session IN ARRAY acp_in_order(v_sessions) LOOP
         v_costs := '{}';
         v_charges := '{}';
         FOR i IN 1 .. v_count LOOP
