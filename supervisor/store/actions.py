@@ -23,7 +23,7 @@ from .base import (
     Tx,
     call_mark,
     current_fence,
-    stored_object,
+    json_object,
     unreadable,
 )
 from .records import ActionStatus
@@ -80,14 +80,14 @@ class ActionRow:
         try:
             return cls(
                 command_id=row["command_id"], fleet=row["fleet"], session_id=row["session_id"],
-                worker=row["worker"], name=row["name"], params=stored_object(row["params"], what),
+                worker=row["worker"], name=row["name"], params=json_object(row["params"]),
                 risk=row["risk"], cost=float(row["cost"]), critical=bool(row["critical"]),
                 safe_to_retry=bool(row["safe_to_retry"]), status=ActionStatus(row["status"]),
                 rule=row["rule"], started_at=row["started_at"], finished_at=row["finished_at"],
                 result=json.loads(row["result"]) if row["result"] is not None else None,
                 error=row["error"], resolved_by=row["resolved_by"], host=row["host"],
                 owner=row["owner"],
-                identity=stored_object(row["identity"], what) if row["identity"] else None,
+                identity=json_object(row["identity"]) if row["identity"] else None,
                 model=row["model"], tokens=int(row["tokens"] or 0), decision=row["decision"],
             )  # fmt: skip
         except (TypeError, ValueError) as exc:
@@ -183,7 +183,7 @@ class ActionsRepo(StoreCore):
         async def attempt(_n: int) -> tuple[str, dict[str, Any]]:
             async with self._transaction() as tx:
                 # The ledger row first: a racing twin waits on it and comes back as a replay.
-                found = await self._claim_by_in(tx, command_id, operation, digest, claim)
+                found = await self.claim_in(tx, command_id, operation, digest, claim)
                 if (
                     found is not None
                     and found[1] == mark
@@ -255,8 +255,8 @@ class ActionsRepo(StoreCore):
         lock or writes nothing. None: take the general path, which decides everything again in
         one transaction of its own: the switches moved or forbid, the host file forbids as the
         batch is sent, a fence, a twin in the same batch that was refused ("again"), or the
-        batch's statement failed (a lost connection: the ledger
-        finds a start that landed, by `claim`'s mark this call's; any other error rolled the whole statement back, and this
+        batch's statement failed (a lost connection: the ledger finds a start that landed, by
+        `claim`'s mark this call's; any other error rolled the whole statement back, and this
         start may not be the one that caused it)."""
         from ..events import ACTION_STARTED
 

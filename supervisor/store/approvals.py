@@ -17,7 +17,7 @@ from typing import Any
 from .. import events as ev
 from ..actions import Action, canonical_json, derive_id, params_hash
 from ..errors import ApprovalError
-from .base import NewEvent, Row, StoreCore, Tx, plain_row, stored_object, unreadable
+from .base import NewEvent, Row, StoreCore, Tx, json_object, plain_row, unreadable
 from .records import ApprovalStatus
 
 
@@ -77,7 +77,7 @@ class ApprovalRecord:
         return cls(
             id=row["id"], idempotency_key=row["idempotency_key"], fleet=row["fleet"],
             session_id=row["session_id"], worker=row["worker"], agent_id=row["agent_id"],
-            action=row["action"], params=stored_object(row["params"], f"approval {row['id']}"),
+            action=row["action"], params=json_object(row["params"]),
             params_hash=row["params_hash"], risk=row["risk"], cost=float(row["cost"]),
             status=ApprovalStatus(row["status"]), tier=row["tier"],
             created_at=row["created_at"], deadline=row["deadline"],

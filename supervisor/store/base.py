@@ -44,15 +44,21 @@ def unreadable(what: str, exc: Exception) -> StoreError:
     return StoreError(f"{what} is unreadable ({exc}): the store was altered outside acp-supervisor")
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object column's value; ValueError (or TypeError) when it holds no object. A
+    row's decoder turns either into `unreadable`, naming the row."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def stored_object(text: str, what: str) -> dict[str, Any]:
-    """A JSON object column as this store writes it (see `unreadable`)."""
+    """json_object, as `unreadable` naming `what` when the column holds no object."""
     try:
-        value = json.loads(text)
+        return json_object(text)
     except (TypeError, ValueError) as exc:
         raise unreadable(what, exc) from exc
-    if not isinstance(value, dict):
-        raise unreadable(what, ValueError(f"a JSON {type(value).__name__}, not an object"))
-    return value
 
 
 Row = dict[str, Any]
@@ -269,14 +275,13 @@ class Event:
     @classmethod
     def from_row(cls, row: Row) -> Event:
         try:  # (a scorecard decodes every event: no per-row name unless one fails)
-            payload = json.loads(row["payload"])
-            event = cls(
+            return cls(
                 id=int(row["id"]),
                 session_id=row["session_id"],
                 seq=int(row["seq"]),
                 kind=row["kind"],
                 reason=row["reason"],
-                payload=payload,
+                payload=json_object(row["payload"]),
                 state_bearing=bool(row["state_bearing"]),
                 command_id=row["command_id"],
                 correlation_id=row["correlation_id"],
@@ -286,9 +291,6 @@ class Event:
             )
         except (TypeError, ValueError) as exc:
             raise unreadable(f"event {row.get('id')}", exc) from exc
-        if not isinstance(payload, dict):
-            raise unreadable(f"event {row.get('id')}", ValueError("its payload is not an object"))
-        return event
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__slots__}
@@ -528,19 +530,13 @@ class StoreCore:
 
     async def claim_in(
         self, tx: Tx, command_id: str, operation: str, digest: str, result_json: str
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any], str | None] | None:
         """Claim `command_id`'s ledger row in `tx`, holding the result it will keep (known in
         advance): None when this claimed it (a fresh command; one statement, not a read and a
-        write), else the result an earlier run stored (IdempotencyConflict if it was another
-        operation or params). A racing twin's claim waits for this transaction (Postgres) and
-        then comes back with the stored result. `digest`: `params_hash(operation, params)`."""
-        found = await self._claim_by_in(tx, command_id, operation, digest, result_json)
-        return None if found is None else found[0]
-
-    async def _claim_by_in(
-        self, tx: Tx, command_id: str, operation: str, digest: str, result_json: str
-    ) -> tuple[dict[str, Any], str | None] | None:
-        """claim_in, with the mark of the call whose row was there (see _stored_by)."""
+        write), else the result an earlier run stored and the mark of the call that stored it
+        (see _stored_by; IdempotencyConflict if it was another operation or params). A racing
+        twin's claim waits for this transaction (Postgres) and then comes back with the stored
+        result. `digest`: `params_hash(operation, params)`."""
         claimed = await tx.fetchval("claim_command", command_id, operation, digest, result_json,
                                     self.clock.now())  # fmt: skip
         if claimed is not None:
@@ -705,7 +701,7 @@ class StoreCore:
 
         async def attempt(_n: int) -> bool:
             async with self._transaction() as tx:
-                found = await self._claim_by_in(tx, command_id, operation, digest, claim)
+                found = await self.claim_in(tx, command_id, operation, digest, claim)
                 if found is not None:  # there already: this call's landed attempt, or a twin's
                     return found[1] == mark
                 await self.append_in(tx, event)

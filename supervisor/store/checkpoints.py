@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import events as ev
 from ..actions import canonical_json
-from .base import NewEvent, Row, StoreCore, stored_object, system_stream, unreadable
+from .base import NewEvent, Row, StoreCore, json_object, system_stream, unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +31,8 @@ class Checkpoint:
             return cls(
                 id=int(row["id"]), fleet=row["fleet"], worker=row["worker"],
                 cycle=int(row["cycle"]), session_id=row["session_id"],
-                state=stored_object(row["state"], what),
-                counters=stored_object(row["counters"], what), last_seq=int(row["last_seq"]),
+                state=json_object(row["state"]),
+                counters=json_object(row["counters"]), last_seq=int(row["last_seq"]),
                 created_at=row["created_at"],
             )  # fmt: skip
         except (TypeError, ValueError) as exc:

@@ -281,15 +281,22 @@ def lose_the_first_acknowledgement(
         async with real() as tx:
             yield tx
         if armed[0]:
-            armed[0] = False
-            if meanwhile is not None:
-                await meanwhile()
-            lost = StateWriteError("commit's acknowledgement lost (test)")
-            lost.transient = True
-            raise lost
+            await acknowledgement_lost(armed, meanwhile, "commit's")
 
     monkeypatch.setattr(store.backend, "transaction", reply_lost)
     return armed
+
+
+async def acknowledgement_lost(
+    armed: list[bool], meanwhile: Callable[[], Awaitable[Any]] | None, what: str
+) -> None:
+    """Disarm, run `meanwhile`, then raise the transient error a lost connection gives."""
+    armed[0] = False
+    if meanwhile is not None:
+        await meanwhile()
+    lost = StateWriteError(f"{what} acknowledgement lost (test)")
+    lost.transient = True
+    raise lost
 
 
 async def test_once_whose_reply_was_lost_after_it_landed_is_still_this_calls_append(
@@ -335,12 +342,7 @@ def lose_the_first_start_acknowledgement(
         async def reply_lost(name: str, **kwargs: Any) -> Any:
             row = await real(name, **kwargs)
             if armed[0] and row is not None and row["status"] == "started":
-                armed[0] = False
-                if meanwhile is not None:
-                    await meanwhile()
-                lost = StateWriteError("the statement's acknowledgement lost (test)")
-                lost.transient = True
-                raise lost
+                await acknowledgement_lost(armed, meanwhile, "the statement's")
             return row
 
         monkeypatch.setattr(store.backend, "batched", reply_lost)
